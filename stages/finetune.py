@@ -1,0 +1,44 @@
+"""Stage finetune@<variant> (Algorithm 2): the variant's pretrained weights, a new head for
+this dataset, fine-tuned with the `finetune:` recipe (SGD 0.9, warmup + cosine, clip 1)."""
+
+from pathlib import Path
+
+from vitpipe import params, stage
+from vitpipe.errors import UserError
+
+
+def main(argv):
+    if len(argv) != 1:
+        raise UserError("usage: python stages/finetune.py <variant>")
+    name = argv[0]
+    doc = params.read_yaml()
+    data = params.data_params(doc)
+    spec = params.variant_spec(doc, name, data.image_size)
+    recipe = params.train_params(doc, "finetune")
+    stage.relaunch_distributed(recipe.nproc)
+
+    import torch
+
+    from vitpipe.data.prepared_store import PreparedStore
+    from vitpipe.models import build_model
+    from vitpipe.train import RunPaths, fit
+    from vitpipe.weights import load_backbone
+
+    pretrained_path = Path(f"models/pretrained/{name}.pt")
+    if not pretrained_path.exists():
+        raise UserError(f"{pretrained_path} not found: run `dvc repro pretrain@{name}` first")
+    pretrained = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    store = PreparedStore(data.prepared_dir)
+    model = build_model(spec, store.num_classes, data.image_size)
+    load_backbone(model, pretrained["state_dict"])
+    paths = RunPaths(checkpoint=Path(f"models/finetune/{name}/checkpoint.pt"), weights=Path(f"models/finetune/{name}/model.pt"),
+                     metrics=Path(f"metrics/finetune/{name}.json"), plots=Path(f"plots/finetune/{name}"))
+    fit(model, store.split("train"), recipe, paths, val=store.split("val"), desc=f"finetune@{name}",
+        fresh_key="finetune.resume",
+        run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
+        weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,
+                      "classes": store.classes, "algorithm": "finetune", "variant": name})
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,67 @@
+"""Stage pretrain@<variant>: models/pretrained/<variant>.pt, the weights fine-tuning starts from.
+
+source fractal: pretrained here, offline, on formula-driven images (pretrain: recipe);
+source timm / npz / file: imported from the hub cache or a local file and converted."""
+
+from pathlib import Path
+
+from vitpipe import params, stage
+from vitpipe.errors import UserError
+
+
+def main(argv):
+    if len(argv) != 1:
+        raise UserError("usage: python stages/pretrain.py <variant>")
+    name = argv[0]
+    doc = params.read_yaml()
+    data = params.data_params(doc)
+    spec = params.variant_spec(doc, name, data.image_size)
+    recipe = params.train_params(doc, "pretrain")
+    weights_path = Path(f"models/pretrained/{name}.pt")
+    metrics_path = Path(f"metrics/pretrain/{name}.json")
+    plots = Path(f"plots/pretrain/{name}")
+
+    if spec["source"] != "fractal":
+        import time
+
+        import torch
+
+        from vitpipe.atomic import torch_save, write_json, write_text
+        from vitpipe.train import EVAL_COLUMNS, TRAIN_COLUMNS
+        from vitpipe.weights import import_weights
+
+        t = time.perf_counter()
+        state = import_weights(spec, spec["source"], spec["weights"], data.image_size)
+        torch_save(weights_path, {"state_dict": state, "spec": spec, "image_size": data.image_size,
+                                  "source": spec["source"], "weights": spec["weights"]})
+        for f, cols in (("train.tsv", TRAIN_COLUMNS), ("eval.tsv", EVAL_COLUMNS)):
+            write_text(plots / f, "\t".join(cols) + "\n")  # no training happened: empty series
+        write_json(metrics_path, {"source": spec["source"], "steps": 0, "wall_time_s": round(time.perf_counter() - t, 2),
+                                  "params": int(sum(v.numel() for v in state.values() if torch.is_floating_point(v)))})
+        print(f"pretrain@{name}: imported {spec['source']} weights {spec['weights']} -> {weights_path}")
+        return
+
+    stage.relaunch_distributed(recipe.nproc)
+    from vitpipe.data.fractal import make_dataset
+    from vitpipe.data.prepare import stratified_split
+    from vitpipe.data.prepared_store import Split
+    from vitpipe.models import build_model
+    from vitpipe.train import RunPaths, fit
+
+    x, y = make_dataset(recipe.classes, recipe.images_per_class, data.image_size, recipe.seed)
+    parts = stratified_split(y, {"train": 0.9, "val": 0.1}, recipe.seed)
+    mean = (x.reshape(-1, 3).mean(0) / 255).tolist()
+    std = (x.reshape(-1, 3).std(0) / 255).tolist()
+    train = Split(x[parts["train"]], y[parts["train"]], mean, std, hflip=True)
+    val = Split(x[parts["val"]], y[parts["val"]], mean, std)
+    model = build_model(spec, recipe.classes, data.image_size)
+    paths = RunPaths(checkpoint=Path(f"models/pretrained/{name}.checkpoint.pt"), weights=weights_path,
+                     metrics=metrics_path, plots=plots)
+    fit(model, train, recipe, paths, val=val, desc=f"pretrain@{name}", fresh_key="pretrain.resume",
+        run_config={"spec": spec, "image_size": data.image_size},
+        weights_meta={"spec": spec, "image_size": data.image_size, "source": "fractal",
+                      "num_classes": recipe.classes})
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,166 @@
+"""DVC stage `profile`: the analytic compute model for the full-size models of params.yaml
+`profile:` at the reference's setting, on every device profile, plus this machine's
+calibrated MFU. Analytic only (no full-size forward pass): seconds on a laptop CPU.
+
+Writes metrics/profile.json (flat keys), profile/compute.csv (one row per model) and
+profile/devices.csv (one row per model x device)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Python puts this script's folder first on sys.path, where this file would shadow the
+# standard library's `profile` (torch imports cProfile -> profile). Put the repo root
+# there instead, which also lets the stage run without `pip install -e .`.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+
+from vitpipe import compute, devices, reference  # noqa: E402
+from vitpipe.atomic import write_json, write_text  # noqa: E402
+from vitpipe.errors import ParamError, UserError  # noqa: E402
+from vitpipe.models import describe, model_config, validate_spec  # noqa: E402
+
+GB = 1e9
+DEFAULTS = {"attention": "sdpa", "checkpointing": False, "mfu": None}
+
+
+def load_params(path=ROOT / "params.yaml") -> dict:
+    # TODO(lead): switch to vitpipe.params once it exists
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)["profile"]
+
+
+def validate(p: dict) -> dict:
+    """Every profile.* value checked before any compute; returns it with defaults filled."""
+    p = {**DEFAULTS, **p}
+    for key in ("image_size", "batch_size", "num_classes", "schedule_steps"):
+        v = p.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ParamError(f"profile.{key}", v, "a positive integer")
+    for key, allowed in (("precision", compute.PRECISIONS), ("optimizer", compute.OPTIMIZERS),
+                         ("attention", compute.ATTENTION)):
+        if p[key] not in allowed:
+            raise ParamError(f"profile.{key}", p[key], "one of: " + ", ".join(allowed))
+    try:
+        devices.get_device(p["device"]) if p["device"] not in devices.LOCAL else None
+    except UserError:
+        raise ParamError("profile.device", p["device"], "one of: " + ", ".join(devices.device_names())) from None
+    if p["mfu"] is not None and not (isinstance(p["mfu"], (int, float)) and 0 < p["mfu"] <= 1):
+        raise ParamError("profile.mfu", p["mfu"], "null (device default) or a number in (0, 1]")
+    models = p.get("models")
+    if not isinstance(models, list) or not models:
+        raise ParamError("profile.models", models, "a non-empty list of model names or specs")
+    specs = []
+    for i, m in enumerate(models):
+        spec = {"arch": m} if isinstance(m, str) else m
+        validate_spec(spec, p["image_size"], f"profile.models[{i}]", image_size_key="profile.image_size")
+        if p["checkpointing"] and "resnet" in spec["arch"]:
+            raise ParamError("profile.checkpointing", True, "false while profile.models has a ResNet")
+        specs.append(spec)
+    p["specs"] = specs
+    return p
+
+
+def model_key(spec: dict) -> str:
+    return str(spec.get("name") or spec["arch"])
+
+
+def run(p: dict) -> tuple[dict, list[dict], list[dict]]:
+    calib = devices.calibrate_mfu()
+    local = devices.get_device("local")
+    metrics = {"calibrated_mfu": round(calib["mfu"], 4),
+               "local_img_per_s": round(calib["img_per_s"], 2),
+               "local_peak_gflops": round(calib["peak_flops"] / 1e9, 1)}
+    mfu_for = {"local": calib["mfu"]}
+    table1 = {r["model"]: r for r in reference.reference_table(p["image_size"], p["num_classes"])}
+    profiles = [devices.get_device(n) for n in devices.DEVICES] + [local]
+    rows, device_rows = [], []
+    for spec in p["specs"]:
+        key = model_key(spec)
+        cfg = model_config(spec, p["num_classes"], p["image_size"])
+        common = dict(precision=p["precision"], optimizer=p["optimizer"], attention=p["attention"],
+                      checkpointing=p["checkpointing"], steps=p["schedule_steps"])
+        target = local if p["device"] in devices.LOCAL else devices.get_device(p["device"])
+        e = compute.estimate(cfg, p["batch_size"], target,
+                             mfu=p["mfu"] or mfu_for.get(target.name), **common)
+        seed = reference.seed_params(cfg)
+        ref = table1.get(spec["arch"], {})
+        ref_mem = reference.MEMORY.get(spec["arch"], {})
+        row = {"model": key, "name": describe(spec, p["image_size"]), "device": e["device"],
+               "image_size": p["image_size"], "batch": p["batch_size"],
+               **{k: e[k] for k in e if k.startswith("params")},
+               "seed_formula_params": seed["total"], "seed_formula_embed": seed["embed"],
+               "seed_formula_blocks": seed["blocks"], "seed_formula_head": seed["head"],
+               "seed_formula_error": seed["total"] / e["params"] - 1,
+               "ref_table_total_m": ref.get("ref_total_m"),
+               "ref_table_calculated_m": ref.get("ref_calculated_m"),
+               "forward_gflops": e["forward_flops"] / 1e9, "train_gflops": e["train_flops"] / 1e9,
+               "activation_mb_per_image": e["activation_bytes"] / 1e6,
+               "weights_gb": e["weights_bytes"] / GB, "grads_gb": e["grads_bytes"] / GB,
+               "optimizer_gb": e["optimizer_bytes"] / GB,
+               "autocast_weights_gb": e["autocast_weights_bytes"] / GB,
+               "activations_gb": e["activations_bytes"] / GB, "transient_gb": e["transient_bytes"] / GB,
+               "peak_gb": e["peak_bytes"] / GB, "required_gb": e["required_bytes"] / GB,
+               "capacity_gb": e["capacity_bytes"] / GB, "fits": e["fits"],
+               "micro_batch": e["micro_batch"], "accum_steps": e["accum_steps"],
+               "headroom_gb": e["headroom_bytes"] / GB, "img_per_s": e["img_per_s"],
+               "mfu": e["mfu"], "eta_h": e["eta_s"] / 3600,
+               "ref_memory_gb": ref_mem.get("used_gb") or ref_mem.get("needed_gb"),
+               "ref_fits": ref_mem.get("fits")}
+        rows.append(row)
+        metrics.update({f"{key}.params": e["params"],
+                        f"{key}.forward_gflops": round(row["forward_gflops"], 3),
+                        f"{key}.train_gflops": round(row["train_gflops"], 3),
+                        f"{key}.activation_mb": round(row["activation_mb_per_image"], 3),
+                        f"{key}.peak_gb": round(row["peak_gb"], 3),
+                        f"{key}.fits": e["fits"], f"{key}.micro_batch": e["micro_batch"],
+                        f"{key}.accum_steps": e["accum_steps"],
+                        f"{key}.img_per_s": round(e["img_per_s"], 2),
+                        f"{key}.eta_h": round(row["eta_h"], 2)})
+        for dev in profiles:
+            d = compute.estimate(cfg, p["batch_size"], dev, mfu=p["mfu"] or mfu_for.get(dev.name), **common)
+            device_rows.append({"model": key, "device": dev.name, "device_label": dev.label,
+                                "capacity_gb": d["capacity_bytes"] / GB, "peak_gb": d["peak_bytes"] / GB,
+                                "required_gb": d["required_bytes"] / GB, "fits": d["fits"],
+                                "micro_batch": d["micro_batch"], "accum_steps": d["accum_steps"],
+                                "headroom_gb": d["headroom_bytes"] / GB, "mfu": d["mfu"],
+                                "img_per_s": d["img_per_s"], "eta_h": d["eta_s"] / 3600})
+    return metrics, rows, device_rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r))   # ViT and ResNet components differ
+    w = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def main() -> int:
+    try:
+        p = validate(load_params())
+        metrics, rows, device_rows = run(p)
+    except UserError as e:
+        print(f"profile: error: {e}", file=sys.stderr)
+        return 2
+    write_json(ROOT / "metrics/profile.json", metrics)
+    write_text(ROOT / "profile/compute.csv", to_csv(rows))
+    write_text(ROOT / "profile/devices.csv", to_csv(device_rows))
+    for r in rows:
+        plan = f"{r['micro_batch']} x {r['accum_steps']}" if r["micro_batch"] else "does not fit"
+        print(f"{r['model']:<10} {r['params'] / 1e6:8.1f} M  {r['train_gflops']:8.1f} GFLOP/img  "
+              f"peak {r['peak_gb']:7.1f} GB  fits {str(r['fits']):5}  plan {plan:<9} ETA {r['eta_h']:7.1f} h")
+    print(f"calibrated MFU here: {metrics['calibrated_mfu']} ({metrics['local_img_per_s']} img/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

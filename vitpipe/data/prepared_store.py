@@ -1,0 +1,137 @@
+"""The prepared store: uint8 NHWC arrays per split + meta.json, and the batches training reads.
+
+Layout of data/prepared/<dataset>/:
+  {train,val,test}_x.npy  uint8 N x H x W x 3      {train,val,test}_y.npy  int64 N
+  meta.json  classes, sizes, per-channel mean/std  samples.png  a grid of training images
+Small splits are held in RAM as one tensor; big ones stay memory-mapped. Either way a batch
+is a gather + one float conversion: no PIL, no per-image Python in the loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+IN_RAM_BYTES = 2 << 30  # splits below 2 GiB are loaded; above, memory-mapped
+
+
+class PreparedStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.exists():
+            from vitpipe.errors import UserError
+
+            raise UserError(f"{meta_path} not found: run `dvc repro preprocess` first")
+        self.meta = json.loads(meta_path.read_text())
+        self.classes: list[str] = self.meta["classes"]
+        self.num_classes: int = self.meta["num_classes"]
+        self.image_size: int = self.meta["image_size"]
+
+    def split(self, name: str) -> "Split":
+        x = np.load(self.root / f"{name}_x.npy", mmap_mode="r")
+        y = np.load(self.root / f"{name}_y.npy")
+        if x.nbytes <= IN_RAM_BYTES:
+            x = np.ascontiguousarray(x)
+        return Split(x, y, self.meta["mean"], self.meta["std"], hflip=self.meta.get("hflip", True))
+
+
+class Split:
+    """One split of the store and the normalised float batches made from it."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, hflip: bool = True):
+        self.x, self.y = x, torch.from_numpy(np.asarray(y, dtype=np.int64))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: np.ndarray, augment: bool = False, generator: torch.Generator | None = None):
+        """(images float32 NCHW normalised, labels int64) for sample indices `idx`."""
+        idx = np.sort(np.asarray(idx))  # sorted: sequential reads from a memmap; order within a batch is irrelevant
+        xb = torch.from_numpy(np.ascontiguousarray(self.x[idx]))
+        yb = self.y[torch.from_numpy(idx)]
+        xb = xb.permute(0, 3, 1, 2).float()
+        if augment:
+            xb = shift_and_flip(xb, generator, self.hflip)
+        return (xb - self.mean) / self.std, yb
+
+
+def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bool) -> torch.Tensor:
+    """Random translation by up to 1/8 of the side (zero-padded crop), and a random
+    horizontal flip where the dataset allows it. Vectorised over the batch."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # n x h
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # n x w
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out
+
+
+class SampleStream:
+    """The data order of a run as a pure function of (seed, position): sample k of the
+    infinite stream is permutation_{k // n}[k % n]. A resumed run asks for the same
+    positions and gets the same batches, with no loader state to save."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).numpy()
+        return self._perm
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        filled = 0
+        while filled < count:
+            pos = start + filled
+            epoch, offset = divmod(pos, self.n)
+            chunk = self._permutation(epoch)[offset:offset + count - filled]
+            out[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        return out
+
+
+def write_sample_grid(x: np.ndarray, y: np.ndarray, classes: list[str], path: Path, per_class: int = 4,
+                      max_classes: int = 10) -> None:
+    """A PNG of `per_class` training images for up to `max_classes` classes, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitpipe.atomic import atomic_path
+
+    shown = sorted(set(int(c) for c in np.unique(y)))[:max_classes]
+    fig, axes = plt.subplots(per_class, len(shown), figsize=(1.2 * len(shown), 1.2 * per_class + 0.4),
+                             squeeze=False)
+    for col, c in enumerate(shown):
+        idx = np.flatnonzero(y == c)[:per_class]
+        for row in range(per_class):
+            ax = axes[row][col]
+            ax.axis("off")
+            if row < len(idx):
+                ax.imshow(x[idx[row]], interpolation="nearest")
+        axes[0][col].set_title(classes[c][:12], fontsize=8)
+    fig.suptitle(f"Training samples ({x.shape[1]}x{x.shape[2]} px)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+

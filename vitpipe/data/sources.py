@@ -1,0 +1,91 @@
+"""The source interface: how a dataset gets from its origin into `data/raw/<dataset>/`
+(the download stage) and from there into images the preprocess stage can resize.
+
+A source is named by `data.dataset`. It does two things, one per stage:
+  fetch(cfg, raw_dir)  download or import, verify, and leave the raw inputs in raw_dir
+  open(cfg, raw_dir)   read raw_dir back as a RawDataset (labels up front, pixels on demand)
+Pixels are decoded one image at a time so a big dataset never sits in RAM twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from vitpipe.errors import ParamError
+
+if TYPE_CHECKING:
+    from vitpipe.params import DataParams
+
+
+class SkipImage(Exception):
+    """An image that cannot be decoded (truncated, unknown format): counted and left out."""
+
+
+class ImageList:
+    """One split: `labels` up front, `image(i)` decodes image i as HxWx3 uint8 RGB.
+    Subclasses must be picklable: preprocess decodes in worker processes."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ArrayImages(ImageList):
+    """Images already in memory: NHW (grayscale) or NHWC uint8."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+
+    def image(self, i: int) -> np.ndarray:
+        return to_rgb(self.images[i])
+
+
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """HxW, HxWx1, HxWx3 or HxWx4 uint8 -> HxWx3 uint8."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 1:
+        return np.repeat(img, 3, axis=2)
+    if img.shape[2] == 4:
+        return img[:, :, :3]
+    return img
+
+
+@dataclass
+class RawDataset:
+    classes: list[str]
+    splits: dict[str, ImageList]  # always "train"; "test" when the dataset has an official test split
+
+
+class Source(Protocol):
+    def fetch(self, cfg: "DataParams", raw_dir: Path) -> None: ...
+
+    def open(self, cfg: "DataParams", raw_dir: Path) -> RawDataset: ...
+
+
+# name -> "module:Class"; imported on demand so the embedded default never imports the rest.
+SOURCES = {
+    "digits": "vitpipe.data.digits:DigitsSource",
+    "cifar10": "vitpipe.data.cifar:Cifar10Source",
+    "cifar100": "vitpipe.data.cifar:Cifar100Source",
+    "pets": "vitpipe.data.pets:PetsSource",
+    "imagefolder": "vitpipe.data.imagefolder:ImageFolderSource",
+}
+
+
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        raise ParamError("data.dataset", name, "one of: " + ", ".join(SOURCES))
+    module, cls = SOURCES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
