@@ -155,7 +155,8 @@ def data_params(doc: dict) -> DataParams:
     for k, v in split.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ParamError(f"data.split.{k}", v, "a fraction between 0 and 1")
-    if split["train"] <= 0 or split["test"] <= 0:
+    official_test = p.dataset in ("cifar10", "cifar100", "pets")  # these keep their own test split
+    if split["train"] <= 0 or (split["test"] <= 0 and not official_test):
         raise ParamError("data.split", split, "train and test fractions must be > 0")
     if abs(sum(split.values()) - 1.0) > 1e-6:
         raise ParamError("data.split", split, f"fractions that sum to 1 (these sum to {sum(split.values()):g})")

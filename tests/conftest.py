@@ -1,0 +1,72 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A params.yaml small enough that the whole pipeline runs in about a minute on 2 CPU cores.
+MICRO = {
+    "data": {"dataset": "digits", "archive": None, "url": None, "md5": "default", "image_size": 16,
+             "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "seed": 0, "workers": 1},
+    "model": {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
+    "train": {"steps": 6, "batch_size": 16, "micro_batch": 8, "optimizer": "adamw", "lr": 0.001,
+              "weight_decay": 0.05, "warmup_steps": 2, "label_smoothing": 0.1, "grad_clip": 1.0,
+              "precision": "fp32", "checkpoint_every": 3, "eval_every": 3, "seed": 0},
+    "pretrain": {"classes": 4, "images_per_class": 8, "steps": 4, "batch_size": 8, "micro_batch": 8,
+                 "lr": 0.001, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2, "seed": 0},
+    "finetune": {"steps": 6, "batch_size": 16, "micro_batch": 8, "optimizer": "sgd", "momentum": 0.9,
+                 "lr": 0.01, "weight_decay": 0.0, "warmup_steps": 2, "grad_clip": 1.0,
+                 "checkpoint_every": 3, "eval_every": 3, "seed": 0},
+    "variants": {
+        "vit_micro": {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0,
+                      "source": "fractal", "weights": None},
+        "resnet18": {"arch": "resnet18", "source": "fractal", "weights": None},
+    },
+    "evaluate": {"batch_size": 64, "latency_batches": 1},
+    "profile": {"models": ["vit_b16", "resnet18"], "image_size": 224, "batch_size": 512, "num_classes": 100,
+                "device": "t4", "precision": "fp32", "optimizer": "adamw", "schedule_steps": 10000},
+}
+
+PROJECT_FILES = ("dvc.yaml", "stages", "vitpipe", "pyproject.toml", ".dvcignore")
+
+
+def write_params(path: Path, doc: dict) -> None:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def run(cmd, cwd, check=True, timeout=600, env=None):
+    """Run a command; on failure show its output in the assertion."""
+    # dvc.yaml says `python`: make that this interpreter, venv activated or not.
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PATH": path, **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A fresh git + DVC repo holding the project's code and the micro params."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy(src, repo / name)
+    write_params(repo / "params.yaml", MICRO)
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "test@example.com"], repo)
+    run(["git", "config", "user.name", "test"], repo)
+    run([sys.executable, "-m", "dvc", "init", "-q"], repo)
+    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
+    return repo

@@ -1,0 +1,104 @@
+"""Oxford-IIIT Pet from miniature official archives: list files, odd images, skips."""
+
+import numpy as np
+import pytest
+
+import miniatures
+from test_archives import serve
+from vitpipe.data.sources import SkipImage, get_source
+from vitpipe.errors import ParamError, UserError
+from vitpipe.params import DataParams
+
+
+def cfg(**kw):
+    kw.setdefault("md5", None)
+    return DataParams(dataset="pets", **kw)
+
+
+@pytest.fixture(scope="module")
+def pets_archives(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pets_download")
+    miniatures.make_pets(folder)
+    return folder
+
+
+def test_import_extracts_what_is_needed(pets_archives, tmp_path):
+    raw = tmp_path / "data/raw/pets"
+    get_source("pets").fetch(cfg(archive=str(pets_archives)), raw)
+    assert sorted(p.name for p in raw.iterdir()) == ["annotations", "images"]
+    assert sorted(p.name for p in (raw / "annotations").iterdir()) == ["list.txt", "test.txt", "trainval.txt"]
+    assert len(list((raw / "images").glob("*.jpg"))) == 9 and not list((raw / "images").glob("*.mat"))
+    assert not (tmp_path / "data/downloads").exists()  # a local import is extracted from where it is
+
+
+def test_official_split_classes_and_awkward_images(pets_archives, tmp_path):
+    raw = tmp_path / "raw"
+    src = get_source("pets")
+    src.fetch(cfg(archive=str(pets_archives)), raw)
+    ds = src.open(cfg(), raw)
+    assert ds.classes == miniatures.PETS_CLASSES
+    train, test = ds.splits["train"], ds.splits["test"]
+    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2] and test.labels.tolist() == [0, 1, 2]
+    decoded, skipped = [], 0
+    for i in range(len(train)):
+        try:
+            decoded.append(train.image(i))
+        except SkipImage:
+            skipped += 1
+    assert skipped == 2  # the truncated JPEG and the file that is no image
+    for img in decoded:  # RGB, RGBA-PNG, grayscale and palette all come back as HxWx3 uint8
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    gray = train.image(2)
+    assert gray.shape == (14, 20, 3) and np.array_equal(gray[..., 0], gray[..., 2])
+    assert test.image(1).shape == (14, 20, 3)   # CMYK
+    assert test.image(2).shape == (50, 8, 3)    # any size
+
+
+def test_md5_default_checks_each_archive(pets_archives, tmp_path):
+    with pytest.raises(UserError, match="images.tar.gz: md5 .* expected 5c4f3ee8e5d25df40f4fd59a7f44e54c"):
+        get_source("pets").fetch(cfg(archive=str(pets_archives), md5="default"), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    with pytest.raises(ParamError, match="data.md5"):
+        get_source("pets").fetch(cfg(archive=str(pets_archives), md5="a" * 32), tmp_path / "raw")
+
+
+def test_archive_must_be_a_folder_with_both_files(pets_archives, tmp_path):
+    with pytest.raises(UserError, match="must be a folder"):
+        get_source("pets").fetch(cfg(archive=str(pets_archives / "images.tar.gz")), tmp_path / "raw")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "images.tar.gz").write_bytes((pets_archives / "images.tar.gz").read_bytes())
+    with pytest.raises(UserError, match="has no annotations.tar.gz"):
+        get_source("pets").fetch(cfg(archive=str(half)), tmp_path / "raw")
+
+
+def test_download_into_cache_and_offline_message(pets_archives, tmp_path):
+    raw = tmp_path / "data/raw/pets"
+    with serve(pets_archives) as base:
+        get_source("pets").fetch(cfg(url=base), raw)
+    assert sorted(p.name for p in (tmp_path / "data/downloads").iterdir()) == ["annotations.tar.gz", "images.tar.gz"]
+    assert len(get_source("pets").open(cfg(), raw).splits["test"]) == 3
+
+    with pytest.raises(UserError) as e:
+        get_source("pets").fetch(cfg(url="http://127.0.0.1:9/"), tmp_path / "offline/raw/pets")
+    msg = str(e.value)
+    for needed in ("https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz",
+                   "https://thor.robots.ox.ac.uk/~vgg/data/pets/annotations.tar.gz",
+                   "data.archive", "images.tar.gz and annotations.tar.gz", "data.dataset: digits"):
+        assert needed in msg
+
+
+def test_end_to_end_through_prepare_counts_skips(pets_archives, tmp_path, monkeypatch):
+    from vitpipe.data.prepare import prepare
+
+    monkeypatch.chdir(tmp_path)
+    c = cfg(archive=str(pets_archives), image_size=16, workers=1, split={"train": 0.5, "val": 0.5, "test": 0.0})
+    get_source("pets").fetch(c, c.raw_dir)
+    meta = prepare(c)
+    assert meta["classes"] == miniatures.PETS_CLASSES and meta["num_classes"] == 3
+    assert meta["skipped"]["test"] == 0 and meta["skipped"]["train"] + meta["skipped"]["val"] == 2
+    assert meta["skipped_total"] == 2
+    assert meta["sizes"]["test"] == 3 and meta["sizes"]["train"] + meta["sizes"]["val"] == 4
+    x = np.load(tmp_path / "data/prepared/pets/test_x.npy")
+    assert x.shape == (3, 16, 16, 3) and x.dtype == np.uint8
+    assert np.load(tmp_path / "data/prepared/pets/test_y.npy").tolist() == [0, 1, 2]
