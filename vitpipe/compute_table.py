@@ -1,39 +1,19 @@
-"""DVC stage `profile`: the analytic compute model for the full-size models of params.yaml
-`profile:` at the reference's setting, on every device profile, plus this machine's
-calibrated MFU. Analytic only (no full-size forward pass): seconds on a laptop CPU.
-
-Writes metrics/profile.json (flat keys), profile/compute.csv (one row per model) and
-profile/devices.csv (one row per model x device)."""
+"""The profile stage's work: the analytic compute model (vitpipe.compute) evaluated for the
+full-size models of params.yaml `profile:` at the reference's setting, on every device
+profile, next to the reference report's own figures and formulas. Analytic only: no
+full-size forward pass, seconds on a laptop CPU (plus a ~2 s calibration run here)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# Python puts this script's folder first on sys.path, where this file would shadow the
-# standard library's `profile` (torch imports cProfile -> profile). Put the repo root
-# there instead, which also lets the stage run without `pip install -e .`.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)
-
-from vitpipe import compute, devices, reference  # noqa: E402
-from vitpipe.atomic import write_json, write_text  # noqa: E402
-from vitpipe.errors import ParamError, UserError  # noqa: E402
-from vitpipe.models import describe, model_config, validate_spec  # noqa: E402
+from vitpipe import compute, devices, reference
+from vitpipe.errors import ParamError, UserError
+from vitpipe.models import describe, model_config, validate_spec
 
 GB = 1e9
 DEFAULTS = {"attention": "sdpa", "checkpointing": False, "mfu": None}
-
-
-def load_params(path=ROOT / "params.yaml") -> dict:
-    # TODO(lead): switch to vitpipe.params once it exists
-    import yaml
-
-    with open(path) as f:
-        return yaml.safe_load(f)["profile"]
 
 
 def validate(p: dict) -> dict:
@@ -72,8 +52,8 @@ def model_key(spec: dict) -> str:
 
 
 def run(p: dict) -> tuple[dict, list[dict], list[dict]]:
-    calib = devices.calibrate_mfu()
     local = devices.get_device("local")
+    calib = devices.calibrate_mfu(peak_flops=local.peak("fp32"))
     metrics = {"calibrated_mfu": round(calib["mfu"], 4),
                "local_img_per_s": round(calib["img_per_s"], 2),
                "local_peak_gflops": round(calib["peak_flops"] / 1e9, 1)}
@@ -142,25 +122,3 @@ def to_csv(rows: list[dict]) -> str:
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     return buf.getvalue()
-
-
-def main() -> int:
-    try:
-        p = validate(load_params())
-        metrics, rows, device_rows = run(p)
-    except UserError as e:
-        print(f"profile: error: {e}", file=sys.stderr)
-        return 2
-    write_json(ROOT / "metrics/profile.json", metrics)
-    write_text(ROOT / "profile/compute.csv", to_csv(rows))
-    write_text(ROOT / "profile/devices.csv", to_csv(device_rows))
-    for r in rows:
-        plan = f"{r['micro_batch']} x {r['accum_steps']}" if r["micro_batch"] else "does not fit"
-        print(f"{r['model']:<10} {r['params'] / 1e6:8.1f} M  {r['train_gflops']:8.1f} GFLOP/img  "
-              f"peak {r['peak_gb']:7.1f} GB  fits {str(r['fits']):5}  plan {plan:<9} ETA {r['eta_h']:7.1f} h")
-    print(f"calibrated MFU here: {metrics['calibrated_mfu']} ({metrics['local_img_per_s']} img/s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Stage profile: the compute model at the reference's setting (params.yaml `profile:`).
+
+Writes metrics/profile.json (flat keys), profile/compute.csv (one row per model) and
+profile/devices.csv (one row per model x device profile)."""
+
+from vitpipe import params, stage
+from vitpipe.atomic import write_json, write_text
+from vitpipe.compute_table import run, to_csv, validate
+
+
+def main(argv):
+    p = validate(params.read_yaml().get("profile") or {})
+    metrics, rows, device_rows = run(p)
+    write_json("metrics/profile.json", metrics)
+    write_text("profile/compute.csv", to_csv(rows))
+    write_text("profile/devices.csv", to_csv(device_rows))
+    for r in rows:
+        plan = f"{r['micro_batch']} x {r['accum_steps']}" if r["micro_batch"] else "does not fit"
+        print(f"{r['model']:<10} {r['params'] / 1e6:8.1f} M  {r['train_gflops']:8.1f} GFLOP/img  "
+              f"peak {r['peak_gb']:7.1f} GB  fits {str(r['fits']):5}  plan {plan:<9} ETA {r['eta_h']:7.1f} h")
+    print(f"calibrated MFU here: {metrics['calibrated_mfu']} ({metrics['local_img_per_s']} img/s)")
+
+
+if __name__ == "__main__":
+    stage.run(main)

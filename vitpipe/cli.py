@@ -1,0 +1,228 @@
+"""`vitpipe plan MODEL ...`: will it fit, how should it be batched, how long will it take.
+`vitpipe info`: what this machine has."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+from vitpipe.errors import ParamError, UserError
+
+GiB = 2**30
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"vitpipe: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vitpipe.compute import ATTENTION, OPTIMIZERS, PRECISIONS
+
+    p = argparse.ArgumentParser(prog="vitpipe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="params, FLOPs, memory, fit, micro-batch plan and ETA")
+    plan.add_argument("model", help="vit_b16-style name, resnet18..152, or a timm ViT/ResNet name")
+    plan.add_argument("--image-size", type=int, default=224)
+    plan.add_argument("--batch", type=int, default=512, help="effective batch per optimizer step")
+    plan.add_argument("--device", default="t4", help="t4, v100-16, a100-80, h100-80, l4, local, ...")
+    # choices are checked by the library, so an unknown value gets the one-line error
+    plan.add_argument("--precision", default="fp32", help="/".join(PRECISIONS))
+    plan.add_argument("--optimizer", default="adamw", help="/".join(OPTIMIZERS))
+    plan.add_argument("--attention", default="sdpa", help="/".join(ATTENTION))
+    plan.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    plan.add_argument("--num-classes", type=int, default=1000)
+    plan.add_argument("--steps", type=int, default=10000, help="optimizer steps for the ETA")
+    plan.add_argument("--mfu", type=float, default=None,
+                      help="model FLOPs utilisation; default: the device's, or calibrated for local")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
+
+    info = sub.add_parser("info", help="versions, CPU, RAM, GPU")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# plan
+
+
+def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp32",
+               optimizer="adamw", attention="sdpa", checkpointing=False, num_classes=1000,
+               steps=10000, mfu=None) -> dict:
+    """The `vitpipe plan` answer as a dict (also what --json prints)."""
+    from vitpipe import compute, devices
+    from vitpipe.models import describe, model_config, validate_spec
+
+    spec = {"arch": model}
+    try:
+        validate_spec(spec, image_size, "model", image_size_key="--image-size")
+    except ParamError as e:
+        if e.key.endswith(".arch"):
+            raise UserError(f"unknown model {model!r}; allowed: {e.allowed}") from None
+        raise UserError(f"{model}: {e.allowed}") from None
+    for what, value, allowed in (("precision", precision, compute.PRECISIONS),
+                                 ("optimizer", optimizer, compute.OPTIMIZERS),
+                                 ("attention", attention, compute.ATTENTION)):
+        compute.check_choice(what, value, allowed)
+    for what, value in (("--batch", batch), ("--num-classes", num_classes), ("--steps", steps)):
+        if value < 1:
+            raise UserError(f"{what} must be a positive integer, got {value}")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    dev = devices.get_device(device)
+    calibration = None
+    if mfu is None and dev.name == "local":
+        calibration = devices.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])
+        mfu = calibration["mfu"]
+    cfg = model_config(spec, num_classes, image_size)
+    est = compute.estimate(cfg, batch, dev, precision, optimizer, attention, checkpointing,
+                           steps=steps, mfu=mfu)
+    if calibration:
+        est["mfu_source"] = "calibrated here"
+    return {"model": model, "name": describe(spec, image_size), "image_size": image_size,
+            "num_classes": num_classes, **est}
+
+
+def cmd_plan(args) -> int:
+    r = plan_model(args.model, args.image_size, args.batch, args.device, args.precision,
+                   args.optimizer, args.attention, args.checkpointing, args.num_classes,
+                   args.steps, args.mfu)
+    print(json.dumps(r, indent=2) if args.json else format_plan(r))
+    return 0
+
+
+def _m(n):
+    return f"{n / 1e6:,.1f} M" if n >= 1e5 else f"{n / 1e6:.3f} M"
+
+
+def _gb(n):
+    return f"{n / GiB:.2f}"
+
+
+def _duration(s):
+    return f"{s / 3600:,.1f} h" if s >= 3600 else f"{s / 60:.1f} min"
+
+
+def format_plan(r: dict) -> str:
+    comps = ", ".join(f"{k[len('params_'):]} {_m(v)}" for k, v in r.items()
+                      if k.startswith("params_") and v)
+    opt = {"adamw": "AdamW", "sgd": "SGD-momentum"}[r["optimizer"]]
+    ckpt = ", checkpointing" if r["checkpointing"] else ""
+    mem = (f"weights {_gb(r['weights_bytes'])} + grads {_gb(r['grads_bytes'])} + {opt} "
+           f"{_gb(r['optimizer_bytes'])}"
+           + (f" + half weights {_gb(r['autocast_weights_bytes'])}" if r["autocast_weights_bytes"] else "")
+           + f" + activations {_gb(r['activations_bytes'])} + transient {_gb(r['transient_bytes'])}")
+    cap = _gb(r["capacity_bytes"])
+    if r["fits"]:
+        fit = f"YES: needs {_gb(r['required_bytes'])} of {cap} GiB"
+    else:
+        fit = f"NO: needs {_gb(r['required_bytes'])} of {cap} GiB ({r['required_bytes'] / r['capacity_bytes']:.2f}x)"
+    if r["micro_batch"]:
+        plan = (f"micro-batch {r['micro_batch']} x {r['accum_steps']} accumulation steps = {r['batch']}"
+                f" (needs {_gb(r['micro_required_bytes'])} GiB, {_gb(r['headroom_bytes'])} GiB headroom)")
+    else:
+        plan = (f"does not fit even at micro-batch 1 (short by {_gb(-r['headroom_bytes'])} GiB): "
+                "try --checkpointing, bf16/fp16, sgd or a bigger device")
+    rows = [
+        ("params", f"{_m(r['params'])}  ({comps})"),
+        ("FLOPs / image", f"{r['forward_flops'] / 1e9:,.2f} G forward, {r['train_flops'] / 1e9:,.2f} G train step"),
+        ("activations", f"{r['activation_bytes'] / 2**20:,.1f} MiB per image"),
+        (f"memory @ {r['batch']}", f"{mem} = peak {_gb(r['peak_bytes'])} GiB"),
+        ("fits at once?", fit),
+        ("plan", plan),
+        ("speed", f"{r['img_per_s']:,.1f} img/s (MFU {r['mfu']:.3f} {r['mfu_source']}, peak "
+                  f"{r['peak_flops'] / 1e12:,.1f} TFLOP/s {r['precision']})"),
+        ("ETA", f"{r['steps']:,} steps x {r['batch']} = {_duration(r['eta_s'])}"),
+    ]
+    attn = f", {r['attention']} attention" if "params_patch_embed" in r else ""   # ViTs only
+    head = (f"{r['name']} on {r['device_label']}: {r['precision']}, {opt}{attn}{ckpt}, "
+            f"batch {r['batch']}, {r['num_classes']} classes")
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+# ---------------------------------------------------------------------------------------
+# info
+
+
+def machine_info() -> dict:
+    from importlib import metadata
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    import psutil
+
+    from vitpipe.devices import cpu_count
+
+    info = {"python": platform.python_version(), "torch": version("torch"),
+            "torchvision": version("torchvision"), "timm": version("timm"), "dvc": version("dvc"),
+            "platform": platform.platform(), "cpu_cores": cpu_count(),
+            "ram_total_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "ram_available_gb": round(psutil.virtual_memory().available / 1e9, 1),
+            "gpus": gpu_info()}
+    return info
+
+
+def gpu_info() -> list[dict]:
+    """GPUs by NVML (name, memory, driver); torch.cuda if NVML is missing; [] if none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(h)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                gpus.append({"name": name.decode() if isinstance(name, bytes) else name,
+                             "memory_gb": round(mem.total / 1e9, 1),
+                             "driver": _str(pynvml.nvmlSystemGetDriverVersion())})
+            return gpus
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:            # no driver / no library: ask torch instead
+        pass
+    try:
+        import torch
+
+        return [{"name": torch.cuda.get_device_name(i),
+                 "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 1e9, 1)}
+                for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def _str(x):
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def cmd_info(args) -> int:
+    info = machine_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    gpus = "; ".join(f"{g['name']} {g['memory_gb']} GB" for g in info["gpus"]) or "none"
+    for k, v in info.items():
+        if k != "gpus":
+            print(f"{k:<17} {v}")
+    print(f"{'gpus':<17} {gpus}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The reference report's figures (../shared/seed, a 2022 course report that trained
+vit_jax on a Colab T4) and its parameter formulas evaluated on the real layer shapes, so
+the report can set them beside the exact counts."""
+
+from __future__ import annotations
+
+# Table 1 of the reference: "calculated params" and "total params", in millions
+TABLE1 = {
+    "resnet18": {"calculated_m": 33.3, "pretrained_m": 0.4, "total_m": 31.7},
+    "resnet34": {"calculated_m": 63.6, "pretrained_m": 0.8, "total_m": 60.5},
+    "resnet50": {"calculated_m": 46.4, "pretrained_m": 0.9, "total_m": 45.8},
+    "resnet101": {"calculated_m": 85.5, "pretrained_m": 0.9, "total_m": 84.8},
+    # ViT rows give layers / hidden / MLP size and the ViT paper's total
+    "vit_b16": {"total_m": 86.0, "layers": 12, "hidden": 768, "mlp": 3072},
+    "vit_l16": {"total_m": 307.0, "layers": 24, "hidden": 1024, "mlp": 4096},
+    "vit_h14": {"total_m": 632.0, "layers": 32, "hidden": 1280, "mlp": 5120},
+}
+
+# What the reference measured on its T4 (nvidia-smi: 15109 MiB) training from scratch at
+# batch 512: B/32 ran at 94% of memory (15.04 GB), B/16 and B/8 failed to initialise,
+# needing by its account 1.12x (17.92 GB) and 1.4x (22.4 GB) of the GPU.
+T4_MEMORY_MIB = 15109
+MEMORY = {
+    "vit_b32": {"fits": True, "used_gb": 15.04, "fraction_of_gpu": 0.94},
+    "vit_b16": {"fits": False, "needed_gb": 17.92, "fraction_of_gpu": 1.12},
+    "vit_b8": {"fits": False, "needed_gb": 22.4, "fraction_of_gpu": 1.4},
+}
+# ViT-B/32 from scratch, batch 512, 10000 steps: ~38-39 img/s (per core; one T4),
+# 0.074 steps/s, ETA printed between 32.9 h and 37.4 h; "36 GPU hours" in the text.
+TIME = {"model": "vit_b32", "batch": 512, "steps": 10000, "img_per_s": 38.5,
+        "steps_per_s": 0.074, "eta_h_low": 32.9, "eta_h_high": 37.4, "eta_h_text": 36.0}
+# Fine-tuning (Algorithm 2): batch 512, 64 accumulation steps, SGD momentum 0.9, cosine,
+# grad clip 1; ViT-B/16 reached 91.94% on CIFAR-100 test in 4.35 h.
+FINETUNE = {"batch": 512, "accum_steps": 64, "momentum": 0.9, "grad_clip": 1.0,
+            "cifar100_top1": 0.9194079, "hours": 4.35}
+
+
+# ---------------------------------------------------------------------------------------
+# The reference's formulas, as printed, applied to real layer shapes
+
+
+def seed_conv(f: int, d: int, k: int, b: int = 1) -> int:
+    """conv_params = ((f*f*d) + b) * k: filter f, d input channels, k filters, b bias."""
+    return ((f * f * d) + b) * k
+
+
+def seed_fc(c: int, p: int) -> int:
+    """fc_params = ((c*p) + 1) * c: c neurons in this layer, p in the previous one.
+    (The right count is (p + 1) * c.)"""
+    return ((c * p) + 1) * c
+
+
+def seed_encoder(layers: int, d: int, heads: int, d_mlp: int) -> int:
+    """L * (k*d*3*d_h + d*d + d*d_mlp + d_mlp*d), d_h = d / k: weights only, no biases
+    or LayerNorms."""
+    d_h = d // heads
+    return layers * (heads * d * 3 * d_h + d * d + d * d_mlp + d_mlp * d)
+
+
+def seed_params(cfg) -> dict:
+    """The reference's formulas evaluated on `cfg` (a models.ViTConfig / ResNetConfig)."""
+    from vitpipe.compute import resnet_convs, resnet_features
+    from vitpipe.models import ViTConfig
+
+    if isinstance(cfg, ViTConfig):
+        p = {"embed": cfg.patch**2 * cfg.in_chans * cfg.dim,     # [p^2 c, d], no bias
+             "blocks": seed_encoder(cfg.depth, cfg.dim, cfg.heads, cfg.mlp_hidden),
+             "head": seed_fc(cfg.num_classes, cfg.dim)}
+    else:
+        convs = resnet_convs(cfg)
+        p = {"embed": sum(seed_conv(x["k"], x["cin"] // x["groups"], x["cout"])
+                          for x in convs if x["part"] == "stem"),
+             "blocks": sum(seed_conv(x["k"], x["cin"] // x["groups"], x["cout"])
+                           for x in convs if x["part"] == "blocks"),
+             "head": seed_fc(cfg.num_classes, resnet_features(cfg))}
+    p["total"] = sum(p.values())
+    return p
+
+
+def reference_table(image_size: int = 224, num_classes: int = 1000) -> list[dict]:
+    """One row per Table-1 model: the reference's printed figures, its formulas evaluated,
+    the exact count of the torchvision/timm model, and the differences."""
+    from vitpipe.compute import param_counts
+    from vitpipe.models import model_config
+
+    rows = []
+    for name, ref in TABLE1.items():
+        cfg = model_config({"arch": name}, num_classes, image_size)
+        exact = param_counts(cfg)
+        seed = seed_params(cfg)
+        exact_body = exact["total"] - exact.get("params_head", exact["head"])
+        rows.append({
+            "model": name,
+            "ref_calculated_m": ref.get("calculated_m"),
+            "ref_total_m": ref["total_m"],
+            "seed_formula": seed["total"],
+            "seed_formula_no_head": seed["total"] - seed["head"],
+            "exact": exact["total"],
+            "exact_no_head": exact_body,
+            "ref_total_error": ref["total_m"] * 1e6 / exact["total"] - 1,
+            "seed_formula_error": seed["total"] / exact["total"] - 1,
+            "seed_formula_no_head_error": (seed["total"] - seed["head"]) / exact_body - 1,
+        })
+    return rows
