@@ -14,7 +14,7 @@ def main(argv):
     doc = params.read_yaml()
     data = params.data_params(doc)
     spec = params.variant_spec(doc, name, data.image_size)
-    recipe = params.train_params(doc, "finetune")
+    recipe = params.train_params(doc, "finetune", variant=name)
     stage.relaunch_distributed(recipe.nproc)
 
     import torch

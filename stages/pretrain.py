@@ -16,7 +16,7 @@ def main(argv):
     doc = params.read_yaml()
     data = params.data_params(doc)
     spec = params.variant_spec(doc, name, data.image_size)
-    recipe = params.train_params(doc, "pretrain")
+    recipe = params.train_params(doc, "pretrain", variant=name)
     weights_path = Path(f"models/pretrained/{name}.pt")
     metrics_path = Path(f"metrics/pretrain/{name}.json")
     plots = Path(f"plots/pretrain/{name}")

@@ -166,35 +166,47 @@ def data_params(doc: dict) -> DataParams:
     return p
 
 
-def train_params(doc: dict, section: str) -> TrainParams:
-    p = _build(TrainParams, doc.get(section), section)
+def train_params(doc: dict, section: str, variant: str | None = None) -> TrainParams:
+    """The recipe of `section` (train | pretrain | finetune); with `variant`, overlaid by that
+    variant's own `<section>:` keys (e.g. a smaller micro_batch for a bigger model)."""
+    base = doc.get(section) or {}
+    override = ((doc.get("variants") or {}).get(variant) or {}).get(section) if variant else None
+    if override is not None and not isinstance(override, dict):
+        raise ParamError(f"variants.{variant}.{section}", override, f"a mapping of {section} keys to override")
+    override = override or {}
+    _build(TrainParams, override, f"variants.{variant}.{section}")  # names an unknown key where it is
+    p = _build(TrainParams, {**base, **override}, section)
+
+    def key(k: str) -> str:
+        return f"variants.{variant}.{section}.{k}" if k in override else f"{section}.{k}"
+
     for k in ("steps", "batch_size", "micro_batch", "checkpoint_every", "nproc", "lr"):
-        _positive(f"{section}.{k}", getattr(p, k))
+        _positive(key(k), getattr(p, k))
     for k in ("warmup_steps", "weight_decay", "label_smoothing", "momentum", "seed"):
-        _positive(f"{section}.{k}", getattr(p, k), allow_zero=True)
+        _positive(key(k), getattr(p, k), allow_zero=True)
     if p.eval_every is not None:
-        _positive(f"{section}.eval_every", p.eval_every)
+        _positive(key("eval_every"), p.eval_every)
     if p.grad_clip is not None:
-        _positive(f"{section}.grad_clip", p.grad_clip)
+        _positive(key("grad_clip"), p.grad_clip)
     if p.label_smoothing >= 1:
-        raise ParamError(f"{section}.label_smoothing", p.label_smoothing, "a number in [0, 1)")
+        raise ParamError(key("label_smoothing"), p.label_smoothing, "a number in [0, 1)")
     if p.momentum >= 1:
-        raise ParamError(f"{section}.momentum", p.momentum, "a number in [0, 1)")
+        raise ParamError(key("momentum"), p.momentum, "a number in [0, 1)")
     if p.warmup_steps >= p.steps:
-        raise ParamError(f"{section}.warmup_steps", p.warmup_steps, f"fewer than {section}.steps={p.steps}")
-    _choice(f"{section}.optimizer", p.optimizer, OPTIMIZERS)
-    _choice(f"{section}.precision", p.precision, PRECISIONS)
-    _choice(f"{section}.resume", p.resume, RESUME)
+        raise ParamError(key("warmup_steps"), p.warmup_steps, f"fewer than {key('steps')}={p.steps}")
+    _choice(key("optimizer"), p.optimizer, OPTIMIZERS)
+    _choice(key("precision"), p.precision, PRECISIONS)
+    _choice(key("resume"), p.resume, RESUME)
     if p.batch_size % p.micro_batch:
         divisors = [d for d in range(1, p.batch_size + 1) if p.batch_size % d == 0]
-        raise ParamError(f"{section}.micro_batch", p.micro_batch,
-                         f"a divisor of {section}.batch_size={p.batch_size}: {', '.join(map(str, divisors))}")
-    if p.batch_size % (p.micro_batch * p.nproc) and p.nproc > 1:
-        raise ParamError(f"{section}.nproc", p.nproc,
+        raise ParamError(key("micro_batch"), p.micro_batch,
+                         f"a divisor of {key('batch_size')}={p.batch_size}: {', '.join(map(str, divisors))}")
+    if p.nproc > 1 and p.accum_steps % p.nproc:
+        raise ParamError(key("nproc"), p.nproc,
                          f"a count that divides batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)")
     if section == "pretrain":
-        _positive("pretrain.classes", p.classes)
-        _positive("pretrain.images_per_class", p.images_per_class)
+        _positive(key("classes"), p.classes)
+        _positive(key("images_per_class"), p.images_per_class)
     return p
 
 
