@@ -1,0 +1,82 @@
+"""The preprocess stage's store and the batches made from it, on the embedded digits."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitpipe.data.digits import DigitsSource
+from vitpipe.data.prepare import prepare, stratified_split
+from vitpipe.data.prepared_store import PreparedStore, SampleStream
+from vitpipe.params import data_params
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = data_params({"data": {"image_size": 16, "workers": 2}})
+        DigitsSource().fetch(cfg, cfg.raw_dir)
+        meta = prepare(cfg)
+    finally:
+        os.chdir(cwd)
+    return root / cfg.prepared_dir, meta
+
+
+def test_store_layout_and_meta(store):
+    root, meta = store
+    assert meta["sizes"] == {"train": 1258, "val": 180, "test": 359}
+    assert sum(meta["sizes"].values()) == 1797 and meta["num_classes"] == 10
+    for split, n in meta["sizes"].items():
+        x = np.load(root / f"{split}_x.npy", mmap_mode="r")
+        y = np.load(root / f"{split}_y.npy")
+        assert x.shape == (n, 16, 16, 3) and x.dtype == np.uint8 and len(y) == n
+    assert json.loads((root / "meta.json").read_text()) == meta
+    assert (root / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    # digits are grey: the three channels are equal, and so are their statistics
+    x = np.load(root / "train_x.npy")
+    assert np.array_equal(x[..., 0], x[..., 2])
+    assert meta["mean"][0] == pytest.approx(x.mean() / 255, abs=1e-4)
+    assert meta["std"][0] == pytest.approx((x / 255).std(), abs=1e-3)
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    labels = np.repeat(np.arange(5), 40)
+    a = stratified_split(labels, {"train": 0.7, "val": 0.1, "test": 0.2}, seed=3)
+    b = stratified_split(labels, {"train": 0.7, "val": 0.1, "test": 0.2}, seed=3)
+    c = stratified_split(labels, {"train": 0.7, "val": 0.1, "test": 0.2}, seed=4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["train"], c["train"])
+    every = np.concatenate(list(a.values()))
+    assert len(every) == 200 and len(np.unique(every)) == 200
+    for k, f in (("train", 28), ("val", 4), ("test", 8)):
+        assert np.bincount(labels[a[k]]).tolist() == [f] * 5
+
+
+def test_batches_are_normalised_and_deterministic(store):
+    root, meta = store
+    split = PreparedStore(root).split("train")
+    idx = SampleStream(len(split), seed=0).take(0, 32)
+    x, y = split.batch(idx)
+    assert x.shape == (32, 3, 16, 16) and x.dtype == torch.float32
+    full, _ = split.batch(np.arange(len(split)))
+    assert full.mean().item() == pytest.approx(0.0, abs=1e-3) and full.std().item() == pytest.approx(1.0, abs=1e-2)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a, _ = split.batch(idx, augment=True, generator=g1)
+    b, _ = split.batch(idx, augment=True, generator=g2)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert torch.equal(y, split.y[torch.from_numpy(np.sort(idx))])
+
+
+def test_sample_stream_covers_each_epoch_once_and_resumes():
+    s = SampleStream(10, seed=1)
+    first_two_epochs = s.take(0, 20)
+    assert sorted(first_two_epochs[:10]) == list(range(10)) and sorted(first_two_epochs[10:]) == list(range(10))
+    assert np.array_equal(SampleStream(10, seed=1).take(7, 6), first_two_epochs[7:13])  # a resumed stream
+    assert not np.array_equal(SampleStream(10, seed=2).take(0, 10), first_two_epochs[:10])
