@@ -16,6 +16,7 @@ def main(argv):
     spec = params.variant_spec(doc, name, data.image_size)
     recipe = params.train_params(doc, "finetune", variant=name)
     stage.relaunch_distributed(recipe.nproc)
+    stage.seed_everything(recipe.seed)  # the starting weights follow the seed param
 
     import torch
 

@@ -42,6 +42,7 @@ def main(argv):
         return
 
     stage.relaunch_distributed(recipe.nproc)
+    stage.seed_everything(recipe.seed)  # the starting weights follow the seed param
     from vitpipe.data.fractal import make_dataset
     from vitpipe.data.prepare import stratified_split
     from vitpipe.data.prepared_store import Split

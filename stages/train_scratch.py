@@ -12,6 +12,7 @@ def main(argv):
     spec = params.model_spec(doc, data.image_size)
     recipe = params.train_params(doc, "train")
     stage.relaunch_distributed(recipe.nproc)
+    stage.seed_everything(recipe.seed)  # the starting weights follow the seed param
 
     from vitpipe.data.prepared_store import PreparedStore
     from vitpipe.models import build_model

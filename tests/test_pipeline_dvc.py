@@ -63,9 +63,11 @@ def test_repro_exp_metrics_plots(project):
     page = (repo / "plots_html" / "index.html")
     assert page.exists() and "train_scratch" in page.read_text()
 
-    # Editing one variant's params touches only that variant's stages (and the report).
+    # Editing one variant's params touches only that variant's stages (and the report). A dry
+    # run cannot list evaluate@vit_micro yet: its input (the fine-tuned weights) changes only
+    # when finetune@vit_micro has run.
     doc = yaml.safe_load((repo / "params.yaml").read_text())
     doc["variants"]["vit_micro"]["depth"] = 2
     write_params(repo / "params.yaml", doc)
     dry = run(DVC + ["repro", "--dry"], repo)
-    assert ran_stages(dry.stdout) == {"pretrain@vit_micro", "finetune@vit_micro", "evaluate@vit_micro", "report"}
+    assert ran_stages(dry.stdout) == {"pretrain@vit_micro", "finetune@vit_micro", "report"}

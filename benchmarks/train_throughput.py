@@ -1,0 +1,154 @@
+"""What the pipeline costs on top of the bare training step.
+
+Runs, in one process, on the same model, batch, micro-batch, precision and threads:
+  bare      a plain timm forward / backward / clip / AdamW step loop on tensors already in memory
+  pipeline  vitpipe.train.fit: data loading and augmentation from a uint8 store, telemetry
+            thread, step log, progress bar, checkpoints every `checkpoint_every` steps
+alternating them for a few rounds (the machine may be busy), and prints the ratio of their
+step rates (pipeline / bare; 1.0 = no overhead). On an NVIDIA GPU it then reports ViT-B/16
+at 224 px, bf16: img/s and MFU (the compute model's FLOPs over measured time and the
+device's peak).
+
+    python benchmarks/train_throughput.py                  # model/train of ./params.yaml
+    python benchmarks/train_throughput.py --steps 300 --rounds 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitpipe import params
+from vitpipe.data.prepared_store import Split
+from vitpipe.models import build_model
+from vitpipe.params import TrainParams
+from vitpipe.train import RunPaths, autocast_dtype, fit
+
+DEFAULT_SPEC = {"arch": "vit", "patch": 4, "dim": 96, "depth": 4, "heads": 3, "mlp_ratio": 2.0}
+CLASSES = 10
+
+
+def synthetic_split(n: int, size: int, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return Split(x, rng.integers(0, CLASSES, n), [0.5] * 3, [0.25] * 3, hflip=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: int, device) -> float:
+    """The minimal loop: same math per step (micro-batches, label smoothing, clip, AdamW)."""
+    torch.manual_seed(0)
+    model = build_model(spec, CLASSES, size).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    mb, accum = r.micro_batch, r.accum_steps
+    x = torch.randn(mb, 3, size, size, device=device)
+    y = torch.randint(0, CLASSES, (mb,), device=device)
+    amp = autocast_dtype(r.precision)
+    t = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            t = time.perf_counter()
+        for _ in range(accum):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(model(x), y, label_smoothing=r.label_smoothing)
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def pipeline_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: int) -> tuple[float, dict]:
+    """fit() as the stages call it (no validation split: the bare loop has none either)."""
+    torch.manual_seed(0)
+    model = build_model(spec, CLASSES, size)
+    data = synthetic_split(max(2048, 4 * r.batch_size), size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = RunPaths(tmp / "checkpoint.pt", tmp / "model.pt", tmp / "metrics.json", tmp / "plots")
+        with contextlib.redirect_stderr(io.StringIO()):  # the progress bar runs, its terminal output is dropped
+            metrics = fit(model, data, replace(r, steps=warmup + steps, resume="fresh"), paths, val=None,
+                          run_config={"spec": spec, "image_size": size}, fresh_key="train.resume",
+                          weights_meta={"spec": spec, "num_classes": CLASSES, "image_size": size},
+                          desc="benchmark", quiet=False)
+        rows = [line.split("\t") for line in (paths.plots / "train.tsv").read_text().splitlines()[1:]]
+        elapsed = {int(row[0]): float(row[5]) for row in rows}
+    # steady state, from the step log's own clock: steps warmup+1 .. warmup+steps
+    return (elapsed[warmup + steps] - elapsed[warmup]) / steps, metrics
+
+
+def compare(spec, size, r: TrainParams, steps: int, warmup: int, rounds: int, device) -> float:
+    bare, pipe = [], []
+    for i in range(rounds):
+        bare.append(bare_seconds_per_step(spec, size, r, steps, warmup, device))
+        pipe.append(pipeline_seconds_per_step(spec, size, r, steps, warmup)[0])
+        print(f"  round {i + 1}: bare {r.batch_size / bare[-1]:8.1f} img/s   pipeline {r.batch_size / pipe[-1]:8.1f} img/s"
+              f"   ratio {bare[-1] / pipe[-1]:.3f}", flush=True)
+    ratio = statistics.median(bare) / statistics.median(pipe)
+    print(f"  median: bare {r.batch_size / statistics.median(bare):.1f} img/s, pipeline "
+          f"{r.batch_size / statistics.median(pipe):.1f} img/s -> ratio {ratio:.3f}")
+    return ratio
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="model: and train: come from here (default ./params.yaml)")
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-gpu-b16", action="store_true", help="skip the ViT-B/16 bf16 GPU measurement")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    doc = params.read_yaml(args.params) if Path(args.params).exists() else {}
+    size = (doc.get("data") or {}).get("image_size", 32)
+    spec = params.model_spec(doc, size) if "model" in doc else DEFAULT_SPEC
+    r = params.train_params(doc, "train") if "train" in doc else TrainParams(batch_size=64, micro_batch=64)
+    r = replace(r, nproc=1, compile=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device.type}, {torch.get_num_threads()} threads; model {spec} at {size}px; batch {r.batch_size} "
+          f"(micro {r.micro_batch}), {r.precision}, checkpoint every {r.checkpoint_every} steps; "
+          f"{args.rounds} rounds x {args.steps} steps")
+    ratio = compare(spec, size, r, args.steps, args.warmup, args.rounds, device)
+    print(f"pipeline / bare step rate: {ratio:.3f} (target >= 0.97)")
+
+    if device.type == "cuda" and not args.no_gpu_b16:
+        from vitpipe import compute
+        from vitpipe.models import model_config
+        from vitpipe.train import device_profile
+
+        b16, b16_size = {"arch": "vit_b16"}, 224
+        rb = replace(r, batch_size=128, micro_batch=128, precision="bf16", checkpoint_every=100)
+        print(f"\nViT-B/16 at {b16_size}px, bf16, batch {rb.batch_size}:")
+        ratio_b16 = compare(b16, b16_size, rb, 50, 10, 1, device)
+        sec, _ = pipeline_seconds_per_step(b16, b16_size, rb, 50, 10)
+        img_s = rb.batch_size / sec
+        profile = device_profile(device)
+        flops = compute.flops(model_config(b16, CLASSES, b16_size))["train"]
+        peak = profile.peak_flops.get("bf16")
+        mfu = f"{flops * img_s / peak:.3f} of {profile.label}'s {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (unknown peak)"
+        print(f"ViT-B/16 bf16: {img_s:.1f} img/s, {flops * img_s / 1e12:.1f} TFLOP/s achieved, MFU {mfu}; "
+              f"pipeline/bare {ratio_b16:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""DistributedDataParallel on CPU: `train.nproc: 2` re-runs the stage under torchrun with the
+gloo backend. Two processes with the same global batch match one process (float
+tolerance), and a SIGTERM to torchrun (a preempted job) checkpoints and resumes under DDP."""
+
+import signal
+
+import pytest
+import torch
+
+from test_train import prepared, run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
+from test_resume import checkpoint_step, wait_for
+
+# batch 16 = 2 micro-batches of 8: one per process under DDP, accumulated in one process
+RECIPE = {"steps": 120, "batch_size": 16, "micro_batch": 8, "checkpoint_every": 10, "eval_every": 60}
+
+
+def test_two_processes_match_one_and_resume_after_sigterm(tmp_path, prepared):
+    single = stage_dir(tmp_path / "single", prepared, **RECIPE)
+    run_stage(single)
+
+    ddp = stage_dir(tmp_path / "ddp", prepared, **RECIPE, nproc=2)
+    ckpt = ddp / "models/scratch/checkpoint.pt"
+    p = start_stage(ddp)  # the stage execs torchrun: p.pid is torchrun's
+    assert wait_for(lambda: checkpoint_step(ckpt) >= 10, p), p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "stopped by signal" in err, err[-3000:]
+    stopped_at = checkpoint_step(ckpt)
+    assert 10 <= stopped_at < RECIPE["steps"]
+
+    resumed = run_stage(ddp)
+    assert f"resuming from models/scratch/checkpoint.pt at step {stopped_at}/" in resumed.stderr
+    assert resumed.stderr.count("resuming from") == 1  # rank 0 only speaks
+    a, b = weights(single / "models/scratch/model.pt"), weights(ddp / "models/scratch/model.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    assert tsv_steps(ddp / "plots/train_scratch/train.tsv") == list(range(1, RECIPE["steps"] + 1))
+    ck = torch.load(ckpt, weights_only=True)
+    assert ck["finished"] and len(ck["rng"]) == 2  # every process's RNG state
+    import json
+
+    m = json.loads((ddp / "metrics/train_scratch.json").read_text())
+    assert m["devices"] == 2 and m["img_per_s_per_device"] == pytest.approx(m["img_per_s"] / 2, rel=0.01)

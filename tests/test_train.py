@@ -1,0 +1,340 @@
+"""The one training loop: schedule, accumulation, precisions, divergence, OOM advice, signals.
+
+Most tests call `fit` in this process on a tiny ViT and random images (fast); the helpers at
+the top also serve test_resume.py and test_ddp.py, which run the real stage scripts."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MICRO, ROOT, write_params
+from vitpipe import checkpoint
+from vitpipe.data.prepared_store import Split
+from vitpipe.errors import ParamError, UserError
+from vitpipe.models import build_model
+from vitpipe.params import TrainParams
+from vitpipe.train import (EVAL_COLUMNS, TRAIN_COLUMNS, RunPaths, TrainingDiverged, device_batch, fit, lr_at,
+                           oom_message)
+
+SPEC = {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
+# One thread: deterministic, and far faster than two threads on a shared 2-core machine.
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers (imported by test_resume.py and test_ddp.py)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """data/ of the micro params (digits at 16 px), prepared once per session."""
+    from vitpipe.data.prepare import prepare
+    from vitpipe.data.sources import get_source
+    from vitpipe.params import data_params
+
+    root = tmp_path_factory.mktemp("prepared")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = data_params(MICRO)
+        get_source(cfg.dataset).fetch(cfg, cfg.raw_dir)
+        prepare(cfg)
+    finally:
+        os.chdir(cwd)
+    return root / "data"
+
+
+def stage_dir(path: Path, prepared: Path, **train) -> Path:
+    """A folder to run stages/*.py in: micro params with `train` overrides, and the data."""
+    path.mkdir(parents=True, exist_ok=True)
+    doc = copy.deepcopy(MICRO)
+    doc["train"].update(train)
+    write_params(path / "params.yaml", doc)
+    (path / "data").symlink_to(prepared)
+    return path
+
+
+def start_stage(cwd: Path, stage: str = "train_scratch", **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ENV}, **kw)
+
+
+def run_stage(cwd: Path, stage: str = "train_scratch", timeout: float = 300) -> subprocess.CompletedProcess:
+    p = start_stage(cwd, stage)
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, f"{stage} exited {p.returncode}\n{err[-3000:]}"
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def tsv_steps(path: Path) -> list[int]:
+    lines = path.read_text().splitlines()
+    return [int(line.split("\t")[0]) for line in lines[1:]]
+
+
+# ---------------------------------------------------------------------------------------
+# In-process fits
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def synthetic(n=96, size=16, classes=4, seed=0, hflip=True) -> Split:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return Split(x, rng.integers(0, classes, n), [0.5] * 3, [0.25] * 3, hflip=hflip)
+
+
+def recipe(**kw) -> TrainParams:
+    base = dict(steps=8, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=2, checkpoint_every=4,
+                eval_every=4, label_smoothing=0.1, seed=0)
+    return TrainParams(**(base | kw))
+
+
+def train(tmp: Path, r: TrainParams, model=None, val=True, **kw):
+    torch.manual_seed(0)
+    model = model if model is not None else build_model(SPEC, 4, 16)
+    paths = RunPaths(checkpoint=tmp / "checkpoint.pt", weights=tmp / "model.pt", metrics=tmp / "metrics.json",
+                     plots=tmp / "plots")
+    metrics = fit(model, synthetic(), r, paths, val=synthetic(32, seed=1) if val else None,
+                  run_config={"spec": SPEC, "image_size": 16}, fresh_key="train.resume",
+                  weights_meta={"spec": SPEC, "num_classes": 4, "image_size": 16}, desc="test", quiet=True, **kw)
+    return model, metrics
+
+
+def test_lr_schedule_warmup_then_cosine():
+    r = recipe(steps=100, warmup_steps=10, lr=1.0)
+    assert lr_at(0, r) == pytest.approx(0.1) and lr_at(9, r) == pytest.approx(1.0)
+    assert lr_at(10, r) == pytest.approx(1.0) and lr_at(55, r) == pytest.approx(0.5)
+    assert lr_at(99, r) < 0.001
+    lrs = [lr_at(s, r) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_device_batch_is_split_batch():
+    """The GPU input path (uint8 over the bus, float work on the device) gives the same
+    numbers as Split.batch, augmentation included."""
+    data = synthetic()
+    idx = np.array([5, 3, 77, 12, 40])
+    for augment in (False, True):
+        a = data.batch(idx, augment=augment, generator=torch.Generator().manual_seed(7))
+        b = device_batch(data, idx, augment, torch.Generator().manual_seed(7), torch.device("cpu"), data.mean, data.std)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_fit_writes_logs_metrics_and_a_finished_checkpoint(tmp_path):
+    _, m = train(tmp_path, recipe())
+    train_tsv, eval_tsv = (tmp_path / "plots/train.tsv"), (tmp_path / "plots/eval.tsv")
+    assert train_tsv.read_text().splitlines()[0].split("\t") == list(TRAIN_COLUMNS)
+    assert eval_tsv.read_text().splitlines()[0].split("\t") == list(EVAL_COLUMNS)
+    assert tsv_steps(train_tsv) == list(range(1, 9)) and tsv_steps(eval_tsv) == [4, 8]
+    assert m["attention"] == "sdpa" and m["steps"] == 8 and m["peak_rss_mb"] > 0 and m["img_per_s"] > 0
+    assert "mean_gpu_util_pct" not in m  # no NVML here: no GPU keys, no noise
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["finished"] and ck["step"] == 8 and len(ck["log"]["train"]) == 8
+    assert set(ck) >= {"model", "optimizer", "scaler", "rng", "config"}
+    assert set(ck["rng"][0]) >= {"python", "numpy", "torch"}
+    # a finished run is not resumed: the next run starts over and gets the same numbers
+    first = weights(tmp_path / "model.pt")
+    train(tmp_path, recipe())
+    assert_identical(first, weights(tmp_path / "model.pt"))
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    # augmentation off: its random draws are per micro-batch, so they differ between splits
+    big, _ = train(tmp_path / "a", recipe(micro_batch=16, augment=False), val=False)
+    accum, _ = train(tmp_path / "b", recipe(micro_batch=4, augment=False), val=False)
+    for (k, a), b in zip(big.state_dict().items(), accum.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), k
+
+
+def test_activation_checkpointing_same_numbers(tmp_path):
+    plain, _ = train(tmp_path / "a", recipe(), val=False)
+    ckpt, _ = train(tmp_path / "b", recipe(activation_checkpointing=True), val=False)
+    for (k, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_activation_checkpointing_unsupported_is_a_param_error(tmp_path):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 16 * 16, 4)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    with pytest.raises(ParamError, match="train.activation_checkpointing"):
+        train(tmp_path, recipe(activation_checkpointing=True), model=Tiny())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(tmp_path, precision):
+    _, m = train(tmp_path, recipe(precision=precision, steps=4), val=False)
+    assert np.isfinite(m["train_loss"]) and m["skipped_steps"] >= 0
+    if precision == "fp16":  # the grad scaler's state is checkpointed
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
+def _poison_after(model, calls: int, make, once=False):
+    """A forward hook that replaces the output (or raises) from forward call `calls` on."""
+    seen = [0]
+
+    def hook(module, args, out):
+        seen[0] += 1
+        return make(out) if seen[0] > calls and not (once and seen[0] > calls + 1) else out
+
+    model.register_forward_hook(hook)
+    return model
+
+
+def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = _poison_after(build_model(SPEC, 4, 16), 2 * 6, lambda out: out * float("nan"))  # 2 micro-batches/step
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 \(the last good checkpoint is step 4 in "):
+        train(tmp_path, recipe(steps=12), model=model, val=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_fp16_overflow_steps_are_skipped_not_errors(tmp_path):
+    """Gradients that overflow fp16 make the scaler skip the update; training goes on."""
+    torch.manual_seed(0)
+    model = build_model(SPEC, 4, 16)
+    model.head.weight.register_hook(lambda g: g * float("inf") if not hasattr(model, "_blown") and
+                                    not setattr(model, "_blown", 1) else g)
+    _, m = train(tmp_path, recipe(precision="fp16", steps=4), model=model, val=False)
+    assert m["skipped_steps"] == 1 and np.isfinite(m["train_loss"])
+
+
+def test_oom_is_caught_and_reported(tmp_path):
+    torch.manual_seed(0)
+
+    def oom(out):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = _poison_after(build_model(SPEC, 4, 16), 0, oom)
+    with pytest.raises(UserError, match="out of memory at micro_batch=8 .*train.micro_batch"):
+        train(tmp_path, recipe(), model=model, val=False)
+
+
+def test_oom_message_plans_with_the_compute_model():
+    from vitpipe.devices import get_device
+
+    r = recipe(batch_size=512, micro_batch=512, steps=10, precision="fp32")
+    msg = oom_message(r, "train", {"spec": {"arch": "vit_b16"}, "image_size": 224}, 100, torch.device("cuda", 0),
+                      profile=get_device("t4"))
+    assert "compute model's plan for batch 512 per device on Tesla T4" in msg
+    assert "train.precision: fp32, train.micro_batch: " in msg and "accumulation steps" in msg
+    micro = int(msg.split("train.micro_batch: ")[1].split(" ")[0])
+    assert 0 < micro < 512 and 512 % micro == 0
+    # under DDP the plan is per device
+    assert "batch 256 per device" in oom_message(r, "train", {"spec": {"arch": "vit_b16"}, "image_size": 224}, 100,
+                                                 torch.device("cuda", 0), world=2, profile=get_device("t4"))
+
+
+def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
+    """SIGTERM (a preempted job, a Ctrl-C) checkpoints at the next sync and exits 143; the
+    re-run resumes and ends with the weights of a run never interrupted."""
+    r = recipe(steps=16, checkpoint_every=100)
+    reference, _ = train(tmp_path / "ref", r)
+    torch.manual_seed(0)
+    model = _poison_after(build_model(SPEC, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out,
+                          once=True)
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "run", r, model=model)
+    assert e.value.code == 128 + signal.SIGTERM
+    ck = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    assert not ck["finished"] and ck["step"] == 8  # the sync after step 6: the eval at 8 (LOG_EVERY=10)
+    resumed, _ = train(tmp_path / "run", r)
+    assert_identical(reference.state_dict(), resumed.state_dict())
+    assert tsv_steps(tmp_path / "run/plots/train.tsv") == list(range(1, 17))
+    assert tsv_steps(tmp_path / "run/plots/eval.tsv") == [4, 8, 12, 16]
+
+
+def test_bad_checkpoints_are_refused_not_overwritten(tmp_path):
+    r = recipe(steps=16, checkpoint_every=4)
+    torch.manual_seed(0)
+    model = _poison_after(build_model(SPEC, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out,
+                          once=True)
+    with pytest.raises(SystemExit):
+        train(tmp_path, r, model=model)
+    ck_path = tmp_path / "checkpoint.pt"
+    good = ck_path.read_bytes()
+
+    with pytest.raises(UserError, match=r"unfinished run of something else \(lr: 0.001 -> 0.002\).*train.resume: fresh"):
+        train(tmp_path, replace(r, lr=0.002))
+    torch.manual_seed(0)
+    other = build_model({**SPEC, "dim": 48}, 4, 16)
+    with pytest.raises(UserError, match=r"something else \(init_weights: .*spec: .*'dim': 32.*'dim': 48"):
+        fit(other, synthetic(), r, RunPaths(ck_path, tmp_path / "m.pt", tmp_path / "x.json", tmp_path / "plots"),
+            val=None, run_config={"spec": {**SPEC, "dim": 48}, "image_size": 16}, fresh_key="train.resume",
+            weights_meta={}, desc="test", quiet=True)
+    ck_path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match=r"checkpoint .* cannot be read .*set train.resume: fresh"):
+        train(tmp_path, r)
+    ck_path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="cannot be read"):
+        train(tmp_path, r)
+    # only when asked: start over
+    _, m = train(tmp_path, replace(r, resume="fresh"))
+    assert m["steps"] == 16 and torch.load(ck_path, weights_only=True)["finished"]
+
+
+def test_stale_checkpoint_temp_files_are_removed(tmp_path):
+    (tmp_path / ".checkpoint.pt.abc123.pt").write_bytes(b"half a checkpoint")
+    train(tmp_path, recipe(steps=4), val=False)
+    assert not list(tmp_path.glob(".checkpoint.pt.*"))
+
+
+def test_checkpoint_fingerprint_and_rng_roundtrip():
+    import random
+
+    state = checkpoint.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    assert checkpoint.fingerprint({"a": 1, "b": 2}) == checkpoint.fingerprint({"b": 2, "a": 1})
+    assert checkpoint.tensors_digest([torch.zeros(3)]) != checkpoint.tensors_digest([torch.zeros(4)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_precisions(tmp_path, precision):
+    _, m = train(tmp_path, recipe(precision=precision, steps=6))
+    assert m["device"] == "cuda" and np.isfinite(m["train_loss"])
+    assert m["peak_cuda_allocated_mb"] > 0 and "gpu_mem_total_mb" in m
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_device_batch_is_split_batch():
+    data, dev = synthetic(), torch.device("cuda")
+    idx = np.arange(0, 64, 3)
+    a = data.batch(idx, augment=True, generator=torch.Generator().manual_seed(3))
+    b = device_batch(data, idx, True, torch.Generator().manual_seed(3), dev, data.mean.to(dev), data.std.to(dev))
+    assert torch.allclose(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
