@@ -1,15 +1,17 @@
-"""Stage report: every stage's metrics and series -> reports/report.md + reports/figures/*.png."""
+"""Stage report: every stage's outputs -> reports/report.md, reports/figures/*.png and
+reports/report.html (the same report, figures embedded)."""
 
-from vitpipe import params, stage
+import time
+
+from vitpipe import stage
 
 
 def main(argv):
-    doc = params.read_yaml()
-    data = params.data_params(doc)
+    started = time.perf_counter()
     from vitpipe.report import write_report
 
-    out = write_report(doc, data.prepared_dir)
-    print(f"report: {out}")
+    md, html = write_report()
+    print(f"report: {md}, {html} ({time.perf_counter() - started:.1f} s)")
 
 
 if __name__ == "__main__":

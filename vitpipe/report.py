@@ -1,275 +1,509 @@
-"""The report stage's work: the pipeline's metrics and series -> reports/report.md + figures.
+"""The report stage's work: the pipeline's outputs -> reports/report.md (+ figures) and the
+same report as one self-contained HTML file.
 
-Everything is read from the files the other stages wrote (metrics/, plots/, eval/,
-data/prepared/, profile/), so the report can be rebuilt at any time without training.
-"""
+Each section re-derives a result of the reference report (../shared/seed: a 2022 course
+report that trained vit_jax on a Colab T4) with this run's data, puts the reference's number
+next to ours and says whether it holds. Numbers come from report_analysis, figures from
+report_figures; this module only words and lays them out. Every sentence that states a
+finding is built from the data, so it changes when the data does."""
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
-from dataclasses import dataclass
+import time
+from importlib import metadata
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from vitpipe import reference
+from vitpipe import report_analysis as an
+from vitpipe import report_figures as figs
+from vitpipe.atomic import write_text
+from vitpipe.report_html import render_html
+from vitpipe.report_inputs import Inputs, load
 
-from vitpipe.atomic import atomic_path, write_text  # noqa: E402
-
-FIGURES = Path("reports/figures")
-
-
-@dataclass
-class Run:
-    """One trained network: scratch, or a fine-tuned variant."""
-    name: str            # "scratch" or the variant name
-    algorithm: str       # "scratch (Alg. 1)" | "fine-tune (Alg. 2)"
-    spec: dict
-    train: dict          # metrics/train_scratch.json or metrics/finetune/<v>.json
-    test: dict           # metrics/evaluate/<name>.json
-    pretrain: dict       # metrics/pretrain/<v>.json ({} for scratch)
-    curve: pd.DataFrame  # plots/.../train.tsv
-    evals: pd.DataFrame  # plots/.../eval.tsv
+REPORT_DIR = Path("reports")
+HEADLINE = "Headline"     # scripts/pr_comment.py lifts this section into the pull request
+DASH = "–"
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+# ---------------------------------------------------------------------------------------
+# Formatting
 
 
-def _tsv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t") if path.exists() else pd.DataFrame()
+def pct(v, digits: int = 1) -> str:
+    return DASH if _missing(v) else f"{100 * v:.{digits}f}%"
 
 
-def load_runs(doc: dict) -> list[Run]:
-    runs = [Run("scratch", "scratch (Alg. 1)", doc["model"], _json(Path("metrics/train_scratch.json")),
-                _json(Path("metrics/evaluate/scratch.json")), {},
-                _tsv(Path("plots/train_scratch/train.tsv")), _tsv(Path("plots/train_scratch/eval.tsv")))]
-    for name, spec in (doc.get("variants") or {}).items():
-        runs.append(Run(name, "fine-tune (Alg. 2)", spec, _json(Path(f"metrics/finetune/{name}.json")),
-                        _json(Path(f"metrics/evaluate/{name}.json")), _json(Path(f"metrics/pretrain/{name}.json")),
-                        _tsv(Path(f"plots/finetune/{name}/train.tsv")), _tsv(Path(f"plots/finetune/{name}/eval.tsv"))))
-    return runs
+def num(v, fmt: str = ",.1f", unit: str = "") -> str:
+    return DASH if _missing(v) else f"{v:{fmt}}{unit}"
 
 
-def same_network(a: dict, b: dict) -> bool:
-    keys = ("arch", "patch", "dim", "depth", "heads", "mlp_ratio", "pool")
-    return all(a.get(k) == b.get(k) for k in keys)
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
 
 
-def _save(fig, name: str) -> str:
-    path = FIGURES / name
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return f"figures/{name}"
+_NUMERIC_CELL = re.compile(r"^([-+]?[\d,.]+\s*(%|x|M|GB|MB|s|h| h| s)?|–)$")
 
 
-def fig_curves(runs: list[Run]) -> str:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
-        if not r.curve.empty:
-            smooth = r.curve["loss"].rolling(10, min_periods=1).mean()
-            ax_loss.plot(r.curve["step"], smooth, label=f"{r.name} ({r.algorithm})")
-        if not r.evals.empty:
-            ax_acc.plot(r.evals["step"], 100 * r.evals["val_acc"], marker="o", ms=3, label=r.name)
-    ax_loss.set(title="Training loss (10-step mean)", xlabel="optimizer step", ylabel="cross-entropy loss")
-    ax_acc.set(title="Validation accuracy", xlabel="optimizer step", ylabel="top-1 accuracy (%)", ylim=(0, 100))
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, "training_curves.png")
+def md_table(df: pd.DataFrame) -> str:
+    """A pipe table of preformatted cells; columns of numbers are right-aligned."""
+    df = df.fillna(DASH).astype(str)
+    align = ["right" if df[c].str.match(_NUMERIC_CELL).all() else "left" for c in df.columns]
+    return df.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
-def fig_accuracy_vs_time(runs: list[Run]) -> str:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in runs:
-        if r.evals.empty:
-            continue
-        ax.plot(r.evals["elapsed_s"], 100 * r.evals["val_acc"], marker="o", ms=3, label=f"{r.name} (training only)")
-        pre = r.pretrain.get("wall_time_s", 0.0) if r.pretrain.get("steps") else 0.0
-        if pre:
-            ax.plot(r.evals["elapsed_s"] + pre, 100 * r.evals["val_acc"], ls="--", alpha=0.6,
-                    label=f"{r.name} (+{pre:.0f} s pretraining)")
-    ax.set(title="Accuracy against wall time", xlabel="wall time (s)", ylabel="validation top-1 (%)", ylim=(0, 100))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, "accuracy_vs_time.png")
+def image(alt: str, path: str | None) -> list[str]:
+    return [f"![{alt}]({path})", ""] if path else []
 
 
-def fig_params(runs: list[Run]) -> str:
-    fig, ax = plt.subplots(figsize=(6.5, 3))
-    names = [r.name for r in runs]
-    params = [r.test.get("params", r.train.get("params", 0)) / 1e6 for r in runs]
-    bars = ax.barh(names, params, color=["#888" if r.name == "scratch" else "#3a7" for r in runs])
-    ax.bar_label(bars, labels=[f"{p:.2f} M" for p in params], fontsize=8, padding=3)
-    ax.set(title="Parameters", xlabel="parameters (millions)")
-    ax.margins(x=0.25)
-    return _save(fig, "parameters.png")
+# ---------------------------------------------------------------------------------------
+# Sections
 
 
-def fig_patch_grid(prepared: Path, patches: dict[str, int]) -> str | None:
-    """One training image per class, with each model's patch grid drawn over it."""
-    x_path = prepared / "train_x.npy"
-    if not x_path.exists() or not patches:
-        return None
-    x = np.load(x_path, mmap_mode="r")
-    y = np.load(prepared / "train_y.npy")
-    classes = json.loads((prepared / "meta.json").read_text())["classes"]
-    shown = [int(np.flatnonzero(y == c)[0]) for c in np.unique(y)[:6]]
-    size = x.shape[1]
-    fig, axes = plt.subplots(len(patches), len(shown), figsize=(1.6 * len(shown), 1.7 * len(patches)), squeeze=False)
-    for row, (who, p) in enumerate(patches.items()):
-        for col, i in enumerate(shown):
-            ax = axes[row][col]
-            ax.imshow(x[i], interpolation="nearest", extent=(0, size, size, 0))
-            for t in range(0, size + 1, p):
-                ax.axhline(t, color="#f33", lw=0.6)
-                ax.axvline(t, color="#f33", lw=0.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(f"class {classes[int(y[i])]}", fontsize=8)
-        axes[row][0].set_ylabel(f"{who}\n{p}x{p} px\n{(size // p) ** 2} tokens", fontsize=8)
-    fig.suptitle(f"What each ViT sees: {size}x{size} px images cut into patches", fontsize=10)
-    return _save(fig, "patch_grid.png")
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "(no commit)"
-    except Exception:
-        return "(not a git checkout)"
-
-
-def _pct(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
-
-
-def acc_at_step(evals: pd.DataFrame, step: int) -> float | None:
-    if evals.empty:
-        return None
-    row = evals[evals["step"] <= step]
-    return None if row.empty else float(row["val_acc"].iloc[-1])
-
-
-def build(doc: dict, prepared: Path) -> str:
-    import torch
-
-    from vitpipe.models import describe
-
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    image_size = doc["data"]["image_size"]
-    meta = _json(prepared / "meta.json")
-    runs = load_runs(doc)
-
-    rows = []
-    for r in runs:
-        pre = r.pretrain
-        rows.append({
-            "run": r.name,
-            "algorithm": r.algorithm,
-            "network": describe(r.spec, image_size),
-            "params": f"{r.test.get('params', r.train.get('params', 0)):,}",
-            "pretraining": "–" if r.name == "scratch" else
-            (f"{r.spec.get('source', 'fractal')}, {pre.get('steps', 0)} steps, {pre.get('wall_time_s', 0):.0f} s"),
-            "steps": r.train.get("steps"),
-            "train time (s)": r.train.get("wall_time_s"),
-            "train img/s": r.train.get("img_per_s"),
-            "test top-1": _pct(r.test.get("top1")),
-            "test top-5": _pct(r.test.get("top5")),
-            "infer img/s": r.test.get("infer_img_per_s"),
-            "latency (ms)": r.test.get("latency_ms"),
-        })
-    table = pd.DataFrame(rows).to_markdown(index=False)
-
-    scratch = runs[0]
-    twins = [r for r in runs[1:] if same_network(r.spec, scratch.spec)]
-    findings = []
-    for t in twins:
-        a, b = t.test.get("top1"), scratch.test.get("top1")
-        if a is not None and b is not None:
-            verdict = "beats" if a > b else "does not beat"
-            findings.append(
-                f"- **Same network, two algorithms.** `{t.name}` is the scratch network fine-tuned from "
-                f"{t.spec.get('source', 'fractal')} pretraining: after {t.train.get('steps')} fine-tuning steps it "
-                f"reaches **{_pct(a)}** test top-1; trained from scratch for {scratch.train.get('steps')} steps it "
-                f"reaches **{_pct(b)}**. Fine-tuning {verdict} scratch training here "
-                f"({100 * (a - b):+.1f} points).")
-            steps = min(t.train.get("steps", 0), scratch.train.get("steps", 0))
-            half = steps // 2
-            va, vb = acc_at_step(t.evals, half), acc_at_step(scratch.evals, half)
-            if va is not None and vb is not None:
-                findings.append(f"- At step {half} (half-way) validation top-1 is {_pct(va)} fine-tuned against "
-                                f"{_pct(vb)} from scratch: pretraining buys a head start, not only a final number.")
-    if not twins:
-        findings.append("- No variant has the scratch network's architecture, so scratch and fine-tuning are "
-                        "compared across networks only (set a variant equal to `model:` to compare like for like).")
-    cnn = [r for r in runs if str(r.spec.get("arch", "")).startswith("resnet")]
-    for c in cnn:
-        if c.test:
-            findings.append(f"- CNN baseline `{c.name}` ({describe(c.spec, image_size)}): {_pct(c.test.get('top1'))} "
-                            f"test top-1 with {c.test.get('params', 0) / 1e6:.2f} M parameters.")
-
-    figs = {
-        "curves": fig_curves(runs),
-        "time": fig_accuracy_vs_time(runs),
-        "params": fig_params(runs),
-        "patches": fig_patch_grid(prepared, {"scratch": doc["model"].get("patch")} | {
-            n: s.get("patch") for n, s in (doc.get("variants") or {}).items() if s.get("patch")}),
-    }
-
+def section_parameters(f: figs.Figures) -> tuple[list[str], list[an.Claim]]:
+    t = an.parameter_table()
+    claims = an.parameter_claims(t)
+    table = pd.DataFrame({
+        "network": t.network,
+        "exact": t.exact.map("{:,}".format),
+        "reference's formulas": t.formula.map("{:,}".format),
+        "formulas without the fc head": t.formula_no_head.map("{:,}".format),
+        "… vs exact without head": t.formula_no_head_error.map(lambda e: f"{e:+.2%}"),
+        "reference: calculated": t.ref_calculated_m.map(lambda m: num(m, "g", "M")),
+        "reference: printed total": t.ref_printed_m.map(lambda m: f"{m:g}M"),
+        "printed vs exact": t.printed_error.map(lambda e: f"{e:+.1%}"),
+        "holds?": t.holds.map({True: "yes", False: "no"}),
+    })
+    cnn, vit = t[t.model.str.startswith("resnet")], t[t.model.str.startswith("vit")]
+    worst = t.loc[t.formula_no_head_error.abs().idxmax()]
+    r50 = t.set_index("model").loc["resnet50"]
+    ratio = cnn.ref_printed_m * 1e6 / cnn.exact
     lines = [
-        "# vitpipe report",
-        "",
-        f"Dataset **{meta.get('dataset', doc['data']['dataset'])}** at {image_size}x{image_size} px: "
-        f"{meta.get('num_classes', '?')} classes, {', '.join(f'{k} {v}' for k, v in meta.get('sizes', {}).items())} "
-        f"images ({meta.get('skipped_total', 0)} skipped). Every number below was measured by this run of the "
-        f"pipeline; `dvc repro` rebuilds it, `dvc metrics diff` compares it with another commit.",
-        "",
-        "## Findings",
-        "",
-        *findings,
-        "",
-        "## Scratch (Algorithm 1) against fine-tuning (Algorithm 2)",
-        "",
-        table,
-        "",
-        "Train time is the stage's own training wall time (excluding model build and evaluation); "
-        "pretraining time is listed separately because it is paid once per variant and reused by every fine-tuning run.",
-        "",
-        f"![Training curves]({figs['curves']})",
-        "",
-        f"![Accuracy against wall time]({figs['time']})",
-        "",
-        f"![Parameters]({figs['params']})",
-        "",
+        "## 1. Parameters (the reference's Table 1)", "",
+        f"Counted at {an.TABLE1_IMAGE_SIZE} px with a {an.TABLE1_CLASSES}-class head (ImageNet, where the "
+        "published counts come from). *Exact* is the number of parameters of the torchvision / timm model, "
+        "from its layer shapes (`vitpipe.compute`, checked against the built models by the tests). The "
+        "reference's formulas are `((f·f·d)+b)·k` per convolution, `L·(k·d·3·d_h + d·d + d·d_mlp + d_mlp·d)` "
+        "for the encoder and `((c·p)+1)·c` for a fully connected layer.", "",
+        md_table(table), "",
+        f"- The printed ViT totals are within {vit.printed_error.abs().max():.1%} of the exact counts "
+        f"({'within' if vit.holds.all() else 'not all within'} the {an.COUNT_TOLERANCE:.0%} tolerance); "
+        f"the printed ResNet totals are {ratio.min():.1f}x to {ratio.max():.1f}x the exact counts "
+        f"({'all' if (~cnn.holds).all() else 'not all'} outside it).",
+        f"- Without the fully connected head, the reference's conv and encoder formulas land within "
+        f"{abs(worst.formula_no_head_error):.2%} of the exact counts (largest gap: {worst.network}).",
+        f"- Its fc formula squares the class count: for ResNet-50's 2048 → {an.TABLE1_CLASSES} head it gives "
+        f"{(r50.formula - r50.formula_no_head) / 1e6:,.1f}M parameters where the layer has "
+        f"{(r50.exact - r50.exact_no_head) / 1e6:.2f}M.",
+        f"- ResNet-101 has {claims[-1].this_run} parameters; the reference's table gives {claims[-1].reference}, "
+        f"so the claim that the deepest ResNet is comparable to ViT-Base **{claims[-1].verdict}**.", "",
+        *image("Parameters: exact against the reference", figs.parameters(f, t)),
     ]
-    if figs["patches"]:
-        lines += ["## The data, as each ViT sees it", "", f"![Patch grids]({figs['patches']})", ""]
-    lines += [
-        "## This run",
-        "",
-        f"- git revision {git_revision()}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"on {platform.machine()} with {torch.get_num_threads()} threads"
-        + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
-        f"- total training time: {sum(r.train.get('wall_time_s', 0) + r.pretrain.get('wall_time_s', 0) for r in runs):.0f} s",
-        f"- params: `model` {json.dumps(doc['model'])}; train {doc['train'].get('steps')} steps × batch "
-        f"{doc['train'].get('batch_size')} ({doc['train'].get('optimizer')}, lr {doc['train'].get('lr')}); finetune "
-        f"{doc['finetune'].get('steps')} steps × batch {doc['finetune'].get('batch_size')} "
-        f"({doc['finetune'].get('optimizer')}, lr {doc['finetune'].get('lr')})",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines, claims
 
 
-def write_report(doc: dict, prepared: Path) -> Path:
-    text = build(doc, prepared)
-    out = Path("reports/report.md")
-    write_text(out, text)
-    return out
+def section_memory(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[an.Claim]]:
+    s = an.profile_setting(inputs)
+    m = an.memory_table(inputs)
+    head = ["## 2. Memory at the reference's setting (its Fig. 3)", ""]
+    if m.empty:
+        return head + ["The profile stage's outputs (`profile/compute.csv`) are missing, or `profile.models` has "
+                       f"none of {', '.join(an.MEMORY_MODELS)}: run `dvc repro profile`.", ""], []
+    claims = an.memory_claims(inputs, m)
+    setting = (f"{s['image_size']} px, batch {s['batch']}, {s['precision']}, {s['optimizer']}, "
+               f"{s['attention']} attention, {s['num_classes']} classes, on the `{s['device']}` profile "
+               f"({m.capacity_gb.iloc[0]:.1f} GB)")
+    table = pd.DataFrame({
+        "network": m.network,
+        "predicted peak": m.peak_gb.map(lambda v: f"{v:.1f} GB"),
+        "needed (+5% slack, CUDA context)": m.required_gb.map(lambda v: f"{v:.1f} GB"),
+        "x capacity": m.need_ratio.map(lambda v: f"{v:.2f}x"),
+        "fits at once?": m.fits.map({True: "yes", False: "no"}),
+        "plan that fits (micro-batch x accumulation)": [
+            "batch at once" if r.fits else (f"{r.micro_batch} x {r.accum_steps}" if r.micro_batch else "none")
+            for r in m.itertuples()],
+        "with activation checkpointing": [DASH if r.checkpointing_fits is None else
+                                          f"{r.checkpointing_required_gb:.1f} GB, "
+                                          f"{'fits' if r.checkpointing_fits else 'does not fit'}"
+                                          for r in m.itertuples()],
+        "reference": [DASH if r.ref_fits is None else
+                      (f"ran, {r.ref_gb:g} GB ({r.ref_ratio:.0%})" if r.ref_fits
+                       else f"failed, {r.ref_gb:g} GB ({r.ref_ratio:.2f}x)") for r in m.itertuples()],
+        "holds?": [c.verdict for c in claims] + [DASH] * (len(m) - len(claims)),
+    })
+    fit = [r.network for r in m.itertuples() if r.fits]
+    lines = head + [
+        f"Training from scratch at {setting}: the compute model's prediction for PyTorch "
+        "(weights, gradients, optimizer state, activations and a backward transient; `docs/compute.md`).", "",
+        md_table(table), "",
+    ]
+    if not an.at_reference_setting(inputs):
+        lines += [f"- This run's `profile:` is not the reference's setting (224 px, batch "
+                  f"{reference.TIME['batch']}, T4), so the verdicts are not tested.", ""]
+    planned = [r.network for r in m.itertuples() if not r.fits and r.micro_batch]
+    stuck = [r.network for r in m.itertuples() if not r.fits and not r.micro_batch]
+    lines.append(f"- At batch {s['batch']}: " + "; ".join(part for part in (
+        f"{', '.join(fit)} {'fits' if len(fit) == 1 else 'fit'} at once" if fit else "",
+        f"{', '.join(planned)} {'fits' if len(planned) == 1 else 'fit'} by gradient accumulation over the "
+        "micro-batch in the plan column (the same effective batch in more, smaller steps)" if planned else "",
+        f"{', '.join(stuck)} {'fits' if len(stuck) == 1 else 'fit'} in no micro-batch" if stuck else "") if part) + ".")
+    for r in m.itertuples():
+        if r.ref_fits and not r.fits:
+            lines.append(f"- The reference ran {r.network} at batch {s['batch']}; this model needs "
+                         f"{r.required_gb:.1f} GB for it in PyTorch. Its '{r.ref_ratio:.0%} of GPU memory' is what "
+                         "JAX/XLA reserved at start-up (it pre-allocates most of the GPU), not what the step needed, "
+                         "and XLA's compiled step keeps fewer activations than PyTorch's eager autograd.")
+        if r.ref_fits is False and r.ref_ratio:
+            lines.append(f"- For {r.network} the reference's estimate of {r.ref_ratio:.2f}x the GPU is "
+                         f"{'below' if r.need_ratio > r.ref_ratio else 'above'} this model's {r.need_ratio:.2f}x.")
+    lines.append("")
+    lines += image("Predicted training memory of ViT-B/8, B/16 and B/32", figs.memory(f, m, s))
+    lines += _measured_memory(inputs)
+    return lines, claims
+
+
+def _measured_memory(inputs: Inputs) -> list[str]:
+    rm = an.run_memory_table(inputs)
+    if rm.empty:
+        return []
+    gpu = rm.cuda_mb.notna().any()
+    table = pd.DataFrame({"run": rm.run, "micro-batch": rm.micro_batch.map(str),
+                          "predicted peak": rm.predicted_mb.map(lambda v: f"{v:,.1f} MB"),
+                          "measured CUDA peak": rm.cuda_mb.map(lambda v: num(v, ",.1f", " MB")),
+                          "measured process RSS": rm.rss_mb.map(lambda v: num(v, ",.1f", " MB"))})
+    lines = ["**Prediction against measurement, this run's networks.**", "", md_table(table), ""]
+    if gpu:
+        ratio = (rm.cuda_mb / rm.predicted_mb).dropna()
+        lines.append(f"- Measured CUDA allocator peaks are {ratio.min():.2f}x to {ratio.max():.2f}x the predicted peaks.")
+    else:
+        over = (rm.rss_mb - rm.predicted_mb).dropna()
+        lines.append(f"- This run trained on a CPU, where only the process's resident memory is measured: it holds "
+                     f"the interpreter, torch's libraries and the data as well ({over.min():,.0f} to "
+                     f"{over.max():,.0f} MB beyond the predicted training peak), so it bounds the prediction "
+                     "rather than tests it. On a GPU the training stages record the CUDA allocator's peak, and "
+                     "`pytest -m gpu` checks the prediction against it for ViT-B/32, B/16 and B/8.")
+    return lines + [""]
+
+
+def section_time(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[an.Claim]]:
+    thr = an.throughput_table(inputs)
+    eta = an.eta_table(inputs, thr)
+    claims = an.time_claims(inputs, eta)
+    t = reference.TIME
+    lines = ["## 3. Time (its Fig. 4)", "",
+             f"The reference trained ViT-B/32 from scratch on a T4 at {t['img_per_s']:g} img/s and printed an ETA "
+             f"of {t['eta_h_low']:g}–{t['eta_h_high']:g} h for {t['steps']:,} steps at batch {t['batch']}. "
+             "Below: the same schedule predicted on every device profile (training FLOPs per image ÷ "
+             "(MFU × the device's peak FLOP/s)), and on this machine from two measurements: the profile stage's "
+             "calibration run and this run's own scratch training.", ""]
+    if eta.empty:
+        lines += ["The profile stage's `profile/devices.csv` has no ViT-B/32 rows: run `dvc repro profile` with "
+                  "`vit_b32` in `profile.models`.", ""]
+    else:
+        lines += [md_table(pd.DataFrame({
+            "device": eta.device_label, "MFU": eta.mfu.map(lambda v: f"{v:.3f}"), "from": eta.source,
+            "img/s": eta.img_per_s.map(lambda v: num(v, ",.2f")),
+            "ETA": eta.eta_h.map(lambda v: f"{v:,.1f} h"), "= days": eta.eta_h.map(lambda v: f"{v / 24:,.1f}")})), ""]
+        t4 = eta[eta.device == "t4"]
+        if not t4.empty:
+            r = t4.iloc[0]
+            lines.append(f"- On the T4 profile the schedule takes {r.eta_h:.1f} h at {r.img_per_s:.1f} img/s: the "
+                         f"reference's claim **{claims[0].verdict}**. The T4 profile's MFU ({r.mfu:.2f}) was derived "
+                         "from the reference's own img/s (`vitpipe/devices.py`), so this row reproduces its ETA "
+                         "rather than testing it; the rows for this machine are independent measurements.")
+        fast = eta.loc[eta.eta_h.idxmin()]
+        lines.append(f"- The fastest profile, {fast.device_label}, would take {fast.eta_h:.1f} h "
+                     f"({t['eta_h_text'] / fast.eta_h:.0f}x less than the reference's {t['eta_h_text']:g} h).")
+        local = eta[eta.device.str.startswith("local")]
+        if not local.empty:
+            lines.append(f"- On this machine it would take {local.eta_h.min() / 24:,.0f} to "
+                         f"{local.eta_h.max() / 24:,.0f} days.")
+    if not thr.empty:
+        peak = inputs.profile.get("local_peak_gflops")
+        lines += ["", f"**This run's training throughput**, against this machine's measured matmul peak of "
+                      f"{num(peak, ',.1f')} GFLOP/s (fp32):", "",
+                  md_table(pd.DataFrame({
+                      "run": thr.run, "measured img/s": thr.img_per_s.map(lambda v: f"{v:,.1f}"),
+                      "train GFLOP/image": thr.train_gflops.map(lambda v: f"{v:.3f}"),
+                      "achieved GFLOP/s": thr.achieved_gflops.map(lambda v: f"{v:,.1f}"),
+                      "MFU": thr.mfu.map(lambda v: num(v, ".3f")),
+                      "predicted img/s (calibrated MFU)": thr.predicted_img_per_s.map(lambda v: num(v, ",.1f")),
+                      "measured ÷ predicted": thr.measured_over_predicted.map(lambda v: num(v, ".2f", "x"))})), ""]
+        cal = inputs.profile.get("calibrated_mfu")
+        lines.append(f"- The profile's calibration run reached MFU {num(cal, '.3f')}; this run's training stages "
+                     f"reached {thr.mfu.min():.3f} to {thr.mfu.max():.3f}; measured img/s is "
+                     f"{thr.measured_over_predicted.min():.2f}x to {thr.measured_over_predicted.max():.2f}x the "
+                     "calibrated prediction.")
+        if (thr.mfu > 1).any():
+            lines.append(f"- An MFU above 1 ({', '.join(thr.run[thr.mfu > 1])}) means the measured peak understates "
+                         "this machine: the peak is one 1024x1024 fp32 matmul timed during the profile stage, and a "
+                         "shared or busy CPU at that moment, or convolution kernels faster than that matmul, "
+                         "push the ratio past 1. Read the MFU column as relative, not absolute, here.")
+        lines.append("")
+    lines += image("ETA of the reference's schedule per device, and throughput on this machine",
+                   figs.time(f, eta, thr) if not eta.empty and not thr.empty else None)
+    return lines, claims
+
+
+def section_finetune(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[an.Claim]]:
+    claims, facts = an.finetune_claims(inputs)
+    acc = an.accuracy_table(inputs)
+    targets = [f"{t:.0%}" for t in an.ACCURACY_TARGETS]
+    table = pd.DataFrame({
+        "run": acc.label, "steps": acc.steps.map(lambda v: num(v, ",.0f")),
+        "training time": acc.train_s.map(lambda v: num(v, ",.1f", " s")),
+        "pretraining": [DASH if not r.pretrain_s else f"{r.pretrain_s:,.0f} s ({r.pretrain_steps:,.0f} steps)"
+                        for r in acc.itertuples()],
+        "final val top-1": acc.final_val.map(pct), "best val top-1": acc.best_val.map(pct),
+        "test top-1": acc.test_top1.map(pct),
+    })
+    for t in targets:
+        table[f"to {t} val: s (steps)"] = [
+            "not reached" if _missing(s) else f"{s:,.1f} s ({int(n)})"
+            for s, n in zip(acc[f"s_to_{t}"], acc[f"steps_to_{t}"])]
+    scratch, twin = inputs.scratch, facts.get("twin")
+    s_steps = scratch.train.get("steps")
+    lines = ["## 4. Scratch against fine-tuning (its §5.3)", "",
+             f"The reference fine-tuned a pretrained ViT-B/16 (Algorithm 2) to {reference.FINETUNE['cifar100_top1']:.2%} "
+             f"CIFAR-100 top-1 in {reference.FINETUNE['hours']:g} h, where training from scratch (Algorithm 1) showed an "
+             f"ETA of ~{reference.TIME['eta_h_text']:g} h. Here the scratch network is trained for {s_steps} steps, "
+             "and each variant is fine-tuned from its pretrained weights; training time excludes model building "
+             "and the final evaluation. Pretraining is listed apart: it is paid once per variant and reused.", "",
+             md_table(table), ""]
+    if twin is None:
+        lines.append("- No variant has the scratch network's architecture, so the algorithms are compared across "
+                     "networks only (give a variant the `model:` sizes to compare like for like).")
+    else:
+        c_acc, c_time = claims
+        lines.append(f"- **{c_acc.verdict.capitalize()}: fine-tuning {'beats' if facts.get('gain', 0) > 0 else 'does not beat'} "
+                     f"training from scratch.** {c_acc.this_run}.")
+        hit_t, hit_s = facts.get("hit_twin"), facts.get("hit_scratch")
+        if hit_t is not None and hit_s is not None:
+            faster_steps = hit_t[0] < hit_s[0]
+            lines.append(f"- Time to scratch's final accuracy: {c_time.this_run}. The reference's speed-up claim "
+                         f"**{c_time.verdict}** in wall time"
+                         + (", and not once pretraining time is counted" if c_time.verdict == an.HOLDS
+                            and facts["speedup_with_pretrain"] < 1 else "")
+                         + f"; in optimizer steps fine-tuning needs {hit_t[0]} against {hit_s[0]} "
+                         f"({'fewer' if faster_steps else 'no fewer'}), at "
+                         f"{twin.train_s / twin.train['steps']:.2f} s against "
+                         f"{scratch.train_s / scratch.train['steps']:.2f} s per step.")
+        elif facts.get("target") is not None:
+            lines.append(f"- {c_time.this_run}: the speed-up claim **{c_time.verdict}**.")
+        half = (s_steps or 0) // 2
+        a, b = _acc_at(twin, half), _acc_at(scratch, half)
+        if a is not None and b is not None:
+            lines.append(f"- Half-way (step {half}) validation top-1 is {pct(a)} fine-tuned against {pct(b)} from "
+                         f"scratch: {'a head start from pretraining' if a > b else 'no head start from pretraining'}.")
+    lines.append("")
+    lines += image("Validation accuracy against wall time and against steps", figs.scratch_vs_finetune(f, inputs.runs, inputs.num_classes))
+    lines += ["The training curves of every run (`dvc plots show` draws the same series from `plots/`):", ""]
+    lines += image("Training loss, learning rate, throughput and memory per step", figs.training_curves(f, inputs.runs))
+    return lines, claims
+
+
+def _acc_at(run, step: int) -> float | None:
+    e = run.evals
+    if e.empty or "val_acc" not in e:
+        return None
+    upto = e[e.step <= step]
+    return None if upto.empty else float(upto.val_acc.iloc[-1])
+
+
+def section_variants(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[an.Claim]]:
+    v = an.variant_table(inputs)
+    claims = an.variant_claims(v)
+    table = pd.DataFrame({
+        "run": v.label, "network": v.network, "params": v.params.map(lambda p: num(p, ",.0f")),
+        "train GFLOP/image": v.train_gflops.map(lambda x: num(x, ".3f")),
+        "test top-1": v.test_top1.map(pct), "training time": v.train_s.map(lambda s: num(s, ",.1f", " s")),
+        "train img/s": v.img_per_s.map(lambda x: num(x, ",.1f")),
+        "peak memory": [num(m, ",.0f", f" MB ({src})") for m, src in zip(v.peak_memory_mb, v.memory_source)],
+        "inference img/s": v.infer_img_per_s.map(lambda x: num(x, ",.0f")),
+    })
+    lines = ["## 5. Variants (its Fig. 6)", "",
+             "The reference fine-tuned ViT-B and ViT-L at patch 8/16/32 and found that more parameters cost more "
+             "time and memory. Here: every network this run trained, the CNN baseline included.", "",
+             md_table(table), ""]
+    done = v.dropna(subset=["test_top1"])
+    if not done.empty:
+        best = done.loc[done.test_top1.idxmax()]
+        lines.append(f"- Best test top-1: {best.label} ({best.network}), {pct(best.test_top1)}.")
+        cnn, vit = done[done.kind == "CNN"], done[done.kind == "ViT"]
+        if not cnn.empty and not vit.empty:
+            c, b = cnn.loc[cnn.test_top1.idxmax()], vit.loc[vit.test_top1.idxmax()]
+            lines.append(f"- The CNN baseline {c.run} ({c.params / 1e6:.2f}M parameters) reaches {pct(c.test_top1)}, "
+                         f"the best ViT ({b.run}, {b.params / 1e6:.2f}M) {pct(b.test_top1)}: the CNN "
+                         f"{'beats' if c.test_top1 > b.test_top1 else 'does not beat'} the ViT on this data.")
+    by = an.compared_networks(v)
+    lines.append(f"- Ranked by parameters ({'the fine-tuned variants' if by.fine_tuned.all() else 'all runs'}): "
+                 f"{claims[0].this_run}; the reference's claim **{claims[0].verdict}** here.")
+    if len(by) >= 2:
+        by_flops = by.sort_values("train_gflops")
+        lines.append(f"- Ranked by training FLOPs per image instead, time per image "
+                     f"{'rises' if by_flops.ms_per_image.is_monotonic_increasing else 'does not rise'}: "
+                     + ", ".join(f"{r.run} {r.train_gflops:.3f} GFLOP ({r.ms_per_image:.2f} ms)"
+                                 for r in by_flops.itertuples()) + ".")
+    lines.append("")
+    lines += image("Accuracy, time, parameters and memory per variant", figs.variants(f, v))
+    return lines, claims
+
+
+def section_data(inputs: Inputs, f: figs.Figures) -> list[str]:
+    meta = inputs.meta
+    patches = {"scratch": inputs.doc["model"].get("patch")} | {
+        r.name: r.spec.get("patch") for r in inputs.runs[1:] if r.spec.get("patch")}
+    patches = {k: v for k, v in patches.items() if v}
+    size = inputs.image_size
+    lines = ["## 6. The data", ""]
+    if meta:
+        sizes = meta.get("sizes", {})
+        lines.append(f"**{inputs.dataset}**: {meta.get('num_classes')} classes, "
+                     + ", ".join(f"{n:,} {k}" for k, n in sizes.items())
+                     + f" images at {size}x{size} px ({meta.get('skipped_total', 0)} skipped as unreadable); "
+                     + ("the dataset's official test split." if meta.get("official_test_split") else
+                        "split " + "/".join(f"{k} {v:.0%}" for k, v in (inputs.doc["data"].get("split") or {}).items())
+                        + f" with seed {inputs.doc['data'].get('seed')}."))
+        lines.append("")
+    tokens = ", ".join(f"patch {p} → {(size // p) ** 2} tokens" for p in sorted(set(patches.values())))
+    ref_tokens = ", ".join(f"B/{p} → {(224 // p) ** 2}" for p in (32, 16, 8))
+    lines += [f"At {size} px: {tokens} (plus the class token). The reference's ViT-B at 224 px: {ref_tokens}. "
+              "Attention's cost grows with the square of the token count, which is why B/8 needs the most memory.", ""]
+    lines += image("Sample images with each variant's patch grid", figs.patch_grid(f, inputs.prepared, patches))
+    return lines
+
+
+def section_run(inputs: Inputs, report_s: float) -> list[str]:
+    doc = inputs.doc
+    runs = inputs.runs
+    train_total = sum((r.train_s or 0) + r.pretrain_s for r in runs)
+    local = inputs.devices[inputs.devices.device == "local"] if not inputs.devices.empty else inputs.devices
+    machine = (f"{platform.system()} {platform.machine()}, {_cpu_count()} CPU cores"
+               + (f"; {local.device_label.iloc[0]}" if not local.empty else "")
+               + f"; trained on {', '.join(sorted({r.train.get('device', '?') for r in runs if r.train}))}")
+
+    def recipe(section: str) -> str:
+        p = doc.get(section) or {}
+        return ", ".join(f"{k} {p[k]}" for k in ("steps", "batch_size", "micro_batch", "optimizer", "lr", "precision")
+                         if k in p)
+
+    rows = [
+        ("dataset", f"{inputs.dataset} at {inputs.image_size} px"),
+        ("scratch network (`model:`)", json.dumps(doc.get("model"))),
+        ("variants", "; ".join(f"{n}: {json.dumps(s)}" for n, s in (doc.get("variants") or {}).items())),
+        ("train (Alg. 1)", recipe("train")),
+        ("finetune (Alg. 2)", recipe("finetune")),
+        ("pretrain", recipe("pretrain") + f", {json.dumps({k: doc['pretrain'][k] for k in ('classes', 'images_per_class') if k in (doc.get('pretrain') or {})})}"),
+        ("profile", json.dumps({k: v for k, v in (doc.get("profile") or {}).items() if k != "models"})),
+        ("machine", machine),
+        ("versions", _versions()),
+        ("git revision", _git_revision()),
+        ("training wall time, all stages", f"{train_total:,.0f} s (" + ", ".join(
+            f"{r.name} {(r.train_s or 0):,.0f} s" + (f" + {r.pretrain_s:,.0f} s pretraining" if r.pretrain_s else "")
+            for r in runs) + ")"),
+        ("report built in", f"{report_s:.1f} s"),
+    ]
+    lines = ["## 7. This run", "", md_table(pd.DataFrame(rows, columns=["", "value"])), ""]
+    if inputs.missing:
+        lines += [f"Missing inputs (their sections say so): {', '.join(f'`{m}`' for m in inputs.missing)}.", ""]
+    return lines
+
+
+def _cpu_count() -> int:
+    from vitpipe.devices import cpu_count
+
+    return cpu_count()
+
+
+def _versions() -> str:
+    names = ("torch", "timm", "dvc", "numpy", "pandas", "matplotlib", "vitpipe")
+    out = [f"Python {platform.python_version()}"]
+    for n in names:
+        try:
+            out.append(f"{n} {metadata.version(n)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def _git_revision() -> str:
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "(git unavailable)"
+    return (rev or "(no commit)") + (" + uncommitted changes" if dirty else "")
+
+
+def section_headline(inputs: Inputs, claims: list[an.Claim]) -> list[str]:
+    scratch, twin = inputs.scratch, an.twin(inputs)
+    runs = pd.DataFrame({
+        "run": [r.label for r in inputs.runs],
+        "params": [num(r.params, ",.0f") for r in inputs.runs],
+        "steps": [num(r.train.get("steps"), ",.0f") for r in inputs.runs],
+        "training time": [num(r.train_s, ",.1f", " s") for r in inputs.runs],
+        "pretraining": [num(r.pretrain_s, ",.0f", " s") if r.pretrain_s else DASH for r in inputs.runs],
+        "train img/s": [num(r.train.get("img_per_s"), ",.1f") for r in inputs.runs],
+        "test top-1": [pct(r.top1) for r in inputs.runs],
+    })
+    verdicts = pd.Series([c.verdict for c in claims])
+    table = pd.DataFrame({"§": [c.section for c in claims], "the reference says": [c.claim for c in claims],
+                          "reference": [c.reference for c in claims], "this run": [c.this_run for c in claims],
+                          "verdict": [f"**{c.verdict}**" for c in claims]})
+    first = f"On **{inputs.dataset}** ({inputs.image_size} px)"
+    if twin is not None and twin.top1 is not None and scratch.top1 is not None:
+        gain = twin.top1 - scratch.top1
+        first += (f", fine-tuning `{twin.name}` from {twin.spec.get('source', 'fractal')} pretraining "
+                  f"{'beats' if gain > 0 else 'does not beat'} training the same network from scratch: "
+                  f"{pct(twin.top1)} against {pct(scratch.top1)} test top-1 ({100 * gain:+.1f} points) "
+                  + (f"after {twin.train.get('steps')} steps each." if twin.train.get("steps") == scratch.train.get("steps")
+                     else f"after {twin.train.get('steps')} and {scratch.train.get('steps')} steps."))
+    else:
+        first += "."
+    counts = verdicts.value_counts()
+    return [f"## {HEADLINE}", "", first, "", md_table(runs), "",
+            f"The reference's claims, re-derived with this run's data: {counts.get(an.HOLDS, 0)} hold, "
+            f"{counts.get(an.FAILS, 0)} do not, {counts.get(an.UNTESTED, 0)} are not tested by this run.", "",
+            md_table(table), ""]
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+
+
+def build(inputs: Inputs, report_dir: Path) -> str:
+    started = time.perf_counter()
+    f = figs.Figures(report_dir, inputs.runs)
+    body, claims = [], []
+    for section in (lambda: section_parameters(f), lambda: section_memory(inputs, f),
+                    lambda: section_time(inputs, f), lambda: section_finetune(inputs, f),
+                    lambda: section_variants(inputs, f)):
+        lines, found = section()
+        body += lines
+        claims += found
+    body += section_data(inputs, f)
+    intro = ["# vitpipe report: what a Vision Transformer costs, from scratch and fine-tuned", "",
+             "Every number below comes from this run of the pipeline (`dvc repro` rebuilds it; `dvc metrics diff` "
+             "compares it with another commit). Each section re-derives a result of the reference report (a 2022 "
+             "course report that trained Google's vit_jax on a Colab T4) and says whether it holds here.", ""]
+    tail = section_run(inputs, time.perf_counter() - started)
+    return "\n".join(intro + section_headline(inputs, claims) + body + tail)
+
+
+def write_report(root: Path | str = ".", report_dir: Path | str = REPORT_DIR) -> tuple[Path, Path]:
+    """Build reports/report.md, its figures and reports/report.html from the outputs under `root`."""
+    report_dir = Path(root) / report_dir
+    inputs = load(root)
+    text = build(inputs, report_dir)
+    md, html = report_dir / "report.md", report_dir / "report.html"
+    write_text(md, text)
+    write_text(html, render_html(text, report_dir, title="vitpipe report"))
+    return md, html

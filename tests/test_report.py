@@ -1,0 +1,247 @@
+"""The report stage on synthetic pipeline outputs: every section present, every finding
+computed from the data (flip the data, the sentence flips), a partial pipeline still reports,
+and the HTML rendering parses with the same sections, tables and embedded figures."""
+
+import base64
+import json
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vitpipe import compute, report_analysis as an
+from vitpipe.models import model_config
+from vitpipe.report import HEADLINE, write_report
+from vitpipe.report_html import render_html
+from vitpipe.report_inputs import load
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = [HEADLINE, "1. Parameters", "2. Memory", "3. Time", "4. Scratch against fine-tuning", "5. Variants",
+            "6. The data", "7. This run"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def write_tsv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = list(rows[0])
+    path.write_text("\t".join(cols) + "\n" + "".join("\t".join(str(r[c]) for c in cols) + "\n" for r in rows))
+
+
+def training_outputs(root: Path, stage: str, top1: float, accs: list[float], img_per_s: float,
+                     rss_mb: float, params: int, steps: int = 40) -> None:
+    name = stage.split("/")[-1]
+    train = "metrics/train_scratch.json" if stage == "train_scratch" else f"metrics/{stage}.json"
+    write_json(root / train, {"steps": steps, "batch_size": 16, "train_loss": 1.0, "wall_time_s": steps * 16 / img_per_s,
+                              "img_per_s": img_per_s, "device": "cpu", "params": params, "attention": "sdpa",
+                              "val_acc": accs[-1], "best_val_acc": max(accs), "peak_rss_mb": rss_mb})
+    write_json(root / f"metrics/evaluate/{'scratch' if stage == 'train_scratch' else name}.json",
+               {"top1": top1, "top5": 1.0, "params": params, "infer_img_per_s": 900.0, "latency_ms": 2.0})
+    plots = root / "plots" / stage
+    write_tsv(plots / "train.tsv", [{"step": s, "loss": 2.0 / s, "lr": 0.01, "img_per_s": img_per_s,
+                                     "img_per_s_per_device": img_per_s, "elapsed_s": s * 16 / img_per_s,
+                                     "eta_s": 1.0, "memory_mb": rss_mb, "a_new_column": 0} for s in range(1, steps + 1)])
+    every = steps // len(accs)
+    write_tsv(plots / "eval.tsv", [{"step": every * (i + 1), "val_acc": a, "val_loss": 1.0,
+                                    "elapsed_s": every * (i + 1) * 16 / img_per_s} for i, a in enumerate(accs)])
+
+
+def profile_outputs(root: Path, doc: dict) -> None:
+    """profile/*.csv and metrics/profile.json as the profile stage writes them (no calibration run)."""
+    p = doc["profile"]
+    rows, dev_rows = [], []
+    for model in ("vit_b8", "vit_b16", "vit_b32"):
+        cfg = model_config({"arch": model}, p["num_classes"], p["image_size"])
+        e = compute.estimate(cfg, p["batch_size"], p["device"], steps=p["schedule_steps"])
+        rows.append({"model": model, "name": model.upper(), "peak_gb": e["peak_bytes"] / 1e9,
+                     "required_gb": e["required_bytes"] / 1e9, "capacity_gb": e["capacity_bytes"] / 1e9,
+                     "fits": e["fits"], "micro_batch": e["micro_batch"], "accum_steps": e["accum_steps"],
+                     "train_gflops": e["train_flops"] / 1e9})
+        for dev, label, mfu in (("t4", "Tesla T4 16GB", None), ("a100-80", "A100 80GB", None)):
+            d = compute.estimate(cfg, p["batch_size"], dev, steps=p["schedule_steps"], mfu=mfu)
+            dev_rows.append({"model": model, "device": dev, "device_label": label, "mfu": d["mfu"],
+                             "img_per_s": d["img_per_s"], "eta_h": d["eta_s"] / 3600})
+        dev_rows.append({"model": model, "device": "local", "device_label": "CPU (this machine)", "mfu": 0.3,
+                         "img_per_s": 0.5, "eta_h": 3000.0})
+    import pandas as pd
+
+    (root / "profile").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(root / "profile/compute.csv", index=False)
+    pd.DataFrame(dev_rows).to_csv(root / "profile/devices.csv", index=False)
+    write_json(root / "metrics/profile.json", {"calibrated_mfu": 0.3, "local_img_per_s": 30.0,
+                                               "local_peak_gflops": 60.0})
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    """A finished pipeline's outputs on the default params: scratch + vit_tiny + resnet18."""
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["data"]["image_size"] = 32
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    prepared = tmp_path / "data/prepared" / doc["data"]["dataset"]
+    prepared.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np.save(prepared / "train_x.npy", rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8))
+    np.save(prepared / "train_y.npy", np.arange(20) % 10)
+    write_json(prepared / "meta.json", {"dataset": "digits", "classes": [str(i) for i in range(10)], "num_classes": 10,
+                                        "image_size": 32, "sizes": {"train": 20, "val": 5, "test": 5},
+                                        "skipped_total": 0})
+    training_outputs(tmp_path, "train_scratch", 0.40, [0.2, 0.3, 0.4, 0.45], 400.0, 800.0, 311_338)
+    training_outputs(tmp_path, "finetune/vit_tiny", 0.70, [0.5, 0.6, 0.7, 0.7], 300.0, 820.0, 311_338)
+    training_outputs(tmp_path, "finetune/resnet18", 0.95, [0.8, 0.9, 0.95, 0.96], 200.0, 900.0, 11_181_642)
+    for name, s in (("vit_tiny", 100.0), ("resnet18", 50.0)):
+        write_json(tmp_path / f"metrics/pretrain/{name}.json", {"steps": 70, "wall_time_s": s})
+    profile_outputs(tmp_path, doc)
+    return tmp_path
+
+
+class Page(HTMLParser):
+    """What a reader sees: headings, tables (cells per row) and images."""
+
+    def __init__(self):
+        super().__init__()
+        self.h2, self.tables, self.images, self.links = [], [], [], []
+        self._text, self._in, self._row = None, None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "h2":
+            self._text, self._in = [], "h2"
+        elif tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self._row = []
+            self.tables[-1].append(self._row)
+        elif tag in ("td", "th"):
+            self._row.append("")
+        elif tag == "img":
+            self.images.append(a)
+        elif tag in ("a", "link", "script"):
+            self.links.append((tag, a))
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self.h2.append("".join(self._text).strip())
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in == "h2":
+            self._text.append(data)
+        elif self._row is not None and self._row:
+            self._row[-1] += data
+
+
+def test_report_sections_figures_and_html(outputs):
+    started = time.perf_counter()
+    md_path, html_path = write_report(outputs)
+    assert time.perf_counter() - started < 15          # the stage must stay fast
+    md = md_path.read_text()
+    h2 = [line[3:] for line in md.splitlines() if line.startswith("## ")]
+    assert [any(h.startswith(s) for h in h2) for s in SECTIONS] == [True] * len(SECTIONS), h2
+    figures = [line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
+    assert len(figures) >= 7 and all((md_path.parent / f).read_bytes().startswith(PNG) for f in figures)
+    # the reference's numbers next to ours
+    for fact in ("31.7M", "11,689,512", "15.04 GB", "32.9", "91.94%", "4.35 h"):
+        assert fact in md, fact
+    assert "fine-tuning `vit_tiny` from fractal pretraining beats training the same network from scratch" in md
+    assert "70.0% against 40.0% test top-1 (+30.0 points)" in md
+
+    page = Page()
+    page.feed(html_path.read_text())
+    assert page.h2 == h2
+    assert len(page.tables) == md.count("\n|:") + md.count("\n|-")   # one <table> per pipe table
+    for table in page.tables:
+        assert len({len(row) for row in table}) == 1, table[0]        # every row as wide as the header
+    assert len(page.images) == len(figures)
+    for img in page.images:
+        assert img["src"].startswith("data:image/png;base64,") and img["alt"]
+        assert base64.b64decode(img["src"].split(",", 1)[1]).startswith(PNG)
+    assert not [link for link in page.links if link[0] in ("link", "script")]   # self-contained, no scripts
+
+
+def test_findings_follow_the_data(outputs):
+    inputs = load(outputs)
+    claims, facts = an.finetune_claims(inputs)
+    assert [c.verdict for c in claims] == [an.HOLDS, an.HOLDS]
+    assert facts["hit_scratch"] == (40, 1.6) and facts["hit_twin"][0] == 10
+
+    inputs.scratch.test["top1"] = 0.9              # scratch now better than fine-tuning
+    inputs.scratch.evals["val_acc"] = [0.5, 0.8, 0.9, 0.95]
+    claims, facts = an.finetune_claims(inputs)
+    assert [c.verdict for c in claims] == [an.FAILS, an.FAILS]
+    assert "never reached" in claims[1].this_run
+
+
+def test_memory_and_parameter_verdicts(outputs):
+    inputs = load(outputs)
+    m = an.memory_table(inputs)
+    verdicts = {c.claim.split()[0]: c.verdict for c in an.memory_claims(inputs, m)}
+    assert verdicts == {"VIT_B8": an.HOLDS, "VIT_B16": an.HOLDS, "VIT_B32": an.FAILS}   # B/32 does not fit in PyTorch
+    assert not m.fits.any() and (m.micro_batch > 0).all()
+    inputs.doc["profile"]["batch_size"] = 256       # not the reference's setting: nothing to test
+    assert {c.verdict for c in an.memory_claims(inputs, m)} == {an.UNTESTED}
+    t = an.parameter_table()
+    assert dict(zip(t.model, t.holds)) == {"resnet18": False, "resnet34": False, "resnet50": False,
+                                           "resnet101": False, "vit_b16": True, "vit_l16": True, "vit_h14": True}
+
+
+def test_partial_pipeline_still_reports(outputs):
+    for path in ("profile/compute.csv", "profile/devices.csv", "metrics/evaluate/resnet18.json",
+                 "metrics/finetune/resnet18.json"):
+        (outputs / path).unlink()
+    md = write_report(outputs)[0].read_text()
+    assert "`profile/compute.csv`" in md and "run `dvc repro profile`" in md
+    assert "Missing inputs" in md and "metrics/finetune/resnet18.json" in md
+
+
+def test_time_to_accuracy(outputs):
+    run = load(outputs).runs[1]                     # vit_tiny: 0.5, 0.6, 0.7, 0.7 at steps 10..40
+    assert an.time_to_accuracy(run, 0.6) == (20, 20 * 16 / 300.0)
+    assert an.time_to_accuracy(run, 0.71) is None
+
+
+def test_markdown_to_html(tmp_path):
+    (tmp_path / "f.png").write_bytes(PNG + b"rest")
+    md = ("# Title\n\nSome *em*, **bold**, `a<b>` and <script>x</script> [doc](docs/compute.md).\n\n"
+          "- one\n- two `c|d`\n\n| a | b |\n|:--|--:|\n| x | 1 |\n| \\| | 2 |\n\n![A figure](f.png)\n\n"
+          "![gone](missing.png)\n\n```\n<raw>\n```\n")
+    html = render_html(md, tmp_path)
+    assert "<h1 id=\"title\">Title</h1>" in html and "<title>Title</title>" in html
+    assert "<em>em</em>" in html and "<strong>bold</strong>" in html and "<code>a&lt;b&gt;</code>" in html
+    assert "&lt;script&gt;" in html and "<script>" not in html
+    assert "<a href=\"docs/compute.md\">doc</a>" in html
+    assert "<li>two <code>c|d</code></li>" in html
+    assert "<td style=\"text-align:left\">x</td><td style=\"text-align:right\">1</td>" in html
+    assert "<td style=\"text-align:left\">|</td>" in html
+    assert "data:image/png;base64," + base64.b64encode(PNG + b"rest").decode() in html
+    assert "figure not available: gone" in html and "<pre><code>&lt;raw&gt;</code></pre>" in html
+
+
+def test_report_imports_nothing_heavy():
+    code = "import sys, vitpipe.report; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_dvc_plots_cover_every_run():
+    """dvc.yaml's top-level plots (per-step curves for `dvc plots show/diff`) draw every
+    training stage, by column names the training loop writes."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    plots = {k: v for p in dvc.get("plots", []) for k, v in p.items()}
+    wanted = {"plots/train_scratch"} | {f"plots/finetune/{v}" for v in doc["variants"]}
+    for name, columns in (("loss", {"loss"}), ("lr", {"lr"}), ("img_per_s", {"img_per_s"}),
+                          ("val_acc", {"val_acc"})):
+        ys = plots[name]["y"]
+        assert {str(Path(f).parent) for f in ys} >= wanted, name
+        assert {c for f, c in ys.items() for c in ([c] if isinstance(c, str) else c)} == columns
+        assert plots[name]["x"] == "step" and plots[name].get("title") and plots[name].get("y_label")

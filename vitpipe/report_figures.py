@@ -1,0 +1,260 @@
+"""The report's figures: matplotlib PNGs drawn from report_analysis frames and the runs'
+per-step series. Every figure has a title, axes with units and a legend; each run keeps
+its colour across figures. Each function returns the figure's path relative to the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from vitpipe import reference  # noqa: E402
+from vitpipe.atomic import atomic_path  # noqa: E402
+from vitpipe.report_inputs import Run  # noqa: E402
+
+SUBDIR = "figures"
+DPI = 100
+REF_COLOR, PRED_COLOR, MEAS_COLOR = "#c44e52", "#4c72b0", "#55a868"
+
+
+class Figures:
+    """Saves figures under <report dir>/figures and gives each run a fixed colour."""
+
+    def __init__(self, report_dir: Path, runs: list[Run]):
+        self.dir = Path(report_dir) / SUBDIR
+        self.color = {r.name: plt.cm.tab10(i % 10) for i, r in enumerate(runs)}
+
+    def save(self, fig, name: str) -> str:
+        fig.tight_layout()
+        with atomic_path(self.dir / name, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+        plt.close(fig)
+        return f"{SUBDIR}/{name}"
+
+
+def _grid(ax):
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Parameters
+
+
+def parameters(f: Figures, t: pd.DataFrame) -> str:
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    y = np.arange(len(t))
+    bars = (("exact (torchvision / timm)", t.exact / 1e6, PRED_COLOR),
+            ("reference, printed", t.ref_printed_m, REF_COLOR),
+            ("reference's formulas, with its fc head", t.formula / 1e6, "#dd8452"))
+    h = 0.27
+    for i, (label, values, color) in enumerate(bars):
+        ax.barh(y + (i - 1) * h, values, height=h, label=label, color=color)
+    ax.set_yticks(y, t.network)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set(title="Parameters at 224 px, 1000 classes: exact against the reference's Table 1",
+           xlabel="parameters (millions, log scale)")
+    _grid(ax)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    return f.save(fig, "parameters.png")
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Memory
+
+
+def memory(f: Figures, m: pd.DataFrame, setting: dict) -> str:
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    x = np.arange(len(m))
+    w = 0.38
+    ax.bar(x - w / 2, m.required_gb, width=w, color=PRED_COLOR, label="predicted need, whole batch at once")
+    ax.bar(x + w / 2, m.checkpointing_required_gb, width=w, color=MEAS_COLOR,
+           label="predicted need with activation checkpointing")
+    ref = m.dropna(subset=["ref_gb"])
+    ax.scatter(x[ref.index], ref.ref_gb, marker="D", s=50, color=REF_COLOR, zorder=3,
+               label="reference's reading (GB)")
+    cap = float(m.capacity_gb.iloc[0])
+    ax.axhline(cap, color="k", ls="--", lw=1, label=f"{setting['device']} capacity {cap:.1f} GB")
+    for xi, r in zip(x, m.itertuples()):
+        plan = "fits at once" if r.fits else (f"plan: micro-batch {r.micro_batch} x {r.accum_steps}" if r.micro_batch
+                                               else "no plan fits")
+        ax.annotate(plan, (xi - w / 2, r.required_gb), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(x, m.network)
+    ax.set_yscale("log")
+    ax.set_ylim(top=float(m.required_gb.max()) * 3)
+    ax.set(title=f"Training memory from scratch at {setting['image_size']} px, batch {setting['batch']}, "
+                 f"{setting['precision']}, {setting['optimizer']}",
+           ylabel="memory needed (GB, log scale)")
+    _grid(ax)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    return f.save(fig, "memory.png")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Time
+
+
+def time(f: Figures, eta: pd.DataFrame, thr: pd.DataFrame) -> str:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.3, 1]})
+    t = reference.TIME
+    labels = [f"{r.device_label}\n({r.source}, MFU {r.mfu:.2f})" for r in eta.itertuples()]
+    y = np.arange(len(eta))
+    a.barh(y, eta.eta_h, color=[MEAS_COLOR if d.startswith("local") else PRED_COLOR for d in eta.device])
+    a.axvspan(t["eta_h_low"], t["eta_h_high"], color=REF_COLOR, alpha=0.25,
+              label=f"reference's printed ETA on a T4 ({t['eta_h_low']:g}-{t['eta_h_high']:g} h)")
+    for yi, h in zip(y, eta.eta_h):
+        a.annotate(f"{h:,.1f} h", (h, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    a.set_yticks(y, labels, fontsize=7)
+    a.invert_yaxis()
+    a.set_xscale("log")
+    a.set(title=f"ETA of the reference's schedule: ViT-B/32, {t['steps']:,} steps x {t['batch']}",
+          xlabel="predicted time (hours, log scale)")
+    a.margins(x=0.15)
+    _grid(a)
+    a.legend(fontsize=7, loc="upper right")
+
+    x = np.arange(len(thr))
+    w = 0.38
+    b.bar(x - w / 2, thr.img_per_s, width=w, color=MEAS_COLOR, label="measured (training stage)")
+    b.bar(x + w / 2, thr.predicted_img_per_s, width=w, color=PRED_COLOR, label="predicted (calibrated MFU)")
+    for xi, r in zip(x, thr.itertuples()):
+        b.annotate(f"MFU {r.mfu:.2f}", (xi - w / 2, r.img_per_s), ha="center", va="bottom", fontsize=8,
+                   xytext=(0, 2), textcoords="offset points")
+    b.set_xticks(x, thr.run)
+    b.set(title="Training throughput on this machine", ylabel="images per second")
+    _grid(b)
+    b.legend(fontsize=8)
+    return f.save(fig, "time.png")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Scratch against fine-tuning, and the training curves
+
+
+def scratch_vs_finetune(f: Figures, runs: list[Run], num_classes: int | None) -> str:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r in runs:
+        e = r.evals
+        if e.empty or "val_acc" not in e:
+            continue
+        c = f.color[r.name]
+        if "elapsed_s" in e:
+            a.plot(e.elapsed_s, 100 * e.val_acc, marker="o", ms=3, color=c, label=r.label)
+            if r.pretrain_s:
+                a.plot(e.elapsed_s + r.pretrain_s, 100 * e.val_acc, ls="--", color=c, alpha=0.6,
+                       label=f"{r.name}, counting {r.pretrain_s:.0f} s of pretraining")
+        b.plot(e.step, 100 * e.val_acc, marker="o", ms=3, color=c, label=r.label)
+    a.set(title="Validation accuracy against wall time", xlabel="training wall time (s)",
+          ylabel="validation top-1 (%)", ylim=(0, 100))
+    b.set(title="Validation accuracy against optimizer steps", xlabel="optimizer step",
+          ylabel="validation top-1 (%)", ylim=(0, 100))
+    for ax in (a, b):
+        if num_classes:
+            ax.axhline(100 / num_classes, color="grey", ls=":", lw=1, label=f"chance ({100 / num_classes:.0f}%)")
+        _grid(ax)
+        ax.legend(fontsize=8, loc="best")
+    return f.save(fig, "scratch_vs_finetune.png")
+
+
+# column, title, y label, y scale, rolling mean over steps
+CURVES = (("loss", "Training loss (10-step mean)", "cross-entropy loss", "linear", 10),
+          ("lr", "Learning rate schedule", "learning rate (log scale)", "log", 1),
+          ("img_per_s", "Training throughput (5-step mean)", "images per second", "linear", 5),
+          ("memory_mb", "Memory during training (RSS on CPU, allocator on GPU)", "memory (MB)", "linear", 1))
+
+
+def training_curves(f: Figures, runs: list[Run]) -> str:
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7))
+    for ax, (col, title, ylabel, yscale, smooth) in zip(axes.flat, CURVES):
+        drawn = False
+        for r in runs:
+            if r.curve.empty or col not in r.curve:
+                continue
+            y = r.curve[col].rolling(smooth, min_periods=1).mean()
+            ax.plot(r.curve.step, y, color=f.color[r.name], label=r.label)
+            drawn = True
+        ax.set(title=title + ("" if drawn else " (not logged)"), xlabel="optimizer step", ylabel=ylabel)
+        if drawn:
+            ax.set_yscale(yscale)
+            ax.legend(fontsize=8)
+        _grid(ax)
+    return f.save(fig, "training_curves.png")
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Variants
+
+
+def variants(f: Figures, v: pd.DataFrame) -> str:
+    panels = (("test_top1", "Test top-1 accuracy", "accuracy (%)", 100),
+              ("train_s", "Training wall time", "seconds", 1),
+              ("params", "Parameters", "millions", 1e-6),
+              ("peak_memory_mb", "Peak training memory", "MB", 1))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+    colors = [f.color[n] for n in v.run]
+    for ax, (col, title, unit, scale) in zip(axes, panels):
+        values = v[col].astype(float) * scale
+        bars = ax.bar(v.run, values, color=colors)
+        ax.bar_label(bars, labels=[("–" if np.isnan(x) else f"{x:.2f}" if x < 10 else f"{x:,.1f}" if x < 1000
+                                    else f"{x:,.0f}")
+                                   for x in values], fontsize=8, padding=2)
+        ax.set(title=title, ylabel=unit)
+        ax.margins(y=0.15)
+        ax.tick_params(axis="x", labelsize=8)
+        _grid(ax)
+    mem = v.memory_source.iloc[0] if len(v) else "process RSS"
+    axes[3].set_ylabel(f"MB ({mem})")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=f.color[n]) for n in v.run]
+    fig.legend(handles, list(v.label), loc="lower center", ncol=len(v), fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle("Variants side by side (scratch network and CNN baseline included)", fontsize=11)
+    return f.save(fig, "variants.png")
+
+
+# ---------------------------------------------------------------------------------------
+# 6. The data
+
+
+def patch_grid(f: Figures, prepared: Path, patches: dict[str, int], per_row: int = 6) -> str | None:
+    """One training image per class, with each distinct patch size's grid drawn over it."""
+    x_path = prepared / "train_x.npy"
+    if not x_path.exists():
+        return None
+    x = np.load(x_path, mmap_mode="r")
+    y = np.load(prepared / "train_y.npy")
+    classes = json.loads((prepared / "meta.json").read_text())["classes"]
+    shown = [int(np.flatnonzero(y == c)[0]) for c in np.unique(y)[:per_row]]
+    size = x.shape[1]
+    rows = [(None, "no patches (as a CNN sees it)")] + [
+        (p, f"{', '.join(names)}\n{p}x{p} px patches\n{(size // p) ** 2} tokens")
+        for p, names in sorted(_by_patch(patches).items())]
+    fig, axes = plt.subplots(len(rows), len(shown), figsize=(1.7 * len(shown), 1.8 * len(rows)), squeeze=False)
+    for row, (p, label) in enumerate(rows):
+        for col, i in enumerate(shown):
+            ax = axes[row][col]
+            ax.imshow(x[i], interpolation="nearest", extent=(0, size, size, 0))
+            if p:
+                for t in range(0, size + 1, p):
+                    ax.axhline(t, color="#ff3030", lw=0.7)
+                    ax.axvline(t, color="#ff3030", lw=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"class {classes[int(y[i])]}", fontsize=8)
+        axes[row][0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"Training images ({size}x{size} px) and the patch grid each ViT cuts them into", fontsize=10)
+    return f.save(fig, "patch_grid.png")
+
+
+def _by_patch(patches: dict[str, int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for name, p in patches.items():
+        out.setdefault(int(p), []).append(name)
+    return out
