@@ -70,3 +70,22 @@ def project(tmp_path):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "init"], repo)
     return repo
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """data/ of the micro params (digits at 16 px), prepared once per session."""
+    from vitpipe.data.prepare import prepare
+    from vitpipe.data.sources import get_source
+    from vitpipe.params import data_params
+
+    root = tmp_path_factory.mktemp("prepared")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = data_params(MICRO)
+        get_source(cfg.dataset).fetch(cfg, cfg.raw_dir)
+        prepare(cfg)
+    finally:
+        os.chdir(cwd)
+    return root / "data"

@@ -2,7 +2,6 @@
 what autograd really saves, peak vs torch.cuda.max_memory_allocated (GPU only), and the
 planner / CLI / profile stage on top."""
 
-import importlib.util
 import json
 import subprocess
 import sys

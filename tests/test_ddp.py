@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from test_train import prepared, run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
+from test_train import run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 from test_resume import checkpoint_step, wait_for
 
 # batch 16 = 2 micro-batches of 8: one per process under DDP, accumulated in one process

@@ -59,7 +59,7 @@ def test_repro_exp_metrics_plots(project):
     old, new = (changed["metrics/train_scratch.json"]["params"][k] for k in ("old", "new"))
     assert old != new  # patch 8 has a bigger patch embedding and fewer position embeddings
 
-    html = run(DVC + ["plots", "show", "-o", "plots_html"], repo)
+    run(DVC + ["plots", "show", "-o", "plots_html"], repo)
     page = (repo / "plots_html" / "index.html")
     assert page.exists() and "train_scratch" in page.read_text()
 

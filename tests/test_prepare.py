@@ -6,26 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from vitpipe.data.digits import DigitsSource
-from vitpipe.data.prepare import prepare, stratified_split
+from vitpipe.data.prepare import stratified_split
 from vitpipe.data.prepared_store import PreparedStore, SampleStream
-from vitpipe.params import data_params
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = data_params({"data": {"image_size": 16, "workers": 2}})
-        DigitsSource().fetch(cfg, cfg.raw_dir)
-        meta = prepare(cfg)
-    finally:
-        os.chdir(cwd)
-    return root / cfg.prepared_dir, meta
+def store(prepared):
+    root = prepared / "prepared" / "digits"
+    return root, json.loads((root / "meta.json").read_text())
 
 
 def test_store_layout_and_meta(store):

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import run
-from test_train import ENV, assert_identical, prepared, run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
+from test_train import ENV, assert_identical, run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 
 # Long enough to be killed mid-way (~25 ms a step here), with a checkpoint every 3 steps so
 # that kills land during writes too.

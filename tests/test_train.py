@@ -33,25 +33,6 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # Shared helpers (imported by test_resume.py and test_ddp.py)
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """data/ of the micro params (digits at 16 px), prepared once per session."""
-    from vitpipe.data.prepare import prepare
-    from vitpipe.data.sources import get_source
-    from vitpipe.params import data_params
-
-    root = tmp_path_factory.mktemp("prepared")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = data_params(MICRO)
-        get_source(cfg.dataset).fetch(cfg, cfg.raw_dir)
-        prepare(cfg)
-    finally:
-        os.chdir(cwd)
-    return root / "data"
-
-
 def stage_dir(path: Path, prepared: Path, **train) -> Path:
     """A folder to run stages/*.py in: micro params with `train` overrides, and the data."""
     path.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ Conventions (the ones the tests hold it to):
 
 from __future__ import annotations
 
-import math
 
 from vitpipe.devices import Device, get_device
 from vitpipe.errors import UserError
