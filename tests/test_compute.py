@@ -315,6 +315,15 @@ def test_cli_plan_json_keys_and_values():
     assert out["eta_s"] == pytest.approx(100 * 256 / out["img_per_s"])
 
 
+@pytest.mark.parametrize("model,size", [("vit_small_patch32_384", 384), ("vit_medium_patch16_gap_256", 256),
+                                        ("vit_b16", 224), ("resnet50", 224)])
+def test_cli_image_size_defaults_to_the_models_own(model, size, capsys):
+    from vitpipe.cli import main
+
+    assert main(["plan", model, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == size
+
+
 def test_cli_error_in_a_real_process():
     r = cli("plan", "vit_q16")
     assert r.returncode == 2

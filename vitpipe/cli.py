@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 
 from vitpipe.errors import ParamError, UserError
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="params, FLOPs, memory, fit, micro-batch plan and ETA")
     plan.add_argument("model", help="vit_b16-style name, resnet18..152, or a timm ViT/ResNet name")
-    plan.add_argument("--image-size", type=int, default=224)
+    plan.add_argument("--image-size", type=int, default=None,
+                      help="pixels (default: a timm name's own, e.g. 384 for vit_small_patch32_384; else 224)")
     plan.add_argument("--batch", type=int, default=512, help="effective batch per optimizer step")
     plan.add_argument("--device", default="t4", help="t4, v100-16, a100-80, h100-80, l4, local, ...")
     # choices are checked by the library, so an unknown value gets the one-line error
@@ -93,8 +95,14 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
             "num_classes": num_classes, **est}
 
 
+def native_image_size(model: str) -> int:
+    """A timm name ends in its resolution (vit_small_patch32_384); short names do not (224)."""
+    m = re.search(r"_(\d+)$", model.split(".")[0])
+    return int(m.group(1)) if m else 224
+
+
 def cmd_plan(args) -> int:
-    r = plan_model(args.model, args.image_size, args.batch, args.device, args.precision,
+    r = plan_model(args.model, args.image_size or native_image_size(args.model), args.batch, args.device, args.precision,
                    args.optimizer, args.attention, args.checkpointing, args.num_classes,
                    args.steps, args.mfu)
     print(json.dumps(r, indent=2) if args.json else format_plan(r))
