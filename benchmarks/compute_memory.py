@@ -24,24 +24,6 @@ from vitpipe.models import build_model, model_config  # noqa: E402
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def measured_saved(model, x, precision):
-    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in state:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    half = HALF.get(precision)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(x.device.type, dtype=half or torch.bfloat16, enabled=half is not None):
-            F.cross_entropy(model(x), y)
-    return sum(seen.values())
-
-
 def table(title, header, rows):
     print(f"\n{title}")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -63,10 +45,8 @@ def bench_saved():
                 if spec["arch"] == "vit":
                     for b in model.blocks:
                         b.attn.fused_attn = attention == "sdpa"
-                got = measured_saved(model, torch.randn(batch, 3, size, size), precision)
-                casts = 2 * compute.matmul_weight_params(cfg) if precision != "fp32" else 0
-                want = (batch * compute.activation_bytes(cfg, precision, attention, device_type="cpu")
-                        + compute.step_saved_bytes(cfg) + casts)
+                got = compute.measure_saved_bytes(model, torch.randn(batch, 3, size, size), precision)
+                want = compute.step_saved_total(cfg, batch, precision, attention, device_type="cpu")
                 rows.append((spec["arch"] if spec["arch"] != "vit" else f"vit d{spec['dim']}/{spec['patch']}",
                              size, batch, precision, attention, want, got, f"{want / got:.4f}"))
     table("saved tensors (bytes) on CPU", ("model", "px", "batch", "prec", "attn", "predicted",

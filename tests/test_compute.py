@@ -59,35 +59,13 @@ def test_vit_b16_forward_is_the_known_17_6_gmacs():
 # Activations: within 5% of the bytes autograd saves (each storage once), on CPU
 
 
-def saved_bytes(model, x, precision="fp32", num_classes=10):
-    """Bytes of the distinct storages autograd saves in forward + loss, minus model state."""
-    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in state:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    y = torch.zeros(x.shape[0], dtype=torch.long)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None):
-            F.cross_entropy(model(x), y)
-    return sum(seen.values())
-
-
 def attention_in_use(model) -> str:
     """What timm really runs here: fused F.scaled_dot_product_attention or eager softmax."""
     return "sdpa" if model.blocks[0].attn.fused_attn else "eager"
 
 
 def predicted_saved(cfg, batch, precision, attention="sdpa", checkpointing=False):
-    # autocast's half weight copies are saved too; they are counted apart from activations
-    casts = 2 * compute.matmul_weight_params(cfg) if compute.PRECISIONS[precision] == 2 else 0
-    return (batch * compute.activation_bytes(cfg, precision, attention, checkpointing, device_type="cpu")
-            + compute.step_saved_bytes(cfg) + casts)
+    return compute.step_saved_total(cfg, batch, precision, attention, checkpointing, device_type="cpu")
 
 
 _MODELS = {}
@@ -125,7 +103,7 @@ def test_vit_activation_bytes_match_autograd(spec, image_size, precision, eager)
     for block in model.blocks:
         block.attn.fused_attn = not eager
     batch = 3
-    measured = saved_bytes(model, torch.randn(batch, 3, image_size, image_size), precision)
+    measured = compute.measure_saved_bytes(model, torch.randn(batch, 3, image_size, image_size), precision)
     cfg = model_config(spec, 10, image_size)
     predicted = predicted_saved(cfg, batch, precision, attention_in_use(model))
     assert predicted == pytest.approx(measured, rel=0.05)
@@ -135,7 +113,7 @@ def test_pre_norm_vit_activation_bytes():
     # CLIP-style pre-norm and a bias-free patch embedding, shrunk to 2 blocks
     model = cached_model("vit_base_patch16_clip_224", 32)
     model.blocks = model.blocks[:2]
-    measured = saved_bytes(model, torch.randn(2, 3, 32, 32))
+    measured = compute.measure_saved_bytes(model, torch.randn(2, 3, 32, 32))
     cfg = model_config({"arch": "vit_base_patch16_clip_224"}, 10, 32)
     cfg = type(cfg)(**{**cfg.__dict__, "depth": 2})
     assert cfg.pre_norm and not cfg.patch_bias
@@ -151,7 +129,7 @@ def test_checkpointing_saves_only_block_inputs():
     spec = {**SMALL_VIT, "depth": 3}
     model = build_model(spec, 10, 32).train()
     model.set_grad_checkpointing(True)
-    measured = saved_bytes(model, torch.randn(4, 3, 32, 32))
+    measured = compute.measure_saved_bytes(model, torch.randn(4, 3, 32, 32))
     cfg = model_config(spec, 10, 32)
     assert predicted_saved(cfg, 4, "fp32", checkpointing=True) == pytest.approx(measured, rel=0.05)
     assert compute.activation_bytes(cfg, checkpointing=True) < 0.5 * compute.activation_bytes(cfg)
@@ -161,7 +139,7 @@ def test_checkpointing_saves_only_block_inputs():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resnet_activation_bytes_match_autograd(arch, image_size, precision):
     model = cached_model(arch, image_size)
-    measured = saved_bytes(model, torch.randn(2, 3, image_size, image_size), precision)
+    measured = compute.measure_saved_bytes(model, torch.randn(2, 3, image_size, image_size), precision)
     predicted = predicted_saved(model_config({"arch": arch}, 10, image_size), 2, precision)
     assert predicted == pytest.approx(measured, rel=0.05)
 

@@ -18,7 +18,6 @@ Conventions (the ones the tests hold it to):
 
 from __future__ import annotations
 
-
 from vitpipe.devices import Device, get_device
 from vitpipe.errors import UserError
 from vitpipe.models import ResNetConfig, ViTConfig
@@ -264,6 +263,38 @@ def step_saved_bytes(cfg) -> int:
     if isinstance(cfg, ViTConfig):
         return 4
     return 4 + sum(8 * x["cout"] for x in resnet_convs(cfg))
+
+
+def step_saved_total(cfg, batch: int, precision="fp32", attention="sdpa", checkpointing=False,
+                     device_type="cuda") -> int:
+    """Every byte autograd keeps for one training step's backward: the activations of `batch`
+    images, what does not grow with the batch, and autocast's half-precision weight copies."""
+    casts = 2 * matmul_weight_params(cfg) if PRECISIONS[precision] == 2 else 0
+    return (batch * activation_bytes(cfg, precision, attention, checkpointing, device_type=device_type)
+            + step_saved_bytes(cfg) + casts)
+
+
+def measure_saved_bytes(model, x, precision="fp32") -> int:
+    """What `step_saved_total` predicts, measured: the distinct storages autograd saves in
+    forward + loss (each storage once), less the model's own parameters and buffers."""
+    import torch
+    import torch.nn.functional as F
+
+    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in state:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+            F.cross_entropy(model(x), y)
+    return sum(seen.values())
 
 
 def buffer_bytes(cfg) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from vitpipe.errors import UserError
 
-# `python stages/x.py` puts stages/ first on sys.path, where stages/profile.py shadows the
-# standard library's `profile` (torch imports cProfile). Stage scripts never import one
-# another, so their folder comes off the path before anything heavy is imported.
+# `python stages/x.py` puts stages/ first on sys.path, where a stage named like a standard
+# module (a stages/profile.py once shadowed `profile`, which torch imports) would break
+# every import. Stage scripts never import one another, so their folder comes off the path.
 if sys.path and sys.argv and sys.argv[0] and Path(sys.path[0] or ".").resolve() == Path(sys.argv[0]).resolve().parent:
     del sys.path[0]
 
@@ -60,7 +60,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

@@ -43,7 +43,7 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int)
     return {n: np.sort(np.concatenate(v)) for n, v in out.items()}
 
 
-def _decode_chunk(images: ImageList, indices: np.ndarray, size: int, out_path: str, offset: int, shape):
+def _decode_chunk(images: ImageList, indices: np.ndarray, size: int, out_path: str, offset: int):
     """Worker: decode+resize images into rows offset.. of the memmap; return which were skipped."""
     out = np.lib.format.open_memmap(out_path, mode="r+")
     ok = np.ones(len(indices), dtype=bool)
@@ -61,7 +61,7 @@ def write_split(images: ImageList, indices: np.ndarray, size: int, path: Path, w
     tmp = path.with_name(f".{path.name}.tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(indices), size, size, 3))
     del out
-    chunks = [(images, indices[s:s + CHUNK], size, str(tmp), s, None) for s in range(0, len(indices), CHUNK)]
+    chunks = [(images, indices[s:s + CHUNK], size, str(tmp), s) for s in range(0, len(indices), CHUNK)]
     ok = np.ones(len(indices), dtype=bool)
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
