@@ -32,7 +32,7 @@ def main(argv):
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
     load_backbone(model, pretrained["state_dict"])
-    paths = RunPaths(checkpoint=Path(f"models/finetune/{name}/checkpoint.pt"), weights=Path(f"models/finetune/{name}/model.pt"),
+    paths = RunPaths(weights=Path(f"models/finetune/{name}/model.pt"),
                      metrics=Path(f"metrics/finetune/{name}.json"), plots=Path(f"plots/finetune/{name}"))
     fit(model, store.split("train"), recipe, paths, val=store.split("val"), desc=f"finetune@{name}",
         fresh_key="finetune.resume",

@@ -56,7 +56,7 @@ def main(argv):
     train = Split(x[parts["train"]], y[parts["train"]], mean, std, hflip=True)
     val = Split(x[parts["val"]], y[parts["val"]], mean, std)
     model = build_model(spec, recipe.classes, data.image_size)
-    paths = RunPaths(checkpoint=Path(f"models/pretrained/{name}.checkpoint.pt"), weights=weights_path,
+    paths = RunPaths(weights=weights_path,
                      metrics=metrics_path, plots=plots)
     fit(model, train, recipe, paths, val=val, desc=f"pretrain@{name}", fresh_key="pretrain.resume",
         run_config={"spec": spec, "image_size": data.image_size},

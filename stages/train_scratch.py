@@ -20,7 +20,7 @@ def main(argv):
 
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
-    paths = RunPaths(checkpoint=Path("models/scratch/checkpoint.pt"), weights=Path("models/scratch/model.pt"),
+    paths = RunPaths(weights=Path("models/scratch/model.pt"),
                      metrics=Path("metrics/train_scratch.json"), plots=Path("plots/train_scratch"))
     fit(model, store.split("train"), recipe, paths, val=store.split("val"),
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},

@@ -50,6 +50,29 @@ def run(cmd, cwd, check=True, timeout=600, env=None):
     return p
 
 
+@pytest.fixture(autouse=True)
+def checkpoint_store(tmp_path, monkeypatch):
+    """Every test gets its own checkpoint store (never the user's ~/.cache) and no mirror."""
+    store = tmp_path / "checkpoint-store"
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_DIR", str(store))
+    monkeypatch.delenv("VITPIPE_CHECKPOINT_MIRROR", raising=False)
+    monkeypatch.delenv("VITPIPE_CHECKPOINT_KEEP", raising=False)
+    return store
+
+
+def store_steps(store: Path) -> list[int]:
+    """Every checkpoint step in a store (all runs), from the manifests."""
+    import json
+
+    steps = []
+    for m in Path(store).glob("*/step-*.json"):
+        try:
+            steps.append(json.loads(m.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            pass  # being replaced right now
+    return sorted(steps)
+
+
 @pytest.fixture
 def project(tmp_path):
     """A fresh git + DVC repo holding the project's code and the micro params."""

@@ -14,12 +14,12 @@ from test_resume import checkpoint_step, wait_for
 RECIPE = {"steps": 120, "batch_size": 16, "micro_batch": 8, "checkpoint_every": 10, "eval_every": 60}
 
 
-def test_two_processes_match_one_and_resume_after_sigterm(tmp_path, prepared):
+def test_two_processes_match_one_and_resume_after_sigterm(tmp_path, prepared, checkpoint_store, monkeypatch):
     single = stage_dir(tmp_path / "single", prepared, **RECIPE)
     run_stage(single)
 
     ddp = stage_dir(tmp_path / "ddp", prepared, **RECIPE, nproc=2)
-    ckpt = ddp / "models/scratch/checkpoint.pt"
+    ckpt = checkpoint_store
     p = start_stage(ddp)  # the stage execs torchrun: p.pid is torchrun's
     assert wait_for(lambda: checkpoint_step(ckpt) >= 10, p), p.communicate()[1][-3000:]
     p.send_signal(signal.SIGTERM)
@@ -28,15 +28,17 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path, prepared):
     stopped_at = checkpoint_step(ckpt)
     assert 10 <= stopped_at < RECIPE["steps"]
 
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_KEEP", "1")
     resumed = run_stage(ddp)
-    assert f"resuming from models/scratch/checkpoint.pt at step {stopped_at}/" in resumed.stderr
+    assert f"resuming from local store {checkpoint_store}/" in resumed.stderr
+    assert f"at step {stopped_at}/" in resumed.stderr
     assert resumed.stderr.count("resuming from") == 1  # rank 0 only speaks
     a, b = weights(single / "models/scratch/model.pt"), weights(ddp / "models/scratch/model.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     assert tsv_steps(ddp / "plots/train_scratch/train.tsv") == list(range(1, RECIPE["steps"] + 1))
-    ck = torch.load(ckpt, weights_only=True)
-    assert ck["finished"] and len(ck["rng"]) == 2  # every process's RNG state
+    (ck,) = [torch.load(f, weights_only=True) for f in checkpoint_store.glob("*/step-*.pt")]
+    assert ck["finished"] and len(ck["rng"]) == 2  # every process's RNG state (kept: VITPIPE_CHECKPOINT_KEEP)
     import json
 
     m = json.loads((ddp / "metrics/train_scratch.json").read_text())

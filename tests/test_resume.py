@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run
+from conftest import run, store_steps
 from test_train import ENV, assert_identical, run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 
 # Long enough to be killed mid-way (~25 ms a step here), with a checkpoint every 3 steps so
@@ -22,11 +22,9 @@ from test_train import ENV, assert_identical, run_stage, stage_dir, start_stage,
 LONG = {"steps": 150, "checkpoint_every": 3, "eval_every": 50}
 
 
-def checkpoint_step(path: Path) -> int:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)["step"]
-    except Exception:  # not there yet (it is replaced atomically, never half-written)
-        return -1
+def checkpoint_step(store: Path) -> int:
+    """The newest step in the checkpoint store, -1 when there is none."""
+    return max(store_steps(store), default=-1)
 
 
 def wait_for(cond, proc, timeout=120.0, poll=0.002):
@@ -48,9 +46,9 @@ def reference(tmp_path_factory, prepared):
     return weights(d / "models/scratch/model.pt")
 
 
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, prepared, reference):
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, prepared, reference, checkpoint_store):
     d = stage_dir(tmp_path / "run", prepared, **LONG)
-    ckpt = d / "models/scratch/checkpoint.pt"
+    ckpt = checkpoint_store
     rng = random.Random(1234)
     killed, mid_write, resumed_at = 0, 0, []
     for attempt in range(4):
@@ -58,14 +56,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, prepar
         before = checkpoint_step(ckpt)
         wait_for(lambda: checkpoint_step(ckpt) > before, p)  # it made progress
         if attempt % 2 == 0:  # during a write: as soon as a checkpoint's temp file shows up
-            wait_for(lambda: any(ckpt.parent.glob(".checkpoint.pt.*")), p, poll=0.0005)
+            wait_for(lambda: any(ckpt.glob("*/.step-*")), p, poll=0.0005)
         else:  # between writes: at a random moment
             time.sleep(rng.uniform(0.0, 0.3))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             killed += 1
         _, err = p.communicate()
-        mid_write += any(ckpt.parent.glob(".checkpoint.pt.*"))  # SIGKILL leaves the temp file behind
+        mid_write += any(ckpt.glob("*/.step-*"))  # SIGKILL leaves the temp file behind
         if "resuming from" in err:
             resumed_at.append(int(err.split(" at step ")[1].split("/")[0]))
     assert killed >= 3, "the runs finished before they could be killed: make LONG longer"
@@ -77,11 +75,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, prepar
     assert_identical(reference, weights(d / "models/scratch/model.pt"))
     assert tsv_steps(d / "plots/train_scratch/train.tsv") == list(range(1, LONG["steps"] + 1))
     assert tsv_steps(d / "plots/train_scratch/eval.tsv") == [50, 100, 150]
-    assert not list(ckpt.parent.glob(".checkpoint.pt.*"))  # killed writes leave no litter behind
+    assert not list(ckpt.glob("*/*step-*"))  # no litter from killed writes, no checkpoint of the finished run
 
 
 @pytest.mark.slow
-def test_dvc_repro_killed_mid_stage_resumes(project, prepared, reference):
+def test_dvc_repro_killed_mid_stage_resumes(project, prepared, reference, checkpoint_store):
     repo = project
     doc = yaml.safe_load((repo / "params.yaml").read_text())
     doc["train"].update(LONG)
@@ -89,7 +87,7 @@ def test_dvc_repro_killed_mid_stage_resumes(project, prepared, reference):
     dvc = [sys.executable, "-m", "dvc"]
     env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     run(dvc + ["repro", "preprocess"], repo, env=env)
-    ckpt = repo / "models/scratch/checkpoint.pt"
+    ckpt = checkpoint_store
     p = subprocess.Popen(dvc + ["repro", "train_scratch"], cwd=repo, env={**os.environ, **env},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for(lambda: checkpoint_step(ckpt) >= 30, p)
@@ -101,7 +99,7 @@ def test_dvc_repro_killed_mid_stage_resumes(project, prepared, reference):
     again = run(dvc + ["repro", "train_scratch"], repo, env=env)
     out = again.stdout + again.stderr
     assert "Running stage 'train_scratch'" in out
-    assert f"resuming from models/scratch/checkpoint.pt at step {step}/{LONG['steps']}" in out
+    assert f"resuming from local store {checkpoint_store}/" in out and f"at step {step}/{LONG['steps']}" in out
     assert_identical(reference, weights(repo / "models/scratch/model.pt"))
     status = run(dvc + ["status", "train_scratch"], repo, env=env)
     assert "changed" not in status.stdout

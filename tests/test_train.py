@@ -4,6 +4,8 @@ Most tests call `fit` in this process on a tiny ViT and random images (fast); th
 the top also serve test_resume.py and test_ddp.py, which run the real stage scripts."""
 
 import copy
+import io
+import json
 import os
 import signal
 import subprocess
@@ -95,15 +97,28 @@ def recipe(**kw) -> TrainParams:
     return TrainParams(**(base | kw))
 
 
-def train(tmp: Path, r: TrainParams, model=None, val=True, **kw):
+def train(tmp: Path, r: TrainParams, model=None, val=True, spec=SPEC, **kw):
+    """fit() with its checkpoint store in tmp/store."""
     torch.manual_seed(0)
-    model = model if model is not None else build_model(SPEC, 4, 16)
-    paths = RunPaths(checkpoint=tmp / "checkpoint.pt", weights=tmp / "model.pt", metrics=tmp / "metrics.json",
-                     plots=tmp / "plots")
+    model = model if model is not None else build_model(spec, 4, 16)
+    paths = RunPaths(weights=tmp / "model.pt", metrics=tmp / "metrics.json", plots=tmp / "plots")
     metrics = fit(model, synthetic(), r, paths, val=synthetic(32, seed=1) if val else None,
-                  run_config={"spec": SPEC, "image_size": 16}, fresh_key="train.resume",
-                  weights_meta={"spec": SPEC, "num_classes": 4, "image_size": 16}, desc="test", quiet=True, **kw)
+                  run_config={"spec": spec, "image_size": 16}, fresh_key="train.resume",
+                  weights_meta={"spec": spec, "num_classes": 4, "image_size": 16}, desc="test", quiet=True,
+                  store_dir=tmp / "store", **kw)
     return model, metrics
+
+
+def stored(store: Path) -> dict[str, list[Path]]:
+    """fingerprint -> its checkpoint files in a store, oldest first."""
+    return {run.name: sorted(run.glob("step-*.pt")) for run in sorted(store.glob("*"))
+            if run.is_dir() and not run.name.startswith(".") and list(run.glob("step-*.pt"))}
+
+
+def only_checkpoint(store: Path) -> dict:
+    runs = stored(store)
+    assert len(runs) == 1 and len(next(iter(runs.values()))) == 1, runs
+    return torch.load(next(iter(runs.values()))[0], weights_only=True)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -126,7 +141,7 @@ def test_device_batch_is_split_batch():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_fit_writes_logs_metrics_and_a_finished_checkpoint(tmp_path):
+def test_fit_writes_logs_metrics_and_removes_its_checkpoints(tmp_path, monkeypatch):
     _, m = train(tmp_path, recipe())
     train_tsv, eval_tsv = (tmp_path / "plots/train.tsv"), (tmp_path / "plots/eval.tsv")
     assert train_tsv.read_text().splitlines()[0].split("\t") == list(TRAIN_COLUMNS)
@@ -134,12 +149,17 @@ def test_fit_writes_logs_metrics_and_a_finished_checkpoint(tmp_path):
     assert tsv_steps(train_tsv) == list(range(1, 9)) and tsv_steps(eval_tsv) == [4, 8]
     assert m["attention"] == "sdpa" and m["steps"] == 8 and m["peak_rss_mb"] > 0 and m["img_per_s"] > 0
     assert "mean_gpu_util_pct" not in m  # no NVML here: no GPU keys, no noise
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert stored(tmp_path / "store") == {}  # outputs written: the finished run's checkpoints are gone
+    # kept on request (VITPIPE_CHECKPOINT_KEEP): the finished checkpoint holds the whole state
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_KEEP", "1")
+    first = weights(tmp_path / "model.pt")
+    train(tmp_path, recipe())
+    ck = only_checkpoint(tmp_path / "store")
     assert ck["finished"] and ck["step"] == 8 and len(ck["log"]["train"]) == 8
-    assert set(ck) >= {"model", "optimizer", "scaler", "rng", "config"}
+    assert set(ck) >= {"model", "optimizer", "scaler", "rng", "config", "digest"}
     assert set(ck["rng"][0]) >= {"python", "numpy", "torch"}
     # a finished run is not resumed: the next run starts over and gets the same numbers
-    first = weights(tmp_path / "model.pt")
+    assert_identical(first, weights(tmp_path / "model.pt"))
     train(tmp_path, recipe())
     assert_identical(first, weights(tmp_path / "model.pt"))
 
@@ -173,11 +193,12 @@ def test_activation_checkpointing_unsupported_is_a_param_error(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_on_cpu(tmp_path, precision):
+def test_mixed_precision_on_cpu(tmp_path, precision, monkeypatch):
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_KEEP", "1")
     _, m = train(tmp_path, recipe(precision=precision, steps=4), val=False)
     assert np.isfinite(m["train_loss"]) and m["skipped_steps"] >= 0
     if precision == "fp16":  # the grad scaler's state is checkpointed
-        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
+        assert only_checkpoint(tmp_path / "store")["scaler"]["scale"] > 0
 
 
 def _poison_after(model, calls: int, make, once=False):
@@ -197,7 +218,7 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
     model = _poison_after(build_model(SPEC, 4, 16), 2 * 6, lambda out: out * float("nan"))  # 2 micro-batches/step
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 \(the last good checkpoint is step 4 in "):
         train(tmp_path, recipe(steps=12), model=model, val=False)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ck = only_checkpoint(tmp_path / "store")
     assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -248,7 +269,7 @@ def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
     with pytest.raises(SystemExit) as e:
         train(tmp_path / "run", r, model=model)
     assert e.value.code == 128 + signal.SIGTERM
-    ck = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    ck = only_checkpoint(tmp_path / "run/store")
     assert not ck["finished"] and ck["step"] == 8  # the sync after step 6: the eval at 8 (LOG_EVERY=10)
     resumed, _ = train(tmp_path / "run", r)
     assert_identical(reference.state_dict(), resumed.state_dict())
@@ -256,39 +277,63 @@ def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
     assert tsv_steps(tmp_path / "run/plots/eval.tsv") == [4, 8, 12, 16]
 
 
-def test_bad_checkpoints_are_refused_not_overwritten(tmp_path):
-    r = recipe(steps=16, checkpoint_every=4)
+def _interrupted(tmp: Path, r: TrainParams, spec=SPEC) -> Path:
+    """Run `r` until a SIGTERM after step 5 (checkpoint at step 8); returns its checkpoint file."""
     torch.manual_seed(0)
-    model = _poison_after(build_model(SPEC, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out,
+    model = _poison_after(build_model(spec, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out,
                           once=True)
+    before = set(p for files in stored(tmp / "store").values() for p in files)
     with pytest.raises(SystemExit):
-        train(tmp_path, r, model=model)
-    ck_path = tmp_path / "checkpoint.pt"
-    good = ck_path.read_bytes()
+        train(tmp, r, model=model, spec=spec)
+    (new,) = set(p for files in stored(tmp / "store").values() for p in files) - before
+    return new
 
-    with pytest.raises(UserError, match=r"unfinished run of something else \(lr: 0.001 -> 0.002\).*train.resume: fresh"):
-        train(tmp_path, replace(r, lr=0.002))
-    torch.manual_seed(0)
-    other = build_model({**SPEC, "dim": 48}, 4, 16)
-    with pytest.raises(UserError, match=r"something else \(init_weights: .*spec: .*'dim': 32.*'dim': 48"):
-        fit(other, synthetic(), r, RunPaths(ck_path, tmp_path / "m.pt", tmp_path / "x.json", tmp_path / "plots"),
-            val=None, run_config={"spec": {**SPEC, "dim": 48}, "image_size": 16}, fresh_key="train.resume",
-            weights_meta={}, desc="test", quiet=True)
+
+def test_runs_with_other_params_do_not_block_each_other(tmp_path):
+    """A interrupted, B runs to its end, A resumes where it stopped and ends as if never
+    interrupted."""
+    a, b = recipe(steps=16, checkpoint_every=100), recipe(steps=16, checkpoint_every=100, lr=0.002)
+    reference, _ = train(tmp_path / "ref", a)
+    a_ckpt = _interrupted(tmp_path / "run", a)
+    _, mb = train(tmp_path / "run", b)
+    assert mb["steps"] == 16 and a_ckpt.exists()  # B neither refused nor touched A's checkpoint
+    resumed, _ = train(tmp_path / "run", a)
+    assert_identical(reference.state_dict(), resumed.state_dict())
+    assert stored(tmp_path / "run/store") == {}
+
+
+def test_damaged_checkpoints_are_refused_naming_file_and_fix(tmp_path):
+    r = recipe(steps=16, checkpoint_every=4)
+    ck_path = _interrupted(tmp_path, r)
+    good = ck_path.read_bytes()
+    fix = r"vitpipe checkpoints rm [0-9a-f]{16}` or set train.resume: fresh"
     ck_path.write_bytes(good[: len(good) // 2])
-    with pytest.raises(UserError, match=r"checkpoint .* cannot be read .*set train.resume: fresh"):
+    with pytest.raises(UserError, match=rf"checkpoint {ck_path} is damaged: \d+ bytes, written as \d+ bytes; .*{fix}"):
         train(tmp_path, r)
-    ck_path.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="cannot be read"):
+    ck_path.write_bytes(os.urandom(len(good)))
+    with pytest.raises(UserError, match=rf"checkpoint {ck_path} cannot be read .*{fix}"):
         train(tmp_path, r)
+    # tensors overwritten with finite noise, the file otherwise valid: its digest no longer matches
+    ck = torch.load(io.BytesIO(good), weights_only=True)
+    for v in ck["model"].values():
+        v.copy_(torch.randn_like(v))
+    torch.save(ck, ck_path)
+    manifest = ck_path.with_suffix(".json")  # its size updated too: only the digest can tell
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"size": ck_path.stat().st_size}))
+    with pytest.raises(UserError, match=rf"checkpoint {ck_path} is damaged: its content does not match .*{fix}"):
+        train(tmp_path, r)
+    assert ck_path.exists()  # refused, not overwritten
     # only when asked: start over
     _, m = train(tmp_path, replace(r, resume="fresh"))
-    assert m["steps"] == 16 and torch.load(ck_path, weights_only=True)["finished"]
+    assert m["steps"] == 16 and stored(tmp_path / "store") == {}
 
 
 def test_stale_checkpoint_temp_files_are_removed(tmp_path):
-    (tmp_path / ".checkpoint.pt.abc123.pt").write_bytes(b"half a checkpoint")
-    train(tmp_path, recipe(steps=4), val=False)
-    assert not list(tmp_path.glob(".checkpoint.pt.*"))
+    ck = _interrupted(tmp_path, recipe(steps=16, checkpoint_every=4))
+    litter = ck.parent / ".step-00000012.pt.abc123.pt"  # what a save killed mid-write leaves
+    litter.write_bytes(b"half a checkpoint")
+    train(tmp_path, recipe(steps=16, checkpoint_every=4))
+    assert not litter.exists()
 
 
 def test_checkpoint_fingerprint_and_rng_roundtrip():

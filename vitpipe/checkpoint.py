@@ -4,8 +4,8 @@ A checkpoint holds everything the next step depends on: model, optimizer, grad s
 RNG states of every process (python, numpy, torch CPU and CUDA), the step (which fixes the
 data position: see SampleStream), the step log so far and the wall time. The LR schedule
 has no state: it is a pure function of the step. A checkpoint also holds a fingerprint of
-what shaped the run (params, starting weights, data); resuming one written under anything
-else fails with the differences, never silently.
+what shaped the run (params, starting weights, data), the key under which the checkpoint
+store (vitpipe.checkpoint_store) files it, and a digest of its whole content, checked on load.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from vitpipe.atomic import torch_save
 from vitpipe.errors import UserError
 
-FORMAT = 2
+FORMAT = 3  # 3: carries a content digest
 
 
 def fingerprint(config: dict) -> str:
@@ -67,7 +67,7 @@ def _to_lists(x):
 def save(path: Path, *, model, optimizer, scaler, step: int, elapsed_s: float, config: dict,
          rng: list[dict], log: dict, extra: dict | None = None, finished: bool = False) -> None:
     """`rng`: one rng_state() per process, by rank. `log`: the step-log rows so far, per file."""
-    torch_save(path, {
+    payload = {
         "format": FORMAT,
         "fingerprint": fingerprint(config),
         "config": json.loads(json.dumps(config, default=str)),
@@ -80,38 +80,55 @@ def save(path: Path, *, model, optimizer, scaler, step: int, elapsed_s: float, c
         "rng": rng,
         "log": log,
         "extra": extra or {},
-    })
+    }
+    payload["digest"] = content_digest(payload)
+    torch_save(path, payload)
 
 
-def remove_stale_temps(path: Path) -> None:
-    """A save killed mid-write leaves its temp file (atomic.atomic_path names it `.<name>.*`);
-    a checkpoint can be gigabytes, so the next run clears them."""
+def content_digest(payload) -> str:
+    """sha256 over everything in a checkpoint but its own digest: every tensor's bytes and
+    every other value, in a fixed order. A checkpoint whose tensors were overwritten (even
+    with finite numbers) no longer matches the digest it carries."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                if k == "digest" and x is payload:
+                    continue
+                h.update(repr(k).encode())
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(payload)
+    return h.hexdigest()
+
+
+def read(path: Path, fix: str) -> dict:
+    """A checkpoint, verified: readable, of this format, and matching the digest it carries.
+    Anything else (truncated, random bytes, foreign, tampered) is one UserError naming the
+    file and `fix`."""
     path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.*"):
-        tmp.unlink(missing_ok=True)
-
-
-def load_for_resume(path: Path, config: dict, fresh_key: str) -> dict | None:
-    """The checkpoint to resume from, or None to start fresh.
-
-    None when there is no checkpoint or it belongs to a run that finished (its results are
-    already outputs). An unreadable checkpoint or an unfinished one from another run is an
-    error that names the fix: restore the params, or set `<fresh_key>: fresh`."""
-    path = Path(path)
-    if not path.exists():
-        return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise ValueError(f"not a vitpipe checkpoint of format {FORMAT}")
     except Exception as e:  # truncated, corrupt, foreign, older format: all the same to the user
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:160]}); "
-                        f"delete it or set {fresh_key}: fresh to start this stage over") from None
-    if ckpt.get("finished"):
-        return None
-    if ckpt["fingerprint"] != fingerprint(config):
-        old, new = ckpt.get("config", {}), json.loads(json.dumps(config, default=str))
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        raise UserError(f"checkpoint {path} is an unfinished run of something else ({'; '.join(diff) or 'fingerprint differs'}); "
-                        f"restore what changed to resume it, or set {fresh_key}: fresh to discard it")
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                        f"{fix}") from None
+    if ckpt.get("digest") != content_digest(ckpt):
+        raise UserError(f"checkpoint {path} is damaged: its content does not match the digest it carries "
+                        f"(changed after it was written); {fix}")
     return ckpt

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitpipe import checkpoint
+from vitpipe import checkpoint, checkpoint_store
+from vitpipe.checkpoint_store import CheckpointStore
+from vitpipe.core_share import CoreShare
 from vitpipe.atomic import torch_save, write_json, write_text
 from vitpipe.data.prepared_store import SampleStream, Split, shift_and_flip
 from vitpipe.errors import ParamError, UserError
@@ -50,7 +52,6 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class RunPaths:
-    checkpoint: Path  # persist: true, resumed from
     weights: Path     # the trained model (state_dict + what evaluate needs to rebuild it)
     metrics: Path     # flat JSON summary
     plots: Path       # folder of train.tsv / eval.tsv
@@ -193,230 +194,305 @@ def _fmt(v) -> str:
 
 
 def fit(model: torch.nn.Module, data: Split, recipe: TrainParams, paths: RunPaths, *, val: Split | None,
-        run_config: dict, fresh_key: str, weights_meta: dict, desc: str, quiet: bool = False) -> dict:
-    """Train `model` on `data` for recipe.steps optimizer steps; returns the metrics it wrote."""
+        run_config: dict, fresh_key: str, weights_meta: dict, desc: str, quiet: bool = False,
+        store_dir: Path | None = None) -> dict:
+    """Train `model` on `data` for recipe.steps optimizer steps; returns the metrics it wrote.
+    Checkpoints go to the machine's checkpoint store (vitpipe.checkpoint_store; `store_dir`
+    overrides its folder), keyed by the run's fingerprint."""
     d = setup_distributed()
     try:
-        return _fit(d, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet)
+        run = Run(d, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet, store_dir)
+        with Sampler(run.device) as run.sampler, StopRequested() as run.stop, CoreShare(run.device, d.world) as run.cores:
+            try:
+                while run.step < recipe.steps:
+                    run.train_step()
+                    if run.at_sync():
+                        run.sync()
+            except torch.OutOfMemoryError:
+                raise UserError(oom_message(recipe, run.section, run_config, weights_meta.get("num_classes"),
+                                            run.device, d.world)) from None
+            return run.finish()
     finally:
         if d.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _fit(d: Dist, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet) -> dict:
-    section = fresh_key.split(".")[0]
-    device = pick_device(d)
-    B, mb = recipe.batch_size, recipe.micro_batch
-    if recipe.accum_steps % d.world:
-        raise ParamError(f"{section}.micro_batch", mb, f"a size that splits batch_size={B} into a multiple of "
-                         f"{d.world} micro-batches (one share per process)")
-    # What makes this run this run: the params that change its numbers, the weights it starts
-    # from (fine-tuning from other pretrained weights is another run) and the data it reads.
-    config = ({k: v for k, v in asdict(recipe).items() if k not in NOT_IN_FINGERPRINT} | run_config
-              | {"world": d.world, "init_weights": checkpoint.tensors_digest(model.state_dict().values()),
-                 "train_labels": checkpoint.tensors_digest([data.y]), "train_images": list(data.x.shape)})
-    ckpt = None if recipe.resume == "fresh" else checkpoint.load_for_resume(paths.checkpoint, config, fresh_key)
-    start = ckpt["step"] if ckpt else 0
-    if d.world > 1:  # every process must resume the same step: the checkpoint needs a shared filesystem
-        seen = torch.tensor([start, -start], device=device)
-        torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
-        if seen[0].item() != -seen[1].item():
-            raise UserError(f"processes found different checkpoints at {paths.checkpoint} (steps {-seen[1].item()}.."
-                            f"{seen[0].item()}): every node must see the same file (a shared filesystem)")
-    if d.main:
-        checkpoint.remove_stale_temps(paths.checkpoint)
-    torch.manual_seed(recipe.seed + d.rank)  # dropout etc. differ per process; data order does not
-    random.seed(recipe.seed + d.rank)
-    np.random.seed(recipe.seed + d.rank)
+class Run:
+    """One training run: setup and resume in __init__, then train_step / sync / finish."""
 
-    attention = prepare_model(model, recipe, section)
-    model.to(device)
-    channels_last = device.type == "cuda" and not hasattr(model, "patch_embed")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # CNNs run faster channels-last on tensor cores
-        torch.backends.cudnn.benchmark = True
-    optimizer = make_optimizer(model, recipe)
-    amp_dtype = autocast_dtype(recipe.precision)
-    scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
+    def __init__(self, d: Dist, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet,
+                 store_dir=None):
+        self.d, self.model, self.data, self.recipe, self.paths, self.val = d, model, data, recipe, paths, val
+        self.run_config, self.weights_meta, self.desc, self.quiet = run_config, weights_meta, desc, quiet
+        self.section, self.fresh_key = fresh_key.split(".")[0], fresh_key
+        self.device = pick_device(d)
+        if recipe.accum_steps % d.world:
+            raise ParamError(f"{self.section}.micro_batch", recipe.micro_batch, f"a size that splits batch_size="
+                             f"{recipe.batch_size} into a multiple of {d.world} micro-batches (one share per process)")
+        # What makes this run this run: the params that change its numbers, the weights it starts
+        # from (fine-tuning from other pretrained weights is another run) and the data it reads.
+        self.config = ({k: v for k, v in asdict(recipe).items() if k not in NOT_IN_FINGERPRINT} | run_config
+                       | {"world": d.world, "init_weights": checkpoint.tensors_digest(model.state_dict().values()),
+                          "train_labels": checkpoint.tensors_digest([data.y]), "train_images": list(data.x.shape)})
+        self.store = CheckpointStore(checkpoint.fingerprint(self.config), desc, recipe.steps, directory=store_dir,
+                                     main=d.main)
+        ckpt, where = self.find_checkpoint()
+        torch.manual_seed(recipe.seed + d.rank)  # dropout etc. differ per process; data order does not
+        random.seed(recipe.seed + d.rank)
+        np.random.seed(recipe.seed + d.rank)
+        self.build(ckpt)
+        self.start = self.step = ckpt["step"] if ckpt else 0
+        self.last_good = self.start if ckpt else None
+        extra = ckpt["extra"] if ckpt else {}
+        self.skipped, self.best_val, self.last_val = extra.get("skipped_steps", 0), extra.get("best_val"), None
+        self.elapsed0, rows = (ckpt["elapsed_s"], ckpt["log"]) if ckpt else (0.0, {"train": [], "eval": []})
+        self.open_logs(rows)
+        if ckpt and d.main and not quiet:
+            print(f"[{desc}] resuming from {where} at step {self.start}/{recipe.steps}", file=sys.stderr)
+        self.stream = SampleStream(len(data), recipe.seed)
+        self.mine = list(range(d.rank, recipe.accum_steps, d.world))  # this process's micro-batches of each step
+        self.loss_scale = recipe.micro_batch / recipe.batch_size * d.world  # DDP averages over processes
+        self.mean, self.std = data.mean.to(self.device), data.std.to(self.device)
+        self.loss_value, self.pending = float("nan"), []  # (step, lr, loss, grad norm, host time) not read back
+        self.t_run = self.t_window = now()
 
-    elapsed0, rows, extra = 0.0, {"train": [], "eval": []}, {}
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-            checkpoint.set_rng_state(ckpt["rng"][d.rank], device)
-        except Exception as e:
-            raise UserError(f"checkpoint {paths.checkpoint} does not fit this run ({type(e).__name__}: {str(e)[:160]}); "
-                            f"delete it or set {fresh_key}: fresh") from None
-        elapsed0, rows, extra = ckpt["elapsed_s"], ckpt["log"], ckpt["extra"]
-        if d.main and not quiet:
-            print(f"[{desc}] resuming from {paths.checkpoint} at step {start}/{recipe.steps}", file=sys.stderr)
+    def find_checkpoint(self) -> tuple[dict | None, str]:
+        """The newest checkpoint of this fingerprint (rank 0 looks, locally and in the mirror;
+        every process then loads the same step from the shared local store)."""
+        d, fix = self.d, (f"remove it with `vitpipe checkpoints rm {self.store.fingerprint}` "
+                          f"or set {self.fresh_key}: fresh to start this stage over")
+        found = None
+        if d.main:
+            if self.recipe.resume == "fresh":
+                self.store.discard()
+                self.store = CheckpointStore(self.store.fingerprint, self.desc, self.recipe.steps,
+                                             directory=self.store.root, main=True)
+            found = self.store.latest(fix)
+        step = found.step if found else 0
+        if d.world > 1:  # every process must resume the same step: the local store must be shared
+            seen = torch.tensor([step], device=self.device)
+            torch.distributed.broadcast(seen, 0)
+            step = int(seen.item())
+            path = self.store.path(step)
+            if step and not path.exists():
+                raise UserError(f"rank {d.rank} cannot see {path}: every node must share the checkpoint store "
+                                f"(set {checkpoint_store.ENV_DIR} to a shared filesystem)")
+        if not step:
+            return None, ""
+        ckpt = checkpoint.read(self.store.path(step), fix)
+        if ckpt.get("finished"):  # kept after a finished run (VITPIPE_CHECKPOINT_KEEP): a re-run starts over
+            if d.world > 1:
+                raise UserError(f"{self.store.dir} holds a finished run: remove it with `vitpipe checkpoints rm "
+                                f"{self.store.fingerprint}` to train it again")
+            self.store.discard()
+            self.store = CheckpointStore(self.store.fingerprint, self.desc, self.recipe.steps,
+                                         directory=self.store.root, main=True)
+            return None, ""
+        if ckpt["fingerprint"] != self.store.fingerprint:
+            raise UserError(f"checkpoint {self.store.path(step)} belongs to another run (fingerprint "
+                            f"{ckpt['fingerprint']}, expected {self.store.fingerprint}); {fix}")
+        return ckpt, (found.where if found else str(self.store.dir))
 
-    net = model
-    if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        gradient_as_bucket_view=True)
-    if recipe.compile:
-        net = torch.compile(net)
+    def build(self, ckpt):
+        """Model on the device, optimizer, precision; the checkpoint's states when resuming."""
+        model, recipe, device = self.model, self.recipe, self.device
+        self.attention = prepare_model(model, recipe, self.section)
+        model.to(device)
+        self.channels_last = device.type == "cuda" and not hasattr(model, "patch_embed")
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)  # CNNs run faster channels-last on tensor cores
+            torch.backends.cudnn.benchmark = True
+        self.optimizer = make_optimizer(model, recipe)
+        self.amp_dtype = autocast_dtype(recipe.precision)
+        self.scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
+        if ckpt is not None:
+            try:
+                model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                if self.scaler is not None:
+                    self.scaler.load_state_dict(ckpt["scaler"])
+                checkpoint.set_rng_state(ckpt["rng"][self.d.rank], device)
+            except Exception as e:
+                raise UserError(f"checkpoint {self.store.path(ckpt['step'])} does not fit this run ({type(e).__name__}: "
+                                f"{str(e)[:160]}); set {self.fresh_key}: fresh") from None
+        self.net = model
+        if self.d.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        if recipe.compile:
+            self.net = torch.compile(self.net)
 
-    mine = list(range(d.rank, recipe.accum_steps, d.world))  # this process's micro-batches of each step
-    loss_scale = mb / B * d.world                              # DDP averages over processes; this restores the global mean
-    stream = SampleStream(len(data), recipe.seed)
-    mean, std = data.mean.to(device), data.std.to(device)
-
-    def batch(idx, step, m):
-        gen = torch.Generator().manual_seed(recipe.seed * 7_919 + step * 131 + m)  # augmentation: a function of (step, micro-batch)
-        if device.type == "cpu":
-            return data.batch(idx, augment=recipe.augment, generator=gen)
-        x, y = device_batch(data, idx, recipe.augment, gen, device, mean, std)
-        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
-
-    log = eval_log = bar = None
-    if d.main:
-        log = StepLog(paths.plots / "train.tsv", TRAIN_COLUMNS, rows["train"])
-        eval_log = StepLog(paths.plots / "eval.tsv", EVAL_COLUMNS, rows["eval"]) if val is not None else None
-        if not quiet:
+    def open_logs(self, rows: dict):
+        self.log = self.eval_log = self.bar = None
+        if not self.d.main:
+            return
+        self.log = StepLog(self.paths.plots / "train.tsv", TRAIN_COLUMNS, rows["train"])
+        if self.val is not None:
+            self.eval_log = StepLog(self.paths.plots / "eval.tsv", EVAL_COLUMNS, rows["eval"])
+        if not self.quiet:
             from tqdm import tqdm
 
-            bar = tqdm(total=recipe.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(total=self.recipe.steps, initial=self.start, desc=self.desc, unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
 
-    def save_checkpoint(step: int, finished: bool = False):
-        rng = [checkpoint.rng_state(device)]
+    def batch(self, idx, m: int):
+        gen = torch.Generator().manual_seed(self.recipe.seed * 7_919 + self.step * 131 + m)  # augmentation: f(step, micro-batch)
+        if self.device.type == "cpu":
+            return self.data.batch(idx, augment=self.recipe.augment, generator=gen)
+        x, y = device_batch(self.data, idx, self.recipe.augment, gen, self.device, self.mean, self.std)
+        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
+
+    def train_step(self):
+        """One optimizer step: accumulate this process's micro-batches, clip, update."""
+        r, mb, d = self.recipe, self.recipe.micro_batch, self.d
+        lr = lr_at(self.step, r)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        idx = self.stream.take(self.step * r.batch_size, r.batch_size)
+        step_loss = torch.zeros((), device=self.device)
+        for n, m in enumerate(self.mine):
+            x, y = self.batch(idx[m * mb:(m + 1) * mb], m)
+            # DDP all-reduces gradients once per step: after this process's last micro-batch
+            with self.net.no_sync() if d.world > 1 and n < len(self.mine) - 1 else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = F.cross_entropy(self.net(x), y, label_smoothing=r.label_smoothing)
+                (self.scaler.scale(loss * self.loss_scale) if self.scaler else loss * self.loss_scale).backward()
+            step_loss += loss.detach() * (mb / r.batch_size)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.pending.append((self.step, lr, step_loss, norm, now()))
+
+    def evaluating(self) -> bool:
+        return self.val is not None and (self.step % self.recipe.eval_every == 0 or self.step == self.recipe.steps)
+
+    def checkpointing(self) -> bool:
+        return self.step % self.recipe.checkpoint_every == 0 and self.step < self.recipe.steps
+
+    def at_sync(self) -> bool:
+        s = self.step
+        return s % LOG_EVERY == 0 or self.evaluating() or self.checkpointing() or s == self.recipe.steps
+
+    def sync(self):
+        """Host sync, at the same steps in every process: read back, check, log, evaluate,
+        checkpoint, agree on stopping."""
+        d, r = self.d, self.recipe
+        flag = torch.tensor([float(self.stop.signal is not None)], device=self.device)
+        shared = torch.cat([torch.stack([p[2] for p in self.pending]), flag])
+        if d.world > 1:
+            torch.distributed.all_reduce(shared)  # sums each process's share of the loss, and the flags
+        shared, norms = shared.tolist(), torch.stack([p[3] for p in self.pending]).tolist()
+        t_sync = now()
+        rate = r.batch_size * len(self.pending) / (t_sync - self.t_window)
+        seconds_per_step = (t_sync - self.t_run) / (self.step - self.start)
+        memory_mb = self.sampler.step_memory_mb()
+        for (s, lr_s, _, _, t), loss_s, norm_s in zip(self.pending, shared, norms):
+            self.check_finite(s, loss_s, norm_s)
+            self.skipped += not math.isfinite(norm_s)  # fp16 overflow: the scaler skipped this update
+            self.loss_value = loss_s
+            if d.main:
+                self.log.write(step=s, loss=loss_s, lr=lr_s, img_per_s=rate, img_per_s_per_device=rate / d.world,
+                               elapsed_s=self.elapsed0 + t - self.t_run, eta_s=(r.steps - s) * seconds_per_step,
+                               memory_mb=memory_mb)
+        self.pending.clear()
+        if self.bar:
+            self.bar.update(self.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{self.loss_value:.3f}", img_s=f"{rate:.0f}", **self.sampler.live(), refresh=False)
+        if self.log:
+            self.log.flush()
+        if self.evaluating() and d.main:
+            self.last_val = accuracy(self.model, self.val, self.device, amp_dtype=self.amp_dtype)
+            self.best_val = max(self.best_val or 0.0, self.last_val["top1"])
+            self.eval_log.write(step=self.step, val_acc=self.last_val["top1"], val_loss=self.last_val["loss"],
+                                elapsed_s=self.elapsed0 + now() - self.t_run)
+            self.eval_log.flush()
+        stopping = shared[-1] > 0 and self.step < r.steps
+        if self.checkpointing() or stopping:
+            self.save_checkpoint()
+        if stopping:
+            self.stop_now()
+        self.cores.rebalance()
+        self.t_window = now()  # img/s counts training only, not evaluation or checkpoints
+
+    def check_finite(self, s: int, loss_s: float, norm_s: float):
+        if math.isfinite(loss_s) and (math.isfinite(norm_s) or self.scaler is not None):
+            return
+        where = (f"the last good checkpoint is step {self.last_good} in {self.store.dir}" if self.last_good
+                 else "no checkpoint was written yet")
+        what = f"loss is {loss_s}" if not math.isfinite(loss_s) else f"gradient norm is {norm_s}"
+        raise TrainingDiverged(f"[{self.desc}] {what} at step {s} ({where}); resuming it with the same params "
+                               f"diverges the same way: lower {self.section}.lr or use precision fp32/bf16, with "
+                               f"{self.section}.resume: fresh")
+
+    def save_checkpoint(self, finished: bool = False):
+        d = self.d
+        rng = [checkpoint.rng_state(self.device)]
         if d.world > 1:
             rng = [None] * d.world
-            torch.distributed.all_gather_object(rng, checkpoint.rng_state(device))
+            torch.distributed.all_gather_object(rng, checkpoint.rng_state(self.device))
         if d.main:
-            log.flush()
-            checkpoint.save(paths.checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step,
-                            elapsed_s=elapsed0 + now() - t_run, config=config, rng=rng, finished=finished,
-                            log={"train": log.rows, "eval": eval_log.rows if eval_log else []},
-                            extra={"best_val": best_val, "skipped_steps": skipped})
-        return step
+            self.log.flush()
+            checkpoint.save(self.store.path(self.step), model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                            step=self.step, elapsed_s=self.elapsed0 + now() - self.t_run, config=self.config, rng=rng,
+                            finished=finished, log={"train": self.log.rows,
+                                                    "eval": self.eval_log.rows if self.eval_log else []},
+                            extra={"best_val": self.best_val, "skipped_steps": self.skipped})
+            self.store.commit(self.step)
+        self.last_good = self.step
 
-    last_good = start if ckpt else None
-    skipped, best_val, last_val = extra.get("skipped_steps", 0), extra.get("best_val"), None
-    loss_value = float("nan")
-    pending = []  # (step, lr, loss, grad norm, host time) of steps not read back yet
-    t_run = t_window = now()
-    with Sampler(device) as sampler, StopRequested() as stop:
-        step = start
-        try:
-            while step < recipe.steps:
-                lr = lr_at(step, recipe)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                idx = stream.take(step * B, B)
-                step_loss = torch.zeros((), device=device)
-                for n, m in enumerate(mine):
-                    x, y = batch(idx[m * mb:(m + 1) * mb], step, m)
-                    # DDP all-reduces gradients once per step: after this process's last micro-batch
-                    with net.no_sync() if d.world > 1 and n < len(mine) - 1 else contextlib.nullcontext():
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            loss = F.cross_entropy(net(x), y, label_smoothing=recipe.label_smoothing)
-                        (scaler.scale(loss * loss_scale) if scaler else loss * loss_scale).backward()
-                    step_loss += loss.detach() * (mb / B)
-                if scaler:
-                    scaler.unscale_(optimizer)  # clip the true gradients
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip or float("inf"))
-                if scaler:
-                    scaler.step(optimizer)  # skips the update when fp16 gradients overflowed
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                pending.append((step, lr, step_loss, norm, now()))
+    def stop_now(self):
+        if self.d.world > 1:
+            torch.distributed.barrier()  # nobody exits before rank 0 has saved
+        if self.d.main:
+            self.store.wait_for_upload()
+            print(f"\n[{self.desc}] stopped by signal at step {self.step}; checkpoint saved to "
+                  f"{self.store.path(self.step)}; run the stage again to resume", file=sys.stderr)
+        sys.exit(128 + (self.stop.signal or 15))
 
-                evaluating = val is not None and (step % recipe.eval_every == 0 or step == recipe.steps)
-                checkpointing = step % recipe.checkpoint_every == 0 and step < recipe.steps
-                if not (step % LOG_EVERY == 0 or evaluating or checkpointing or step == recipe.steps):
-                    continue
-
-                # Host sync, at the same steps in every process: read back, check, log, agree on stopping.
-                flag = torch.tensor([float(stop.signal is not None)], device=device)
-                shared = torch.cat([torch.stack([p[2] for p in pending]), flag])
-                if d.world > 1:
-                    torch.distributed.all_reduce(shared)  # sums each process's share of the loss, and the flags
-                shared, norms = shared.tolist(), torch.stack([p[3] for p in pending]).tolist()
-                t_sync = now()
-                rate = B * len(pending) / (t_sync - t_window)
-                seconds_per_step = (t_sync - t_run) / (step - start)
-                memory_mb = sampler.step_memory_mb()
-                for (s, lr_s, _, _, t), loss_s, norm_s in zip(pending, shared, norms):
-                    if not math.isfinite(loss_s) or (not math.isfinite(norm_s) and scaler is None):
-                        where = (f"the last good checkpoint is step {last_good} in {paths.checkpoint}" if last_good
-                                 else "no checkpoint was written yet")
-                        what = f"loss is {loss_s}" if not math.isfinite(loss_s) else f"gradient norm is {norm_s}"
-                        raise TrainingDiverged(
-                            f"[{desc}] {what} at step {s} ({where}); resuming it with the same params diverges "
-                            f"the same way: lower {section}.lr or use precision fp32/bf16, with {section}.resume: fresh")
-                    skipped += not math.isfinite(norm_s)  # fp16 overflow: the scaler skipped this update
-                    loss_value = loss_s
-                    if d.main:
-                        log.write(step=s, loss=loss_s, lr=lr_s, img_per_s=rate, img_per_s_per_device=rate / d.world,
-                                  elapsed_s=elapsed0 + t - t_run, eta_s=(recipe.steps - s) * seconds_per_step,
-                                  memory_mb=memory_mb)
-                pending.clear()
-                if bar:
-                    bar.update(step - bar.n)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}", **sampler.live(), refresh=False)
-                if log:
-                    log.flush()
-                if evaluating and d.main:
-                    last_val = accuracy(model, val, device, amp_dtype=amp_dtype)
-                    best_val = max(best_val or 0.0, last_val["top1"])
-                    eval_log.write(step=step, val_acc=last_val["top1"], val_loss=last_val["loss"],
-                                   elapsed_s=elapsed0 + now() - t_run)
-                    eval_log.flush()
-                stopping = shared[-1] > 0 and step < recipe.steps
-                if checkpointing or stopping:
-                    last_good = save_checkpoint(step)
-                if stopping:
-                    if d.world > 1:
-                        torch.distributed.barrier()  # nobody exits before rank 0 has saved
-                    if d.main:
-                        print(f"\n[{desc}] stopped by signal at step {step}; checkpoint saved to "
-                              f"{paths.checkpoint}; run the stage again to resume", file=sys.stderr)
-                    sys.exit(128 + (stop.signal or 15))
-                t_window = now()  # img/s counts training only, not evaluation or checkpoints
-        except torch.OutOfMemoryError:
-            raise UserError(oom_message(recipe, section, run_config, weights_meta.get("num_classes"), device, d.world)) from None
-
-        # Outputs first, then the finished checkpoint: killed in between, a re-run resumes
-        # from the last periodic checkpoint and writes them again.
-        wall = elapsed0 + now() - t_run
+    def finish(self) -> dict:
+        """Outputs first, then the checkpoints go: killed in between, a re-run resumes from the
+        last periodic checkpoint and writes them again."""
+        d, r = self.d, self.recipe
+        wall = self.elapsed0 + now() - self.t_run
         metrics = {}
         if d.main:
-            if bar:
-                bar.close()
+            if self.bar:
+                self.bar.close()
             metrics = {
-                "steps": recipe.steps,
-                "batch_size": B,
-                "train_loss": round(loss_value, 5),
+                "steps": r.steps,
+                "batch_size": r.batch_size,
+                "train_loss": round(self.loss_value, 5),
                 "wall_time_s": round(wall, 2),
-                "img_per_s": round(recipe.steps * B / wall, 2) if wall > 0 else 0.0,
-                "img_per_s_per_device": round(recipe.steps * B / wall / d.world, 2) if wall > 0 else 0.0,
+                "img_per_s": round(r.steps * r.batch_size / wall, 2) if wall > 0 else 0.0,
+                "img_per_s_per_device": round(r.steps * r.batch_size / wall / d.world, 2) if wall > 0 else 0.0,
                 "devices": d.world,
-                "device": device.type,
-                "params": sum(p.numel() for p in model.parameters()),
-                "skipped_steps": int(skipped),
-                "attention": attention,
+                "device": self.device.type,
+                "params": sum(p.numel() for p in self.model.parameters()),
+                "skipped_steps": int(self.skipped),
+                "attention": self.attention,
             }
-            if last_val is not None:
-                metrics |= {"val_acc": round(last_val["top1"], 5), "best_val_acc": round(best_val, 5)}
-            metrics |= sampler.summary()
-            torch_save(paths.weights, {"state_dict": model.state_dict(), **weights_meta})
-            write_json(paths.metrics, metrics)
-        save_checkpoint(step, finished=True)
+            if self.last_val is not None:
+                metrics |= {"val_acc": round(self.last_val["top1"], 5), "best_val_acc": round(self.best_val, 5)}
+            metrics |= self.sampler.summary()
+            torch_save(self.paths.weights, {"state_dict": self.model.state_dict(), **self.weights_meta})
+            write_json(self.paths.metrics, metrics)
+        if self.store.keep:
+            self.save_checkpoint(finished=True)
         if d.main:
-            log.close()
-            if eval_log:
-                eval_log.close()
-    if d.world > 1:
-        torch.distributed.barrier()
-    return metrics
+            self.store.finish()
+            self.log.close()
+            if self.eval_log:
+                self.eval_log.close()
+        if d.world > 1:
+            torch.distributed.barrier()
+        return metrics
 
 
 def device_profile(device: torch.device):
