@@ -1,0 +1,251 @@
+"""The checkpoint store: keyed by fingerprint, mirrored to a folder or a real S3-compatible
+server (moto, started here on 127.0.0.1), verified uploads, torn uploads ignored, and every
+bad mirror or store one clear line."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from vitpipe import checkpoint_store
+from vitpipe.checkpoint_store import CheckpointStore
+from vitpipe.errors import UserError
+
+FP = "0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the moto server; the AWS_* variables any s3fs client here or in a
+    subprocess needs to reach it."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    bucket = f"vitpipe-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir(bucket)
+    return bucket
+
+
+def fake_checkpoint(store: CheckpointStore, step: int, size: int = 200_000) -> bytes:
+    data = os.urandom(size)
+    store.path(step).write_bytes(data)
+    store.commit(step)
+    return data
+
+
+def test_settings_env_then_local_config_then_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("VITPIPE_CHECKPOINT_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    nested = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpabc"  # where DVC's temp experiments run
+    nested.mkdir(parents=True)
+    monkeypatch.chdir(nested)
+    assert checkpoint_store.settings()["dir"] == tmp_path / "cache" / "vitpipe" / "checkpoints"
+    (tmp_path / "project" / "vitpipe.local.yaml").write_text(f"checkpoint_dir: {tmp_path / 'conf'}\n"
+                                                             f"checkpoint_mirror: {tmp_path / 'm'}\n")
+    assert checkpoint_store.settings() == {"dir": tmp_path / "conf", "mirror": str(tmp_path / "m"), "keep": False}
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_DIR", str(tmp_path / "env"))
+    assert checkpoint_store.settings()["dir"] == tmp_path / "env"
+    (tmp_path / "project" / "vitpipe.local.yaml").write_text("checkpoint_dri: x\n")
+    with pytest.raises(UserError, match="vitpipe.local.yaml: unknown key.*checkpoint_dri.*checkpoint_dir"):
+        checkpoint_store.settings()
+
+
+def test_upload_is_verified_then_older_steps_go_and_a_new_machine_gets_it(tmp_path):
+    mirror = tmp_path / "drive"
+    store = CheckpointStore(FP, "train_scratch", 9, directory=tmp_path / "a", mirror=str(mirror))
+    fake_checkpoint(store, 3)
+    store.wait_for_upload()
+    data = fake_checkpoint(store, 6)
+    store.wait_for_upload()
+    assert sorted(p.name for p in (mirror / FP).iterdir()) == ["step-00000006.json", "step-00000006.pt"]
+    manifest = json.loads((mirror / FP / "step-00000006.json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["size"] == len(data)
+    assert sorted(p.name for p in store.dir.glob("step-*")) == ["step-00000006.json", "step-00000006.pt"]
+
+    fresh = CheckpointStore(FP, "train_scratch", 9, directory=tmp_path / "b", mirror=str(mirror))
+    found = fresh.latest("fix")
+    assert found.step == 6 and found.where == f"mirror {mirror}" and found.path.read_bytes() == data
+    assert fresh.latest("fix").where.startswith("local store")  # downloaded once, then local
+
+
+def test_the_newest_waiting_upload_wins(tmp_path):
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror=str(tmp_path / "m"))
+    uploaded, real = [], store._upload
+
+    def slow(path, step):
+        uploaded.append(step)
+        time.sleep(0.5 if step == 1 else 0)
+        real(path, step)
+
+    store._upload = slow
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(store, step, size=1000)
+        time.sleep(0.05)
+    store.wait_for_upload()
+    assert uploaded == [1, 4]  # one in flight; 2 and 3 were replaced while it ran
+    assert [p.name for p in sorted((tmp_path / "m" / FP).glob("*.pt"))] == ["step-00000004.pt"]
+
+
+def test_torn_and_foreign_files_in_the_mirror_are_ignored(tmp_path, capsys):
+    mirror = tmp_path / "m"
+    store = CheckpointStore(FP, "s", 20, directory=tmp_path / "a", mirror=str(mirror))
+    data = fake_checkpoint(store, 3)
+    store.wait_for_upload()
+    run = mirror / FP
+    (run / "step-00000006.pt").write_bytes(data[:1000])  # torn: the upload never got its manifest
+    (run / "step-00000009.pt").write_bytes(os.urandom(len(data)))  # damaged after its manifest was written
+    (run / "step-00000009.json").write_text(json.dumps({"fingerprint": FP, "step": 9, "size": len(data),
+                                                        "sha256": hashlib.sha256(data).hexdigest()}))
+    (run / "step-00000012.pt").write_bytes(data)  # another run's files under this run's name
+    (run / "step-00000012.json").write_text(json.dumps({"fingerprint": "feedfacefeedface", "step": 12,
+                                                        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    fresh = CheckpointStore(FP, "s", 20, directory=tmp_path / "b", mirror=str(mirror))
+    found = fresh.latest("fix")
+    assert found.step == 3 and found.path.read_bytes() == data
+    err = capsys.readouterr().err
+    assert f"ignoring {run}/step-00000012.json in the checkpoint mirror: it belongs to another run" in err
+    assert "ignoring step 9 in the checkpoint mirror" in err and "does not match its manifest" in err
+    assert "step-00000006" not in err  # a torn upload is simply not a checkpoint
+    assert not list(fresh.dir.glob(".*download"))
+
+
+UPLOAD_KILLED = """
+import sys, time
+from vitpipe.checkpoint_store import CheckpointStore
+store = CheckpointStore("{fp}", "s", 9, directory=sys.argv[1], mirror=sys.argv[2])
+real_open = store.fs.open
+def slow_open(path, mode="rb", **kw):
+    f = real_open(path, mode, **kw)
+    if "w" in mode:
+        write = f.write
+        f.write = lambda b: (print("uploading", flush=True), time.sleep(0.3), write(b))[-1]
+    return f
+store.fs.open = slow_open
+store.path(6).write_bytes(b"x" * (40 << 20))
+store.commit(6)
+store.wait_for_upload()
+"""
+
+
+def test_a_process_killed_mid_upload_leaves_the_previous_checkpoint_in_force(tmp_path):
+    mirror = tmp_path / "m"
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror=str(mirror))
+    data = fake_checkpoint(store, 3)
+    store.wait_for_upload()
+    p = subprocess.Popen([sys.executable, "-c", UPLOAD_KILLED.format(fp=FP), str(tmp_path / "a"), str(mirror)],
+                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert p.stdout.readline().strip() == "uploading"
+    time.sleep(0.5)  # one or two of the five chunks are out
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    torn = mirror / FP / "step-00000006.pt"
+    assert torn.exists() and torn.stat().st_size < 40 << 20 and not torn.with_suffix(".json").exists()
+    found = CheckpointStore(FP, "s", 9, directory=tmp_path / "new-machine", mirror=str(mirror)).latest("fix")
+    assert found.step == 3 and found.path.read_bytes() == data
+
+
+def test_s3_mirror_roundtrip(tmp_path, s3_bucket):
+    url = f"s3://{s3_bucket}/ckpt"
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror=url)
+    data = fake_checkpoint(store, 4)
+    store.wait_for_upload()
+    assert not store._mirror_warned
+    found = CheckpointStore(FP, "s", 9, directory=tmp_path / "b", mirror=url).latest("fix")
+    assert (found.step, found.where, found.path.read_bytes()) == (4, f"mirror {url}", data)
+    store.discard()  # a finished run: gone from the mirror too
+    assert CheckpointStore(FP, "s", 9, directory=tmp_path / "c", mirror=url).latest("fix") is None
+
+
+def test_unreachable_mirror_warns_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", "s3://nowhere/ckpt")
+    from test_train import recipe, train
+
+    _, m = train(tmp_path, recipe(steps=12, checkpoint_every=4))
+    assert m["steps"] == 12
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("vitpipe: warning: checkpoint mirror s3://nowhere/ckpt failed")
+    assert "training goes on with local checkpoints" in warnings[0]
+
+
+def test_missing_filesystem_extra_names_it(tmp_path):
+    with pytest.raises(UserError, match=r"checkpoint mirror gs://bucket/x needs a package .*pip install 'vitpipe\[gs\]'"):
+        CheckpointStore(FP, "s", 9, directory=tmp_path, mirror="gs://bucket/x")
+    with pytest.raises(UserError, match=r"az://c/x needs .*vitpipe\[az\]"):
+        CheckpointStore(FP, "s", 9, directory=tmp_path, mirror="az://c/x")
+
+
+def test_read_only_store_is_one_clear_error(tmp_path):
+    if os.geteuid() == 0:  # root writes through permission bits: use a filesystem nobody may write
+        where = Path("/sys/vitpipe-checkpoints")
+    else:
+        where = tmp_path / "ro"
+        where.mkdir(mode=0o500)
+    with pytest.raises(UserError, match=rf"checkpoint store {where} is not writable .*set VITPIPE_CHECKPOINT_DIR"):
+        CheckpointStore(FP, "s", 9, directory=where)
+
+
+def test_dvc_remote_as_mirror_reuses_its_endpoint(tmp_path, monkeypatch, s3_bucket, s3_server):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    subprocess.run(["git", "init", "-q"], check=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(dvc + ["init", "-q"], check=True)
+    subprocess.run(dvc + ["remote", "add", "-d", "store", f"s3://{s3_bucket}/dvc"], check=True)
+    subprocess.run(dvc + ["remote", "modify", "store", "endpointurl", s3_server], check=True)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only DVC's config knows the endpoint now
+    url, options = checkpoint_store.resolve_mirror("dvc")
+    assert url == f"s3://{s3_bucket}/dvc/vitpipe-checkpoints"
+    assert options["client_kwargs"]["endpoint_url"] == s3_server
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror="dvc")
+    data = fake_checkpoint(store, 2)
+    store.wait_for_upload()
+    assert not store._mirror_warned
+    found = CheckpointStore(FP, "s", 9, directory=tmp_path / "b", mirror="dvc").latest("fix")
+    assert found.path.read_bytes() == data
+
+
+def test_dvc_mirror_without_a_default_remote(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
+    with pytest.raises(UserError, match="no default DVC remote; set one with `dvc remote add -d"):
+        CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror="dvc")
+
+
+def test_list_runs(tmp_path):
+    store = CheckpointStore(FP, "finetune@vit_tiny", 9, directory=tmp_path)
+    fake_checkpoint(store, 5, size=1234)
+    (row,) = checkpoint_store.list_runs(tmp_path)
+    assert row["stage"] == "finetune@vit_tiny" and row["fingerprint"] == FP and row["step"] == 5
+    assert row["total_steps"] == 9 and row["size_bytes"] == 1234 and 0 <= row["age_s"] < 60
+
+
+

@@ -1,0 +1,150 @@
+"""Through real `dvc` commands: the run-cache covers every training stage, a lost machine
+resumes from the mirror in a fresh clone, and a killed --temp experiment resumes."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import MICRO, run, store_steps, write_params
+from test_checkpoint_store import s3_bucket, s3_server  # noqa: F401  (fixtures)
+from test_resume import LONG, reference, wait_for  # noqa: F401  (fixtures)
+from test_train import assert_identical, weights
+
+pytestmark = pytest.mark.slow
+
+DVC = [sys.executable, "-m", "dvc"]
+TRAINING = {"train_scratch", "pretrain@vit_micro", "pretrain@resnet18", "finetune@vit_micro", "finetune@resnet18"}
+
+
+def ran(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def restored(out: str) -> set[str]:
+    return set(re.findall(r"Stage '([^']+)' is cached - skipping run", out))
+
+
+def dvc(args, repo, **kw):
+    p = run(DVC + args, repo, **kw)
+    return p.stdout + p.stderr
+
+
+def test_returning_to_old_params_restores_every_training_stage_from_the_run_cache(project, checkpoint_store):
+    dvc(["repro"], project)  # A
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "A"], project)
+    b = dvc(["exp", "run", "-S", "train.steps=4", "-S", "finetune.steps=4", "-S", "pretrain.steps=2"], project)
+    assert TRAINING <= ran(b)
+    again = dvc(["exp", "run", "-S", f"train.steps={MICRO['train']['steps']}", "-S",
+                 f"finetune.steps={MICRO['finetune']['steps']}", "-S", f"pretrain.steps={MICRO['pretrain']['steps']}"],
+                project)
+    assert not ran(again) & TRAINING, again  # no training stage ran ...
+    assert TRAINING <= restored(again)       # ... each came back from the run-cache
+    rows = (project / "plots/train_scratch/train.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == list(range(1, MICRO["train"]["steps"] + 1))  # A's log, restored
+    assert store_steps(checkpoint_store) == []  # and nothing trained: no checkpoint written
+    assert run(DVC + ["status"], project).stdout.strip() == "Data and pipelines are up to date."
+
+
+def _origin(project: Path, mirror_remote: str | None) -> Path:
+    doc = yaml.safe_load((project / "params.yaml").read_text())
+    doc["train"].update(LONG)
+    write_params(project / "params.yaml", doc)
+    if mirror_remote:  # the S3 case: the project's default DVC remote is the mirror
+        run(DVC + ["remote", "add", "-d", "store", mirror_remote[0]], project)
+        run(DVC + ["remote", "modify", "store", "endpointurl", mirror_remote[1]], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "long training"], project)
+    return project
+
+
+def _mirror_steps(kind: str, where, endpoint=None) -> list[int]:
+    if kind == "folder":
+        return store_steps(where)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint})
+    steps = []
+    for f in fs.glob(f"{where}/*/step-*.json", refresh=True) if fs.exists(where) else []:
+        steps.append(json.loads(fs.cat_file(f))["step"])
+    return sorted(steps)
+
+
+@pytest.mark.parametrize("kind", ["folder", "s3"])
+def test_lost_machine_resumes_from_the_mirror_in_a_fresh_clone(tmp_path, project, reference, kind, request):
+    if kind == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        endpoint = os.environ["AWS_ENDPOINT_URL"]
+        origin = _origin(project, (f"s3://{bucket}/dvc", endpoint))
+        mirror, where = "dvc", f"{bucket}/dvc/vitpipe-checkpoints"
+        os.environ.pop("AWS_ENDPOINT_URL")  # the clones know the endpoint from DVC's config only
+        request.addfinalizer(lambda: os.environ.__setitem__("AWS_ENDPOINT_URL", endpoint))
+    else:
+        origin = _origin(project, None)
+        mirror = where = str(tmp_path / "drive" / "vitpipe")
+        endpoint = None
+    # clone X on machine 1: killed mid-training, after the mirror holds a verified step
+    x, store_x = tmp_path / "x", tmp_path / "store-x"
+    run(["git", "clone", "-q", str(origin), str(x)], tmp_path)
+    env = {"VITPIPE_CHECKPOINT_DIR": str(store_x), "VITPIPE_CHECKPOINT_MIRROR": mirror, "OMP_NUM_THREADS": "1"}
+    run(DVC + ["repro", "preprocess"], x, env=env)
+    p = subprocess.Popen(DVC + ["repro", "train_scratch"], cwd=x, start_new_session=True,
+                         env={**os.environ, **env, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: max(_mirror_steps(kind, where, endpoint), default=0) >= 30, p, poll=0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the runtime disconnects: dvc, the stage, its upload thread
+    p.communicate()
+    in_mirror = max(_mirror_steps(kind, where, endpoint))
+    assert 30 <= in_mirror < LONG["steps"]
+    shutil.rmtree(x)
+    shutil.rmtree(store_x)
+    # clone Y on machine 2: an empty local store, the same mirror
+    y = tmp_path / "y"
+    run(["git", "clone", "-q", str(origin), str(y)], tmp_path)
+    env["VITPIPE_CHECKPOINT_DIR"] = str(tmp_path / "store-y")
+    out = dvc(["repro", "train_scratch"], y, env=env)
+    shown = f"s3://{where}" if kind == "s3" else where
+    assert f"resuming from mirror {shown} at step " in out, out[-3000:]
+    resumed_at = int(out.split("resuming from mirror ")[1].split(" at step ")[1].split("/")[0])
+    assert resumed_at >= in_mirror
+    assert_identical(reference, weights(y / "models/scratch/model.pt"))
+    assert _mirror_steps(kind, where, endpoint) == []  # finished: its checkpoints left the mirror
+    assert "changed" not in run(DVC + ["status", "train_scratch"], y, env=env).stdout
+
+
+def test_killed_temp_experiment_resumes_when_run_again(project, reference, checkpoint_store):
+    doc = yaml.safe_load((project / "params.yaml").read_text())
+    doc["train"].update(LONG)
+    write_params(project / "params.yaml", doc)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "long"], project)
+    run(DVC + ["repro", "preprocess"], project)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    p = subprocess.Popen(DVC + ["exp", "run", "--temp", "train_scratch"], cwd=project, env=env, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: max(store_steps(checkpoint_store), default=0) >= 30, p, poll=0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate()
+    step = max(store_steps(checkpoint_store))
+    time.sleep(0.5)
+    again = run(DVC + ["exp", "run", "--temp", "train_scratch"], project, env={"OMP_NUM_THREADS": "1"})
+    out = again.stdout + again.stderr
+    assert f"resuming from local store {checkpoint_store}/" in out and f"at step {step}/{LONG['steps']}" in out, out[-3000:]
+    # the experiment's weights, from its commit and DVC's cache: those of an uninterrupted run
+    import io
+
+    import dvc.api
+    import torch
+
+    rev = run(["git", "for-each-ref", "--format=%(objectname)", "refs/exps"], project).stdout.split()[-1]
+    blob = dvc.api.read("models/scratch/model.pt", repo=str(project), rev=rev, mode="rb")
+    assert_identical(reference, torch.load(io.BytesIO(blob), weights_only=True)["state_dict"])
