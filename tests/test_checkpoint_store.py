@@ -249,3 +249,32 @@ def test_list_runs(tmp_path):
 
 
 
+
+
+def test_cli_lists_and_removes(tmp_path, monkeypatch, capsys, checkpoint_store):
+    from vitpipe.cli import main
+
+    mirror = tmp_path / "drive"
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", str(mirror))
+    old = CheckpointStore("aaaa111122223333", "train_scratch", 150, mirror=str(mirror))
+    fake_checkpoint(old, 50, size=3000)
+    old.wait_for_upload()
+    for man in [*checkpoint_store.glob("aaaa*/*.json"), *mirror.glob("aaaa*/*.json")]:  # written 8 days ago
+        man.write_text(json.dumps(json.loads(man.read_text()) | {"written": time.time() - 8 * 86400}))
+    new = CheckpointStore("bbbb111122223333", "finetune@vit_tiny", 150)
+    fake_checkpoint(new, 100, size=5000)
+    new.wait_for_upload()
+    assert main(["checkpoints"]) == 0
+    out = capsys.readouterr().out
+    assert "train_scratch" in out and "50/150" in out and "8d" in out and "finetune@vit_tiny" in out
+    for fp in ("aaaa111122223333", "bbbb111122223333"):  # a row for the local store, one for the mirror
+        assert len([line for line in out.splitlines() if fp in line]) == 2, out
+    assert main(["checkpoints", "rm", "--older-than", "7d"]) == 0
+    assert not (checkpoint_store / "aaaa111122223333").exists() and not (mirror / "aaaa111122223333").exists()
+    assert (checkpoint_store / "bbbb111122223333").exists()
+    assert main(["checkpoints", "rm", "cccc"]) == 2
+    assert "'cccc' matches 0 stored runs" in capsys.readouterr().err
+    assert main(["checkpoints", "rm", "--older-than", "soon"]) == 2
+    assert "--older-than 'soon' is not an age" in capsys.readouterr().err
+    assert main(["checkpoints", "rm", "bbbb"]) == 0
+    assert main(["checkpoints", "--json"]) == 0 and json.loads(capsys.readouterr().out.split("removed bbbb111122223333\n")[-1]) == []
