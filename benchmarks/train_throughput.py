@@ -3,7 +3,8 @@
 Runs, in one process, on the same model, batch, micro-batch, precision and threads:
   bare      a plain timm forward / backward / clip / AdamW step loop on tensors already in memory
   pipeline  vitpipe.train.fit: data loading and augmentation from a uint8 store, telemetry
-            thread, step log, progress bar, checkpoints every `checkpoint_every` steps
+            thread, step log, progress bar, checkpoints every `checkpoint_every` steps, uploaded to
+            a checkpoint mirror (a temp folder unless --mirror says otherwise)
 alternating them for a few rounds (the machine may be busy), and prints the ratio of their
 step rates (pipeline / bare; 1.0 = no overhead). On an NVIDIA GPU it then reports ViT-B/16
 at 224 px, bf16: img/s and MFU (the compute model's FLOPs over measured time and the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -82,12 +84,12 @@ def pipeline_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: in
     data = synthetic_split(max(2048, 4 * r.batch_size), size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = RunPaths(tmp / "checkpoint.pt", tmp / "model.pt", tmp / "metrics.json", tmp / "plots")
+        paths = RunPaths(tmp / "model.pt", tmp / "metrics.json", tmp / "plots")
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar runs, its terminal output is dropped
             metrics = fit(model, data, replace(r, steps=warmup + steps, resume="fresh"), paths, val=None,
                           run_config={"spec": spec, "image_size": size}, fresh_key="train.resume",
                           weights_meta={"spec": spec, "num_classes": CLASSES, "image_size": size},
-                          desc="benchmark", quiet=False)
+                          desc="benchmark", quiet=False, store_dir=tmp / "store")
         rows = [line.split("\t") for line in (paths.plots / "train.tsv").read_text().splitlines()[1:]]
         elapsed = {int(row[0]): float(row[5]) for row in rows}
     # steady state, from the step log's own clock: steps warmup+1 .. warmup+steps
@@ -115,8 +117,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-gpu-b16", action="store_true", help="skip the ViT-B/16 bf16 GPU measurement")
+    ap.add_argument("--mirror", default="temp",
+                    help="checkpoint mirror during the pipeline runs: 'temp' (a temp folder, the default), "
+                         "'none', or any VITPIPE_CHECKPOINT_MIRROR value")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    mirror_tmp = tempfile.TemporaryDirectory()
+    if args.mirror != "none":  # uploads run in the background: they must not slow training
+        os.environ["VITPIPE_CHECKPOINT_MIRROR"] = mirror_tmp.name if args.mirror == "temp" else args.mirror
+    else:
+        os.environ.pop("VITPIPE_CHECKPOINT_MIRROR", None)
 
     doc = params.read_yaml(args.params) if Path(args.params).exists() else {}
     size = (doc.get("data") or {}).get("image_size", 32)
@@ -126,7 +136,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device.type}, {torch.get_num_threads()} threads; model {spec} at {size}px; batch {r.batch_size} "
           f"(micro {r.micro_batch}), {r.precision}, checkpoint every {r.checkpoint_every} steps; "
-          f"{args.rounds} rounds x {args.steps} steps")
+          f"{args.rounds} rounds x {args.steps} steps; checkpoint mirror: {os.environ.get('VITPIPE_CHECKPOINT_MIRROR', 'none')}")
     ratio = compare(spec, size, r, args.steps, args.warmup, args.rounds, device)
     print(f"pipeline / bare step rate: {ratio:.3f} (target >= 0.97)")
 

@@ -4,6 +4,7 @@ never leaves a truncated file for DVC to cache."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -45,4 +46,9 @@ def torch_save(path, obj) -> None:
     import torch
 
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
+            if "write" not in str(e).lower() and "pos" not in str(e).lower():
+                raise
+            raise OSError(errno.ENOSPC, f"writing failed ({' '.join(str(e).split())[:120]})", str(path)) from None

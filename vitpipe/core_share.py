@@ -5,9 +5,9 @@ Each torch process starts as many threads as there are cores; two of them on one
 process therefore leaves a lease (a file named by its pid) in a machine-local folder next
 to the checkpoint store, and at every host sync takes cores // (live leases) threads.
 
-It stays out of the way when the user chose: OMP_NUM_THREADS set, or torch's thread count
-already changed from the default, or a GPU run, or DDP (torchrun's processes get their
-share from vitpipe.stage.relaunch_distributed).
+It stays out of the way when the user chose: OMP_NUM_THREADS set, VITPIPE_CORE_SHARE=0, or
+torch's thread count already changed from the default; and on a GPU run, or under DDP
+(torchrun's processes get their share from vitpipe.stage.relaunch_distributed).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class CoreShare:
     def __init__(self, device: torch.device, world: int = 1, folder: Path | None = None):
         self.cores = cpu_cores()
         self.active = (device.type == "cpu" and world == 1 and "OMP_NUM_THREADS" not in os.environ
+                       and os.environ.get("VITPIPE_CORE_SHARE", "1") != "0"
                        and torch.get_num_threads() == self.cores and self.cores > 1)
         if folder is None and self.active:
             from vitpipe.checkpoint_store import settings

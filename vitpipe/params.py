@@ -1,13 +1,19 @@
-"""A typed, validated view of params.yaml.
+"""A typed, validated view of params.yaml, driven by one schema.
 
-Every stage calls `load()` (or one of the section loaders) before any compute: a bad value
-fails here with one line naming the key, the value and what is allowed.
+`SCHEMA` names every key at every depth, its type, its range and what it does. The same
+table checks params.yaml (`check_all`, the `validate` stage that runs before any other),
+writes the params reference (`python -m vitpipe.params > docs/params.md`) and words the
+errors: one line naming the key, the value and what is allowed, with a did-you-mean for an
+unknown key. Numbers may be written as strings (`lr: 2e-3`, which YAML 1.1 reads as a
+string); every number that reaches numpy or torch is range-checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,16 +25,147 @@ from vitpipe.errors import ParamError, UserError
 PARAMS_FILE = "params.yaml"
 DATASETS = ("digits", "cifar10", "cifar100", "pets", "imagefolder")
 OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SOURCES = ("fractal", "timm", "npz", "file")
 RESUME = ("auto", "fresh")
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a stage name, a file name, a shell word
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of params.yaml: its type, range and meaning."""
+
+    kind: str                 # int | float | bool | str | choice | fraction | split | list | section
+    help: str
+    lo: float | None = None   # smallest allowed (inclusive unless lo_open)
+    hi: float | None = None   # largest allowed (inclusive unless hi_open)
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple = ()
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        if self.kind == "choice":
+            text = "one of: " + ", ".join(map(str, self.choices))
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "str":
+            text = "a string"
+        elif self.kind == "list":
+            text = "a non-empty list"
+        elif self.kind == "split":
+            text = "a mapping {train, val, test} of fractions that sum to 1"
+        elif self.kind in ("int", "float", "fraction"):
+            text = "an integer" if self.kind == "int" else "a number"
+            lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+            hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+            text += " " + " and ".join(x for x in (lo, hi) if x) if (lo or hi) else ""
+        else:
+            text = "a mapping"
+        return f"null or {text}" if self.nullable else text
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _int(help, lo=None, hi=None, **kw):
+    return Key("int", help, lo=lo, hi=hi, **kw)
+
+
+def _num(help, lo=None, hi=None, **kw):
+    return Key("float", help, lo=lo, hi=hi, **kw)
+
+
+RECIPE = {
+    "steps": _int("optimizer steps of the run", 1, 10**9),
+    "batch_size": _int("images per optimizer step", 1, 10**7),
+    "micro_batch": _int("images per forward/backward; batch_size is reached by gradient accumulation", 1, 10**7),
+    "optimizer": Key("choice", "adamw or SGD with momentum", choices=OPTIMIZERS),
+    "lr": _num("peak learning rate (after warmup)", 0, 10, lo_open=True),
+    "momentum": _num("SGD momentum", 0, 1, hi_open=True),
+    "weight_decay": _num("decoupled weight decay (not on biases, norms, tokens, position embeddings)", 0, 10),
+    "warmup_steps": _int("linear warmup steps, then cosine decay to 0", 0, 10**9),
+    "label_smoothing": _num("label smoothing of the cross-entropy", 0, 1, hi_open=True),
+    "grad_clip": _num("global gradient-norm clip (null: none)", 0, 10**6, lo_open=True, nullable=True),
+    "precision": Key("choice", "autocast precision; fp16 adds a grad scaler; auto = bf16 where native, "
+                     "fp16 on older GPUs, fp32 on CPU", choices=PRECISIONS),
+    "activation_checkpointing": Key("bool", "recompute each block in backward (ViTs only)"),
+    "compile": Key("bool", "torch.compile the model"),
+    "checkpoint_every": _int("steps between checkpoints", 1, 10**9),
+    "eval_every": _int("steps between validation passes", 1, 10**9, nullable=True),
+    "resume": Key("choice", "auto: resume this run's newest checkpoint; fresh: discard it", choices=RESUME),
+    "nproc": _int("processes (GPUs) under torchrun + DDP", 1, 1024),
+    "seed": _int("seed of the starting weights, data order and augmentation", 0, SEED_MAX),
+    "augment": Key("bool", "random shift and flip"),
+}
+FRACTAL = {
+    "classes": _int("fractal classes (one random iterated function system each)", 2, 100_000),
+    "images_per_class": _int("fractal images per class", 2, 100_000),
+}
+MODEL = {
+    "arch": Key("str", "vit | vit_b16-style short name | resnet18..152 | a timm ViT/ResNet name"),
+    "patch": _int("patch size in pixels (vit)", 1, 4096),
+    "dim": _int("embedding width (vit)", 1, 65536),
+    "depth": _int("transformer blocks (vit)", 1, 1024),
+    "heads": _int("attention heads; must divide dim (vit)", 1, 4096),
+    "mlp_ratio": _num("MLP hidden width / dim (vit)", 0, 64, lo_open=True),
+    "pool": Key("choice", "class token or average pooling (vit)", choices=("token", "avg")),
+}
+VIT_ONLY = set(MODEL) - {"arch"}
+VARIANT = {
+    **MODEL,
+    "source": Key("choice", "where the pretrained weights come from", choices=SOURCES),
+    "weights": Key("str", "timm model name, or a path to .npz / .pt / .safetensors", nullable=True),
+    "pretrain": Key("section", "overrides of pretrain: keys for this variant"),
+    "finetune": Key("section", "overrides of finetune: keys for this variant"),
+}
+SCHEMA: dict[str, dict[str, Key]] = {
+    "data": {
+        "dataset": Key("choice", "the dataset", choices=DATASETS),
+        "archive": Key("str", "a local archive or folder to import instead of downloading", nullable=True),
+        "url": Key("str", "a mirror of the download (null: the official URL)", nullable=True),
+        "md5": Key("str", "default: the published checksum; null: accept any; or a 32-hex-digit md5", nullable=True),
+        "image_size": _int("pixels, square; every model's patch must divide it", 8, 4096),
+        "split": Key("split", "fractions train/val/test; datasets with an official test split keep it"),
+        "seed": _int("seed of the split", 0, SEED_MAX),
+        "workers": _int("parallel decode processes in preprocess", 1, 256),
+    },
+    "model": MODEL,
+    "train": RECIPE,
+    "pretrain": {**RECIPE, **FRACTAL},
+    "finetune": RECIPE,
+    "variants": {},  # name -> VARIANT, checked by variant_spec
+    "evaluate": {
+        "batch_size": _int("images per inference batch", 1, 10**6),
+        "latency_batches": _int("batches timed for latency", 1, 10**4),
+    },
+    "profile": {
+        "models": Key("list", "model names or specs for the compute table"),
+        "image_size": _int("pixels", 1, 10**5),
+        "batch_size": _int("images per optimizer step", 1, 10**9),
+        "num_classes": _int("classes of the head", 1, 10**7),
+        "device": Key("str", "device profile (t4, a100-80, h100-80, ..., local)"),
+        "precision": Key("choice", "precision of the memory and time model", choices=("fp32", "bf16", "fp16", "tf32")),
+        "optimizer": Key("choice", "optimizer state in the memory model", choices=("adamw", "sgd")),
+        "schedule_steps": _int("steps of the schedule for the ETA", 1, 10**10),
+        "attention": Key("choice", "how activation memory is modelled", choices=("sdpa", "eager")),
+        "checkpointing": Key("bool", "activation checkpointing in the memory model"),
+        "mfu": _num("model FLOPs utilisation (null: each device's default)", 0, 1, lo_open=True, nullable=True),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Typed views
 
 
 @dataclass(frozen=True)
 class DataParams:
     dataset: str = "digits"
-    archive: str | None = None   # local archive/folder to import instead of downloading
-    url: str | None = None       # override the official download URL (a mirror)
+    archive: str | None = None
+    url: str | None = None
     md5: str | None = "default"
     image_size: int = 32
     split: dict = field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2})
@@ -82,6 +219,93 @@ class EvaluateParams:
     latency_batches: int = 5
 
 
+# ---------------------------------------------------------------------------------------
+# Checking one value
+
+
+NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def check_value(path: str, value: Any, key: Key) -> Any:
+    """The value, coerced to the key's type (numeric strings become numbers), or ParamError."""
+    if value is None:
+        if key.nullable:
+            return None
+        raise ParamError(path, value, key.allowed())
+    kind = key.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ParamError(path, value, key.allowed())
+        return value
+    if kind in ("int", "float", "fraction"):
+        number = value
+        if isinstance(value, str) and NUMBER.match(value):
+            number = float(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ParamError(path, value, key.allowed())
+        if kind == "int":
+            if float(number) != int(number):
+                raise ParamError(path, value, key.allowed())
+            number = int(number)
+        else:
+            number = float(number)
+        if ((key.lo is not None and (number < key.lo or (key.lo_open and number == key.lo)))
+                or (key.hi is not None and (number > key.hi or (key.hi_open and number == key.hi)))):
+            raise ParamError(path, value, key.allowed())
+        return number
+    if kind in ("str", "choice"):
+        if kind == "choice" and value not in key.choices:
+            raise ParamError(path, value, key.allowed())
+        if not isinstance(value, str):
+            raise ParamError(path, value, key.allowed())
+        return value
+    if kind == "list":
+        if not isinstance(value, list) or not value:
+            raise ParamError(path, value, key.allowed())
+        return value
+    if kind == "split":
+        return _split(path, value)
+    if kind == "section":
+        if not isinstance(value, dict):
+            raise ParamError(path, value, "a mapping of keys")
+        return value
+    raise AssertionError(kind)
+
+
+def unknown_key(path: str, name, value, known) -> ParamError:
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    section = path.rsplit(".", 1)[0] if "." in path else "params.yaml"
+    return ParamError(path, value, f"not a known key of {section}: {hint}known keys: {', '.join(known)}")
+
+
+def check_section(prefix: str, section: Any, keys: dict[str, Key]) -> dict:
+    """Every key known and valid; returns the coerced values."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ParamError(prefix, section, "a mapping of keys")
+    out = {}
+    for name, value in section.items():
+        if name not in keys:
+            raise unknown_key(f"{prefix}.{name}", name, value, keys)
+        out[name] = check_value(f"{prefix}.{name}", value, keys[name])
+    return out
+
+
+def _split(path: str, split) -> dict:
+    if not isinstance(split, dict) or set(split) != {"train", "val", "test"}:
+        raise ParamError(path, split, "a mapping with exactly the keys train, val, test")
+    fractions = {}
+    for k, v in split.items():
+        fractions[k] = check_value(f"{path}.{k}", v, Key("fraction", "", 0, 1))
+    return fractions
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+
+
 def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.exists():
@@ -89,79 +313,29 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from None
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({e})") from None
     if not isinstance(doc, dict):
         raise UserError(f"{path} must be a mapping of sections (data:, model:, train: …)")
+    for name, value in doc.items():
+        if name not in SCHEMA:
+            raise unknown_key(str(name), name, "…", SCHEMA)
+        if value is not None and not isinstance(value, dict):
+            raise ParamError(str(name), value, "a mapping of keys")
     return doc
 
 
-def _build(cls, section: dict | None, prefix: str):
-    """Dataclass from a params section: unknown keys and wrong types fail by name."""
-    section = section or {}
-    if not isinstance(section, dict):
-        raise ParamError(prefix, section, "a mapping of keys")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in section.items():
-        if key not in fields:
-            raise ParamError(f"{prefix}.{key}", value, "a known key: " + ", ".join(fields))
-        default = fields[key].default
-        if default is dataclasses.MISSING:
-            default = fields[key].default_factory()
-        values[key] = _coerce(f"{prefix}.{key}", value, default)
-    return cls(**values)
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ParamError(key, value, "true or false")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamError(key, value, "an integer")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ParamError(key, value, "a finite number")
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ParamError(key, value, "a string")
-    if isinstance(default, dict) and not isinstance(value, dict):
-        raise ParamError(key, value, "a mapping")
-    return value
-
-
-def _positive(key: str, value, allow_zero: bool = False):
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        raise ParamError(key, value, "a number >= 0" if allow_zero else "a positive number")
-
-
-def _choice(key: str, value, allowed):
-    if value not in allowed:
-        raise ParamError(key, value, "one of: " + ", ".join(map(str, allowed)))
-
-
 def data_params(doc: dict) -> DataParams:
-    p = _build(DataParams, doc.get("data"), "data")
-    _choice("data.dataset", p.dataset, DATASETS)
-    _positive("data.image_size", p.image_size)
-    _positive("data.workers", p.workers)
+    p = DataParams(**check_section("data", doc.get("data"), SCHEMA["data"]))
     split = p.split
-    if set(split) != {"train", "val", "test"}:
-        raise ParamError("data.split", split, "a mapping with exactly the keys train, val, test")
-    for k, v in split.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-            raise ParamError(f"data.split.{k}", v, "a fraction between 0 and 1")
     official_test = p.dataset in ("cifar10", "cifar100", "pets")  # these keep their own test split
     if split["train"] <= 0 or (split["test"] <= 0 and not official_test):
         raise ParamError("data.split", split, "train and test fractions must be > 0")
     if abs(sum(split.values()) - 1.0) > 1e-6:
         raise ParamError("data.split", split, f"fractions that sum to 1 (these sum to {sum(split.values()):g})")
     if p.md5 is not None and p.md5 != "default":
-        if not (isinstance(p.md5, str) and len(p.md5) == 32 and all(c in "0123456789abcdef" for c in p.md5.lower())):
+        if not (len(p.md5) == 32 and all(c in "0123456789abcdef" for c in p.md5.lower())):
             raise ParamError("data.md5", p.md5, "default, null, or a 32-hex-digit md5")
     return p
 
@@ -169,83 +343,140 @@ def data_params(doc: dict) -> DataParams:
 def train_params(doc: dict, section: str, variant: str | None = None) -> TrainParams:
     """The recipe of `section` (train | pretrain | finetune); with `variant`, overlaid by that
     variant's own `<section>:` keys (e.g. a smaller micro_batch for a bigger model)."""
-    base = doc.get(section) or {}
-    override = ((doc.get("variants") or {}).get(variant) or {}).get(section) if variant else None
-    if override is not None and not isinstance(override, dict):
-        raise ParamError(f"variants.{variant}.{section}", override, f"a mapping of {section} keys to override")
-    override = override or {}
-    _build(TrainParams, override, f"variants.{variant}.{section}")  # names an unknown key where it is
-    p = _build(TrainParams, {**base, **override}, section)
+    keys = SCHEMA[section]
+    base = check_section(section, doc.get(section), keys)
+    override = {}
+    if variant:
+        where = f"variants.{variant}.{section}"
+        override = check_section(where, ((doc.get("variants") or {}).get(variant) or {}).get(section), keys)
+    p = TrainParams(**{**base, **override})
 
     def key(k: str) -> str:
         return f"variants.{variant}.{section}.{k}" if k in override else f"{section}.{k}"
 
-    for k in ("steps", "batch_size", "micro_batch", "checkpoint_every", "nproc", "lr"):
-        _positive(key(k), getattr(p, k))
-    for k in ("warmup_steps", "weight_decay", "label_smoothing", "momentum", "seed"):
-        _positive(key(k), getattr(p, k), allow_zero=True)
-    if p.eval_every is not None:
-        _positive(key("eval_every"), p.eval_every)
-    if p.grad_clip is not None:
-        _positive(key("grad_clip"), p.grad_clip)
-    if p.label_smoothing >= 1:
-        raise ParamError(key("label_smoothing"), p.label_smoothing, "a number in [0, 1)")
-    if p.momentum >= 1:
-        raise ParamError(key("momentum"), p.momentum, "a number in [0, 1)")
     if p.warmup_steps >= p.steps:
         raise ParamError(key("warmup_steps"), p.warmup_steps, f"fewer than {key('steps')}={p.steps}")
-    _choice(key("optimizer"), p.optimizer, OPTIMIZERS)
-    _choice(key("precision"), p.precision, PRECISIONS)
-    _choice(key("resume"), p.resume, RESUME)
-    if p.batch_size % p.micro_batch:
-        divisors = [d for d in range(1, p.batch_size + 1) if p.batch_size % d == 0]
+    if p.micro_batch > p.batch_size or p.batch_size % p.micro_batch:
         raise ParamError(key("micro_batch"), p.micro_batch,
-                         f"a divisor of {key('batch_size')}={p.batch_size}: {', '.join(map(str, divisors))}")
+                         f"a divisor of {key('batch_size')}={p.batch_size}: {_divisors(p.batch_size)}")
     if p.nproc > 1 and p.accum_steps % p.nproc:
         raise ParamError(key("nproc"), p.nproc,
                          f"a count that divides batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)")
     if section == "pretrain":
-        _positive(key("classes"), p.classes)
-        _positive(key("images_per_class"), p.images_per_class)
+        for k in FRACTAL:
+            if getattr(p, k) < 2:
+                raise ParamError(key(k), getattr(p, k), SCHEMA["pretrain"][k].allowed())
     return p
+
+
+def _divisors(n: int, show: int = 12) -> str:
+    """The divisors of n, found in O(sqrt n): an error message must not hang on a huge batch."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    divs = sorted(set(small + [n // d for d in small]))
+    return ", ".join(map(str, divs[:show])) + (f", … ({len(divs)} in all)" if len(divs) > show else "")
 
 
 def evaluate_params(doc: dict) -> EvaluateParams:
-    p = _build(EvaluateParams, doc.get("evaluate"), "evaluate")
-    _positive("evaluate.batch_size", p.batch_size)
-    _positive("evaluate.latency_batches", p.latency_batches)
-    return p
+    return EvaluateParams(**check_section("evaluate", doc.get("evaluate"), SCHEMA["evaluate"]))
+
+
+def _spec(prefix: str, spec: Any, keys: dict[str, Key], image_size: int) -> dict:
+    from vitpipe.models import arch_kind, validate_spec
+
+    if not isinstance(spec, dict):
+        raise ParamError(prefix, spec, "a mapping with at least `arch`")
+    checked = check_section(prefix, spec, keys)
+    if "arch" not in checked:
+        raise ParamError(f"{prefix}.arch", None, "the network: " + keys["arch"].help)
+    kind = arch_kind(checked["arch"])
+    if kind in ("resnet", "timm_resnet"):
+        extra = sorted(VIT_ONLY & set(checked))
+        if extra:
+            raise ParamError(f"{prefix}.{extra[0]}", checked[extra[0]],
+                             f"no such key for arch {checked['arch']} (a ResNet); only ViTs take {', '.join(sorted(VIT_ONLY))}")
+    validate_spec(checked, image_size, prefix)
+    return checked
 
 
 def model_spec(doc: dict, image_size: int) -> dict:
-    from vitpipe.models import validate_spec
-
     spec = doc.get("model")
-    if not isinstance(spec, dict):
+    if spec is None:
         raise ParamError("model", spec, "a mapping with at least `arch`")
-    validate_spec(spec, image_size, "model")
-    return dict(spec)
+    return _spec("model", spec, MODEL, image_size)
 
 
 def variant_spec(doc: dict, name: str, image_size: int) -> dict:
-    from vitpipe.models import validate_spec
-
     variants = doc.get("variants") or {}
     if name not in variants:
-        raise ParamError("variants", name, "a variant defined in params.yaml: " + ", ".join(variants))
-    spec = variants[name]
-    if not isinstance(spec, dict):
-        raise ParamError(f"variants.{name}", spec, "a mapping with at least `arch` and `source`")
-    spec = dict(spec)
+        raise ParamError("variants", name, "a variant defined in params.yaml: " + ", ".join(map(str, variants)))
+    check_variant_name(name)
+    spec = _spec(f"variants.{name}", variants[name], VARIANT, image_size)
     spec.setdefault("source", "fractal")
     spec.setdefault("weights", None)
-    _choice(f"variants.{name}.source", spec["source"], SOURCES)
     if spec["source"] != "fractal" and not spec["weights"]:
         raise ParamError(f"variants.{name}.weights", None,
                          f"a timm model name or a file path (source={spec['source']} needs weights)")
-    validate_spec(spec, image_size, f"variants.{name}")
     return spec
+
+
+def check_variant_name(name) -> None:
+    if not isinstance(name, str) or not VARIANT_NAME.match(name):
+        raise ParamError("variants", name, "names of letters, digits, _ and -, starting with a letter (a variant "
+                                           "name becomes a stage name, a file name and a command argument)")
 
 
 def variant_names(doc: dict) -> list[str]:
     return list((doc.get("variants") or {}).keys())
+
+
+def profile_params(doc: dict) -> dict:
+    from vitpipe.compute_table import validate
+
+    return validate(check_section("profile", doc.get("profile"), SCHEMA["profile"]))
+
+
+def check_all(doc: dict) -> None:
+    """Every section and key of params.yaml, as every stage will read it."""
+    data = data_params(doc)
+    model_spec(doc, data.image_size)
+    for section in ("train", "pretrain", "finetune"):
+        train_params(doc, section)
+    variants = doc.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ParamError("variants", variants, "a mapping of at least one variant name to its spec")
+    for name in variants:
+        variant_spec(doc, name, data.image_size)
+        for section in ("pretrain", "finetune"):
+            train_params(doc, section, name)
+    evaluate_params(doc)
+    profile_params(doc)
+
+
+# ---------------------------------------------------------------------------------------
+# The params reference (docs/params.md is this, generated)
+
+
+def reference_markdown() -> str:
+    defaults = {"data": DataParams(), "train": TrainParams(), "pretrain": TrainParams(), "finetune": TrainParams(),
+                "evaluate": EvaluateParams()}
+    out = ["# params.yaml reference", "",
+           "Generated from `vitpipe/params.py` (`python -m vitpipe.params > docs/params.md`); the same table",
+           "checks params.yaml before any stage runs. Defaults are what a missing key means; `params.yaml`",
+           "sets most keys explicitly.", ""]
+    sections = [(s, SCHEMA[s]) for s in SCHEMA if s != "variants"]
+    sections.insert(5, ("variants.<name>", VARIANT))
+    for name, keys in sections:
+        out += [f"## `{name}`", "", "| key | allowed | default | what it is |", "| --- | --- | --- | --- |"]
+        for k, key in keys.items():
+            d = getattr(defaults.get(name), k, dataclasses.MISSING) if name in defaults else dataclasses.MISSING
+            shown = "—" if d is dataclasses.MISSING else (
+                f"`{yaml.safe_dump(d, default_flow_style=True, sort_keys=False).strip().removesuffix('...').strip()}`")
+            out.append(f"| `{k}` | {key.allowed()} | {shown} | {key.help.replace('|', chr(92) + '|')} |")
+        out.append("")
+    out += ["A variant name is letters, digits, `_` and `-`, starting with a letter: it becomes a stage name",
+            "(`finetune@<name>`), a file name and a command argument.", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

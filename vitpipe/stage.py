@@ -16,12 +16,26 @@ if sys.path and sys.argv and sys.argv[0] and Path(sys.path[0] or ".").resolve() 
 
 
 def run(main) -> None:
-    """Call main(argv); a UserError becomes one line on stderr and exit code 2."""
+    """Call main(argv); a UserError, or a file the machine would not let us write (read-only
+    folder, full disk, quota), becomes one line on stderr and exit code 2."""
     try:
         main(sys.argv[1:])
     except UserError as e:
-        print(f"vitpipe: error: {e}", file=sys.stderr)
+        print(f"vitpipe: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"vitpipe: error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def os_error_line(e: OSError) -> str:
+    import errno
+
+    where = f" {e.filename}" if e.filename else ""
+    fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some quota", errno.EFBIG: "free some disk space "
+           "or raise the file-size limit", errno.EROFS: "write to a writable filesystem", errno.EACCES: "make it writable",
+           errno.EPERM: "make it writable"}.get(e.errno, "check the path")
+    return f"cannot write{where}: {e.strerror or e} ({errno.errorcode.get(e.errno, 'OSError')}); {fix}, then run the stage again"
 
 
 def relaunch_distributed(nproc: int) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitpipe import checkpoint, checkpoint_store
+from vitpipe import checkpoint, checkpoint_store, precision
 from vitpipe.checkpoint_store import CheckpointStore
 from vitpipe.core_share import CoreShare
 from vitpipe.atomic import torch_save, write_json, write_text
@@ -209,7 +209,7 @@ def fit(model: torch.nn.Module, data: Split, recipe: TrainParams, paths: RunPath
                     if run.at_sync():
                         run.sync()
             except torch.OutOfMemoryError:
-                raise UserError(oom_message(recipe, run.section, run_config, weights_meta.get("num_classes"),
+                raise UserError(oom_message(run.recipe, run.section, run_config, weights_meta.get("num_classes"),
                                             run.device, d.world)) from None
             return run.finish()
     finally:
@@ -226,6 +226,9 @@ class Run:
         self.run_config, self.weights_meta, self.desc, self.quiet = run_config, weights_meta, desc, quiet
         self.section, self.fresh_key = fresh_key.split(".")[0], fresh_key
         self.device = pick_device(d)
+        # auto -> the precision this device runs natively; bf16 on a card without it is a param error
+        recipe = self.recipe = replace(recipe, precision=precision.resolve(recipe.precision, self.device,
+                                                                           f"{self.section}.precision"))
         if recipe.accum_steps % d.world:
             raise ParamError(f"{self.section}.micro_batch", recipe.micro_batch, f"a size that splits batch_size="
                              f"{recipe.batch_size} into a multiple of {d.world} micro-batches (one share per process)")
@@ -371,7 +374,8 @@ class Run:
         self.pending.append((self.step, lr, step_loss, norm, now()))
 
     def evaluating(self) -> bool:
-        return self.val is not None and (self.step % self.recipe.eval_every == 0 or self.step == self.recipe.steps)
+        every = self.recipe.eval_every  # null: only at the end
+        return self.val is not None and ((every and self.step % every == 0) or self.step == self.recipe.steps)
 
     def checkpointing(self) -> bool:
         return self.step % self.recipe.checkpoint_every == 0 and self.step < self.recipe.steps
@@ -477,6 +481,7 @@ class Run:
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "skipped_steps": int(self.skipped),
                 "attention": self.attention,
+                "precision": r.precision,
             }
             if self.last_val is not None:
                 metrics |= {"val_acc": round(self.last_val["top1"], 5), "best_val_acc": round(self.best_val, 5)}
@@ -524,8 +529,9 @@ def oom_message(recipe: TrainParams, section: str, run_config: dict, num_classes
         where = f"{profile.label} ({profile.memory_bytes / 2**30:.1f} GiB)"
         advice = []
         options = [(recipe.precision, recipe.activation_checkpointing)]
-        if recipe.precision == "fp32":
-            options.append(("bf16", recipe.activation_checkpointing))
+        if recipe.precision == "fp32":  # the half precision this card runs natively
+            half = "bf16" if profile.peak_flops.get("bf16", 0) > profile.peak_flops.get("fp32", 0) else "fp16"
+            options.append((half, recipe.activation_checkpointing))
         if not recipe.activation_checkpointing and hasattr(cfg, "patch"):
             options.append((options[-1][0], True))
         for precision, ckpt in options:
