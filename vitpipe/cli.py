@@ -1,4 +1,6 @@
 """`vitpipe plan MODEL ...`: will it fit, how should it be batched, how long will it take.
+`vitpipe plan --params FILE`: the same for every training stage of a params file (a preset),
+with the `dvc exp run -S` overrides that make it fit the device.
 `vitpipe info`: what this machine has."""
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="params, FLOPs, memory, fit, micro-batch plan and ETA")
-    plan.add_argument("model", help="vit_b16-style name, resnet18..152, or a timm ViT/ResNet name")
+    plan.add_argument("model", nargs="?",
+                      help="vit_b16-style name, resnet18..152, or a timm ViT/ResNet name (or --params)")
+    plan.add_argument("--params", metavar="FILE", default=None,
+                      help="plan every training stage of a params file (params.yaml, presets/*.yaml), each "
+                           "with its own batch, steps, optimizer and precision, and print the dvc exp run -S "
+                           "overrides that make it fit --device (--batch/--precision/... are not used)")
     plan.add_argument("--image-size", type=int, default=None,
                       help="pixels (default: a timm name's own, e.g. 384 for vit_small_patch32_384; else 224)")
     plan.add_argument("--batch", type=int, default=512, help="effective batch per optimizer step")
-    plan.add_argument("--device", default="t4", help="t4, v100-16, a100-80, h100-80, l4, local, ...")
+    plan.add_argument("--device", default="t4",
+                      help="t4, v100-16, a100-80, h100-80, l4, local, ..., or auto: this machine's GPU "
+                           "(its known profile with its real memory), else the local CPU")
     # choices are checked by the library, so an unknown value gets the one-line error
     plan.add_argument("--precision", default="fp32", help="/".join(PRECISIONS))
     plan.add_argument("--optimizer", default="adamw", help="/".join(OPTIMIZERS))
@@ -51,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, CPU, RAM, GPU")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    from vitpipe import checkpoints_cli
+
+    checkpoints_cli.add_parser(sub)
     return p
 
 
@@ -102,6 +115,14 @@ def native_image_size(model: str) -> int:
 
 
 def cmd_plan(args) -> int:
+    if args.params:
+        if args.model:
+            raise UserError("give a MODEL or --params FILE, not both")
+        r = plan_params(args.params, args.device, mfu=args.mfu)
+        print(json.dumps(r, indent=2) if args.json else format_params_plan(r))
+        return 0
+    if not args.model:
+        raise UserError("vitpipe plan needs a MODEL (e.g. vit_b16) or --params FILE")
     r = plan_model(args.model, args.image_size or native_image_size(args.model), args.batch, args.device, args.precision,
                    args.optimizer, args.attention, args.checkpointing, args.num_classes,
                    args.steps, args.mfu)
@@ -157,6 +178,155 @@ def format_plan(r: dict) -> str:
             f"batch {r['batch']}, {r['num_classes']} classes")
     width = max(len(k) for k, _ in rows)
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+# ---------------------------------------------------------------------------------------
+# plan --params: every training stage of a params file on one device
+
+DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "pets": 37}
+
+
+def dataset_classes(dataset: str) -> int:
+    """Classes of the dataset's head: known ones by name, an image folder from its prepared
+    meta.json if there is one, else 1000 (the head is a small part of the memory anyway)."""
+    if dataset in DATASET_CLASSES:
+        return DATASET_CLASSES[dataset]
+    from pathlib import Path
+
+    meta = Path("data/prepared") / dataset / "meta.json"
+    try:
+        return len(json.loads(meta.read_text())["classes"])
+    except (OSError, ValueError, KeyError):
+        return 1000
+
+
+def _recipe(doc: dict, section: str, variant: str | None):
+    """The validated recipe, with `precision` as written (`auto` included, whether or not
+    this version of params.py knows it yet)."""
+    from vitpipe import params
+
+    base = dict(doc.get(section) or {})
+    override = dict(((doc.get("variants") or {}).get(variant) or {}).get(section) or {}) if variant else {}
+    precision = override.get("precision", base.get("precision", "fp32"))
+    if precision == "auto":              # validate the rest; auto itself is resolved below
+        base["precision"] = "fp32"
+        override.pop("precision", None)
+    variants = {**(doc.get("variants") or {})}
+    if variant:
+        variants[variant] = {**variants[variant], section: override}
+    recipe = params.train_params({**doc, section: base, "variants": variants}, section, variant)
+    return recipe, precision, "precision" in (((doc.get("variants") or {}).get(variant) or {}).get(section) or {})
+
+
+def plan_params(path, device="auto", mfu=None) -> dict:
+    """Plan every training stage of the params file `path` on `device`: per stage the
+    precision it will run with there, the micro-batch x accumulation that fits, the memory it
+    needs and its ETA; and the `dvc exp run -S` overrides that make the file run there as
+    planned (empty when it fits as written).
+
+    A micro-batch that fits as written is kept (the file's author chose it); one that does not
+    fit becomes the largest divisor of the batch that does. `precision: auto` and bf16 on a
+    GPU without bf16 units are resolved as `devices.resolve_precision` says."""
+    from vitpipe import compute, devices, params
+    from vitpipe.models import describe, model_config
+
+    doc = params.read_yaml(path)
+    data = params.data_params(doc)
+    size = data.image_size
+    classes = dataset_classes(data.dataset)
+    dev = devices.get_device(device)
+    if mfu is None and dev.name == "local":
+        mfu = devices.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])["mfu"]
+
+    jobs = [("train_scratch", "train", None, params.model_spec(doc, size), classes)]
+    for v in params.variant_names(doc):
+        spec = params.variant_spec(doc, v, size)
+        if spec["source"] == "fractal":
+            jobs.append((f"pretrain@{v}", "pretrain", v, spec, params.train_params(doc, "pretrain", v).classes))
+        jobs.append((f"finetune@{v}", "finetune", v, spec, classes))
+
+    stages, overrides = [], []
+    variants = doc.get("variants") or {}
+
+    def key(section, variant, name):
+        if variant is None:
+            return f"{section}.{name}"
+        own = (variants.get(variant) or {}).get(section) or {}
+        return f"variants.{variant}.{section}.{name}" if name in own else None
+
+    def override(k, value, variant, section, name):
+        # a key the file does not have yet is added with Hydra's `++` (dvc exp run -S)
+        overrides.append(f"{k}={value}" if k else f"++variants.{variant}.{section}.{name}={value}")
+
+    precision_done = set()
+    for stage, section, variant, spec, n_classes in jobs:
+        recipe, requested, own_precision = _recipe(doc, section, variant)
+        precision, why = devices.resolve_precision(requested, dev)
+        cfg = model_config({k: v for k, v in spec.items() if k not in ("source", "weights", "pretrain", "finetune")},
+                           n_classes, size)
+        ckpt = bool(recipe.activation_checkpointing) and hasattr(cfg, "patch")
+        est = compute.estimate(cfg, recipe.batch_size, dev, precision, recipe.optimizer, "sdpa", ckpt,
+                               steps=recipe.steps, mfu=mfu)
+        need = compute.required_bytes(
+            compute.memory(cfg, recipe.micro_batch, precision, recipe.optimizer, "sdpa", ckpt)["peak"], dev)
+        as_written = need <= dev.memory_bytes
+        micro = recipe.micro_batch if as_written else est["micro_batch"]
+        row = {"stage": stage, "section": section, "variant": variant,
+               "model": describe({k: v for k, v in spec.items() if k not in ("source", "weights")}, size),
+               "num_classes": n_classes, "batch": recipe.batch_size, "steps": recipe.steps,
+               "precision_requested": requested, "precision": precision, "precision_note": why,
+               "checkpointing": ckpt, "optimizer": recipe.optimizer,
+               "micro_batch_written": recipe.micro_batch, "micro_batch": micro,
+               "accum_steps": recipe.batch_size // micro if micro else 0,
+               "largest_micro_batch": est["micro_batch"],
+               "required_bytes": (need if as_written else est["micro_required_bytes"]),
+               "fits": bool(micro), "fits_as_written": as_written,
+               "img_per_s": est["img_per_s"], "eta_s": est["eta_s"]}
+        stages.append(row)
+        if precision != requested and requested != "auto":
+            k = key(section, variant, "precision") if own_precision else f"{section}.precision"
+            if k not in precision_done:
+                precision_done.add(k)
+                overrides.append(f"{k}={precision}")
+        if micro and micro != recipe.micro_batch:
+            override(key(section, variant, "micro_batch"), micro, variant, section, "micro_batch")
+    return {"params_file": str(path), "device": dev.name, "device_label": dev.label,
+            "memory_bytes": dev.memory_bytes, "capability": list(dev.capability) if dev.capability else None,
+            "peak_flops": dict(dev.peak_flops), "native_precision": devices.native_precision(dev),
+            "mfu": mfu if mfu is not None else dev.mfu,
+            "fits": all(r["fits"] for r in stages), "stages": stages, "overrides": overrides,
+            "eta_s": sum(r["eta_s"] for r in stages)}
+
+
+def format_params_plan(r: dict) -> str:
+    cap = r["capability"]
+    peaks = ", ".join(f"{k} {v / 1e12:,.1f}" for k, v in r["peak_flops"].items())
+    head = [f"{r['params_file']} on {r['device_label']}: {_gb(r['memory_bytes'])} GiB"
+            + (f", compute capability {cap[0]}.{cap[1]}" if cap else "")
+            + f", native precision {r['native_precision']}",
+            f"  peak TFLOP/s: {peaks}; MFU {r['mfu']:.2f}"]
+    rows = [("stage", "model", "precision", "micro x accum = batch", "needs GiB", "ETA")]
+    for s in r["stages"]:
+        prec = s["precision"] + ("*" if s["precision"] != s["precision_requested"] else "")
+        if s["fits"]:
+            mb = f"{s['micro_batch']} x {s['accum_steps']} = {s['batch']}"
+            mb += "" if s["fits_as_written"] else f" (was {s['micro_batch_written']})"
+            needs = _gb(s["required_bytes"])
+        else:
+            mb, needs = "does not fit at micro-batch 1", "-"
+        rows.append((s["stage"], s["model"], prec, mb, needs, _duration(s["eta_s"])))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = head + ["  " + "  ".join(f"{str(c):<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows]
+    notes = sorted({s["precision_note"] for s in r["stages"] if s["precision_note"]})
+    lines += [f"  * {n}" for n in notes]
+    lines.append(f"  total ETA {_duration(r['eta_s'])} (the compute model's estimate; evaluation not included)")
+    if not r["fits"]:
+        lines.append("  NOT everything fits: set activation_checkpointing: true, or use a bigger GPU")
+    elif r["overrides"]:
+        lines.append("  to run it here: dvc exp run " + " ".join(f"-S '{o}'" for o in r["overrides"]))
+    else:
+        lines.append("  fits as written: dvc exp run")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ calibrated from a few real training steps of a small ViT."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -23,18 +24,43 @@ class Device:
     reserve_bytes: int = 0       # never available to tensors: CUDA context, cuDNN/cuBLAS handles
     notes: str = ""
     measured: dict = field(default_factory=dict)
+    capability: tuple | None = None   # CUDA compute capability (major, minor); None: a CPU
 
     def peak(self, precision: str) -> float:
         return self.peak_flops[precision]
 
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 tensor-core units: compute capability >= 8.0 (Ampere and later)."""
+        return self.capability is not None and tuple(self.capability) >= (8, 0)
 
-def _gpu(name, label, mem_mib, fp32, tf32, bf16, fp16, mfu=0.35, notes=""):
+
+def native_precision(dev: Device) -> str:
+    """What `precision: auto` means on `dev`: bf16 where the GPU has bf16 units, fp16 (with a
+    grad scaler) on older GPUs (T4, V100), fp32 on a CPU."""
+    if dev.capability is None:
+        return "fp32"
+    return "bf16" if dev.native_bf16 else "fp16"
+
+
+def resolve_precision(requested: str, dev: Device) -> tuple[str, str]:
+    """(precision to run with on `dev`, why it differs from `requested` or ""). `auto` picks
+    the native one; bf16 on a GPU without bf16 units (it would run emulated, at fp32 speed or
+    worse) becomes fp16."""
+    if requested == "auto":
+        return native_precision(dev), f"auto = {native_precision(dev)} on {dev.label}"
+    if requested == "bf16" and dev.capability is not None and not dev.native_bf16:
+        return "fp16", f"{dev.label} has no bf16 units: fp16 with a grad scaler instead of emulated bf16"
+    return requested, ""
+
+
+def _gpu(name, label, mem_mib, fp32, tf32, bf16, fp16, mfu=0.35, notes="", capability=None):
     # PyTorch keeps fp32 matmuls in full fp32 unless asked (allow_tf32=False), so the
     # `fp32` precision uses the fp32 peak; `tf32` is the opt-in. Devices without bf16
     # units run bf16 at about their fp32 rate.
     peaks = {"fp32": fp32, "tf32": tf32 or fp32, "bf16": bf16 or fp32, "fp16": fp16}
     return Device(name, label, mem_mib * MiB, {k: v * TFLOPS for k, v in peaks.items()}, mfu,
-                  reserve_bytes=600 * MiB, notes=notes)
+                  reserve_bytes=600 * MiB, notes=notes, capability=capability)
 
 
 # Vendor datasheet dense peaks (TFLOP/s); memory as nvidia-smi reports it.
@@ -42,27 +68,30 @@ def _gpu(name, label, mem_mib, fp32, tf32, bf16, fp16, mfu=0.35, notes=""):
 # x 26.3 GFLOP/img (train) = 1.03 TFLOP/s of 8.1 -> 0.13. Others: a typical ViT step.
 DEVICES = {
     "t4": _gpu("t4", "Tesla T4 16GB", 15109, 8.1, None, None, 65, mfu=0.13,
-               notes="Turing: no bf16/tf32 units"),
-    "v100-16": _gpu("v100-16", "V100 16GB", 16160, 15.7, None, None, 125, mfu=0.3),
-    "v100-32": _gpu("v100-32", "V100 32GB", 32510, 15.7, None, None, 125, mfu=0.3),
-    "a100-40": _gpu("a100-40", "A100 40GB", 40536, 19.5, 156, 312, 312, mfu=0.4),
-    "a100-80": _gpu("a100-80", "A100 80GB", 81251, 19.5, 156, 312, 312, mfu=0.4),
-    "h100-80": _gpu("h100-80", "H100 SXM 80GB", 81559, 67, 495, 989, 989, mfu=0.35),
-    "h200": _gpu("h200", "H200 141GB", 143771, 67, 495, 989, 989, mfu=0.35),
-    "l4": _gpu("l4", "L4 24GB", 23034, 30.3, 60, 121, 121, mfu=0.35),
+               notes="Turing: no bf16/tf32 units", capability=(7, 5)),
+    "v100-16": _gpu("v100-16", "V100 16GB", 16160, 15.7, None, None, 125, mfu=0.3, capability=(7, 0)),
+    "v100-32": _gpu("v100-32", "V100 32GB", 32510, 15.7, None, None, 125, mfu=0.3, capability=(7, 0)),
+    "a100-40": _gpu("a100-40", "A100 40GB", 40536, 19.5, 156, 312, 312, mfu=0.4, capability=(8, 0)),
+    "a100-80": _gpu("a100-80", "A100 80GB", 81251, 19.5, 156, 312, 312, mfu=0.4, capability=(8, 0)),
+    "h100-80": _gpu("h100-80", "H100 SXM 80GB", 81559, 67, 495, 989, 989, mfu=0.35, capability=(9, 0)),
+    "h200": _gpu("h200", "H200 141GB", 143771, 67, 495, 989, 989, mfu=0.35, capability=(9, 0)),
+    "l4": _gpu("l4", "L4 24GB", 23034, 30.3, 60, 121, 121, mfu=0.35, capability=(8, 9)),
 }
 ALIASES = {"v100": "v100-16", "a100": "a100-40", "h100": "h100-80", "this": "local", "cpu": "local"}
 LOCAL = ("local", "cpu", "this")
 
 
 def device_names() -> list[str]:
-    return [*DEVICES, "local"]
+    return [*DEVICES, "local", "auto"]
 
 
 def get_device(name: str, mfu: float | None = None) -> Device:
-    """A profile by name ('t4', 'a100-80', ..., 'local' = this machine, measured)."""
+    """A profile by name ('t4', 'a100-80', ..., 'local' = this machine, measured;
+    'auto' = this machine's GPU as its known profile, see `current_device`)."""
     key = ALIASES.get(str(name).lower(), str(name).lower())
-    if key == "local":
+    if key == "auto":
+        dev = current_device()
+    elif key == "local":
         dev = local_device()
     elif key in DEVICES:
         dev = DEVICES[key]
@@ -79,6 +108,34 @@ def get_device(name: str, mfu: float | None = None) -> Device:
 _LOCAL_CACHE: dict = {}
 
 
+def known_profile(gpu_name: str, total_memory: int) -> Device | None:
+    """The profile of a GPU that torch/NVML names `gpu_name` ("Tesla T4", "NVIDIA
+    A100-SXM4-40GB", "NVIDIA L4"): its family by name, the size closest to its memory."""
+    family = [d for d in DEVICES.values()
+              if re.search(rf"(?<![A-Za-z0-9]){re.escape(d.name.split('-')[0])}(?![A-Za-z0-9])", gpu_name, re.IGNORECASE)]
+    if not family:
+        return None
+    return min(family, key=lambda d: abs(d.memory_bytes - total_memory))
+
+
+def current_device(index: int = 0) -> Device:
+    """`--device auto`: this machine's GPU `index` as torch sees it, with its real name,
+    memory and compute capability, and the peaks and MFU of the known profile of its family
+    (a T4, an A100 40 or 80 GB, ...). A GPU with no known profile gets measured peaks
+    (`local_device`); no GPU at all gives the local CPU profile."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return local_device()
+    props = torch.cuda.get_device_properties(index)
+    capability = tuple(torch.cuda.get_device_capability(index))
+    known = known_profile(props.name, props.total_memory)
+    if known is None:
+        return replace(local_device(), capability=capability)
+    return replace(known, label=f"{props.name} (this GPU)", memory_bytes=props.total_memory,
+                   capability=capability, notes=f"profile {known.name}; {known.notes}".rstrip("; "))
+
+
 def local_device() -> Device:
     """This machine as a profile: a CUDA GPU if there is one, else the CPU with its available
     RAM. Peaks are measured (a matmul benchmark), so they are what torch really gets here."""
@@ -92,7 +149,8 @@ def local_device() -> Device:
         half = measure_matmul_flops("cuda", torch.bfloat16)
         dev = Device("local", f"{props.name} (this machine)", props.total_memory,
                      {"fp32": fp32, "tf32": fp32, "bf16": half, "fp16": half}, mfu=0.35,
-                     reserve_bytes=600 * MiB, measured={"matmul_fp32": fp32, "matmul_bf16": half})
+                     reserve_bytes=600 * MiB, measured={"matmul_fp32": fp32, "matmul_bf16": half},
+                     capability=tuple(torch.cuda.get_device_capability(0)))
     else:
         import psutil
 

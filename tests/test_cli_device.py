@@ -1,0 +1,158 @@
+"""`vitpipe plan --device auto`: this machine's GPU as its known profile (a faked torch.cuda
+stands in for the GPU), the local CPU without one; `--params FILE`: a whole params file."""
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vitpipe import cli, devices
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+
+def fake_gpu(monkeypatch, name, total_memory, capability):
+    """torch.cuda as it looks on a machine with this one GPU."""
+    props = types.SimpleNamespace(name=name, total_memory=total_memory, major=capability[0],
+                                  minor=capability[1], multi_processor_count=40)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
+
+
+# what torch reports on Colab / Kaggle / cloud machines
+T4 = ("Tesla T4", 15_828_320_256, (7, 5))
+A100_40 = ("NVIDIA A100-SXM4-40GB", 42_505_273_344, (8, 0))
+A100_80 = ("NVIDIA A100-SXM4-80GB", 85_100_068_864, (8, 0))
+L4 = ("NVIDIA L4", 23_661_248_512, (8, 9))
+H100 = ("NVIDIA H100 80GB HBM3", 85_045_870_592, (9, 0))
+V100_32 = ("Tesla V100-SXM2-32GB", 34_089_730_048, (7, 0))
+
+
+@pytest.mark.parametrize("gpu, profile, precision", [
+    (T4, "t4", "fp16"), (A100_40, "a100-40", "bf16"), (A100_80, "a100-80", "bf16"),
+    (L4, "l4", "bf16"), (H100, "h100-80", "bf16"), (V100_32, "v100-32", "fp16"),
+])
+def test_auto_is_the_gpus_known_profile_with_its_real_memory(monkeypatch, gpu, profile, precision):
+    fake_gpu(monkeypatch, *gpu)
+    dev = devices.get_device("auto")
+    known = devices.DEVICES[profile]
+    assert dev.name == profile
+    assert dev.label == f"{gpu[0]} (this GPU)"
+    assert dev.memory_bytes == gpu[1]                 # torch's number, not the profile's
+    assert dev.peak_flops == known.peak_flops and dev.mfu == known.mfu
+    assert dev.capability == gpu[2]
+    assert devices.native_precision(dev) == precision
+
+
+def test_plan_auto_on_a_faked_t4(monkeypatch, capsys):
+    fake_gpu(monkeypatch, *T4)
+    assert cli.main(["plan", "vit_b16", "--device", "auto", "--precision", "fp16", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device"] == "t4" and r["device_label"] == "Tesla T4 (this GPU)"
+    assert r["capacity_bytes"] == T4[1]
+    assert r["peak_flops"] == devices.DEVICES["t4"].peak("fp16")
+    assert r["mfu_source"] == "device default"        # a known card: no calibration run
+    assert cli.main(["plan", "vit_b16", "--device", "auto", "--precision", "fp16"]) == 0
+    assert "ViT-B/16" in capsys.readouterr().out
+
+
+def test_params_plan_auto_on_a_faked_t4(monkeypatch, capsys, tmp_path):
+    """The A100 preset on a T4: precision auto is fp16 there, and the micro-batches that do
+    not fit become the planner's, as -S overrides; a bf16 file gets fp16 as an override."""
+    fake_gpu(monkeypatch, *T4)
+    preset = str(ROOT / "presets/reference-pets.yaml")
+    assert cli.main(["plan", "--params", preset, "--device", "auto", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device"] == "t4" and r["memory_bytes"] == T4[1] and r["native_precision"] == "fp16"
+    assert r["fits"] and {s["precision"] for s in r["stages"]} == {"fp16"}
+    assert r["overrides"] == ["++variants.vit_b8.finetune.micro_batch=32", "variants.vit_b16.finetune.micro_batch=128",
+                              "++variants.vit_l16.finetune.micro_batch=32", "variants.resnet50.finetune.micro_batch=256"]
+    assert cli.main(["plan", "--params", preset, "--device", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "Tesla T4 (this GPU)" in out and "auto = fp16 on Tesla T4 (this GPU)" in out
+    assert "to run it here: dvc exp run -S '++variants.vit_b8.finetune.micro_batch=32'" in out
+    # the T4 preset needs nothing
+    assert cli.main(["plan", "--params", str(ROOT / "presets/reference-pets-t4.yaml"), "--device", "auto"]) == 0
+    assert "fits as written: dvc exp run" in capsys.readouterr().out
+    # explicit bf16 would be emulated on a T4: fp16 instead, said so
+    doc = yaml.safe_load(Path(preset).read_text())
+    doc["train"]["precision"] = doc["finetune"]["precision"] = "bf16"
+    (tmp_path / "bf16.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert cli.main(["plan", "--params", str(tmp_path / "bf16.yaml"), "--device", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "no bf16 units" in out and "-S 'train.precision=fp16' -S 'finetune.precision=fp16'" in out
+
+
+def test_params_plan_on_a_faked_a100_keeps_bf16(monkeypatch):
+    fake_gpu(monkeypatch, *A100_40)
+    r = cli.plan_params(ROOT / "presets/reference-cifar100.yaml", "auto")
+    assert r["overrides"] == [] and {s["precision"] for s in r["stages"]} == {"bf16"}
+
+
+def test_an_unknown_gpu_is_not_matched_to_a_profile():
+    assert devices.known_profile("NVIDIA L40S", 48 * GiB) is None       # not an L4
+    assert devices.known_profile("NVIDIA GH200 480GB", 96 * GiB) is None
+    assert devices.known_profile("Tesla P100-PCIE-16GB", 16 * GiB) is None
+    assert devices.known_profile("NVIDIA A100 80GB PCIe", 80 * GiB).name == "a100-80"
+
+
+def test_auto_without_a_gpu_is_the_local_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dev = devices.get_device("auto")
+    assert dev.name == "local" and dev.capability is None
+    assert devices.native_precision(dev) == "fp32"
+    assert dev.label.startswith("CPU")
+    assert cli.main(["plan", "vit_b16", "--batch", "64", "--device", "auto", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device"] == "local" and r["mfu_source"] == "calibrated here"
+    assert r["capacity_bytes"] == dev.memory_bytes
+
+
+def test_params_plan_of_the_default_on_cpu(monkeypatch, capsys):
+    """The embedded default fits this CPU as written; fractal variants get a pretrain stage."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = cli.plan_params(ROOT / "params.yaml", "auto")
+    stages = [s["stage"] for s in r["stages"]]
+    assert stages[0] == "train_scratch" and "pretrain@resnet18" in stages and "finetune@resnet18" in stages
+    assert r["fits"] and r["overrides"] == [] and r["device"] == "local"
+    assert {s["precision"] for s in r["stages"]} == {"fp32"}
+    assert r["eta_s"] > 0
+
+
+@pytest.mark.parametrize("requested, card, expected", [
+    ("auto", "t4", "fp16"), ("auto", "a100-40", "bf16"), ("auto", "l4", "bf16"),
+    ("bf16", "t4", "fp16"), ("bf16", "v100-16", "fp16"), ("bf16", "h100-80", "bf16"),
+    ("fp32", "t4", "fp32"), ("fp16", "a100-80", "fp16"),
+])
+def test_resolve_precision(requested, card, expected):
+    precision, why = devices.resolve_precision(requested, devices.get_device(card))
+    assert precision == expected
+    assert bool(why) == (requested == "auto" or precision != requested)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["plan"], "needs a MODEL"),
+    (["plan", "vit_b16", "--params", "params.yaml"], "not both"),
+    (["plan", "--params", "nope.yaml"], "nope.yaml not found"),
+])
+def test_plan_argument_errors_are_one_line(args, fragment, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitpipe: error:") and fragment in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("card, expected", [("t4", "fp16"), ("v100-16", "fp16"), ("a100-40", "bf16"), ("l4", "bf16")])
+def test_params_plan_resolves_precision_auto(card, expected):
+    """The presets' `precision: auto` runs natively on every card without an override."""
+    r = cli.plan_params(ROOT / "presets/reference-pets.yaml", card)
+    assert {s["precision_requested"] for s in r["stages"]} == {"auto"}
+    assert {s["precision"] for s in r["stages"]} == {expected}
+    assert not [o for o in r["overrides"] if "precision" in o]
+    assert r["fits"]

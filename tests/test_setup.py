@@ -1,0 +1,154 @@
+"""scripts/setup.sh keeps a torch that is new enough (Colab's, Kaggle's, a container's), stops
+on one that is too old, and installs the pinned build on a Python without torch.
+
+Most cases run it with VITPIPE_SETUP_DRY_RUN=1: it decides and prints the pip commands it
+would run, and runs none (no network, no minutes of installing). The slow test runs it for
+real in a venv that already holds a torch."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MIN_TORCH = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+PINNED = re.search(r'TORCH_VERSION:-([0-9.]+)', (ROOT / "scripts/setup.sh").read_text()).group(1)
+
+
+def project(tmp_path, *extra) -> Path:
+    """A checkout holding what setup.sh reads: scripts/setup.sh, pyproject.toml (+ extra)."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts/setup.sh", repo / "scripts/setup.sh")
+    for name in ("pyproject.toml", *extra):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(src, repo / name)
+    return repo
+
+
+def make_venv(path: Path, with_pip=False) -> Path:
+    venv.EnvBuilder(with_pip=with_pip).create(path)
+    return path / "bin" / "python"
+
+
+def site_packages(python: Path) -> Path:
+    out = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return Path(out)
+
+
+def see_this_torch(python: Path) -> None:
+    """Make the venv of `python` see this interpreter's packages, torch included (what a
+    runtime with a preinstalled torch looks like)."""
+    (site_packages(python) / "preinstalled.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+
+def fake_torch(python: Path, version: str) -> None:
+    pkg = site_packages(python) / "torch"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"__version__ = {version!r}\n")
+
+
+def setup(repo: Path, dry=True, **env) -> subprocess.CompletedProcess:
+    """Run the checkout's setup.sh as a user would, outside any activated venv."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("VIRTUAL_ENV", "PYTHON", "VITPIPE_NO_VENV", "VITPIPE_UPGRADE_TORCH")}
+    return subprocess.run(["bash", str(repo / "scripts/setup.sh")], capture_output=True, text=True, timeout=900,
+                          env={**base, "VITPIPE_SETUP_DRY_RUN": "1" if dry else "0", **env})
+
+
+def test_keeps_the_torch_of_this_python_without_a_venv(tmp_path):
+    """Colab: VITPIPE_NO_VENV=1 installs into the runtime's Python and keeps its torch."""
+    repo = project(tmp_path)
+    p = setup(repo, VITPIPE_NO_VENV="1", PYTHON=sys.executable)
+    assert p.returncode == 0, p.stderr
+    assert f"setup: keeping the installed torch {torch.__version__} (vitpipe needs torch >= {MIN_TORCH})" in p.stdout
+    assert f"installing into {sys.executable}" in p.stdout
+    assert "install torch==" not in p.stdout
+    assert re.search(r"would run: .* -m pip install -e \.\[test\] -c \S+", p.stdout)   # pinned to the kept torch
+    assert not (repo / ".venv").exists()
+
+
+def test_keeps_a_torch_that_the_venv_already_holds(tmp_path):
+    repo = project(tmp_path)
+    python = make_venv(repo / ".venv")
+    see_this_torch(python)
+    p = setup(repo)
+    assert p.returncode == 0, p.stderr
+    assert f"setup: keeping the installed torch {torch.__version__}" in p.stdout
+    assert "install torch==" not in p.stdout
+
+
+@pytest.mark.parametrize("old", ["2.1.2+cu118", "1.13.1"])
+def test_a_torch_older_than_the_minimum_stops_with_one_message(tmp_path, old):
+    repo = project(tmp_path)
+    python = make_venv(repo / ".venv")
+    fake_torch(python, old)
+    p = setup(repo)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"setup: error: torch {old} in ")
+    assert f"older than vitpipe's minimum {MIN_TORCH}" in lines[0] and "VITPIPE_UPGRADE_TORCH=1" in lines[0]
+    assert "would run" not in p.stdout
+
+
+def test_an_old_torch_is_replaced_only_when_asked(tmp_path):
+    repo = project(tmp_path)
+    python = make_venv(repo / ".venv")
+    fake_torch(python, "2.0.1")
+    p = setup(repo, VITPIPE_UPGRADE_TORCH="1")
+    assert p.returncode == 0, p.stderr
+    assert f"replacing it by torch=={PINNED}" in p.stdout
+    assert f"install torch=={PINNED} torchvision==" in p.stdout
+
+
+def test_a_python_without_torch_gets_the_pinned_build(tmp_path):
+    """A clean clone (CI's .ci/run): a fresh .venv, no torch, the pinned install as before."""
+    repo = project(tmp_path)
+    p = setup(repo)
+    assert (repo / ".venv/bin/python").exists()
+    assert p.returncode == 0, p.stderr
+    assert "no torch in this Python" in p.stdout
+    install = [line for line in p.stdout.splitlines() if "would run" in line]
+    assert f"install torch=={PINNED} torchvision==" in install[0]
+    assert install[1].endswith("install -e .[test]")                    # no constraint on a new torch
+
+
+def test_a_new_enough_fake_torch_is_kept(tmp_path):
+    """The version check reads torch.__version__ (the build a runtime really imports)."""
+    repo = project(tmp_path)
+    python = make_venv(repo / ".venv")
+    fake_torch(python, f"{MIN_TORCH}.0+cu121")
+    p = setup(repo)
+    assert p.returncode == 0, p.stderr
+    assert f"keeping the installed torch {MIN_TORCH}.0+cu121" in p.stdout
+    assert "install torch==" not in p.stdout
+
+
+@pytest.mark.slow
+def test_setup_for_real_keeps_the_preinstalled_torch(tmp_path):
+    """Really installs vitpipe into a venv that already sees a torch: nothing replaces it,
+    and the final check passes."""
+    repo = project(tmp_path, "vitpipe")
+    python = make_venv(repo / ".venv", with_pip=True)
+    see_this_torch(python)
+    p = setup(repo, dry=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"keeping the installed torch {torch.__version__}" in p.stdout
+    assert f"vitpipe ready: torch {torch.__version__}" in p.stdout
+    where = subprocess.run([python, "-c", "import torch, vitpipe; print(torch.__file__); print(vitpipe.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
+    assert where[0] == torch.__file__                       # the same torch, not a new download
+    assert where[1].startswith(str(repo))                   # vitpipe from this checkout
+    assert not list(site_packages(python).glob("torch-*.dist-info"))
