@@ -71,3 +71,8 @@ def test_warmup_must_be_shorter_than_schedule():
 def test_missing_params_file(tmp_path):
     p = run([sys.executable, str(ROOT / "stages" / "download.py")], tmp_path, check=False)
     assert p.returncode == 2 and "params.yaml not found" in p.stderr
+
+
+def test_params_reference_is_generated_from_the_schema():
+    """docs/params.md is what `python -m vitpipe.params` prints: the docs cannot drift."""
+    assert (ROOT / "docs" / "params.md").read_text() == params.reference_markdown()

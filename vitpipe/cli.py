@@ -78,6 +78,10 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
     from vitpipe import compute, devices
     from vitpipe.models import describe, model_config, validate_spec
 
+    for what, value in (("--batch", batch), ("--num-classes", num_classes), ("--steps", steps),
+                        ("--image-size", image_size)):
+        if value < 1:
+            raise UserError(f"{what} must be a positive integer, got {value}")
     spec = {"arch": model}
     try:
         validate_spec(spec, image_size, "model", image_size_key="--image-size")
@@ -89,9 +93,6 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
                                  ("optimizer", optimizer, compute.OPTIMIZERS),
                                  ("attention", attention, compute.ATTENTION)):
         compute.check_choice(what, value, allowed)
-    for what, value in (("--batch", batch), ("--num-classes", num_classes), ("--steps", steps)):
-        if value < 1:
-            raise UserError(f"{what} must be a positive integer, got {value}")
     if mfu is not None and not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
     dev = devices.get_device(device)
@@ -123,7 +124,7 @@ def cmd_plan(args) -> int:
         return 0
     if not args.model:
         raise UserError("vitpipe plan needs a MODEL (e.g. vit_b16) or --params FILE")
-    r = plan_model(args.model, args.image_size or native_image_size(args.model), args.batch, args.device, args.precision,
+    r = plan_model(args.model, native_image_size(args.model) if args.image_size is None else args.image_size, args.batch, args.device, args.precision,
                    args.optimizer, args.attention, args.checkpointing, args.num_classes,
                    args.steps, args.mfu)
     print(json.dumps(r, indent=2) if args.json else format_plan(r))

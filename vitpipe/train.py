@@ -208,10 +208,13 @@ def fit(model: torch.nn.Module, data: Split, recipe: TrainParams, paths: RunPath
                     run.train_step()
                     if run.at_sync():
                         run.sync()
+                return run.finish()
             except torch.OutOfMemoryError:
                 raise UserError(oom_message(run.recipe, run.section, run_config, weights_meta.get("num_classes"),
                                             run.device, d.world)) from None
-            return run.finish()
+            finally:
+                if run.bar is not None:
+                    run.bar.close()  # an error's line then starts on a line of its own
     finally:
         if d.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
