@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from vitpipe import compute, report_analysis as an
+from vitpipe import compute
+from vitpipe.report import analysis as an
 from vitpipe.models import model_config
 from vitpipe.report import HEADLINE, write_report
-from vitpipe.report_html import render_html
-from vitpipe.report_inputs import load
+from vitpipe.report.html import render_html
+from vitpipe.report.inputs import load
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [HEADLINE, "1. Parameters", "2. Memory", "3. Time", "4. Scratch against fine-tuning", "5. Variants",

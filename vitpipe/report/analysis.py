@@ -1,6 +1,6 @@
 """The report's numbers: this run's data set against the reference report's figures, as
 pandas frames, and one verdict per claim of the reference (holds / does not hold / not
-tested). No text layout and no plotting here: report.py writes, report_figures.py draws."""
+tested). No text layout and no plotting here: document.py writes, figures.py draws."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from vitpipe import compute, reference
 from vitpipe.devices import LOCAL
 from vitpipe.models import describe, model_config
-from vitpipe.report_inputs import Inputs, Run
+from vitpipe.report.inputs import Inputs, Run
 
 HOLDS, FAILS, UNTESTED = "holds", "does not hold", "not tested by this run"
 # A printed count within this of the exact one "holds": the reference rounds to 0.1M-1M,

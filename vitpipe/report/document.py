@@ -3,8 +3,8 @@ same report as one self-contained HTML file.
 
 Each section re-derives a result of the reference report (../shared/seed: a 2022 course
 report that trained vit_jax on a Colab T4) with this run's data, puts the reference's number
-next to ours and says whether it holds. Numbers come from report_analysis, figures from
-report_figures; this module only words and lays them out. Every sentence that states a
+next to ours and says whether it holds. Numbers come from analysis, figures from
+figures; this module only words and lays them out. Every sentence that states a
 finding is built from the data, so it changes when the data does."""
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 
 from vitpipe import reference
-from vitpipe import report_analysis as an
-from vitpipe import report_figures as figs
+from vitpipe.report import analysis as an
+from vitpipe.report import figures as figs
 from vitpipe.atomic import write_text
-from vitpipe.report_html import render_html
-from vitpipe.report_inputs import Inputs, load
+from vitpipe.report.html import render_html
+from vitpipe.report.inputs import Inputs, load
 
 REPORT_DIR = Path("reports")
 HEADLINE = "Headline"     # scripts/pr_comment.py lifts this section into the pull request

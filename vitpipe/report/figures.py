@@ -1,4 +1,4 @@
-"""The report's figures: matplotlib PNGs drawn from report_analysis frames and the runs'
+"""The report's figures: matplotlib PNGs drawn from analysis frames and the runs'
 per-step series. Every figure has a title, axes with units and a legend; each run keeps
 its colour across figures. Each function returns the figure's path relative to the report."""
 
@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 
 from vitpipe import reference  # noqa: E402
 from vitpipe.atomic import atomic_path  # noqa: E402
-from vitpipe.report_inputs import Run  # noqa: E402
+from vitpipe.report.inputs import Run  # noqa: E402
 
 SUBDIR = "figures"
 DPI = 100
