@@ -1,7 +1,8 @@
 """Miniature datasets in the exact official formats, for the data tests.
 
 CIFAR: the python archives' layout, with batches pickled as Python 2 wrote them (protocol 2,
-byte strings as BINSTRING, numpy 1's module name), so the real reader is what is tested.
+byte strings as BINSTRING, numpy 1's module name), so the real reader is what is tested; and
+`repack_cifar`, what a user's Python 3 re-pack of those files looks like.
 Pets: images.tar.gz + annotations.tar.gz with the list files, including awkward images.
 """
 
@@ -57,7 +58,7 @@ def add_dir(tar: tarfile.TarFile, name: str) -> None:
 
 def cifar_batch(rng, n: int, num_classes: int, label_key: bytes, label: bytes) -> dict:
     data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    labels = [int(x) for x in rng.integers(0, num_classes, size=n)]
+    labels = [int(x) for x in rng.permutation(np.arange(n) % num_classes)]  # as balanced as n allows
     batch = {b"batch_label": label, label_key: labels, b"data": data,
              b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
     if label_key == b"fine_labels":
@@ -83,6 +84,20 @@ def make_cifar10(path: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0,
             add_bytes(tar, f"cifar-10-batches-py/{name}", data)
         add_bytes(tar, "cifar-10-batches-py/readme.html", b"<html></html>")
     return {"train": train, "test": [test], "classes": classes}
+
+
+def repack_cifar(src: Path, dest: Path, protocol: int, encoding: str = "bytes", tar_mode: str = "w:gz") -> None:
+    """Every pickle of a CIFAR archive loaded by Python 3 (`encoding`) and dumped again with
+    `protocol`, as a user re-packing the official files would. The source is our own miniature."""
+    with tarfile.open(src) as old, tarfile.open(dest, tar_mode) as new:
+        for m in old.getmembers():
+            if not m.isreg():
+                new.addfile(m)
+                continue
+            data = old.extractfile(m).read()
+            if not m.name.endswith(".html"):
+                data = pickle.dumps(pickle.loads(data, encoding=encoding), protocol=protocol)
+            add_bytes(new, m.name, data)
 
 
 def make_cifar100(path: Path, n_train: int = 12, n_test: int = 5, seed: int = 1) -> dict:
@@ -111,8 +126,9 @@ def image_bytes(mode: str, size=(20, 14), fmt: str = "JPEG", seed: int = 0) -> b
 PETS_CLASSES = ["Abyssinian", "american_bulldog", "Bengal"]  # class ids 1, 2, 3
 
 
-def make_pets(folder: Path) -> dict:
-    """images.tar.gz + annotations.tar.gz in the official layout, with odd images."""
+def make_pets(folder: Path, replace: dict[str, bytes] | None = None) -> dict:
+    """images.tar.gz + annotations.tar.gz in the official layout, with odd images; `replace`
+    gives some images (by name) other bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     good = image_bytes("RGB")
     truncated = good[: len(good) // 2]
@@ -125,6 +141,7 @@ def make_pets(folder: Path) -> dict:
         "Bengal_5": image_bytes("P", fmt="PNG"),                   # palette
         "Bengal_6": b"not an image at all",                        # undecodable: skipped
         "Bengal_7": image_bytes("RGB", (8, 50), seed=2),
+        **(replace or {}),
     }
     class_id = {"Abyssinian": 1, "american_bulldog": 2, "Bengal": 3}
     species = {"Abyssinian": 1, "american_bulldog": 2, "Bengal": 1}

@@ -221,3 +221,106 @@ def test_offline_message_says_what_where_and_which_param(tmp_path):
     assert "data.archive" in msg and "data.dataset: digits" in msg and "data/downloads/" in msg
     assert "\n" not in msg
     assert not (tmp_path / "raw/cifar-10-python.tar.gz").exists()
+
+
+# ---------------------------------------------------------------- damaged archives
+
+def _members(n=3, size=20_000):
+    return [(f"top/{i}.bin", "file", os.urandom(size)) for i in range(n)]  # random: stored, not shrunk
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    b = bytearray(data)
+    b[at] ^= 0x01
+    return bytes(b)
+
+
+def _second_header(path: Path) -> int:
+    with tarfile.open(path) as tar:
+        return tar.getmembers()[1].offset
+
+
+DAMAGE = {  # name: (suffix, tar mode or "zip", how to damage the bytes of a good archive)
+    "tar.gz cut in the middle": (".tar.gz", "w:gz", lambda b, p: b[: len(b) // 2]),
+    "tar.gz cut before its trailer": (".tar.gz", "w:gz", lambda b, p: b[:-4]),
+    "tar.gz with a bad CRC": (".tar.gz", "w:gz", lambda b, p: _flip(b, len(b) - 6)),
+    "tar.gz with a flipped data byte": (".tar.gz", "w:gz", lambda b, p: _flip(b, len(b) // 2)),
+    "tar.bz2 cut": (".tar.bz2", "w:bz2", lambda b, p: b[: len(b) * 2 // 3]),
+    "tar.xz cut": (".tar.xz", "w:xz", lambda b, p: b[: len(b) // 2]),
+    "tar cut between members": (".tar", "w", lambda b, p: b[: _second_header(p)]),
+    "tar with a garbled header": (".tar", "w", lambda b, p: b[: _second_header(p)] + b"x" * 512
+                                  + b[_second_header(p) + 512:]),
+    "tar cut inside a member": (".tar", "w", lambda b, p: b[: _second_header(p) + 5000]),
+    "zip cut": (".zip", "zip", lambda b, p: b[: len(b) // 2]),
+    "zip with a flipped data byte": (".zip", "zip", lambda b, p: _flip(b, 1000)),
+    "empty file": (".tar.gz", "w:gz", lambda b, p: b""),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_archive_is_one_line_and_leaves_dest_as_it_was(tmp_path, case):
+    suffix, mode, damage = DAMAGE[case]
+    good = tmp_path / f"good{suffix}"
+    make_zip(good, _members()) if mode == "zip" else make_tar(good, _members(), mode)
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(damage(good.read_bytes(), good))
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    (work / "out/before.txt").write_text("an earlier good extraction")
+    with pytest.raises(UserError) as e:
+        safe_extract(bad, work / "out")
+    msg = str(e.value)
+    assert f"{bad} is damaged (truncated or corrupt" in msg and "nothing was extracted" in msg and "\n" not in msg
+    assert sorted(p.name for p in work.iterdir()) == ["out"]  # no temp folder left
+    assert [p.name for p in (work / "out").iterdir()] == ["before.txt"]
+    assert (work / "out/before.txt").read_text() == "an earlier good extraction"
+    assert safe_extract(good, work / "out") and len(list((work / "out/top").iterdir())) == 3  # the good one is fine
+
+
+def test_not_an_archive_and_unreadable_zip_members(tmp_path):
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"hello " * 100)
+    with pytest.raises(UserError, match=r"junk.tar.gz is not a tar archive \(.tar, .tar.gz"):
+        safe_extract(junk, tmp_path / "out")
+    # An encrypted member (flag bit 0 in its local and central headers): zipfile cannot read it.
+    enc = make_zip(tmp_path / "enc.zip", [("d/a.jpg", "file", b"secret")])
+    data = bytearray(enc.read_bytes())
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        data[data.index(sig) + flag_at] |= 0x01
+    enc.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"enc.zip: member 'd/a.jpg' cannot be read \(it is encrypted\); nothing was "
+                                        r"extracted. Re-pack it"):
+        safe_extract(enc, tmp_path / "out")
+    deflate64 = make_zip(tmp_path / "d64.zip", [("d/a.jpg", "file", b"x")])
+    data = bytearray(deflate64.read_bytes())
+    for sig, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        data[data.index(sig) + method_at] = 9  # compression method 9: deflate64
+    deflate64.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"d64.zip: member 'd/a.jpg' cannot be read \(its compression method is not "
+                                        r"supported\)"):
+        safe_extract(deflate64, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d64.zip", "enc.zip", "junk.tar.gz"]
+
+
+def test_temp_folders_of_a_killed_run_are_cleared(tmp_path):
+    for stale in (".out.abc123.extract", ".out.def456.stage", ".out.x.old"):
+        (tmp_path / stale / "half").mkdir(parents=True)
+    (tmp_path / ".other.abc.extract").mkdir()  # another destination's: not ours to remove
+    archive = make_tar(tmp_path / "good.tar.gz", [("a.txt", "file", b"a")])
+    safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abc.extract", "good.tar.gz", "out"]
+
+
+def test_check_refuses_the_extracted_whole_before_it_lands(tmp_path):
+    archive = make_tar(tmp_path / "a.tar.gz", [("x.txt", "file", b"x")])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/old.txt").write_text("old")
+
+    def check(folder):
+        assert (folder / "x.txt").read_bytes() == b"x"
+        raise UserError("wrong layout")
+
+    with pytest.raises(UserError, match="wrong layout"):
+        safe_extract(archive, tmp_path / "out", check=check)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]

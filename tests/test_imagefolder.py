@@ -4,6 +4,7 @@ import io
 import pickle
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,147 @@ def test_truncated_and_garbage_are_skipped(tmp_path):
     for name in ("cut.jpg", "junk.jpg", "missing.jpg"):
         with pytest.raises(SkipImage):
             decode_image(tmp_path / name)
+
+
+# ---------------------------------------------------------------- bad data
+
+def classes_folder(root, counts: dict, bad: dict | None = None):
+    """root/<class>/<i>.jpg: counts[class] good images, then bad[class] files that are no images."""
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / cls / f"{i:03d}.jpg").write_bytes(miniatures.image_bytes("RGB", size=(8, 8), seed=i))
+    for cls, n in (bad or {}).items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / cls / f"bad_{i}.jpg").write_bytes(b"\x00" * 50)
+    return root
+
+
+def prepared_cfg(src, **kw):
+    kw.setdefault("split", {"train": 0.5, "val": 0.0, "test": 0.5})
+    return cfg(archive=str(src), image_size=8, workers=1, **kw)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nothing_decodes_is_one_line_and_nothing_lands(tmp_path, packed):
+    src = classes_folder(tmp_path / "mine", {}, bad={"cats": 2, "dogs": 1})
+    if packed:
+        archive = tmp_path / "mine.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            for p in sorted(src.rglob("*.jpg")):
+                zf.writestr(f"mine/{p.relative_to(src).as_posix()}", p.read_bytes())
+        src = archive
+    raw = tmp_path / "data/raw/imagefolder"
+    with pytest.raises(UserError) as e:
+        get_source("imagefolder").fetch(cfg(archive=str(src)), raw)
+    assert str(e.value) == (f"data.archive: {src}: none of the 3 image files could be decoded (e.g. cats/bad_0.jpg: "
+                            f"not an image, or a format PIL cannot read); they are damaged or not images: put "
+                            f"readable image files (JPEG, PNG, …) in the class sub-folders")
+    assert list((tmp_path / "data/raw").iterdir()) == []  # no temp folder, no half copy
+
+
+def test_class_with_no_readable_image_fails_preprocess_and_keeps_the_store(tmp_path, monkeypatch):
+    from vitpipe.data.prepare import prepare
+
+    monkeypatch.chdir(tmp_path)
+    good = classes_folder(tmp_path / "good", {"cats": 4, "dogs": 4, "birds": 4})
+    c = prepared_cfg(good)
+    get_source("imagefolder").fetch(c, c.raw_dir)
+    prepare(c)
+    store = tmp_path / "data/prepared/imagefolder"
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+
+    broken = classes_folder(tmp_path / "broken", {"cats": 4, "dogs": 4}, bad={"birds": 4})
+    c = prepared_cfg(broken)
+    get_source("imagefolder").fetch(c, c.raw_dir)  # some images decode: the download stage passes
+    with pytest.raises(UserError) as e:
+        prepare(c)
+    assert str(e.value) == ("data/raw/imagefolder: class 'birds' has no readable image in the train split "
+                            "('birds' has 2 image(s) there and none decodes, e.g. data/raw/imagefolder/birds/bad_0.jpg: not an image, "
+                            "or a format PIL cannot read); every class needs readable images in both train and test: "
+                            "add some to it or remove the class, then run `dvc repro` again")
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before  # the earlier store, byte for byte
+    assert sorted(p.name for p in store.parent.iterdir()) == ["imagefolder"]  # no temp folder
+
+
+def test_class_too_small_for_the_split_fails_before_decoding(tmp_path, monkeypatch):
+    from vitpipe.data import prepare
+
+    monkeypatch.chdir(tmp_path)
+    src = classes_folder(tmp_path / "mine", {"cats": 5, "dogs": 5, "birds": 1})
+    c = prepared_cfg(src, split={"train": 0.7, "val": 0.1, "test": 0.2})
+    get_source("imagefolder").fetch(c, c.raw_dir)
+    monkeypatch.setattr(prepare, "write_split", None)  # must not be reached
+    with pytest.raises(UserError, match=r"^data/raw/imagefolder: class 'birds' has no readable image in the test "
+                                        r"split \('birds' has 1 image\(s\) in all, none of them in the test split\)"):
+        prepare.prepare(c)
+
+
+def test_thin_class_is_warned_and_recorded(tmp_path, monkeypatch, capsys):
+    from vitpipe.data.prepare import prepare, sanity_metrics
+
+    monkeypatch.chdir(tmp_path)
+    src = classes_folder(tmp_path / "mine", {"cats": 40, "dogs": 40, "birds": 2})
+    c = prepared_cfg(src)
+    get_source("imagefolder").fetch(c, c.raw_dir)
+    meta = prepare(c)
+    assert meta["thin_classes"] == ["birds"]
+    assert meta["class_counts"]["train"][0] == 1 and meta["class_counts"]["test"][0] == 1  # birds sort first
+    line = ("data/raw/imagefolder: 1 class(es) with under 10% of the median 20 train images per class: 'birds' (1); "
+            "the model barely learns them and their accuracy is noise: add images to them or remove them")
+    assert line in meta["warnings"]
+    assert f"vitpipe: warning: {line}\n" in capsys.readouterr().err
+    assert sanity_metrics(meta) == {"thin_classes": 1, "thin_class_names": "birds", "data_warnings": 2}  # train, test
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_folder_without_image_files_is_warned_not_dropped_silently(tmp_path, monkeypatch, capsys, packed):
+    from vitpipe.data.prepare import prepare
+
+    monkeypatch.chdir(tmp_path)
+    src = classes_folder(tmp_path / "flowers", {"rose": 4, "tulip": 4})
+    (src / "daisy").mkdir()
+    for i in range(3):
+        (src / "daisy" / f"IMG_{i}.heic").write_bytes(b"ftypheic")
+    (src / "daisy/notes.txt").write_text("phone photos")
+    if packed:
+        archive = tmp_path / "flowers.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(src, arcname="flowers")
+        src = archive
+    c = prepared_cfg(src)
+    get_source("imagefolder").fetch(c, c.raw_dir)
+    line = (f"sub-folder 'daisy' holds no image files (3 .heic, 1 .txt), so it is not a class and is left out: "
+            f"convert its images to JPEG or PNG, or move it out of the folder")
+    assert f"vitpipe: warning: data.archive: {src}: {line}\n" in capsys.readouterr().err
+    meta = prepare(c)
+    assert meta["classes"] == ["rose", "tulip"]
+    assert meta["warnings"] == [f"data/raw/imagefolder: {line}"]
+    assert f"vitpipe: warning: data/raw/imagefolder: {line}\n" in capsys.readouterr().err
+
+
+def test_truncated_zip_of_images(tmp_path):
+    archive = tmp_path / "mine.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for cls in ("a", "b"):
+            zf.writestr(f"{cls}/0.png", miniatures.image_bytes("RGB", fmt="PNG"))
+    archive.write_bytes(archive.read_bytes()[:-30])
+    with pytest.raises(UserError, match=r"mine.zip is damaged \(truncated or corrupt: the zip directory"):
+        get_source("imagefolder").fetch(cfg(archive=str(archive)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mine.zip"]
+
+
+def test_raw_images_spoiled_after_download_fail_preprocess_in_one_line(tmp_path, monkeypatch):
+    from vitpipe.data.prepare import prepare
+
+    monkeypatch.chdir(tmp_path)
+    c = prepared_cfg(classes_folder(tmp_path / "mine", {"cats": 2, "dogs": 2}))
+    get_source("imagefolder").fetch(c, c.raw_dir)
+    for p in Path(c.raw_dir).rglob("*.jpg"):
+        p.write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        prepare(c)
+    assert str(e.value) == ("data/raw/imagefolder: none of the 4 image files could be decoded (e.g. "
+                            "data/raw/imagefolder/cats/000.jpg: not an image, or a format PIL cannot read); they are "
+                            "damaged or not images: run `dvc repro download` again to restore them")

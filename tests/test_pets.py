@@ -102,3 +102,50 @@ def test_end_to_end_through_prepare_counts_skips(pets_archives, tmp_path, monkey
     x = np.load(tmp_path / "data/prepared/pets/test_x.npy")
     assert x.shape == (3, 16, 16, 3) and x.dtype == np.uint8
     assert np.load(tmp_path / "data/prepared/pets/test_y.npy").tolist() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- bad data
+
+def test_damaged_images_archive_is_one_line_and_nothing_lands(pets_archives, tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "annotations.tar.gz").write_bytes((pets_archives / "annotations.tar.gz").read_bytes())
+    data = (pets_archives / "images.tar.gz").read_bytes()
+    (folder / "images.tar.gz").write_bytes(data[: len(data) // 2])
+    raw = tmp_path / "data/raw/pets"
+    raw.mkdir(parents=True)
+    (raw / "kept.txt").write_text("an earlier extraction")
+    with pytest.raises(UserError) as e:
+        get_source("pets").fetch(cfg(archive=str(folder)), raw)
+    assert str(e.value).startswith(f"{folder / 'images.tar.gz'} is damaged (truncated or corrupt: ")
+    assert [p.name for p in (tmp_path / "data/raw").iterdir()] == ["pets"]
+    assert [p.name for p in raw.iterdir()] == ["kept.txt"]
+
+
+def test_images_that_do_not_decode_fail_the_download_stage(tmp_path):
+    folder = tmp_path / "downloads"
+    junk = {name: b"<html>404 Not Found</html>" for name in
+            ("Abyssinian_1", "Abyssinian_2", "Abyssinian_3", "american_bulldog_10", "american_bulldog_11",
+             "american_bulldog_12", "Bengal_5", "Bengal_6", "Bengal_7")}
+    miniatures.make_pets(folder, replace=junk)
+    with pytest.raises(UserError) as e:
+        get_source("pets").fetch(cfg(archive=str(folder)), tmp_path / "raw")
+    assert str(e.value) == (f"{folder / 'images.tar.gz'}: none of the 9 image files could be decoded (e.g. "
+                            f"images/Abyssinian_1.jpg: not an image, or a format PIL cannot read); they are damaged "
+                            f"or not images: download https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz again")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_breed_with_no_readable_training_image_fails_preprocess(tmp_path, monkeypatch):
+    from vitpipe.data.prepare import prepare
+
+    folder = tmp_path / "downloads"
+    miniatures.make_pets(folder, replace={"Bengal_5": b"GIF89a truncated"})  # Bengal_6 is no image either
+    monkeypatch.chdir(tmp_path)
+    c = cfg(archive=str(folder), image_size=16, workers=1, split={"train": 1.0, "val": 0.0, "test": 0.0})
+    get_source("pets").fetch(c, c.raw_dir)
+    with pytest.raises(UserError, match=r"^data/raw/pets: class 'Bengal' has no readable image in the train split "
+                                        r"\('Bengal' has 2 image\(s\) there and none decodes, e\.g\. "
+                                        r"data/raw/pets/images/Bengal_5\.jpg: "):
+        prepare(c)
+    assert not (tmp_path / "data/prepared").exists() or list((tmp_path / "data/prepared").iterdir()) == []

@@ -4,12 +4,15 @@ before they land, and extraction that refuses any member that could write outsid
 Extraction checks every member itself (absolute paths, `..`, links that leave the folder,
 device and fifo files) instead of relying on tarfile's extraction filters, which Python only
 has from 3.12 (and 3.11.4+). Everything lands in a temp folder beside the destination and is
-renamed into place at the end, so a refused or interrupted extraction leaves nothing behind.
+renamed into place at the end, so a refused, damaged or interrupted extraction leaves nothing
+behind. A tar is read to its very end (the end-of-archive block, the compressor's checksum):
+tarfile alone stops quietly at a truncated or garbled header and calls that the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -25,6 +28,11 @@ from typing import Callable, Iterable
 
 from vitpipe.atomic import atomic_path
 from vitpipe.errors import UserError
+
+try:
+    from lzma import LZMAError
+except ImportError:  # a Python built without lzma cannot open .xz at all
+    LZMAError = zlib.error
 
 CHUNK = 1 << 20          # 1 MiB reads: streamed, never a whole archive in RAM
 TIMEOUT_S = 30           # per socket operation; a stalled server fails instead of hanging
@@ -113,6 +121,83 @@ def download(url: str, dest: str | os.PathLike, md5: str | None, *, official_url
         files = {dest.name: official_url or url, **(companions or {})}
         raise UserError(offline_message(files, hint, f"{url}: {reason}")) from None
     return dest
+
+
+# ---------------------------------------------------------------- damaged archives
+
+MAGIC = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"),
+         (b"\xfd7zXZ\x00", "xz"))
+
+
+def archive_kind(path: str | os.PathLike) -> str | None:
+    """zip, gzip, bzip2, xz or tar from the first bytes (a truncated file still has them), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(263)
+    except OSError:
+        return None
+    kind = next((k for magic, k in MAGIC if head.startswith(magic)), None)
+    return kind or ("tar" if head[257:262] == b"ustar" else None)
+
+
+def damaged(archive, detail) -> UserError:
+    return UserError(f"{archive} is damaged (truncated or corrupt: {detail}); nothing was extracted from it. "
+                     f"Download or copy it again (or re-pack it), then run the stage again")
+
+
+@contextlib.contextmanager
+def damage_is_user_error(archive):
+    """Format and decompression errors while reading `archive` -> one UserError. An OSError
+    with an errno is the machine's (disk full, permissions) and passes through."""
+    try:
+        yield
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, LZMAError) as e:
+        raise damaged(archive, e) from None
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise damaged(archive, e) from None  # gzip's BadGzipFile (CRC), bz2's "Invalid data stream"
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Marks its TarFile when the end-of-archive block is read, which tells a proper end from
+    the quiet stop tarfile makes at a truncated or garbled header."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.end_seen = True
+            raise
+
+
+TAR_MODES = {"gzip": "r:gz", "bzip2": "r:bz2", "xz": "r:xz", "tar": "r:"}
+
+
+def open_tar(archive: Path) -> tarfile.TarFile:
+    """A tar in any compression, for reading once from start to end (then `check_tar_end`)."""
+    kind = archive_kind(archive)
+    try:
+        # The mode of the compression its first bytes name, so that an error is that one's own.
+        return tarfile.open(archive, TAR_MODES.get(kind, "r:*"), tarinfo=_TarInfo)
+    except (tarfile.TarError, OSError, EOFError, zlib.error, LZMAError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # missing or unreadable: the machine's words
+            raise UserError(f"{archive} cannot be read: {e.strerror}") from None
+        if os.path.getsize(archive) == 0:
+            raise damaged(archive, "the file is empty") from None
+        if kind not in TAR_MODES:
+            raise UserError(f"{archive} is not a tar archive (.tar, .tar.gz, .tar.bz2 or .tar.xz)") from None
+        raise damaged(archive, e) from None
+
+
+def check_tar_end(archive: Path, tar: tarfile.TarFile) -> None:
+    """After the last member: the end-of-archive block must be there, and the stream must read
+    to its end (where gzip checks its CRC and length). Call inside damage_is_user_error."""
+    if not getattr(tar, "end_seen", False):
+        raise damaged(archive, f"no end-of-archive block after member {len(tar.members)}")
+    while tar.fileobj.read(CHUNK):
+        pass
 
 
 # ---------------------------------------------------------------- safe extraction
@@ -209,89 +294,102 @@ class _Writer:
 
 
 def _extract_tar(archive: Path, writer: _Writer, keep: Callable[[str], bool] | None) -> None:
+    with damage_is_user_error(archive), open_tar(archive) as tar:
+        for m in tar:
+            parts = _member_parts(archive, m.name)
+            if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
+                raise _refuse(archive, m.name, "is a device or fifo file")
+            if keep is not None and not keep("/".join(parts)):  # folders come with the files kept
+                continue
+            if m.isdir():
+                writer.directory(m.name, parts)
+            elif m.issym():
+                writer.symlink(m.name, parts, m.linkname)
+            elif m.islnk():
+                writer.hardlink(m.name, parts, m.linkname)
+            elif m.isreg():
+                with tar.extractfile(m) as f:
+                    writer.file(m.name, parts, f, m.mode)
+            else:
+                raise _refuse(archive, m.name, f"has an unsupported type ({m.type!r})")
+        check_tar_end(archive, tar)
+
+
+def _open_zip(archive: Path) -> zipfile.ZipFile:
     try:
-        tar = tarfile.open(archive, "r:*")  # gz, bz2, xz or none, detected from the content
-    except (tarfile.TarError, OSError) as e:
-        raise UserError(f"{archive} is not a readable tar archive: {e}") from None
-    with tar:
-        try:
-            for m in tar:
-                parts = _member_parts(archive, m.name)
-                if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
-                    raise _refuse(archive, m.name, "is a device or fifo file")
-                if keep is not None and not keep("/".join(parts)):  # folders come with the files kept
-                    continue
-                if m.isdir():
-                    writer.directory(m.name, parts)
-                elif m.issym():
-                    writer.symlink(m.name, parts, m.linkname)
-                elif m.islnk():
-                    writer.hardlink(m.name, parts, m.linkname)
-                elif m.isreg():
-                    with tar.extractfile(m) as f:
-                        writer.file(m.name, parts, f, m.mode)
-                else:
-                    raise _refuse(archive, m.name, f"has an unsupported type ({m.type!r})")
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise UserError(f"{archive} is damaged (truncated or corrupt): {e}") from None
+        return zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:  # the magic said zip: its central directory, at the end, is missing
+        raise damaged(archive, "the zip directory at its end is missing or unreadable") from None
+    except OSError as e:
+        raise UserError(f"{archive} cannot be read: {e.strerror or e}") from None
 
 
 def _extract_zip(archive: Path, writer: _Writer, keep: Callable[[str], bool] | None) -> None:
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{archive} is not a readable zip archive: {e}") from None
-    with zf:
-        try:
-            for info in zf.infolist():
-                parts = _member_parts(archive, info.filename)
-                mode = info.external_attr >> 16  # unix mode bits, 0 when made on Windows
-                kind = stat.S_IFMT(mode)
-                if kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
-                    raise _refuse(archive, info.filename, "is a device, fifo or socket file")
-                if keep is not None and not keep("/".join(parts)):
-                    continue
+    with damage_is_user_error(archive), _open_zip(archive) as zf:
+        for info in zf.infolist():
+            parts = _member_parts(archive, info.filename)
+            mode = info.external_attr >> 16  # unix mode bits, 0 when made on Windows
+            kind = stat.S_IFMT(mode)
+            if kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+                raise _refuse(archive, info.filename, "is a device, fifo or socket file")
+            if keep is not None and not keep("/".join(parts)):
+                continue
+            try:
                 if info.is_dir():
                     writer.directory(info.filename, parts)
                 elif kind == stat.S_IFLNK:  # zip stores a symlink's target as the member's content
                     writer.symlink(info.filename, parts, zf.read(info).decode("utf-8", "replace"))
                 else:
-                    with zf.open(info) as f:
+                    with zf.open(info) as f:  # reading to the end checks the member's CRC
                         writer.file(info.filename, parts, f, mode or 0o644)
-        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-            raise UserError(f"{archive} is damaged (truncated or corrupt): {e}") from None
+            except RuntimeError as e:  # NotImplementedError (a subclass): deflate64 and the like; else encrypted
+                unsupported = isinstance(e, NotImplementedError)
+                why = "its compression method is not supported" if unsupported else "it is encrypted"
+                raise UserError(f"{archive}: member {info.filename!r} cannot be read ({why}); nothing was "
+                                f"extracted. Re-pack it as a plain (unencrypted, deflate) zip or a tar.gz") from None
 
 
 def is_archive(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path))
+    """A zip or tar (any compression), judged by its first bytes, so a damaged one still counts."""
+    return Path(path).is_file() and archive_kind(path) is not None
 
 
 def safe_extract(archives: str | os.PathLike | Iterable[str | os.PathLike], dest: str | os.PathLike,
-                 keep: Callable[[str], bool] | None = None) -> Path:
+                 keep: Callable[[str], bool] | None = None, check: Callable[[Path], None] | None = None) -> Path:
     """Extract one archive (or several, merged) so that `dest` holds their contents.
 
     Tar (any compression) or zip. Every member is checked before it is written; `keep`
-    (member path -> bool) skips members that are not needed. All goes into a temp folder in
-    dest's parent, renamed over dest at the end: on refusal or error nothing is left behind.
+    (member path -> bool) skips members that are not needed; `check(folder)` may refuse the
+    extracted whole (its layout, its images). All goes into a temp folder in dest's parent,
+    renamed over dest at the end: on refusal or error dest is left as it was.
     """
     dest = Path(dest)
     if isinstance(archives, (str, os.PathLike)):
         archives = [archives]
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extract", dir=dest.parent))
     try:
         for archive in map(Path, archives):
             writer = _Writer(archive, tmp)
-            if zipfile.is_zipfile(archive):
+            if archive_kind(archive) == "zip":
                 _extract_zip(archive, writer, keep)
             else:
                 _extract_tar(archive, writer, keep)
             _check_all_links(archive, tmp)
+        if check is not None:
+            check(tmp)
         _replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _clear_stale(dest: Path) -> None:
+    """Temp folders a killed run (SIGKILL, power loss) left beside dest."""
+    for suffix in ("extract", "stage", "old"):
+        for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*.{suffix}"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -311,6 +409,7 @@ def staging_dir(dest: str | os.PathLike):
     """A temp folder beside dest that becomes dest when the block succeeds (else vanishes)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".stage", dir=dest.parent))
     try:
         yield tmp

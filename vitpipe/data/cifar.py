@@ -4,7 +4,10 @@ The archives hold pickled batches written by Python 2: dicts with bytes keys (b"
 b"labels" or b"fine_labels", b"filenames", b"batch_label") whose b"data" is a uint8 N x 3072
 array of CHW planes. Pickles can run code, so they are read with an unpickler that only
 rebuilds what those files contain (dicts, lists, strings, numbers and numpy arrays) and
-refuses any other global. The batches are read straight from the tar: nothing is extracted.
+refuses any other global. A Python 3 re-pack (`pickle.dump(batch, f, protocol=0..5)`) is
+read too: below protocol 3 it spells each bytes object `_codecs.encode(<str>, "latin1")`
+(and b"" as `bytes()`), which are allowed in exactly that form. The batches are read
+straight from the tar: nothing is extracted.
 """
 
 from __future__ import annotations
@@ -13,39 +16,59 @@ import importlib
 import io
 import os
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from vitpipe.data.archives import obtain, resolve_md5
+from vitpipe.data.archives import check_tar_end, damage_is_user_error, obtain, open_tar, resolve_md5
 from vitpipe.data.sources import ImageList, RawDataset
 from vitpipe.errors import UserError
 
 BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 
 
-def _numpy_reconstruct():
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2, numpy 1
+def _numpy(module: str, name: str):
+    """numpy's unpickling helper: numpy._core.<module>.<name> (numpy 2) or numpy.core's (numpy 1)."""
+    for package in ("numpy._core", "numpy.core"):
         try:
-            return importlib.import_module(module)._reconstruct
+            return getattr(importlib.import_module(f"{package}.{module}"), name)
         except (ImportError, AttributeError):
             continue
-    raise ImportError("numpy's array unpickling helper (_reconstruct) was not found")
-
-
-# The only globals a CIFAR batch references: numpy's array reconstruction. Both numpy 1 and
-# numpy 2 module names map to whatever this numpy provides.
-ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
+    raise ImportError(f"numpy's unpickling helper {module}.{name} was not found")
 
 
 class RefusedGlobal(pickle.UnpicklingError):
-    pass
+    """Its message completes "member … tries to …"."""
+
+
+def _latin1(text, encoding="utf-8", errors="strict") -> bytes:
+    """`_codecs.encode` as Python 3 pickles bytes, and nothing else: text, "latin1", strict."""
+    if not isinstance(text, str) or encoding != "latin1" or errors != "strict":
+        raise RefusedGlobal(f"call `_codecs.encode` with {type(text).__name__}, {encoding!r}, {errors!r} "
+                            f"(a Python 3 pickle of bytes only ever uses a str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args) -> bytes:
+    """`bytes()`, as Python 3 pickles b"" below protocol 3; `bytes(n)` would allocate n bytes."""
+    if args:
+        raise RefusedGlobal(f"call `bytes` with arguments {args!r:.60} (a pickle of b'' calls it with none)")
+    return b""
+
+
+# The only globals a CIFAR batch references: numpy's array reconstruction (protocol 5:
+# _frombuffer), and for a Python 3 re-pack below protocol 3 the two spellings of bytes. Both
+# numpy 1 and numpy 2 module names map to whatever this numpy provides.
+NUMPY_PACKAGES = ("numpy.core", "numpy._core")
+ALLOWED_GLOBALS = {
+    **{(f"{p}.multiarray", "_reconstruct"): _numpy("multiarray", "_reconstruct") for p in NUMPY_PACKAGES},
+    **{(f"{p}.numeric", "_frombuffer"): _numpy("numeric", "_frombuffer") for p in NUMPY_PACKAGES},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+    ("__builtin__", "bytes"): _empty_bytes,  # protocol < 3 writes Python 2's module name
+    ("builtins", "bytes"): _empty_bytes,
+}
 
 
 class BatchUnpickler(pickle.Unpickler):
@@ -55,22 +78,25 @@ class BatchUnpickler(pickle.Unpickler):
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise RefusedGlobal(f"{module}.{name}") from None
+            raise RefusedGlobal(f"load `{module}.{name}`") from None
 
 
 def load_batch(f, archive: Path, member: str) -> dict:
-    """Unpickle one batch (a Python 2 pickle: str -> bytes) or refuse it with a UserError."""
+    """Unpickle one batch (Python 2's, str -> bytes, or a Python 3 re-pack) or refuse it with a UserError."""
     try:
         batch = BatchUnpickler(f, encoding="bytes").load()
     except RefusedGlobal as e:
-        raise UserError(f"{archive}: member {member} tries to load `{e}`, which a CIFAR batch never "
-                        f"contains; refusing to unpickle it (the archive was tampered with)") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, tarfile.TarError,
-            OSError) as e:
-        raise UserError(f"{archive}: member {member} is not a readable CIFAR batch: {e}") from None
+        raise UserError(f"{archive}: member {member} tries to {e}, which a CIFAR batch never does; refusing to "
+                        f"unpickle it: the archive was tampered with or is not CIFAR. Use the official "
+                        f"archive (`data.md5: default` checks it)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, RecursionError, UnicodeError) as e:
+        raise UserError(f"{archive}: member {member} is not a readable CIFAR batch "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(batch, dict):
         raise UserError(f"{archive}: member {member} is not a CIFAR batch (a {type(batch).__name__}, not a dict)")
-    return batch
+    # A re-pack of batches loaded with encoding="latin1" has str keys: the same batch.
+    return {k.encode("latin1", "replace") if isinstance(k, str) else k: v for k, v in batch.items()}
 
 
 class CifarSource:
@@ -99,35 +125,34 @@ class CifarSource:
             local = Path(local) / self.filename
             if not local.is_file():
                 raise UserError(f"data.archive: {cfg.archive} is a folder without {self.filename} in it")
+        if local:
+            self.check_layout(Path(local))  # before the copy replaces anything in raw_dir
         dest = obtain(local, cfg.url or self.url, self.url, resolve_md5(cfg.md5, self.md5),
                       Path(raw_dir) / self.filename,
                       archive_hint=f"`data.archive: <path to {self.filename}>`")
-        try:
-            self.check_layout(dest)
-        except UserError:
-            dest.unlink()  # don't leave an unusable archive in the stage's output
-            raise
+        if not local:
+            try:
+                self.check_layout(dest)
+            except UserError:
+                dest.unlink()  # don't leave an unusable archive in the stage's output
+                raise
 
     def check_layout(self, archive: Path) -> None:
+        """The archive reads to its end, undamaged, and holds every batch."""
         wanted = [self.member(n) for n in (*self.train, *self.test, self.meta)]
-        with self._open_tar(archive) as tar:
-            names = {os.path.normpath(n) for n in tar.getnames()}  # "./x/y" in some re-packs
+        with damage_is_user_error(archive), open_tar(archive) as tar:
+            names = {os.path.normpath(m.name) for m in tar}  # "./x/y" in some re-packs
+            check_tar_end(archive, tar)
         missing = [m for m in wanted if m not in names]
         if missing:
             raise UserError(f"{archive} is not the {self.name} python archive: it lacks {', '.join(missing)} "
                             f"(expected {self.folder}/ with {', '.join((*self.train, *self.test, self.meta))})")
 
-    def _open_tar(self, archive: Path) -> tarfile.TarFile:
-        try:
-            return tarfile.open(archive, "r:*")
-        except (tarfile.TarError, OSError) as e:
-            raise UserError(f"{archive} is not a readable tar archive: {e}") from None
-
     def _read_members(self, archive: Path, names: tuple[str, ...]) -> list[dict]:
-        """Unpickle the named members, in the order given, in one pass over the tar."""
+        """Unpickle the named members, in the order given, in one pass over the whole tar."""
         wanted = {self.member(n): i for i, n in enumerate(names)}
         found: list[dict | None] = [None] * len(names)
-        with self._open_tar(archive) as tar:
+        with damage_is_user_error(archive), open_tar(archive) as tar:
             for m in tar:
                 name = os.path.normpath(m.name)
                 if name in wanted:
@@ -136,6 +161,7 @@ class CifarSource:
                     with tar.extractfile(m) as f:
                         # Buffered in full (<= 160 MB): pickle's many small reads from a gzip stream are slow.
                         found[wanted[name]] = load_batch(io.BytesIO(f.read()), archive, name)
+            check_tar_end(archive, tar)
         for n, batch in zip(names, found):
             if batch is None:
                 raise UserError(f"{archive} has no member {self.member(n)}: not the {self.name} python archive")

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from vitpipe.data.archives import check_md5, download_cache, obtain, safe_extract
 from vitpipe.data.imagefolder import FileImages
+from vitpipe.data.sanity import require_some_decodable
 from vitpipe.data.sources import RawDataset
 from vitpipe.errors import ParamError, UserError
 
@@ -32,15 +35,17 @@ def _needed(member: str) -> bool:
     return is_image or member in (*LISTS.values(), "annotations/list.txt")
 
 
-def read_list(path: Path) -> list[tuple[str, int]]:
-    """(image name, class id) per line of a Pets list file; `#` lines are comments."""
+def read_list(path: Path, name: str | None = None) -> list[tuple[str, int]]:
+    """(image name, class id) per line of a Pets list file; `#` lines are comments. `name`
+    stands for the path in messages."""
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
         if len(fields) < 2 or not fields[1].isdigit():
-            raise UserError(f"{path}:{n}: expected `<image name> <class id> <species> <breed id>`, got {line!r}")
+            raise UserError(f"{name or path}:{n}: expected `<image name> <class id> <species> <breed id>`, "
+                            f"got {line[:100]!r}")
         rows.append((fields[0], int(fields[1])))
     return rows
 
@@ -73,28 +78,35 @@ class PetsSource:
                 path = obtain(None, base + name, BASE_URL + name, md5, download_cache(raw_dir) / name,
                               ARCHIVE_HINT, companions=others)
             paths.append(path)
-        safe_extract(paths, raw_dir, keep=_needed)
-        self.open(cfg, raw_dir)  # a wrong layout fails in this stage, not the next
+        safe_extract(paths, raw_dir, keep=_needed, check=lambda folder: self._check(folder, paths))
+
+    def _check(self, folder: Path, archives: list[Path]) -> None:
+        """On the extracted temp folder: a wrong layout, or images that are no images, fail in
+        this stage (not the next) and leave raw_dir as it was."""
+        raw = self._read(folder, " and ".join(map(str, archives)), "they are not the official Oxford-IIIT Pet archives")
+        train, test = raw.splits["train"], raw.splits["test"]
+        every = FileImages(train.paths + test.paths, np.concatenate([train.labels, test.labels]))
+        require_some_decodable(every, str(archives[0]), folder, f"download {BASE_URL}images.tar.gz again")
 
     def open(self, cfg, raw_dir: Path) -> RawDataset:
-        raw_dir = Path(raw_dir)
+        return self._read(Path(raw_dir), str(raw_dir), "run `dvc repro download` first")
+
+    def _read(self, folder: Path, where: str, fix: str) -> RawDataset:
         rows = {}
         for split, rel in LISTS.items():
-            path = raw_dir / rel
-            if not path.is_file():
-                raise UserError(f"{path} not found: run `dvc repro download` first (the annotations archive "
-                                f"must contain {rel})")
-            rows[split] = read_list(path)
+            if not (folder / rel).is_file():
+                raise UserError(f"{where}: no {rel} found: {fix} (the annotations archive must contain {rel})")
+            rows[split] = read_list(folder / rel, f"{where}: {rel}")
         # Class names in class-id order, each checked to be one breed.
         names: dict[int, str] = {}
         for image, class_id in rows["train"] + rows["test"]:
             if names.setdefault(class_id, breed(image)) != breed(image):
-                raise UserError(f"{raw_dir / LISTS['train']}: class id {class_id} names both "
+                raise UserError(f"{where}: {LISTS['train']}: class id {class_id} names both "
                                 f"{names[class_id]} and {breed(image)}")
         ids = sorted(names)
         index = {class_id: i for i, class_id in enumerate(ids)}
         splits = {
-            split: FileImages([raw_dir / "images" / f"{image}.jpg" for image, _ in r], [index[c] for _, c in r])
+            split: FileImages([folder / "images" / f"{image}.jpg" for image, _ in r], [index[c] for _, c in r])
             for split, r in rows.items()
         }
         return RawDataset(classes=[names[c] for c in ids], splits=splits)

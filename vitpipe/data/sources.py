@@ -10,7 +10,7 @@ Pixels are decoded one image at a time so a big dataset never sits in RAM twice.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 
 class SkipImage(Exception):
     """An image that cannot be decoded (truncated, unknown format): counted and left out."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(str(path), reason)  # both in args: stays picklable
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 class ImageList:
@@ -66,6 +73,7 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 class RawDataset:
     classes: list[str]
     splits: dict[str, ImageList]  # always "train"; "test" when the dataset has an official test split
+    warnings: list[str] = field(default_factory=list)  # odd but usable input, recorded by preprocess
 
 
 class Source(Protocol):
