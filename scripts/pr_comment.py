@@ -2,14 +2,20 @@
 
     python scripts/pr_comment.py --base main --out comment.md [--summary "$GITHUB_STEP_SUMMARY"]
 
-Runs `dvc metrics diff --md <base>` and `dvc params diff --md <base>` in the current repository
-(the working tree, after `dvc repro`, against the base branch's committed metrics), lifts the
-"Headline" section out of reports/report.md, and writes one markdown comment. The workflow
-(.github/workflows/pr.yml) posts it; this script never talks to GitHub."""
+Runs `dvc metrics diff --json <base>` and `dvc params diff --md <base>` in the current
+repository (the working tree, after `dvc repro`, against the base branch's committed metrics),
+lifts the "Headline" section out of reports/report.md, and writes one markdown comment. The
+workflow (.github/workflows/pr.yml) posts it; this script never talks to GitHub.
+
+Results (accuracy, loss) come first. A change of an accuracy that its run's own spread over
+seeds already covers (the 95% interval in metrics/summary.json) is marked *within noise*.
+Machine metrics (img/s, latency, wall time, memory) sit apart: they measure the runner."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +24,90 @@ MARKER = "<!-- vitpipe-pr-report -->"    # lets the workflow find and update its
 GITHUB_LIMIT = 65_536                    # characters in one issue comment
 HEADLINE = "Headline"
 FOLD_ROWS = 40                           # longer diff tables go in a collapsed <details>
+SUMMARY = "metrics/summary.json"         # mean, sd and 95% interval over seeds (report stage)
+# keys that measure the machine, not the method
+MACHINE = re.compile(r"img_per_s|latency|wall_time|_mb$|memory|rss|cuda|gpu|power|mfu|local_|_s$")
+RESULT = re.compile(r"top1|top5|acc|loss")
+
+
+def metrics_diff(base: str, cwd: Path | str = ".") -> tuple[dict, str | None]:
+    """{file: {key: {old, new, diff}}} of `dvc metrics diff --json <base>`, or an error."""
+    p = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", "--json", base], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        return {}, (p.stderr or p.stdout).strip() or f"dvc metrics diff exited {p.returncode}"
+    return (json.loads(p.stdout) if p.stdout.strip() else {}), None
+
+
+def run_of(path: str, key: str) -> str | None:
+    """The run a metric belongs to: metrics/evaluate/<run>/seed-0.json, or summary's `<run>.top1_…`."""
+    m = re.match(r"metrics/(?:evaluate|finetune)/([^/]+)/", path) or re.match(r"metrics/(train)_scratch/", path)
+    if m:
+        return "scratch" if m.group(1) == "train" else m.group(1)
+    m = re.match(r"([^.]+)\.top1", key) if path.endswith("summary.json") else None
+    return m.group(1) if m else None
+
+
+def noise(summary: dict, run: str | None) -> float | None:
+    """Half-width of that run's 95% interval of test top-1 over seeds."""
+    lo, hi = summary.get(f"{run}.top1_ci95_lo"), summary.get(f"{run}.top1_ci95_hi")
+    return None if lo is None or hi is None else (hi - lo) / 2
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def split_diff(diff: dict, summary: dict) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
+    """(result rows, machine rows, other rows) of the changed metrics; a result row says whether
+    its change is within the seeds' noise."""
+    results, machine, other = [], [], []
+    for path, keys in sorted(diff.items()):
+        for key, d in sorted(keys.items()):
+            old, new, change = d.get("old"), d.get("new"), d.get("diff")
+            if old == new:
+                continue
+            row = [path, key, _fmt(old), _fmt(new), _fmt(change)]
+            if MACHINE.search(key):
+                machine.append(row)
+            elif RESULT.search(key):
+                half = noise(summary, run_of(path, key)) if "_sd" not in key and "_half" not in key else None
+                if half is None or not isinstance(change, (int, float)):
+                    row.append("")
+                else:
+                    row.append(f"within noise (±{half:.3g})" if abs(change) <= half else f"**beyond noise** (±{half:.3g})")
+                results.append(row)
+            else:
+                other.append(row)
+    return results, machine, other
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def metrics_sections(base: str, diff: dict, error: str | None, summary: dict) -> list[str]:
+    if error:
+        return [f"### Results against `{base}`", "", f"`dvc metrics diff --json {base}` failed:", "", "```",
+                error[-2000:], "```", ""]
+    results, machine, other = split_diff(diff, summary)
+    out = [f"### Results against `{base}` (accuracy, loss)", ""]
+    out += [table(["file", "metric", base, "this branch", "change", "noise"], results), ""] if results else \
+        ["No accuracy or loss changed.", ""]
+    if results and any("noise" in r[-1] for r in results):
+        out += ["*within noise*: the change is inside the 95% interval that this run's seeds give on their own "
+                "(metrics/summary.json); only a change *beyond noise* says the method changed.", ""]
+    if other:
+        out += fenced("Other metrics (sizes, steps, counts)", table(["file", "metric", base, "this branch", "change"],
+                                                                   other), None, base, "metrics")
+    out += [f"### Machine-dependent metrics against `{base}`", "",
+            "Throughput, latency, wall time and memory measure the runner that ran the job (CI runners differ by "
+            "30-80% from run to run); read them only between runs on the same machine.", ""]
+    out += [f"<details><summary>{len(machine)} changed</summary>", "",
+            table(["file", "metric", base, "this branch", "change"], machine), "", "</details>", ""] if machine else \
+        ["None changed.", ""]
+    return out
 
 
 def dvc_diff(kind: str, base: str, cwd: Path | str = ".") -> tuple[str, str | None]:
@@ -51,11 +141,11 @@ def fenced(title: str, table: str, error: str | None, base: str, what: str) -> l
     return [f"### {title}", "", table, ""]
 
 
-def comment_body(base: str, metrics: tuple[str, str | None], params: tuple[str, str | None],
-                 headline: str | None, artifacts: str | None = None) -> str:
-    """The whole comment. The metrics diff comes first: it is what a reviewer came for."""
+def comment_body(base: str, metrics: tuple[dict, str | None], params: tuple[str, str | None],
+                 headline: str | None, artifacts: str | None = None, summary: dict | None = None) -> str:
+    """The whole comment. Results come first: they are what a reviewer came for."""
     lines = [MARKER, "## vitpipe: what this pull request changes", ""]
-    lines += fenced(f"Metrics against `{base}`", *metrics, base, "metrics")
+    lines += metrics_sections(base, *metrics, summary or {})
     lines += fenced(f"Params against `{base}`", *params, base, "params")
     lines += ["### The report's headline (this branch)", ""]
     lines += [headline, ""] if headline else ["`reports/report.md` has no Headline section.", ""]
@@ -78,8 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--artifacts", help="URL of the run's artifacts, linked from the comment")
     args = ap.parse_args(argv)
     headline = section(args.report.read_text(), HEADLINE) if args.report.exists() else None
-    body = comment_body(args.base, dvc_diff("metrics", args.base), dvc_diff("params", args.base), headline,
-                        args.artifacts)
+    summary = json.loads(Path(SUMMARY).read_text()) if Path(SUMMARY).exists() else {}
+    body = comment_body(args.base, metrics_diff(args.base), dvc_diff("params", args.base), headline,
+                        args.artifacts, summary)
     args.out.write_text(body)
     if args.summary:
         with args.summary.open("a") as f:

@@ -1,4 +1,4 @@
-"""Stage evaluate_scratch / evaluate@<variant>: the trained model on the test split.
+"""Stage evaluate_scratch@<seed> / evaluate@<variant>-<seed>: one trained model on the test split.
 
 Writes flat metrics (top-1, top-5, loss, inference img/s, latency), per-class accuracy and
 the confusion matrix (JSON), and predictions.csv for `dvc plots` confusion charts."""
@@ -9,11 +9,15 @@ from vitpipe import params, stage
 from vitpipe.errors import UserError
 
 
+USAGE = "usage: python stages/evaluate.py scratch|<variant> <seed>"
+
+
 def main(argv):
-    if len(argv) != 1:
-        raise UserError("usage: python stages/evaluate.py scratch|<variant>")
+    if len(argv) != 2:
+        raise UserError(USAGE)
     name = argv[0]
     doc = params.read_yaml()
+    seed = params.seed_arg(doc, argv[1], USAGE)
     data = params.data_params(doc)
     cfg = params.evaluate_params(doc)
     if name != "scratch":
@@ -26,7 +30,8 @@ def main(argv):
     from vitpipe.evaluate import classification_report, inference_speed, predict
     from vitpipe.models import build_model
 
-    weights = Path("models/scratch/model.pt" if name == "scratch" else f"models/finetune/{name}/model.pt")
+    run = f"seed-{seed}"
+    weights = Path(f"models/scratch/{run}/model.pt" if name == "scratch" else f"models/finetune/{name}/{run}/model.pt")
     if not weights.exists():
         raise UserError(f"{weights} not found: run `dvc repro` for its training stage first")
     saved = torch.load(weights, map_location="cpu", weights_only=True)
@@ -40,8 +45,8 @@ def main(argv):
     report = classification_report(logits, labels, store.classes)
     speed = inference_speed(model, test, device, cfg.batch_size, cfg.latency_batches)
 
-    out = Path("eval") / name
-    write_json(Path("metrics/evaluate") / f"{name}.json", {
+    out = Path("eval") / name / run
+    write_json(Path("metrics/evaluate") / name / f"{run}.json", {
         "top1": round(report["top1"], 5),
         "top5": round(report["top5"], 5),
         "loss": round(report["loss"], 5),
@@ -55,7 +60,7 @@ def main(argv):
     pred = logits.argmax(1)
     write_text(out / "predictions.csv", "actual,predicted\n" + "".join(
         f"{store.classes[a]},{store.classes[p]}\n" for a, p in zip(labels.tolist(), pred.tolist())))
-    print(f"evaluate {name}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%} on {len(labels)} test images, "
+    print(f"evaluate {name} seed {seed}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%} on {len(labels)} test images, "
           f"{speed['infer_img_per_s']:.0f} img/s")
 
 

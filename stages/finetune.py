@@ -1,5 +1,6 @@
-"""Stage finetune@<variant> (Algorithm 2): the variant's pretrained weights, a new head for
-this dataset, fine-tuned with the `finetune:` recipe (SGD 0.9, warmup + cosine, clip 1)."""
+"""Stage finetune@<variant>-<seed> (Algorithm 2): the variant's pretrained weights, a new head
+for this dataset, fine-tuned with the `finetune:` recipe (SGD 0.9, warmup + cosine, clip 1),
+for one of the `seeds`."""
 
 from pathlib import Path
 
@@ -7,14 +8,18 @@ from vitpipe import params, stage
 from vitpipe.errors import UserError
 
 
+USAGE = "usage: python stages/finetune.py <variant> <seed>"
+
+
 def main(argv):
-    if len(argv) != 1:
-        raise UserError("usage: python stages/finetune.py <variant>")
+    if len(argv) != 2:
+        raise UserError(USAGE)
     name = argv[0]
     doc = params.read_yaml()
+    seed = params.seed_arg(doc, argv[1], USAGE)
     data = params.data_params(doc)
     spec = params.variant_spec(doc, name, data.image_size)
-    recipe = params.train_params(doc, "finetune", variant=name)
+    recipe = params.train_params(doc, "finetune", variant=name, seed=seed)
     stage.relaunch_distributed(recipe.nproc)
     stage.seed_everything(recipe.seed)  # the starting weights follow the seed param
 
@@ -32,13 +37,14 @@ def main(argv):
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
     load_backbone(model, pretrained["state_dict"])
-    paths = RunPaths(weights=Path(f"models/finetune/{name}/model.pt"),
-                     metrics=Path(f"metrics/finetune/{name}.json"), plots=Path(f"plots/finetune/{name}"))
-    fit(model, store.split("train"), recipe, paths, val=store.split("val"), desc=f"finetune@{name}",
+    paths = RunPaths(weights=Path(f"models/finetune/{name}/seed-{seed}/model.pt"),
+                     metrics=Path(f"metrics/finetune/{name}/seed-{seed}.json"),
+                     plots=Path(f"plots/finetune/{name}/seed-{seed}"))
+    fit(model, store.split("train"), recipe, paths, val=store.split("val"), desc=f"finetune@{name}-{seed}",
         fresh_key="finetune.resume",
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
         weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,
-                      "classes": store.classes, "algorithm": "finetune", "variant": name})
+                      "classes": store.classes, "algorithm": "finetune", "variant": name, "seed": seed})
 
 
 if __name__ == "__main__":

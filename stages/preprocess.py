@@ -3,7 +3,7 @@ meta.json with classes and mean/std, samples.png)."""
 
 from vitpipe import params, stage
 from vitpipe.atomic import write_json
-from vitpipe.data.prepare import prepare
+from vitpipe.data.prepare import prepare, sanity_metrics
 
 
 def main(argv):
@@ -12,7 +12,7 @@ def main(argv):
     write_json("metrics/preprocess.json", {"dataset": cfg.dataset, "image_size": cfg.image_size,
                                            "num_classes": meta["num_classes"],
                                            **{f"{k}_images": v for k, v in meta["sizes"].items()},
-                                           "skipped_images": meta["skipped_total"]})
+                                           "skipped_images": meta["skipped_total"], **sanity_metrics(meta)})
     print(f"preprocess: {cfg.dataset} at {cfg.image_size}px -> {cfg.prepared_dir}: "
           f"{meta['sizes']} ({meta['num_classes']} classes, {meta['skipped_total']} images skipped)")
 

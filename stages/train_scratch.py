@@ -1,18 +1,24 @@
-"""Stage train_scratch (Algorithm 1): the network of `model:` trained from random init with
-the `train:` recipe on the prepared data."""
+"""Stage train_scratch@<seed> (Algorithm 1): the network of `model:` trained from random init
+with the `train:` recipe on the prepared data, for one of the `seeds`."""
 
 from pathlib import Path
 
 from vitpipe import params, stage
+from vitpipe.errors import UserError
+
+USAGE = "usage: python stages/train_scratch.py <seed>"
 
 
 def main(argv):
+    if len(argv) != 1:
+        raise UserError(USAGE)
     doc = params.read_yaml()
+    seed = params.seed_arg(doc, argv[0], USAGE)
     data = params.data_params(doc)
     spec = params.model_spec(doc, data.image_size)
-    recipe = params.train_params(doc, "train")
+    recipe = params.train_params(doc, "train", seed=seed)
     stage.relaunch_distributed(recipe.nproc)
-    stage.seed_everything(recipe.seed)  # the starting weights follow the seed param
+    stage.seed_everything(recipe.seed)  # the starting weights follow the seed
 
     from vitpipe.data.prepared_store import PreparedStore
     from vitpipe.models import build_model
@@ -20,13 +26,13 @@ def main(argv):
 
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
-    paths = RunPaths(weights=Path("models/scratch/model.pt"),
-                     metrics=Path("metrics/train_scratch.json"), plots=Path("plots/train_scratch"))
+    paths = RunPaths(weights=Path(f"models/scratch/seed-{seed}/model.pt"),
+                     metrics=Path(f"metrics/train_scratch/seed-{seed}.json"), plots=Path(f"plots/train_scratch/seed-{seed}"))
     fit(model, store.split("train"), recipe, paths, val=store.split("val"),
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
-        fresh_key="train.resume", desc="train_scratch",
+        fresh_key="train.resume", desc=f"train_scratch@{seed}",
         weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,
-                      "classes": store.classes, "algorithm": "scratch"})
+                      "classes": store.classes, "algorithm": "scratch", "seed": seed})
 
 
 if __name__ == "__main__":

@@ -11,17 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A params.yaml small enough that the whole pipeline runs in about a minute on 2 CPU cores.
 MICRO = {
+    "seeds": [0],
     "data": {"dataset": "digits", "archive": None, "url": None, "md5": "default", "image_size": 16,
              "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "seed": 0, "workers": 1},
     "model": {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
     "train": {"steps": 6, "batch_size": 16, "micro_batch": 8, "optimizer": "adamw", "lr": 0.001,
               "weight_decay": 0.05, "warmup_steps": 2, "label_smoothing": 0.1, "grad_clip": 1.0,
-              "precision": "fp32", "checkpoint_every": 3, "eval_every": 3, "seed": 0},
+              "precision": "fp32", "checkpoint_every": 3, "eval_every": 3},
     "pretrain": {"classes": 4, "images_per_class": 8, "steps": 4, "batch_size": 8, "micro_batch": 8,
                  "lr": 0.001, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2, "seed": 0},
     "finetune": {"steps": 6, "batch_size": 16, "micro_batch": 8, "optimizer": "sgd", "momentum": 0.9,
                  "lr": 0.01, "weight_decay": 0.0, "warmup_steps": 2, "grad_clip": 1.0,
-                 "checkpoint_every": 3, "eval_every": 3, "seed": 0},
+                 "checkpoint_every": 3, "eval_every": 3},
     "variants": {
         "vit_micro": {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0,
                       "source": "fractal", "weights": None},

@@ -123,15 +123,15 @@ def template(tmp_path_factory, prepared):
     ws = tmp_path_factory.mktemp("template")
     write_params(ws / "params.yaml", MICRO)
     shutil.copytree(prepared, ws / "data")
-    files = {"metrics/train_scratch.json": '{"train_loss": 1.234, "val_acc": 0.5}\n',
-             "metrics/evaluate/scratch.json": '{"top1": 0.61}\n',
-             "plots/train_scratch/train.tsv": "step\tloss\n1\t2.3\n2\t2.2\n",
+    files = {"metrics/train_scratch/seed-0.json": '{"train_loss": 1.234, "val_acc": 0.5}\n',
+             "metrics/evaluate/scratch/seed-0.json": '{"top1": 0.61}\n',
+             "plots/train_scratch/seed-0/train.tsv": "step\tloss\n1\t2.3\n2\t2.2\n",
              "reports/report.md": "# a report nobody committed yet\n"}
     for name, text in files.items():
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
         (ws / name).write_text(text)
-    (ws / "models/scratch").mkdir(parents=True)
-    (ws / "models/scratch/model.pt").write_bytes(os.urandom(4096))
+    (ws / "models/scratch/seed-0").mkdir(parents=True)
+    (ws / "models/scratch/seed-0/model.pt").write_bytes(os.urandom(4096))
     return ws
 
 
@@ -245,16 +245,19 @@ def _unknown_variant(ws):
 FILES = [
     # (id, set-up, stage argv, words)
     ("params-not-yaml", _no_yaml, ["validate.py"], ["params.yaml is not valid YAML"]),
-    ("params-a-list", _yaml_list, ["train_scratch.py"], ["params.yaml must be a mapping"]),
+    ("params-a-list", _yaml_list, ["train_scratch.py", "0"], ["params.yaml must be a mapping"]),
     ("params-missing", _no_params, ["download.py"], ["params.yaml not found"]),
     ("archive-missing", _missing_archive, ["download.py"], ["/nowhere/cifar-10.tar.gz"]),
-    ("pretrained-missing", _no_pretrained, ["finetune.py", "vit_micro"], ["models/pretrained/vit_micro.pt"]),
-    ("prepared-missing", _no_prepared, ["train_scratch.py"], ["data/prepared/digits"]),
+    ("pretrained-missing", _no_pretrained, ["finetune.py", "vit_micro", "0"], ["models/pretrained/vit_micro.pt"]),
+    ("prepared-missing", _no_prepared, ["train_scratch.py", "0"], ["data/prepared/digits"]),
     ("weights-damaged", _damaged_weights, ["pretrain.py", "vit_micro"], ["garbage.safetensors"]),
     ("weights-missing", _missing_weights_file, ["pretrain.py", "vit_micro"], ["nowhere/vit.pt"]),
-    ("evaluate-no-model", lambda ws: (ws / "models/scratch/model.pt").unlink(), ["evaluate.py", "scratch"],
-     ["models/scratch/model.pt"]),
-    ("unknown-variant", _unknown_variant, ["finetune.py", "nope"], ["variants", "vit_micro"]),
+    ("evaluate-no-model", lambda ws: (ws / "models/scratch/seed-0/model.pt").unlink(), ["evaluate.py", "scratch", "0"],
+     ["models/scratch/seed-0/model.pt"]),
+    ("unknown-variant", _unknown_variant, ["finetune.py", "nope", "0"], ["variants", "vit_micro"]),
+    ("seed-not-in-seeds", _unknown_variant, ["train_scratch.py", "7"], ["seeds", "holds 7"]),
+    ("seed-not-a-number", _unknown_variant, ["finetune.py", "vit_micro", "x"], ["'x' is not a seed"]),
+    ("no-seed-arg", _unknown_variant, ["evaluate.py", "scratch"], ["usage: python stages/evaluate.py"]),
     ("no-variant-arg", _unknown_variant, ["pretrain.py"], ["usage: python stages/pretrain.py <variant>"]),
 ]
 
@@ -276,13 +279,13 @@ def _limit_file_size():
 def test_full_disk_is_one_line_and_no_half_written_file(tmp_path, template, checkpoint_store):
     ws = workspace(tmp_path, template)
     edit_params(ws, lambda d: set_key(set_key(d, "model.dim", 256), "model.depth", 2))  # weights > 64 KB
-    p = subprocess.run([sys.executable, str(ROOT / "stages/train_scratch.py")], cwd=ws, capture_output=True,
+    p = subprocess.run([sys.executable, str(ROOT / "stages/train_scratch.py"), "0"], cwd=ws, capture_output=True,
                        text=True, preexec_fn=_limit_file_size, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = one_line(p, ["cannot write", "free some disk space"])
     assert str(checkpoint_store) in line or "models/scratch" in line
     litter = [p for p in [*ws.rglob(".*"), *checkpoint_store.rglob(".*")] if p.is_file()]
     assert litter == []
-    assert json.loads((ws / "metrics/train_scratch.json").read_text())  # the old results, whole
+    assert json.loads((ws / "metrics/train_scratch/seed-0.json").read_text())  # the old results, whole
 
 
 def test_read_only_output_folder_is_one_line(tmp_path, template):
@@ -293,7 +296,7 @@ def test_read_only_output_folder_is_one_line(tmp_path, template):
     else:
         (ws / "plots").mkdir(mode=0o500)
     before = snapshot(ws)
-    line = one_line(stage(ws, "train_scratch.py", env={"OMP_NUM_THREADS": "1"}), ["cannot write", "writable"])
+    line = one_line(stage(ws, "train_scratch.py", "0", env={"OMP_NUM_THREADS": "1"}), ["cannot write", "writable"])
     assert "plots" in line or "/sys/kernel" in line
     assert snapshot(ws) == before
 

@@ -33,13 +33,13 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path, prepared, ch
     assert f"resuming from local store {checkpoint_store}/" in resumed.stderr
     assert f"at step {stopped_at}/" in resumed.stderr
     assert resumed.stderr.count("resuming from") == 1  # rank 0 only speaks
-    a, b = weights(single / "models/scratch/model.pt"), weights(ddp / "models/scratch/model.pt")
+    a, b = weights(single / "models/scratch/seed-0/model.pt"), weights(ddp / "models/scratch/seed-0/model.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
-    assert tsv_steps(ddp / "plots/train_scratch/train.tsv") == list(range(1, RECIPE["steps"] + 1))
+    assert tsv_steps(ddp / "plots/train_scratch/seed-0/train.tsv") == list(range(1, RECIPE["steps"] + 1))
     (ck,) = [torch.load(f, weights_only=True) for f in checkpoint_store.glob("*/step-*.pt")]
     assert ck["finished"] and len(ck["rng"]) == 2  # every process's RNG state (kept: VITPIPE_CHECKPOINT_KEEP)
     import json
 
-    m = json.loads((ddp / "metrics/train_scratch.json").read_text())
+    m = json.loads((ddp / "metrics/train_scratch/seed-0.json").read_text())
     assert m["devices"] == 2 and m["img_per_s_per_device"] == pytest.approx(m["img_per_s"] / 2, rel=0.01)

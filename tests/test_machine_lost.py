@@ -22,7 +22,7 @@ from test_train import assert_identical, weights
 pytestmark = pytest.mark.slow
 
 DVC = [sys.executable, "-m", "dvc"]
-TRAINING = {"train_scratch", "pretrain@vit_micro", "pretrain@resnet18", "finetune@vit_micro", "finetune@resnet18"}
+TRAINING = {"train_scratch@0", "pretrain@vit_micro", "pretrain@resnet18", "finetune@vit_micro-0", "finetune@resnet18-0"}
 
 
 def ran(out: str) -> set[str]:
@@ -49,7 +49,7 @@ def test_returning_to_old_params_restores_every_training_stage_from_the_run_cach
                 project)
     assert not ran(again) & TRAINING, again  # no training stage ran ...
     assert TRAINING <= restored(again)       # ... each came back from the run-cache
-    rows = (project / "plots/train_scratch/train.tsv").read_text().splitlines()[1:]
+    rows = (project / "plots/train_scratch/seed-0/train.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in rows] == list(range(1, MICRO["train"]["steps"] + 1))  # A's log, restored
     assert store_steps(checkpoint_store) == []  # and nothing trained: no checkpoint written
     assert run(DVC + ["status"], project).stdout.strip() == "Data and pipelines are up to date."
@@ -97,7 +97,7 @@ def test_lost_machine_resumes_from_the_mirror_in_a_fresh_clone(tmp_path, project
     run(["git", "clone", "-q", str(origin), str(x)], tmp_path)
     env = {"VITPIPE_CHECKPOINT_DIR": str(store_x), "VITPIPE_CHECKPOINT_MIRROR": mirror, "OMP_NUM_THREADS": "1"}
     run(DVC + ["repro", "preprocess"], x, env=env)
-    p = subprocess.Popen(DVC + ["repro", "train_scratch"], cwd=x, start_new_session=True,
+    p = subprocess.Popen(DVC + ["repro", "train_scratch@0"], cwd=x, start_new_session=True,
                          env={**os.environ, **env, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: max(_mirror_steps(kind, where, endpoint), default=0) >= 30, p, poll=0.05)
@@ -111,14 +111,14 @@ def test_lost_machine_resumes_from_the_mirror_in_a_fresh_clone(tmp_path, project
     y = tmp_path / "y"
     run(["git", "clone", "-q", str(origin), str(y)], tmp_path)
     env["VITPIPE_CHECKPOINT_DIR"] = str(tmp_path / "store-y")
-    out = dvc(["repro", "train_scratch"], y, env=env)
+    out = dvc(["repro", "train_scratch@0"], y, env=env)
     shown = f"s3://{where}" if kind == "s3" else where
     assert f"resuming from mirror {shown} at step " in out, out[-3000:]
     resumed_at = int(out.split("resuming from mirror ")[1].split(" at step ")[1].split("/")[0])
     assert resumed_at >= in_mirror
-    assert_identical(reference, weights(y / "models/scratch/model.pt"))
+    assert_identical(reference, weights(y / "models/scratch/seed-0/model.pt"))
     assert _mirror_steps(kind, where, endpoint) == []  # finished: its checkpoints left the mirror
-    assert "changed" not in run(DVC + ["status", "train_scratch"], y, env=env).stdout
+    assert "changed" not in run(DVC + ["status", "train_scratch@0"], y, env=env).stdout
 
 
 def test_killed_temp_experiment_resumes_when_run_again(project, reference, checkpoint_store):
@@ -129,14 +129,14 @@ def test_killed_temp_experiment_resumes_when_run_again(project, reference, check
     run(["git", "commit", "-qm", "long"], project)
     run(DVC + ["repro", "preprocess"], project)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    p = subprocess.Popen(DVC + ["exp", "run", "--temp", "train_scratch"], cwd=project, env=env, start_new_session=True,
+    p = subprocess.Popen(DVC + ["exp", "run", "--temp", "train_scratch@0"], cwd=project, env=env, start_new_session=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: max(store_steps(checkpoint_store), default=0) >= 30, p, poll=0.05)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
     step = max(store_steps(checkpoint_store))
     time.sleep(0.5)
-    again = run(DVC + ["exp", "run", "--temp", "train_scratch"], project, env={"OMP_NUM_THREADS": "1"})
+    again = run(DVC + ["exp", "run", "--temp", "train_scratch@0"], project, env={"OMP_NUM_THREADS": "1"})
     out = again.stdout + again.stderr
     assert f"resuming from local store {checkpoint_store}/" in out and f"at step {step}/{LONG['steps']}" in out, out[-3000:]
     # the experiment's weights, from its commit and DVC's cache: those of an uninterrupted run
@@ -146,5 +146,5 @@ def test_killed_temp_experiment_resumes_when_run_again(project, reference, check
     import torch
 
     rev = run(["git", "for-each-ref", "--format=%(objectname)", "refs/exps"], project).stdout.split()[-1]
-    blob = dvc.api.read("models/scratch/model.pt", repo=str(project), rev=rev, mode="rb")
+    blob = dvc.api.read("models/scratch/seed-0/model.pt", repo=str(project), rev=rev, mode="rb")
     assert_identical(reference, torch.load(io.BytesIO(blob), weights_only=True)["state_dict"])

@@ -23,20 +23,20 @@ def doc_with(path: str, value):
 
 CASES = [
     # (stage argv, key to change, value, key named in the error, a phrase of what is allowed)
-    (["train_scratch.py"], "model.patch", 5, "model.patch", "divisible"),
-    (["train_scratch.py"], "model.arch", "vit_huge_thing", "model.arch", "resnet18"),
-    (["finetune.py", "nope"], "finetune.lr", 0.01, "variants", "vit_micro"),
-    (["train_scratch.py"], "train.lr", -0.1, "train.lr", "> 0"),
-    (["train_scratch.py"], "train.lr", 0, "train.lr", "> 0"),
+    (["train_scratch.py", "0"], "model.patch", 5, "model.patch", "divisible"),
+    (["train_scratch.py", "0"], "model.arch", "vit_huge_thing", "model.arch", "resnet18"),
+    (["finetune.py", "nope", "0"], "finetune.lr", 0.01, "variants", "vit_micro"),
+    (["train_scratch.py", "0"], "train.lr", -0.1, "train.lr", "> 0"),
+    (["train_scratch.py", "0"], "train.lr", 0, "train.lr", "> 0"),
     (["preprocess.py"], "data.split", {"train": 0.7, "val": 0.2, "test": 0.2}, "data.split", "sum to 1"),
-    (["finetune.py", "vit_micro"], "finetune.micro_batch", 5, "finetune.micro_batch", "divisor"),
-    (["train_scratch.py"], "train.precision", "fp8", "train.precision", "bf16"),
-    (["train_scratch.py"], "train.optimizer", "lamb", "train.optimizer", "adamw"),
+    (["finetune.py", "vit_micro", "0"], "finetune.micro_batch", 5, "finetune.micro_batch", "divisor"),
+    (["train_scratch.py", "0"], "train.precision", "fp8", "train.precision", "bf16"),
+    (["train_scratch.py", "0"], "train.optimizer", "lamb", "train.optimizer", "adamw"),
     (["download.py"], "data.dataset", "imagenet", "data.dataset", "cifar100"),
     (["pretrain.py", "vit_micro"], "variants.vit_micro.source", "hub", "variants.vit_micro.source", "fractal"),
     (["pretrain.py", "vit_micro"], "variants.vit_micro.heads", 3, "variants.vit_micro.heads", ""),
-    (["train_scratch.py"], "train.stepz", 3, "train.stepz", "known key"),
-    (["train_scratch.py"], "train.steps", "many", "train.steps", "integer"),
+    (["train_scratch.py", "0"], "train.stepz", 3, "train.stepz", "known key"),
+    (["train_scratch.py", "0"], "train.steps", "many", "train.steps", "integer"),
 ]
 
 

@@ -31,8 +31,9 @@ def declared_outputs(repo: Path) -> list[Path]:
 def test_repro_exp_metrics_plots(project):
     repo = project
     first = run(DVC + ["repro"], repo)
-    expected = {"download", "preprocess", "profile", "train_scratch", "evaluate_scratch", "report",
-                *(f"{s}@{v}" for s in ("pretrain", "finetune", "evaluate") for v in ("vit_micro", "resnet18"))}
+    expected = {"validate", "download", "preprocess", "profile", "train_scratch@0", "evaluate_scratch@0", "report",
+                *(f"pretrain@{v}" for v in ("vit_micro", "resnet18")),
+                *(f"{s}@{v}-0" for s in ("finetune", "evaluate") for v in ("vit_micro", "resnet18"))}
     assert ran_stages(first.stdout) == expected
     outs = declared_outputs(repo)
     assert outs and all(p.exists() for p in outs), [p for p in outs if not p.exists()]
@@ -41,7 +42,7 @@ def test_repro_exp_metrics_plots(project):
             assert p.stat().st_size > 0, p
     report = (repo / "reports/report.md").read_text()
     assert "vit_micro" in report and "resnet18" in report and "figures/training_curves.png" in report
-    scratch = json.loads((repo / "metrics/evaluate/scratch.json").read_text())
+    scratch = json.loads((repo / "metrics/evaluate/scratch/seed-0.json").read_text())
     assert 0.0 <= scratch["top1"] <= 1.0 and scratch["test_images"] == 359
 
     # Everything up to date: a second repro runs nothing.
@@ -52,11 +53,12 @@ def test_repro_exp_metrics_plots(project):
 
     # A patch change re-runs the scratch network, its evaluation and the report; nothing upstream.
     exp = run(DVC + ["exp", "run", "-S", "model.patch=8"], repo)
-    assert ran_stages(exp.stdout) == {"train_scratch", "evaluate_scratch", "report"}
+    assert ran_stages(exp.stdout) == {"validate", "train_scratch@0", "evaluate_scratch@0", "report"}
     diff = run(DVC + ["metrics", "diff", "--json"], repo)
     changed = json.loads(diff.stdout)
-    assert "metrics/train_scratch.json" in changed and "params" in changed["metrics/train_scratch.json"]
-    old, new = (changed["metrics/train_scratch.json"]["params"][k] for k in ("old", "new"))
+    m = "metrics/train_scratch/seed-0.json"
+    assert m in changed and "params" in changed[m]
+    old, new = (changed[m]["params"][k] for k in ("old", "new"))
     assert old != new  # patch 8 has a bigger patch embedding and fewer position embeddings
 
     run(DVC + ["plots", "show", "-o", "plots_html"], repo)
@@ -70,4 +72,33 @@ def test_repro_exp_metrics_plots(project):
     doc["variants"]["vit_micro"]["depth"] = 2
     write_params(repo / "params.yaml", doc)
     dry = run(DVC + ["repro", "--dry"], repo)
-    assert ran_stages(dry.stdout) == {"pretrain@vit_micro", "finetune@vit_micro", "report"}
+    assert ran_stages(dry.stdout) == {"validate", "pretrain@vit_micro", "finetune@vit_micro-0", "report"}
+
+
+def test_seeds_each_their_own_run_and_the_report_gives_intervals(project):
+    """Two seeds: per-seed and aggregate metrics, intervals in the report; a third seed
+    added with `dvc exp run -S` runs that seed's stages only."""
+    repo = project
+    doc = yaml.safe_load((repo / "params.yaml").read_text())
+    doc["seeds"] = [0, 1]
+    write_params(repo / "params.yaml", doc)
+    run(["git", "commit", "-qam", "two seeds"], repo)
+    first = run(DVC + ["repro"], repo)
+    assert {"train_scratch@0", "train_scratch@1", "finetune@vit_micro-1", "evaluate@resnet18-1"} <= ran_stages(first.stdout)
+    for seed in (0, 1):
+        per_seed = json.loads((repo / f"metrics/evaluate/vit_micro/seed-{seed}.json").read_text())
+        assert 0 <= per_seed["top1"] <= 1
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    tops = [json.loads((repo / f"metrics/evaluate/scratch/seed-{s}.json").read_text())["top1"] for s in (0, 1)]
+    assert summary["seeds"] == 2 and abs(summary["scratch.top1_mean"] - sum(tops) / 2) < 1e-4
+    assert summary["scratch.top1_ci95_lo"] <= summary["scratch.top1_mean"] <= summary["scratch.top1_ci95_hi"]
+    assert "finetune_minus_scratch.top1_ci95_lo" in summary
+    report = (repo / "reports/report.md").read_text()
+    assert "± " in report and "95% CI of the difference" in report and "paired by seed" in report
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "results"], repo)
+
+    third = run(DVC + ["exp", "run", "-S", "seeds=[0,1,2]"], repo)
+    assert ran_stages(third.stdout) == {"validate", "train_scratch@2", "finetune@vit_micro-2", "finetune@resnet18-2",
+                                         "evaluate_scratch@2", "evaluate@vit_micro-2", "evaluate@resnet18-2", "report"}
+    assert json.loads((repo / "metrics/summary.json").read_text())["seeds"] == 3

@@ -34,9 +34,18 @@ not in the comment
 """
 
 
-def commit_metrics(repo: Path, top1: float, lr: float, message: str) -> None:
-    (repo / "metrics").mkdir(exist_ok=True)
-    (repo / "metrics/evaluate.json").write_text(json.dumps({"top1": top1, "top5": 1.0}))
+def commit_metrics(repo: Path, top1: float, lr: float, message: str, img_per_s: float = 100.0,
+                   seed_top1=(0.60, 0.64, 0.68)) -> None:
+    """A commit's metrics: one evaluate file, three seeds of a run and their summary."""
+    (repo / "metrics/evaluate/vit_tiny").mkdir(parents=True, exist_ok=True)
+    (repo / "metrics/evaluate.json").write_text(json.dumps({"top1": top1, "top5": 1.0, "infer_img_per_s": img_per_s}))
+    for seed, acc in enumerate(seed_top1):
+        (repo / f"metrics/evaluate/vit_tiny/seed-{seed}.json").write_text(json.dumps({"top1": acc}))
+    from vitpipe.report import stats
+
+    ci = stats.over_seeds(seed_top1)
+    (repo / "metrics/summary.json").write_text(json.dumps({"vit_tiny.top1_mean": ci.mean, "vit_tiny.top1_sd": ci.sd,
+                                                           "vit_tiny.top1_ci95_lo": ci.lo, "vit_tiny.top1_ci95_hi": ci.hi}))
     (repo / "params.yaml").write_text(f"train:\n  lr: {lr}\n")
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", message], repo)
@@ -51,10 +60,12 @@ def two_commits(tmp_path):
     run(["git", "config", "user.email", "test@example.com"], repo)
     run(["git", "config", "user.name", "test"], repo)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo)
-    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\nparams:\n  - params.yaml\n")
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\n  - metrics/evaluate/vit_tiny\n"
+                                   "  - metrics/summary.json\nparams:\n  - params.yaml\n")
     commit_metrics(repo, 0.5, 0.001, "base")
     run(["git", "checkout", "-qb", "pr"], repo)
-    commit_metrics(repo, 0.75, 0.002, "change")
+    # a real change of the scratch-like run, machine noise in img/s, and seed noise in vit_tiny
+    commit_metrics(repo, 0.75, 0.002, "change", img_per_s=160.0, seed_top1=(0.62, 0.63, 0.69))
     (repo / "reports").mkdir()
     (repo / "reports/report.md").write_text(REPORT)
     return repo
@@ -69,10 +80,16 @@ def test_comment_from_two_commits(two_commits, tmp_path):
     assert p.returncode == 0, p.stderr
     body = (two_commits / "comment.md").read_text()
     assert body.startswith(pr_comment.MARKER)
-    metrics_row = next(line for line in body.splitlines() if "top1" in line)
-    assert [c.strip() for c in metrics_row.strip("|").split("|")] == ["metrics/evaluate.json", "top1", "0.5", "0.75",
-                                                                      "0.25"]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: [c.strip() for c in line.strip("|").split("|")]
+            for line in body.splitlines() if line.startswith("| metrics/")}
+    assert rows[("metrics/evaluate.json", "top1")][2:5] == ["0.5", "0.75", "0.25"]
     assert "top5" not in body                     # unchanged metrics stay out of the diff
+    # seed noise: each seed's change and the mean's change sit inside the interval of the seeds
+    assert rows[("metrics/evaluate/vit_tiny/seed-0.json", "top1")][5].startswith("within noise")
+    assert rows[("metrics/summary.json", "vit_tiny.top1_mean")][5].startswith("within noise")
+    # results first, machine metrics in their own section after them
+    results, machine = body.index("### Results against `main`"), body.index("### Machine-dependent metrics")
+    assert results < body.index("vit_tiny/seed-0.json") < machine < body.index("infer_img_per_s")
     params_row = next(line for line in body.splitlines() if "train.lr" in line)
     assert "0.001" in params_row and "0.002" in params_row
     assert "Fine-tuning beats scratch." in body and "| scratch | 40.0% |" in body
@@ -81,13 +98,29 @@ def test_comment_from_two_commits(two_commits, tmp_path):
     assert summary.read_text() == "earlier step\n" + body
 
 
+def test_a_real_change_is_beyond_noise():
+    """Two commits that really differ: 20 points against seeds that spread by 2."""
+    summary = {"vit_tiny.top1_ci95_lo": 0.60, "vit_tiny.top1_ci95_hi": 0.64}
+    diff = {"metrics/evaluate/vit_tiny/seed-0.json": {"top1": {"old": 0.42, "new": 0.62, "diff": 0.2}},
+            "metrics/summary.json": {"vit_tiny.top1_mean": {"old": 0.41, "new": 0.62, "diff": 0.21},
+                                     "vit_tiny.top1_sd": {"old": 0.01, "new": 0.012, "diff": 0.002}},
+            "metrics/finetune/vit_tiny/seed-0.json": {"img_per_s": {"old": 400.0, "new": 700.0, "diff": 300.0},
+                                                       "params": {"old": 10, "new": 12, "diff": 2}}}
+    results, machine, other = pr_comment.split_diff(diff, summary)
+    notes = {(r[0], r[1]): r[5] for r in results}
+    assert notes[("metrics/evaluate/vit_tiny/seed-0.json", "top1")] == "**beyond noise** (±0.02)"
+    assert notes[("metrics/summary.json", "vit_tiny.top1_mean")].startswith("**beyond noise**")
+    assert notes[("metrics/summary.json", "vit_tiny.top1_sd")] == ""   # a spread has no noise label
+    assert [r[1] for r in machine] == ["img_per_s"] and [r[1] for r in other] == ["params"]
+
+
 def test_comment_when_nothing_changed_or_dvc_fails(two_commits):
-    same = pr_comment.dvc_diff("metrics", "pr", two_commits)
-    assert same == ("", None)
-    table, error = pr_comment.dvc_diff("metrics", "no-such-branch", two_commits)
-    assert table == "" and error
+    same = pr_comment.metrics_diff("pr", two_commits)
+    assert same == ({}, None)
+    _, error = pr_comment.metrics_diff("no-such-branch", two_commits)
+    assert error
     body = pr_comment.comment_body("main", same, ("", error), None)
-    assert "No metrics changed against `main`." in body
+    assert "No accuracy or loss changed." in body
     assert "`dvc params diff --md main` failed:" in body
     assert "`reports/report.md` has no Headline section." in body
 
@@ -96,5 +129,5 @@ def test_headline_section_and_size_limit():
     assert pr_comment.section(REPORT, "Headline").splitlines()[0] == "Fine-tuning beats scratch."
     assert pr_comment.section(REPORT, "Nope") is None
     huge = "| a | b |\n|--|--|\n" + "| x | y |\n" * 20_000
-    body = pr_comment.comment_body("main", (huge, None), ("", None), "headline")
+    body = pr_comment.comment_body("main", ({}, None), (huge, None), "headline")
     assert len(body) <= pr_comment.GITHUB_LIMIT and body.startswith(pr_comment.MARKER)

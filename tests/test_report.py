@@ -38,16 +38,25 @@ def write_tsv(path: Path, rows: list[dict]) -> None:
     path.write_text("\t".join(cols) + "\n" + "".join("\t".join(str(r[c]) for c in cols) + "\n" for r in rows))
 
 
+SEED_OFFSETS = (0.0, 0.01, -0.01)   # per-seed test top-1 around the run's mean (which stays `top1`)
+
+
 def training_outputs(root: Path, stage: str, top1: float, accs: list[float], img_per_s: float,
-                     rss_mb: float, params: int, steps: int = 40) -> None:
+                     rss_mb: float, params: int, steps: int = 40, seeds=(0, 1, 2)) -> None:
+    for seed in seeds:
+        seed_outputs(root, stage, seed, top1 + SEED_OFFSETS[seed % 3], accs, img_per_s, rss_mb, params, steps)
+
+
+def seed_outputs(root, stage, seed, top1, accs, img_per_s, rss_mb, params, steps) -> None:
     name = stage.split("/")[-1]
-    train = "metrics/train_scratch.json" if stage == "train_scratch" else f"metrics/{stage}.json"
+    train = f"metrics/{stage}/seed-{seed}.json"
     write_json(root / train, {"steps": steps, "batch_size": 16, "train_loss": 1.0, "wall_time_s": steps * 16 / img_per_s,
                               "img_per_s": img_per_s, "device": "cpu", "params": params, "attention": "sdpa",
                               "val_acc": accs[-1], "best_val_acc": max(accs), "peak_rss_mb": rss_mb})
-    write_json(root / f"metrics/evaluate/{'scratch' if stage == 'train_scratch' else name}.json",
-               {"top1": top1, "top5": 1.0, "params": params, "infer_img_per_s": 900.0, "latency_ms": 2.0})
-    plots = root / "plots" / stage
+    write_json(root / f"metrics/evaluate/{'scratch' if stage == 'train_scratch' else name}/seed-{seed}.json",
+               {"top1": top1, "top5": 1.0, "params": params, "infer_img_per_s": 900.0, "latency_ms": 2.0,
+                "test_images": 359})
+    plots = root / "plots" / stage / f"seed-{seed}"
     write_tsv(plots / "train.tsv", [{"step": s, "loss": 2.0 / s, "lr": 0.01, "img_per_s": img_per_s,
                                      "img_per_s_per_device": img_per_s, "elapsed_s": s * 16 / img_per_s,
                                      "eta_s": 1.0, "memory_mb": rss_mb, "a_new_column": 0} for s in range(1, steps + 1)])
@@ -154,7 +163,9 @@ def test_report_sections_figures_and_html(outputs):
     for fact in ("31.7M", "11,689,512", "15.04 GB", "32.9", "91.94%", "4.35 h"):
         assert fact in md, fact
     assert "fine-tuning `vit_tiny` from fractal pretraining beats training the same network from scratch" in md
-    assert "70.0% against 40.0% test top-1 (+30.0 points)" in md
+    # means over 3 seeds with their sd and 95% interval, and the paired difference's verdict
+    assert "70.0% ± 1.0 [67.5, 72.5] against 40.0% ± 1.0 [37.5, 42.5] test top-1" in md
+    assert "The difference, paired by seed: +30.0 points; 95% CI of the difference +30.0 to +30.0 points" in md
 
     page = Page()
     page.feed(html_path.read_text())
@@ -175,8 +186,10 @@ def test_findings_follow_the_data(outputs):
     assert [c.verdict for c in claims] == [an.HOLDS, an.HOLDS]
     assert facts["hit_scratch"] == (40, 1.6) and facts["hit_twin"][0] == 10
 
-    inputs.scratch.test["top1"] = 0.9              # scratch now better than fine-tuning
-    inputs.scratch.evals["val_acc"] = [0.5, 0.8, 0.9, 0.95]
+    for t, d in zip(inputs.scratch.tests, (0.0, 0.01, -0.01)):   # scratch now better than fine-tuning
+        t["top1"] = 0.9 + d
+    for e in inputs.scratch.evals_by_seed:
+        e["val_acc"] = [0.5, 0.8, 0.9, 0.95]
     claims, facts = an.finetune_claims(inputs)
     assert [c.verdict for c in claims] == [an.FAILS, an.FAILS]
     assert "never reached" in claims[1].this_run
@@ -196,12 +209,12 @@ def test_memory_and_parameter_verdicts(outputs):
 
 
 def test_partial_pipeline_still_reports(outputs):
-    for path in ("profile/compute.csv", "profile/devices.csv", "metrics/evaluate/resnet18.json",
-                 "metrics/finetune/resnet18.json"):
+    for path in ("profile/compute.csv", "profile/devices.csv", "metrics/evaluate/resnet18/seed-0.json",
+                 "metrics/finetune/resnet18/seed-0.json"):
         (outputs / path).unlink()
     md = write_report(outputs)[0].read_text()
     assert "`profile/compute.csv`" in md and "run `dvc repro profile`" in md
-    assert "Missing inputs" in md and "metrics/finetune/resnet18.json" in md
+    assert "Missing inputs" in md and "metrics/finetune/resnet18/seed-0.json" in md
 
 
 def test_time_to_accuracy(outputs):
@@ -239,7 +252,8 @@ def test_dvc_plots_cover_every_run():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     plots = {k: v for p in dvc.get("plots", []) for k, v in p.items()}
-    wanted = {"plots/train_scratch"} | {f"plots/finetune/{v}" for v in doc["variants"]}
+    wanted = ({f"plots/train_scratch/seed-{s}" for s in doc["seeds"]}
+              | {f"plots/finetune/{v}/seed-{s}" for v in doc["variants"] for s in doc["seeds"]})
     for name, columns in (("loss", {"loss"}), ("lr", {"lr"}), ("img_per_s", {"img_per_s"}),
                           ("val_acc", {"val_acc"})):
         ys = plots[name]["y"]

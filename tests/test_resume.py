@@ -43,7 +43,7 @@ def reference(tmp_path_factory, prepared):
     """The uninterrupted run's final weights."""
     d = stage_dir(tmp_path_factory.mktemp("reference"), prepared, **LONG)
     run_stage(d)
-    return weights(d / "models/scratch/model.pt")
+    return weights(d / "models/scratch/seed-0/model.pt")
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, prepared, reference, checkpoint_store):
@@ -72,9 +72,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, prepar
     assert "resuming from" in final.stderr
     resumed_at.append(int(final.stderr.split(" at step ")[1].split("/")[0]))
     assert resumed_at == sorted(resumed_at) and resumed_at[-1] > 0  # each run went on from the last
-    assert_identical(reference, weights(d / "models/scratch/model.pt"))
-    assert tsv_steps(d / "plots/train_scratch/train.tsv") == list(range(1, LONG["steps"] + 1))
-    assert tsv_steps(d / "plots/train_scratch/eval.tsv") == [50, 100, 150]
+    assert_identical(reference, weights(d / "models/scratch/seed-0/model.pt"))
+    assert tsv_steps(d / "plots/train_scratch/seed-0/train.tsv") == list(range(1, LONG["steps"] + 1))
+    assert tsv_steps(d / "plots/train_scratch/seed-0/eval.tsv") == [50, 100, 150]
     assert not list(ckpt.glob("*/*step-*"))  # no litter from killed writes, no checkpoint of the finished run
 
 
@@ -88,7 +88,7 @@ def test_dvc_repro_killed_mid_stage_resumes(project, prepared, reference, checkp
     env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     run(dvc + ["repro", "preprocess"], repo, env=env)
     ckpt = checkpoint_store
-    p = subprocess.Popen(dvc + ["repro", "train_scratch"], cwd=repo, env={**os.environ, **env},
+    p = subprocess.Popen(dvc + ["repro", "train_scratch@0"], cwd=repo, env={**os.environ, **env},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for(lambda: checkpoint_step(ckpt) >= 30, p)
     os.killpg(p.pid, signal.SIGKILL)  # dvc and the stage it runs, like a lost runtime
@@ -96,10 +96,10 @@ def test_dvc_repro_killed_mid_stage_resumes(project, prepared, reference, checkp
     step = checkpoint_step(ckpt)
     assert 30 <= step < LONG["steps"]
     # DVC's own lock records the dead pid; the next dvc command sees it is dead and goes on
-    again = run(dvc + ["repro", "train_scratch"], repo, env=env)
+    again = run(dvc + ["repro", "train_scratch@0"], repo, env=env)
     out = again.stdout + again.stderr
-    assert "Running stage 'train_scratch'" in out
+    assert "Running stage 'train_scratch@0'" in out
     assert f"resuming from local store {checkpoint_store}/" in out and f"at step {step}/{LONG['steps']}" in out
-    assert_identical(reference, weights(repo / "models/scratch/model.pt"))
-    status = run(dvc + ["status", "train_scratch"], repo, env=env)
+    assert_identical(reference, weights(repo / "models/scratch/seed-0/model.pt"))
+    status = run(dvc + ["status", "train_scratch@0"], repo, env=env)
     assert "changed" not in status.stdout

@@ -45,8 +45,9 @@ def stage_dir(path: Path, prepared: Path, **train) -> Path:
     return path
 
 
-def start_stage(cwd: Path, stage: str = "train_scratch", **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=cwd,
+def start_stage(cwd: Path, stage: str = "train_scratch", args=("0",), **kw) -> subprocess.Popen:
+    """A training stage for seed 0 (its argv: the seed)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ENV}, **kw)
 

@@ -149,13 +149,10 @@ def flops(cfg) -> dict:
     """FLOPs per image: forward, backward, train (= forward + backward), and the extra
     forward that activation checkpointing recomputes (`recompute`)."""
     if isinstance(cfg, ViTConfig):
-        c = cfg
-        t, d, hm = c.tokens, c.dim, c.mlp_hidden
-        first = 2 * c.num_patches * d * c.in_chans * c.patch**2     # patch embedding conv
-        block = 2 * t * (3 * d * d + d * d + 2 * d * hm) + 4 * t * t * d
-        head = 2 * d * c.num_classes
-        forward = first + c.depth * block + head
-        recompute = c.depth * block
+        parts = vit_flops_parts(cfg)
+        first = parts["patch_embed"]
+        forward = sum(parts.values())
+        recompute = forward - first - parts["head"]     # the blocks
     else:
         convs = resnet_convs(cfg)
         conv_flops = [2 * x["k"] ** 2 * x["cin"] // x["groups"] * x["cout"] * x["h_out"] ** 2 for x in convs]
@@ -165,6 +162,20 @@ def flops(cfg) -> dict:
     backward = 2 * forward - first        # no gradient for the image
     return {"forward": forward, "backward": backward, "train": forward + backward,
             "recompute": recompute}
+
+
+def vit_flops_parts(c: ViTConfig) -> dict:
+    """Forward FLOPs per image of a ViT by part; they sum to `flops(c)["forward"]`.
+    `attention` is the token mixing, q·kᵀ and softmax·v: the only term that grows with
+    tokens²; `projections` are the qkv and output projections of the blocks."""
+    t, d, hm = c.tokens, c.dim, c.mlp_hidden
+    return {
+        "patch_embed": 2 * c.num_patches * d * c.in_chans * c.patch**2,   # a p x p conv, stride p
+        "projections": c.depth * 2 * t * (3 * d * d + d * d),
+        "attention": c.depth * 4 * t * t * d,
+        "mlp": c.depth * 2 * t * 2 * d * hm,
+        "head": 2 * d * c.num_classes,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,6 +285,26 @@ def step_saved_total(cfg, batch: int, precision="fp32", attention="sdpa", checkp
     casts = 2 * matmul_weight_params(cfg) if PRECISIONS[precision] == 2 else 0
     return (batch * activation_bytes(cfg, precision, attention, checkpointing, device_type=device_type)
             + step_saved_bytes(cfg) + casts)
+
+
+# what autograd saves around the token mixing: its inputs q, k, v (or the qkv output they
+# view), its t x t probabilities (eager) or per-row log-sum-exp (sdpa), and its output
+ATTENTION_STORAGES = tuple(f"blocks.{k}" for k in ("qkv", "q", "k", "v", "attn_probs", "attn_lse", "attn_out"))
+
+
+def attention_split(cfg: ViTConfig, precision: str = "fp32", attention: str = "sdpa",
+                    device_type: str = "cuda") -> dict:
+    """Per image, attention's token mixing against the rest of a ViT: forward FLOPs
+    (`vit_flops_parts`) and saved activation bytes (`saved_tensors`), and attention's share
+    of each. The parts sum to `flops(cfg)["forward"]` and `activation_bytes(cfg, ...)`."""
+    f = vit_flops_parts(cfg)
+    saved = saved_tensors(cfg, precision, attention, device_type=device_type)
+    attn_bytes = sum(v for k, v in saved.items() if k in ATTENTION_STORAGES)
+    out = {"attention_flops": f["attention"], "rest_flops": sum(f.values()) - f["attention"],
+           "attention_bytes": attn_bytes, "rest_bytes": sum(saved.values()) - attn_bytes}
+    out["flops_share"] = out["attention_flops"] / (out["attention_flops"] + out["rest_flops"])
+    out["bytes_share"] = out["attention_bytes"] / (out["attention_bytes"] + out["rest_bytes"])
+    return out
 
 
 def measure_saved_bytes(model, x, precision="fp32") -> int:

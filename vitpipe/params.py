@@ -97,9 +97,9 @@ RECIPE = {
     "eval_every": _int("steps between validation passes", 1, 10**9, nullable=True),
     "resume": Key("choice", "auto: resume this run's newest checkpoint; fresh: discard it", choices=RESUME),
     "nproc": _int("processes (GPUs) under torchrun + DDP", 1, 1024),
-    "seed": _int("seed of the starting weights, data order and augmentation", 0, SEED_MAX),
     "augment": Key("bool", "random shift and flip"),
 }
+SEED = {"seed": _int("seed of the starting weights, data order and augmentation", 0, SEED_MAX)}
 FRACTAL = {
     "classes": _int("fractal classes (one random iterated function system each)", 2, 100_000),
     "images_per_class": _int("fractal images per class", 2, 100_000),
@@ -132,9 +132,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": _int("seed of the split", 0, SEED_MAX),
         "workers": _int("parallel decode processes in preprocess", 1, 256),
     },
+    "seeds": {},  # a list, checked by seeds()
     "model": MODEL,
-    "train": RECIPE,
-    "pretrain": {**RECIPE, **FRACTAL},
+    "train": RECIPE,              # its seeds are the top-level `seeds`
+    "pretrain": {**RECIPE, **SEED, **FRACTAL},
     "finetune": RECIPE,
     "variants": {},  # name -> VARIANT, checked by variant_spec
     "evaluate": {
@@ -321,9 +322,35 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
     for name, value in doc.items():
         if name not in SCHEMA:
             raise unknown_key(str(name), name, "…", SCHEMA)
-        if value is not None and not isinstance(value, dict):
+        if name != "seeds" and value is not None and not isinstance(value, dict):
             raise ParamError(str(name), value, "a mapping of keys")
     return doc
+
+
+SEEDS_KEY = Key("int", "", 0, SEED_MAX)
+
+
+def seeds(doc: dict) -> list[int]:
+    """The training seeds of train_scratch and finetune@v: one DVC stage (and run) each."""
+    value = doc.get("seeds", [0])
+    if not isinstance(value, list) or not value:
+        raise ParamError("seeds", value, "a non-empty list of training seeds, e.g. [0, 1, 2]")
+    out = [check_value(f"seeds[{i}]", v, SEEDS_KEY) for i, v in enumerate(value)]
+    if len(set(out)) != len(out):
+        raise ParamError("seeds", value, "distinct seeds (each one is its own run)")
+    return out
+
+
+def seed_arg(doc: dict, arg: str, usage: str) -> int:
+    """The seed a training stage was started with (its argv), which must be one of `seeds`."""
+    allowed = seeds(doc)
+    try:
+        seed = int(arg)
+    except ValueError:
+        raise UserError(f"{usage}: {arg!r} is not a seed; params.yaml seeds: {allowed}") from None
+    if seed not in allowed:
+        raise ParamError("seeds", allowed, f"a list that holds {seed}, the seed this stage was started with")
+    return seed
 
 
 def data_params(doc: dict) -> DataParams:
@@ -340,16 +367,17 @@ def data_params(doc: dict) -> DataParams:
     return p
 
 
-def train_params(doc: dict, section: str, variant: str | None = None) -> TrainParams:
+def train_params(doc: dict, section: str, variant: str | None = None, seed: int | None = None) -> TrainParams:
     """The recipe of `section` (train | pretrain | finetune); with `variant`, overlaid by that
-    variant's own `<section>:` keys (e.g. a smaller micro_batch for a bigger model)."""
+    variant's own `<section>:` keys (e.g. a smaller micro_batch for a bigger model); with
+    `seed`, for that training seed (train and finetune take theirs from `seeds`)."""
     keys = SCHEMA[section]
     base = check_section(section, doc.get(section), keys)
     override = {}
     if variant:
         where = f"variants.{variant}.{section}"
         override = check_section(where, ((doc.get("variants") or {}).get(variant) or {}).get(section), keys)
-    p = TrainParams(**{**base, **override})
+    p = TrainParams(**{**base, **override, **({"seed": seed} if seed is not None else {})})
 
     def key(k: str) -> str:
         return f"variants.{variant}.{section}.{k}" if k in override else f"{section}.{k}"
@@ -438,6 +466,7 @@ def profile_params(doc: dict) -> dict:
 def check_all(doc: dict) -> None:
     """Every section and key of params.yaml, as every stage will read it."""
     data = data_params(doc)
+    seeds(doc)
     model_spec(doc, data.image_size)
     for section in ("train", "pretrain", "finetune"):
         train_params(doc, section)
@@ -463,8 +492,12 @@ def reference_markdown() -> str:
            "Generated from `vitpipe/params.py` (`python -m vitpipe.params > docs/params.md`); the same table",
            "checks params.yaml before any stage runs. Defaults are what a missing key means; `params.yaml`",
            "sets most keys explicitly.", ""]
-    sections = [(s, SCHEMA[s]) for s in SCHEMA if s != "variants"]
+    sections = [(s, SCHEMA[s]) for s in SCHEMA if s not in ("variants", "seeds")]
     sections.insert(5, ("variants.<name>", VARIANT))
+    out += ["## `seeds`", "", "A list of distinct training seeds (integers 0 to 4294967295), default `[0]`. Each seed",
+            "is its own `train_scratch@<seed>` and `finetune@<variant>-<seed>` stage: its own run, cached and",
+            "resumed on its own. Each seed fixes that run's starting weights, data order and augmentation;",
+            "pretraining has its own `pretrain.seed`.", ""]
     for name, keys in sections:
         out += [f"## `{name}`", "", "| key | allowed | default | what it is |", "| --- | --- | --- | --- |"]
         for k, key in keys.items():

@@ -22,12 +22,14 @@ import pandas as pd
 from vitpipe import reference
 from vitpipe.report import analysis as an
 from vitpipe.report import figures as figs
-from vitpipe.atomic import write_text
+from vitpipe.atomic import write_json, write_text
+from vitpipe.report import stats
 from vitpipe.report.html import render_html
 from vitpipe.report.inputs import Inputs, load
 
 REPORT_DIR = Path("reports")
 HEADLINE = "Headline"     # scripts/pr_comment.py lifts this section into the pull request
+SUMMARY = "metrics/summary.json"   # accuracies over seeds: mean, sd, 95% interval (flat keys)
 DASH = "–"
 
 
@@ -48,6 +50,16 @@ def _missing(v) -> bool:
 
 
 _NUMERIC_CELL = re.compile(r"^([-+]?[\d,.]+\s*(%|x|M|GB|MB|s|h| h| s)?|–)$")
+
+
+def ci_text(ci: stats.Interval) -> str:
+    """'66.0% ± 2.1 [61.2, 70.8]': mean ± sd over seeds [95% t-interval]; one seed: the value."""
+    if ci.n == 0:
+        return DASH
+    if ci.n == 1:
+        return f"{100 * ci.mean:.1f}% (1 seed)"
+    lo, hi = max(ci.lo, 0.0), min(ci.hi, 1.0)  # an accuracy's interval ends at 0% and 100%
+    return f"{100 * ci.mean:.1f}% ± {100 * ci.sd:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def md_table(df: pd.DataFrame) -> str:
@@ -260,7 +272,7 @@ def section_finetune(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[a
         "pretraining": [DASH if not r.pretrain_s else f"{r.pretrain_s:,.0f} s ({r.pretrain_steps:,.0f} steps)"
                         for r in acc.itertuples()],
         "final val top-1": acc.final_val.map(pct), "best val top-1": acc.best_val.map(pct),
-        "test top-1": acc.test_top1.map(pct),
+        "test top-1, mean ± sd [95% CI]": acc.test_top1_ci.map(ci_text),
     })
     for t in targets:
         table[f"to {t} val: s (steps)"] = [
@@ -280,8 +292,9 @@ def section_finetune(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[a
                      "networks only (give a variant the `model:` sizes to compare like for like).")
     else:
         c_acc, c_time = claims
-        lines.append(f"- **{c_acc.verdict.capitalize()}: fine-tuning {'beats' if facts.get('gain', 0) > 0 else 'does not beat'} "
-                     f"training from scratch.** {c_acc.this_run}.")
+        says = {stats.HOLDS: "beats", stats.DOES_NOT_HOLD: "does not beat"}.get(c_acc.verdict, "may or may not beat")
+        lines.append(f"- **{c_acc.verdict.capitalize()}: fine-tuning {says} training from scratch.** {c_acc.this_run}.")
+        lines += how_sure(inputs, twin)
         hit_t, hit_s = facts.get("hit_twin"), facts.get("hit_scratch")
         if hit_t is not None and hit_s is not None:
             faster_steps = hit_t[0] < hit_s[0]
@@ -307,6 +320,25 @@ def section_finetune(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[a
     return lines, claims
 
 
+def how_sure(inputs: Inputs, twin) -> list[str]:
+    """What the intervals mean here: seeds, and the test set's own size."""
+    scratch = inputs.scratch
+    n_test = scratch.test.get("test_images")
+    out = []
+    ci_s, ci_t = stats.over_seeds(scratch.top1s), stats.over_seeds(twin.top1s)
+    if ci_s.n >= 2:
+        out.append(f"- How sure: each accuracy is the mean of {ci_s.n} seeds (each seed fixes a run's starting weights, "
+                   f"data order and augmentation) ± their standard deviation, with the 95% t-interval of the mean in "
+                   f"brackets. Differences are paired by seed. Time to an accuracy is the median over seeds.")
+    if n_test:
+        w = [stats.wilson(round(c.mean * n_test), int(n_test)) for c in (ci_s, ci_t) if c.n]
+        halves = ", ".join(f"±{100 * (hi - lo) / 2:.1f}" for lo, hi in w)
+        out.append(f"- The test set adds its own noise: {int(n_test)} images give one run's accuracy a 95% Wilson "
+                   f"interval of {halves} points (scratch, fine-tuned), whatever the seed; the seeds' spread above "
+                   f"already holds this noise for these {int(n_test)} images, not for the population they come from.")
+    return out
+
+
 def _acc_at(run, step: int) -> float | None:
     e = run.evals
     if e.empty or "val_acc" not in e:
@@ -321,7 +353,7 @@ def section_variants(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[a
     table = pd.DataFrame({
         "run": v.label, "network": v.network, "params": v.params.map(lambda p: num(p, ",.0f")),
         "train GFLOP/image": v.train_gflops.map(lambda x: num(x, ".3f")),
-        "test top-1": v.test_top1.map(pct), "training time": v.train_s.map(lambda s: num(s, ",.1f", " s")),
+        "test top-1 (mean of seeds)": v.test_top1.map(pct), "training time": v.train_s.map(lambda s: num(s, ",.1f", " s")),
         "train img/s": v.img_per_s.map(lambda x: num(x, ",.1f")),
         "peak memory": [num(m, ",.0f", f" MB ({src})") for m, src in zip(v.peak_memory_mb, v.memory_source)],
         "inference img/s": v.infer_img_per_s.map(lambda x: num(x, ",.0f")),
@@ -338,8 +370,10 @@ def section_variants(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[a
         if not cnn.empty and not vit.empty:
             c, b = cnn.loc[cnn.test_top1.idxmax()], vit.loc[vit.test_top1.idxmax()]
             lines.append(f"- The CNN baseline {c.run} ({c.params / 1e6:.2f}M parameters) reaches {pct(c.test_top1)}, "
-                         f"the best ViT ({b.run}, {b.params / 1e6:.2f}M) {pct(b.test_top1)}: the CNN "
-                         f"{'beats' if c.test_top1 > b.test_top1 else 'does not beat'} the ViT on this data.")
+                         f"the best ViT ({b.run}, {b.params / 1e6:.2f}M) {pct(b.test_top1)} (means over seeds).")
+        for d in an.baseline_differences(inputs).itertuples():
+            lines.append(f"- {d.label} minus the CNN baseline {d.baseline}, paired by seed: {100 * d.diff.mean:+.1f} "
+                         f"points; {d.verdict.why}: 'the ViT beats the CNN here' **{d.verdict.word}**.")
     by = an.compared_networks(v)
     lines.append(f"- Ranked by parameters ({'the fine-tuned variants' if by.fine_tuned.all() else 'all runs'}): "
                  f"{claims[0].this_run}; the reference's claim **{claims[0].verdict}** here.")
@@ -452,7 +486,7 @@ def section_headline(inputs: Inputs, claims: list[an.Claim]) -> list[str]:
         "training time": [num(r.train_s, ",.1f", " s") for r in inputs.runs],
         "pretraining": [num(r.pretrain_s, ",.0f", " s") if r.pretrain_s else DASH for r in inputs.runs],
         "train img/s": [num(r.train.get("img_per_s"), ",.1f") for r in inputs.runs],
-        "test top-1": [pct(r.top1) for r in inputs.runs],
+        "test top-1 (mean ± sd over seeds)": [ci_text(stats.over_seeds(r.top1s)) for r in inputs.runs],
     })
     verdicts = pd.Series([c.verdict for c in claims])
     table = pd.DataFrame({"§": [c.section for c in claims], "the reference says": [c.claim for c in claims],
@@ -460,12 +494,15 @@ def section_headline(inputs: Inputs, claims: list[an.Claim]) -> list[str]:
                           "verdict": [f"**{c.verdict}**" for c in claims]})
     first = f"On **{inputs.dataset}** ({inputs.image_size} px)"
     if twin is not None and twin.top1 is not None and scratch.top1 is not None:
-        gain = twin.top1 - scratch.top1
+        diff = an.finetune_gain(inputs)
+        v = stats.verdict(diff)
+        says = {stats.HOLDS: "beats", stats.DOES_NOT_HOLD: "does not beat"}.get(v.word, "may or may not beat")
         first += (f", fine-tuning `{twin.name}` from {twin.spec.get('source', 'fractal')} pretraining "
-                  f"{'beats' if gain > 0 else 'does not beat'} training the same network from scratch: "
-                  f"{pct(twin.top1)} against {pct(scratch.top1)} test top-1 ({100 * gain:+.1f} points) "
-                  + (f"after {twin.train.get('steps')} steps each." if twin.train.get("steps") == scratch.train.get("steps")
-                     else f"after {twin.train.get('steps')} and {scratch.train.get('steps')} steps."))
+                  f"{says} training the same network from scratch: {ci_text(stats.over_seeds(twin.top1s))} "
+                  f"against {ci_text(stats.over_seeds(scratch.top1s))} test top-1, "
+                  + (f"after {twin.train.get('steps')} steps each. " if twin.train.get("steps") == scratch.train.get("steps")
+                     else f"after {twin.train.get('steps')} and {scratch.train.get('steps')} steps. ")
+                  + f"The difference, paired by seed: {100 * diff.mean:+.1f} points; {v.why} (**{v.word}**).")
     else:
         first += "."
     counts = verdicts.value_counts()
@@ -504,6 +541,7 @@ def write_report(root: Path | str = ".", report_dir: Path | str = REPORT_DIR) ->
     inputs = load(root)
     text = build(inputs, report_dir)
     md, html = report_dir / "report.md", report_dir / "report.html"
+    write_json(Path(root) / SUMMARY, an.summary_metrics(inputs))
     write_text(md, text)
     write_text(html, render_html(text, report_dir, title="vitpipe report"))
     return md, html

@@ -146,12 +146,19 @@ def scratch_vs_finetune(f: Figures, runs: list[Run], num_classes: int | None) ->
         if e.empty or "val_acc" not in e:
             continue
         c = f.color[r.name]
+        lo, hi = band(r.evals_by_seed, e.step, "val_acc")
         if "elapsed_s" in e:
             a.plot(e.elapsed_s, 100 * e.val_acc, marker="o", ms=3, color=c, label=r.label)
+            if lo is not None:
+                a.fill_between(e.elapsed_s, 100 * lo, 100 * hi, color=c, alpha=0.15, lw=0)
             if r.pretrain_s:
                 a.plot(e.elapsed_s + r.pretrain_s, 100 * e.val_acc, ls="--", color=c, alpha=0.6,
                        label=f"{r.name}, counting {r.pretrain_s:.0f} s of pretraining")
         b.plot(e.step, 100 * e.val_acc, marker="o", ms=3, color=c, label=r.label)
+        if lo is not None:
+            b.fill_between(e.step, 100 * lo, 100 * hi, color=c, alpha=0.15, lw=0)
+    seeds = max((len(r.evals_by_seed) for r in runs), default=1)
+    fig.suptitle(f"Mean over {seeds} seeds" + (", band: ± one standard deviation" if seeds > 1 else ""), fontsize=10)
     a.set(title="Validation accuracy against wall time", xlabel="training wall time (s)",
           ylabel="validation top-1 (%)", ylim=(0, 100))
     b.set(title="Validation accuracy against optimizer steps", xlabel="optimizer step",
@@ -171,6 +178,17 @@ CURVES = (("loss", "Training loss (10-step mean)", "cross-entropy loss", "linear
           ("memory_mb", "Memory during training (RSS on CPU, allocator on GPU)", "memory (MB)", "linear", 1))
 
 
+def band(frames: list[pd.DataFrame], steps: pd.Series, col: str, smooth: int = 1):
+    """(mean - sd, mean + sd) over seeds at `steps`, or (None, None) with fewer than 2 seeds."""
+    series = [fr.set_index("step")[col].rolling(smooth, min_periods=1).mean() for fr in frames
+              if not fr.empty and col in fr and "step" in fr]
+    if len(series) < 2:
+        return None, None
+    both = pd.concat(series, axis=1).reindex(steps.values)
+    mean, sd = both.mean(axis=1).values, both.std(axis=1).values
+    return mean - sd, mean + sd
+
+
 def training_curves(f: Figures, runs: list[Run]) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     for ax, (col, title, ylabel, yscale, smooth) in zip(axes.flat, CURVES):
@@ -180,6 +198,9 @@ def training_curves(f: Figures, runs: list[Run]) -> str:
                 continue
             y = r.curve[col].rolling(smooth, min_periods=1).mean()
             ax.plot(r.curve.step, y, color=f.color[r.name], label=r.label)
+            lo, hi = band(r.curves, r.curve.step, col, smooth)
+            if lo is not None:
+                ax.fill_between(r.curve.step, lo, hi, color=f.color[r.name], alpha=0.15, lw=0)
             drawn = True
         ax.set(title=title + ("" if drawn else " (not logged)"), xlabel="optimizer step", ylabel=ylabel)
         if drawn:

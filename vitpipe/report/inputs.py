@@ -20,15 +20,39 @@ SCRATCH = "scratch"
 
 @dataclass
 class Run:
-    """One trained network: the scratch run (Algorithm 1) or a fine-tuned variant (Algorithm 2)."""
+    """One trained network over its seeds: the scratch run (Algorithm 1) or a fine-tuned
+    variant (Algorithm 2). `train`, `test`, `curve` and `evals` are the means over seeds (what
+    one-number sections read); the per-seed lists are what the intervals are made of."""
     name: str
     spec: dict               # the network: params.yaml `model:` or `variants.<name>`
     recipe: params.TrainParams | None   # the recipe that trained it (variant overrides applied)
-    train: dict              # metrics/train_scratch.json | metrics/finetune/<name>.json
-    test: dict               # metrics/evaluate/<name>.json
+    seeds: list[int]
+    trains: list[dict]       # metrics/train_scratch/seed-<s>.json | metrics/finetune/<name>/seed-<s>.json
+    tests: list[dict]        # metrics/evaluate/<name>/seed-<s>.json
     pretrain: dict           # metrics/pretrain/<name>.json ({} for scratch)
-    curve: pd.DataFrame      # plots/.../train.tsv (per optimizer step)
-    evals: pd.DataFrame      # plots/.../eval.tsv (per evaluation)
+    curves: list[pd.DataFrame]   # plots/.../seed-<s>/train.tsv (per optimizer step)
+    evals_by_seed: list[pd.DataFrame]   # plots/.../seed-<s>/eval.tsv (per evaluation)
+
+    @property
+    def train(self) -> dict:
+        return mean_dict(self.trains)
+
+    @property
+    def test(self) -> dict:
+        return mean_dict(self.tests)
+
+    @property
+    def curve(self) -> pd.DataFrame:
+        return mean_frame(self.curves)
+
+    @property
+    def evals(self) -> pd.DataFrame:
+        return mean_frame(self.evals_by_seed)
+
+    @property
+    def top1s(self) -> list[float | None]:
+        """Test top-1 per seed, in the order of `seeds` (None where that seed has no result)."""
+        return [t.get("top1") for t in self.tests]
 
     @property
     def is_scratch(self) -> bool:
@@ -63,6 +87,32 @@ class Run:
     def peak_memory_mb(self) -> float | None:
         """The best memory reading the training stage made: CUDA allocator peak, else RSS."""
         return self.train.get("peak_cuda_allocated_mb") or self.train.get("peak_rss_mb")
+
+
+def mean_dict(ds: list[dict]) -> dict:
+    """Numbers averaged over the seeds that have them; other values from the first seed."""
+    ds = [d for d in ds if d]
+    if not ds:
+        return {}
+    out = dict(ds[0])
+    for k, v in ds[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [d[k] for d in ds if isinstance(d.get(k), (int, float))]
+            out[k] = vals[0] if len(set(vals)) == 1 else sum(vals) / len(vals)  # steps stay 150, not 150.0
+    return out
+
+
+def mean_frame(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per-step means over the seeds' series (steps every seed reached)."""
+    frames = [f for f in frames if not f.empty and "step" in f]
+    if not frames:
+        return pd.DataFrame()
+    if len(frames) == 1:
+        return frames[0]
+    both = pd.concat(frames)
+    counts = both.groupby("step").size()
+    mean = both.groupby("step", as_index=False).mean(numeric_only=True)
+    return mean[mean.step.map(counts) == len(frames)].reset_index(drop=True)
 
 
 @dataclass
@@ -129,15 +179,20 @@ def load(root: Path | str = ".") -> Inputs:
     read = _Reader(root)
     prepared = Path("data/prepared") / doc["data"]["dataset"]
     meta = read.json(prepared / "meta.json")
-    runs = [Run(SCRATCH, dict(doc["model"]), _recipe(doc, "train", None),
-                read.json("metrics/train_scratch.json"), read.json("metrics/evaluate/scratch.json"), {},
-                read.table("plots/train_scratch/train.tsv", "\t"), read.table("plots/train_scratch/eval.tsv", "\t"))]
+    seeds = list(doc.get("seeds") or [0])
+
+    def run(name, spec, recipe, train_dir, pretrain):
+        seed_dirs = [f"seed-{s}" for s in seeds]
+        return Run(name, dict(spec), recipe, seeds,
+                   [read.json(f"metrics/{train_dir}/{d}.json") for d in seed_dirs],
+                   [read.json(f"metrics/evaluate/{name}/{d}.json") for d in seed_dirs], pretrain,
+                   [read.table(f"plots/{train_dir}/{d}/train.tsv", "\t") for d in seed_dirs],
+                   [read.table(f"plots/{train_dir}/{d}/eval.tsv", "\t") for d in seed_dirs])
+
+    runs = [run(SCRATCH, doc["model"], _recipe(doc, "train", None), "train_scratch", {})]
     for name, spec in (doc.get("variants") or {}).items():
-        runs.append(Run(name, dict(spec), _recipe(doc, "finetune", name),
-                        read.json(f"metrics/finetune/{name}.json"), read.json(f"metrics/evaluate/{name}.json"),
-                        read.json(f"metrics/pretrain/{name}.json"),
-                        read.table(f"plots/finetune/{name}/train.tsv", "\t"),
-                        read.table(f"plots/finetune/{name}/eval.tsv", "\t")))
+        runs.append(run(name, spec, _recipe(doc, "finetune", name), f"finetune/{name}",
+                        read.json(f"metrics/pretrain/{name}.json")))
     return Inputs(doc=doc, meta=meta, prepared=root / prepared, runs=runs,
                   profile=read.json("metrics/profile.json"), compute=read.table("profile/compute.csv"),
                   devices=read.table("profile/devices.csv"), missing=read.missing)

@@ -1,0 +1,62 @@
+"""The report's statistics against values computed independently (scipy, or by hand)."""
+
+import math
+
+import pytest
+from scipy import stats as st
+
+from vitpipe.report import stats
+
+
+def test_t_interval_matches_scipy():
+    xs = [0.61, 0.66, 0.57, 0.70]
+    ci = stats.over_seeds(xs)
+    mean, sem = sum(xs) / 4, st.sem(xs)
+    lo, hi = st.t.interval(0.95, 3, loc=mean, scale=sem)
+    assert ci.n == 4 and ci.mean == pytest.approx(mean) and ci.sd == pytest.approx(st.tstd(xs))
+    assert (ci.lo, ci.hi) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_wilson_by_hand():
+    # 8 of 10: the textbook Wilson 95% interval is 0.4902 to 0.9433
+    lo, hi = stats.wilson(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    lo, hi = stats.wilson(0, 359)  # never below zero, and not a point at zero
+    assert lo == pytest.approx(0, abs=1e-12) and 0 < hi < 0.011
+
+
+def test_paired_difference_matches_scipy_ttest_rel():
+    a, b = [0.60, 0.70, 0.66], [0.31, 0.33, 0.35]
+    d = stats.paired(a, b)
+    ref = st.ttest_rel(a, b).confidence_interval(0.95)
+    assert d.mean == pytest.approx(sum(a) / 3 - sum(b) / 3)
+    assert (d.lo, d.hi) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    with pytest.raises(ValueError):
+        stats.paired([1, 2], [1])
+
+
+def test_verdict_edge_cases():
+    one = stats.verdict(stats.paired([0.7], [0.3]))           # n = 1: no spread to judge by
+    assert one.word == stats.INCONCLUSIVE and "at least 2 seeds" in one.why
+    same = stats.verdict(stats.paired([0.5, 0.6, 0.7], [0.5, 0.6, 0.7]))   # identical runs: zero difference
+    assert same.word == stats.DOES_NOT_HOLD
+    steady = stats.paired([0.75, 0.5], [0.5, 0.25])           # zero variance, above zero
+    assert steady.sd == 0 and stats.verdict(steady).word == stats.HOLDS
+    worse = stats.verdict(stats.paired([0.3, 0.32, 0.29], [0.6, 0.62, 0.65]))
+    assert worse.word == stats.DOES_NOT_HOLD
+
+
+def test_inconclusive_says_how_many_seeds_would_resolve_it():
+    d = stats.over_seeds([0.10, -0.05, 0.08])
+    v = stats.verdict(d)
+    assert v.word == stats.INCONCLUSIVE and "straddles zero" in v.why
+    n = stats.seeds_to_resolve(d)
+    assert f"about {n} seeds" in v.why
+    # at n seeds the interval at this mean and spread excludes zero; at n - 1 it does not
+    assert stats.t_quantile(n) * d.sd / math.sqrt(n) < d.mean <= stats.t_quantile(n - 1) * d.sd / math.sqrt(n - 1)
+
+
+def test_within_noise():
+    ci = stats.over_seeds([0.60, 0.64, 0.68])
+    assert stats.within_noise(0.02, ci) and not stats.within_noise(0.2, ci)
+    assert not stats.within_noise(0.0, stats.over_seeds([0.6]))   # one seed: no noise estimate
