@@ -348,12 +348,13 @@ def _share_figure(t):
         ax.plot([x], [0.5], marker="o", color=color, label=f"{n}: FLOPs 50% at {x:,.0f} tokens")
     ax.axhline(0.5, color="black", linewidth=0.8)
     ax.axvline(197, color="grey", linewidth=0.8)
-    ax.annotate("224 px at /16\n(197 tokens)", (197, 0.02), fontsize=7, color="grey", ha="right")
+    ax.annotate("224 px at patch 16 (197 tokens) ", (197, 0.93), fontsize=7, color="grey", ha="right")
     ax.set_xscale("log")
     ax.set(xlabel="tokens per image (log scale)", ylabel="attention's share (0 to 1)", ylim=(0, 1),
            title="Attention's share of the forward FLOPs and of the activation memory against tokens")
     top = ax.secondary_xaxis("top", functions=(lambda k: 16 * np.sqrt(np.maximum(k - 1, 0)),
                                                lambda px: (np.asarray(px) / 16) ** 2 + 1))
+    top.set_xticks([32, 64, 128, 224, 512, 1024, 2048], ["32", "64", "128", "224", "512", "1024", "2048"])
     top.set_xlabel("image side at patch 16 (px)")
     ax.grid(alpha=0.3, which="both")
     styles = [plt.Line2D([], [], color="black", linestyle="-", label="FLOPs (q·kᵀ and softmax·v)"),
@@ -374,8 +375,7 @@ def _batch_figure(t):
         g = g[g.max_batch > 0]
         left.plot(g.image_size, g.max_batch, label=n, **_style(n))
     left.axhline(s.batch, color="black", linewidth=0.8)
-    left.annotate(f"the reference's batch {s.batch}", (IMAGE_SIZES[-1], s.batch), fontsize=8, ha="right",
-                  va="bottom")
+    left.annotate(f" the reference's batch {s.batch}", (IMAGE_SIZES[0], s.batch), fontsize=8, va="top")
     _log_axes(left, "largest batch that fits (images, log scale)")
     left.set_title(f"On the {get_device(s.device).label}, {s.precision}, {s.optimizer}", fontsize=10)
     left.legend(fontsize=7.5)
@@ -435,8 +435,12 @@ def _row(tables, network, size):
     return c[(c.network == network) & (c.image_size == size)].iloc[0]
 
 
+def _factor(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:,.0f}"
+
+
 def _x(v: float) -> str:
-    return f"×{v:.2f}" if v < 10 else f"×{v:,.0f}"
+    return f"×{_factor(v)}"
 
 
 def flops_verdict(t) -> str:
@@ -460,9 +464,10 @@ def memory_verdict(t) -> str:
     return (f"{FOCUS} saves {vit_a.activation_bytes / MiB:,.1f} MiB per image at {a} px and "
             f"{vit_b.activation_bytes / MiB:,.1f} MiB at {b} px with {s.attention} attention "
             f"({vit_a.activation_bytes_eager / MiB:,.1f} and {vit_b.activation_bytes_eager / MiB:,.1f} MiB if "
-            f"the t x t softmax is kept, eager). At batch {s.batch} it needs {vit_a.required_bytes / GiB:,.1f} GiB "
-            f"at {a} px, {vit_a.required_bytes / vit_a.capacity_bytes:.2f}x the {dev}; at {a} px "
-            f"{_names(fit) or 'none'} of the sweep fit{'s' if len(fit) == 1 else ''} at once.")
+            f"the t x t softmax is kept, eager). Training it at batch {s.batch} and {a} px needs "
+            f"{vit_a.required_bytes / GiB:,.1f} GiB (peak + slack + CUDA context), "
+            f"{vit_a.required_bytes / vit_a.capacity_bytes:.2f}x the {dev}; of the sweep at {a} px, "
+            f"{('only ' + _names(fit)) if fit else 'none'} {'fits' if len(fit) == 1 else 'fit'} at that batch.")
 
 
 def share_verdict(t) -> str:
@@ -473,12 +478,14 @@ def share_verdict(t) -> str:
             else "never does with fused sdpa attention, which keeps no t x t matrix: its share levels off at "
                  f"{r.bytes_sdpa_share_at_max:.0%}")
     widths = ", ".join(f"{n.split('/')[0]} {c.at[n, 'flops_tokens']:,.0f}" for n in c.index if n.endswith("/16"))
+    eager = c.bytes_eager_tokens
     return (f"Attention (q·kᵀ and softmax·v) passes half of {FOCUS}'s forward FLOPs at "
             f"{r.flops_tokens:,.0f} tokens (a {r.flops_px:,.0f} px image at patch {r.patch:.0f}; at 224 px it is "
             f"{at.attention_flops_share:.1%}). The crossover grows with the width (tokens at patch 16: {widths}), "
             f"since the rest of a block costs ∝ tokens x width² and attention ∝ tokens² x width. Of the "
             f"activation memory, attention passes half at {r.bytes_eager_tokens:,.0f} tokens "
-            f"({r.bytes_eager_px:,.0f} px) with eager attention and {sdpa}.")
+            f"({r.bytes_eager_px:,.0f} px) with eager attention ({eager.min():,.0f} to {eager.max():,.0f} tokens "
+            f"across the sweep: the t x t probabilities per head against the rest per channel) and {sdpa}.")
 
 
 def batch_verdict(t) -> str:
@@ -502,17 +509,28 @@ def _names(xs) -> str:
 
 
 def _grows(f: float) -> str:
-    """Words for a growth factor: 'stays the same', 'doubles', 'quadruples', or 'grows ×f'."""
-    for target, word in ((1, "stays the same"), (2, "doubles"), (4, "quadruples"), (8, "grows eightfold"),
-                         (16, "grows sixteenfold")):
+    """Words for a growth factor, for a plural subject: 'stay the same', 'double', 'quadruple'
+    (within 3%), else 'grow ×f' or 'shrink ×f'."""
+    for target, word in ((1, "stay the same"), (2, "double"), (4, "quadruple"), (8, "grow eightfold"),
+                         (16, "grow sixteenfold")):
         if abs(f / target - 1) < 0.03:
             return f"{word} ({_x(f)})"
-    return f"grows {_x(f)}" if f > 1 else f"shrinks to {1 / f:.2g}x less ({_x(f)})"
+    return f"grow {_x(f)}" if f > 1 else f"shrink {_x(f)}"
+
+
+def _power(f: float) -> str:
+    """The growth per doubling of the side as a power of the side: x4 is 'quadratic'."""
+    p = math.log2(f)
+    for target, word in ((0, "constant"), (1, "linear"), (2, "quadratic"), (4, "quartic")):
+        if abs(p - target) < 0.1:
+            return f"{word} in the side"
+    return f"∝ side^{p:.1f}"
 
 
 def scaling_law(t) -> str:
     """One paragraph: what each quantity does when the image side doubles, for FOCUS and CNN,
-    at low resolution (an exact doubling) and at high resolution (per doubling), from `doubling`."""
+    at low resolution (an exact doubling) and at high resolution (per doubling), from `doubling`.
+    Every factor and every word for it ('quadruple', 'quadratic') is read from the table."""
     dbl = t["doubling"].set_index(["network", "from_px", "to_px"])
     lo, hi = dbl.loc[(FOCUS, *LOW)], dbl.loc[(FOCUS, *HIGH)]
     cnn_lo, cnn_hi = dbl.loc[(CNN, *LOW)], dbl.loc[(CNN, *HIGH)]
@@ -520,20 +538,24 @@ def scaling_law(t) -> str:
     on = t["devices"]
     dev = t["setting"].iloc[0].device
     batch = on[(on.device == dev) & (on.network == FOCUS)].set_index("image_size").max_batch
-    batch_factor = (batch[HIGH[1]] / batch[HIGH[0]]) ** (1 / math.log2(HIGH[1] / HIGH[0])) if batch[HIGH[0]] else np.nan
+    shrink = (batch[HIGH[0]] / batch[HIGH[1]]) ** (1 / math.log2(HIGH[1] / HIGH[0])) if batch[HIGH[1]] else None
+    tracks = abs(lo.forward_flops / lo.tokens - 1) < 0.05      # FLOPs follow the token count
+    steeper = hi.forward_flops > lo.forward_flops * 1.05
     return (f"**The scaling law.** When the image side doubles, the pixels quadruple and so does a ViT's "
-            f"patch grid: from {LOW[0]} to {LOW[1]} px the tokens of {FOCUS} {_grows(lo.tokens)}, its parameters "
-            f"{_grows(lo.params)} (only the position embedding grows), its forward FLOPs {_grows(lo.forward_flops)}, "
-            f"its training FLOPs {_grows(lo.train_flops)} and its activations {_grows(lo.activation_bytes)}: "
-            f"linear in the tokens, quadratic in the side. At higher resolution attention's tokens² term shows: "
-            f"per doubling between {HIGH[0]} and {HIGH[1]} px the FLOPs grow {_x(hi.forward_flops)} (attention's "
-            f"share rises from {share_lo:.1%} at {LOW[0]} px to {share_hi:.1%} at {HIGH[1]} px), the activations "
+            f"patch grid. From {LOW[0]} to {LOW[1]} px the tokens of {FOCUS} {_grows(lo.tokens)}, its parameters "
+            f"{_grows(lo.params)}, its forward FLOPs "
+            f"{_grows(lo.forward_flops)}, its training FLOPs {_grows(lo.train_flops)} and its activations "
+            f"{_grows(lo.activation_bytes)}: {'in step with the tokens' if tracks else 'not in step with the tokens'}, "
+            f"{_power(lo.forward_flops)}. Between {HIGH[0]} and {HIGH[1]} px, per doubling, the FLOPs grow "
+            f"{_x(hi.forward_flops)} ({_power(hi.forward_flops)}"
+            f"{', faster: attention grows with tokens²' if steeper else ''}; its share of them rises from "
+            f"{share_lo:.1%} at {LOW[0]} px to {share_hi:.1%} at {HIGH[1]} px), the activations "
             f"{_x(hi.activation_bytes)} with fused attention but {_x(hi.activation_bytes_eager)} when the t x t "
             f"softmax is kept (eager), and the training peak {_x(hi.peak_bytes)}; the largest batch on the "
-            f"{dev.upper()} falls {_x(1 / batch_factor) if batch_factor == batch_factor and batch_factor else '–'} per "
-            f"doubling. {CNN} is quadratic in the side throughout: its parameters {_grows(cnn_lo.params)}, "
-            f"its FLOPs {_grows(cnn_lo.forward_flops)} from {LOW[0]} to {LOW[1]} px and {_x(cnn_hi.forward_flops)} "
-            f"per doubling between {HIGH[0]} and {HIGH[1]} px, its activations {_x(cnn_hi.activation_bytes)}.")
+            f"{dev.upper()} falls by a factor of {_factor(shrink) if shrink else '–'} per doubling. {CNN}'s "
+            f"parameters {_grows(cnn_lo.params)}; its FLOPs {_grows(cnn_lo.forward_flops)} from {LOW[0]} to "
+            f"{LOW[1]} px and grow {_x(cnn_hi.forward_flops)} per doubling between {HIGH[0]} and {HIGH[1]} px "
+            f"({_power(cnn_hi.forward_flops)}), its activations {_x(cnn_hi.activation_bytes)}.")
 
 
 def summary_at(t, size: int) -> pd.DataFrame:
