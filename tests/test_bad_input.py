@@ -77,8 +77,12 @@ PARAMS = [
     ("optimizer", ("train.optimizer", "lamb"), "train.optimizer=lamb", ["train.optimizer", "adamw"]),
     ("momentum-one", ("finetune.momentum", 1.0), "finetune.momentum=1.0", ["finetune.momentum", "< 1"]),
     ("smoothing-one", ("train.label_smoothing", 1), "train.label_smoothing=1", ["train.label_smoothing", "< 1"]),
-    ("seed-negative", ("train.seed", -1), "train.seed=-1", ["train.seed", ">= 0"]),
-    ("seed-too-big", ("train.seed", 2**40), f"train.seed={2**40}", ["train.seed", "4294967295"]),
+    ("seed-negative", ("pretrain.seed", -1), "pretrain.seed=-1", ["pretrain.seed", ">= 0"]),
+    ("seed-too-big", ("pretrain.seed", 2**40), f"pretrain.seed={2**40}", ["pretrain.seed", "4294967295"]),
+    ("seed-in-train", ("train.seed", 1), "+train.seed=1", ["train.seed", "not a known key of train"]),
+    ("seeds-negative", ("seeds", [-1]), "seeds=[-1]", ["seeds[0]", ">= 0"]),
+    ("seeds-repeated", ("seeds", [0, 0]), "seeds=[0,0]", ["seeds", "distinct"]),
+    ("seeds-empty", ("seeds", []), "seeds=[]", ["seeds", "non-empty list"]),
     ("nproc-split", ("train.nproc", 3), "train.nproc=3", ["train.nproc", "divides"]),
     ("resume-word", ("train.resume", "maybe"), "train.resume=maybe", ["train.resume", "fresh"]),
     ("bool-word", ("train.activation_checkpointing", "maybe"), "train.activation_checkpointing=maybe",
@@ -381,7 +385,7 @@ def test_params_table_through_dvc_exp_run(repro_done):
               and "Traceback" not in p.stderr and "Running stage 'validate'" in p.stdout
               and not [s for s in ("download", "train_scratch", "pretrain") if f"Running stage '{s}" in p.stdout])
         if not ok:
-            failures.append((name, override, p.returncode, p.stdout[-600:], p.stderr[-600:]))
+            failures.append((name, expr, p.returncode, p.stdout[-600:], p.stderr[-600:]))
         run(["git", "checkout", "-q", "params.yaml"], repo)
         if snapshot(repo, skip=(".git", ".dvc", "params.yaml")) != before:
             # DVC itself checks outputs out (and removes those of paths built from params,
