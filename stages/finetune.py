@@ -40,7 +40,8 @@ def main(argv):
     paths = RunPaths(weights=Path(f"models/finetune/{name}/seed-{seed}/model.pt"),
                      metrics=Path(f"metrics/finetune/{name}/seed-{seed}.json"),
                      plots=Path(f"plots/finetune/{name}/seed-{seed}"))
-    fit(model, store.split("train"), recipe, paths, val=store.split("val"), desc=f"finetune@{name}-{seed}",
+    train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
+    fit(model, train, recipe, paths, val=store.split("val"), desc=f"finetune@{name}-{seed}",
         fresh_key="finetune.resume",
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
         weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,

@@ -28,7 +28,8 @@ def main(argv):
     model = build_model(spec, store.num_classes, data.image_size)
     paths = RunPaths(weights=Path(f"models/scratch/seed-{seed}/model.pt"),
                      metrics=Path(f"metrics/train_scratch/seed-{seed}.json"), plots=Path(f"plots/train_scratch/seed-{seed}"))
-    fit(model, store.split("train"), recipe, paths, val=store.split("val"),
+    train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
+    fit(model, train, recipe, paths, val=store.split("val"),
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
         fresh_key="train.resume", desc=f"train_scratch@{seed}",
         weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,

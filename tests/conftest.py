@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = {
     "seeds": [0],
     "data": {"dataset": "digits", "archive": None, "url": None, "md5": "default", "image_size": 16,
-             "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "seed": 0, "workers": 1},
+             "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "train_fraction": 1.0, "seed": 0,
+             "workers": 1},
     "model": {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
     "train": {"steps": 6, "batch_size": 16, "micro_batch": 8, "optimizer": "adamw", "lr": 0.001,
               "weight_decay": 0.05, "warmup_steps": 2, "label_smoothing": 0.1, "grad_clip": 1.0,

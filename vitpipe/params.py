@@ -129,6 +129,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "md5": Key("str", "default: the published checksum; null: accept any; or a 32-hex-digit md5", nullable=True),
         "image_size": _int("pixels, square; every model's patch must divide it", 8, 4096),
         "split": Key("split", "fractions train/val/test; datasets with an official test split keep it"),
+        "train_fraction": Key("float", "share of the train split the training stages use (stratified; val and test "
+                              "stay whole): how much data a model needs", 0, 1, lo_open=True),
         "seed": _int("seed of the split", 0, SEED_MAX),
         "workers": _int("parallel decode processes in preprocess", 1, 256),
     },
@@ -170,6 +172,7 @@ class DataParams:
     md5: str | None = "default"
     image_size: int = 32
     split: dict = field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2})
+    train_fraction: float = 1.0
     seed: int = 0
     workers: int = 2
 
@@ -497,7 +500,11 @@ def reference_markdown() -> str:
     out += ["## `seeds`", "", "A list of distinct training seeds (integers 0 to 4294967295), default `[0]`. Each seed",
             "is its own `train_scratch@<seed>` and `finetune@<variant>-<seed>` stage: its own run, cached and",
             "resumed on its own. Each seed fixes that run's starting weights, data order and augmentation;",
-            "pretraining has its own `pretrain.seed`.", ""]
+            "pretraining has its own `pretrain.seed`.", "",
+            "`seeds`, `variants` and `data.dataset` shape the pipeline itself (which stages exist, which paths they",
+            "write). A bad value there still stops at the `validate` stage with nothing touched under `dvc repro`;",
+            "under `dvc exp run`, DVC's experiment runner first drops the outputs of stages that no longer exist:",
+            "commit your results before such an experiment.", ""]
     for name, keys in sections:
         out += [f"## `{name}`", "", "| key | allowed | default | what it is |", "| --- | --- | --- | --- |"]
         for k, key in keys.items():

@@ -482,6 +482,7 @@ class Run:
                 "devices": d.world,
                 "device": self.device.type,
                 "params": sum(p.numel() for p in self.model.parameters()),
+                "train_images": len(self.data),
                 "skipped_steps": int(self.skipped),
                 "attention": self.attention,
                 "precision": r.precision,

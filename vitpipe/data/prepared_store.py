@@ -52,6 +52,21 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def fraction(self, fraction: float, seed: int) -> "Split":
+        """A stratified `fraction` of this split (every class kept in proportion, at least one
+        image each), the same for the same seed: how much data a model needs, with the
+        val and test splits left as they are."""
+        if fraction >= 1:
+            return self
+        y = self.y.numpy()
+        rng = np.random.default_rng(seed)
+        keep = [rng.permutation(np.flatnonzero(y == c))[:max(1, round(fraction * int((y == c).sum())))]
+                for c in np.unique(y)]
+        idx = np.sort(np.concatenate(keep))
+        out = Split(np.asarray(self.x[idx]), y[idx], [0.0] * 3, [1.0] * 3, self.hflip)
+        out.mean, out.std = self.mean, self.std  # the store's normalisation, not the subset's
+        return out
+
     def batch(self, idx: np.ndarray, augment: bool = False, generator: torch.Generator | None = None):
         """(images float32 NCHW normalised, labels int64) for sample indices `idx`."""
         idx = np.sort(np.asarray(idx))  # sorted: sequential reads from a memmap; order within a batch is irrelevant

@@ -388,13 +388,22 @@ def section_variants(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[a
     return lines, claims
 
 
+def section_scaling(inputs: Inputs, report_dir: Path) -> list[str]:
+    """How ViT cost scales with resolution, patch and size: the compute model, nothing trained."""
+    from vitpipe.report import scaling
+
+    tables = scaling.scaling_tables(an.profile_setting(inputs))
+    figures = scaling.scaling_figures(Path(report_dir) / figs.SUBDIR, tables, relative_to=Path(report_dir))
+    return scaling.scaling_section(tables, figures, heading="## 6. How the cost scales")
+
+
 def section_data(inputs: Inputs, f: figs.Figures) -> list[str]:
     meta = inputs.meta
     patches = {"scratch": inputs.doc["model"].get("patch")} | {
         r.name: r.spec.get("patch") for r in inputs.runs[1:] if r.spec.get("patch")}
     patches = {k: v for k, v in patches.items() if v}
     size = inputs.image_size
-    lines = ["## 6. The data", ""]
+    lines = ["## 7. The data", ""]
     if meta:
         sizes = meta.get("sizes", {})
         lines.append(f"**{inputs.dataset}**: {meta.get('num_classes')} classes, "
@@ -442,7 +451,7 @@ def section_run(inputs: Inputs, report_s: float) -> list[str]:
             for r in runs) + ")"),
         ("report built in", f"{report_s:.1f} s"),
     ]
-    lines = ["## 7. This run", "", md_table(pd.DataFrame(rows, columns=["", "value"])), ""]
+    lines = ["## 8. This run", "", md_table(pd.DataFrame(rows, columns=["", "value"])), ""]
     if inputs.missing:
         lines += [f"Missing inputs (their sections say so): {', '.join(f'`{m}`' for m in inputs.missing)}.", ""]
     return lines
@@ -526,11 +535,16 @@ def build(inputs: Inputs, report_dir: Path) -> str:
         lines, found = section()
         body += lines
         claims += found
+    body += section_scaling(inputs, report_dir)
     body += section_data(inputs, f)
     intro = ["# vitpipe report: what a Vision Transformer costs, from scratch and fine-tuned", "",
              "Every number below comes from this run of the pipeline (`dvc repro` rebuilds it; `dvc metrics diff` "
              "compares it with another commit). Each section re-derives a result of the reference report (a 2022 "
-             "course report that trained Google's vit_jax on a Colab T4) and says whether it holds here.", ""]
+             "course report that trained Google's vit_jax on a Colab T4) and says whether it holds here.", "",
+             "Left out of the default run, to keep it within minutes on a CPU: how accuracy changes with the amount "
+             "of training data (`python scripts/data_sweep.py --fractions 0.1 0.3 1.0` runs one DVC experiment per "
+             "share and writes `reports/data_efficiency.md`, with its verdict on the reference's conclusion that a "
+             "ViT needs more data than a CNN).", ""]
     tail = section_run(inputs, time.perf_counter() - started)
     return "\n".join(intro + section_headline(inputs, claims) + body + tail)
 
