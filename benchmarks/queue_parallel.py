@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import MICRO, PROJECT_FILES  # noqa: E402  (the tests' micro config)
+from conftest import MICRO, make_project  # noqa: E402  (the tests' micro config and project copy)
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -39,21 +38,10 @@ def sh(cmd, cwd, env):
 
 
 def make_repo(root: Path, steps: int, env) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy(src, repo / name)
     doc = yaml.safe_load(yaml.safe_dump(MICRO))
     doc["model"].update(dim=64, depth=2)
     doc["train"].update(steps=steps, checkpoint_every=100, eval_every=steps)
-    (repo / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "b@example.com"],
-                ["git", "config", "user.name", "bench"], DVC + ["init", "-q"], DVC + ["config", "core.analytics", "false"]):
-        sh(cmd, repo, env)
+    repo = make_project(root / "repo", doc, env=env)
     sh(DVC + ["repro"], repo, env)  # everything but the queued train_scratch runs is then up to date
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "baseline"], repo, env)

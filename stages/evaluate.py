@@ -57,6 +57,11 @@ def main(argv):
     })
     write_json(out / "classes.json", {"per_class_acc": report["per_class"], "support": report["support"],
                                       "classes": store.classes, "confusion": report["confusion"]})
+    # what it looks at: attention rollout (ViT) or Grad-CAM (CNN) on the same test images for every model
+    from vitpipe import attention_maps
+
+    shown = attention_maps.pick_images(test.y.numpy(), per_class=1)
+    attention_maps.write_maps(out / "attention.npz", attention_maps.explain_split(model, test, shown, device))
     pred = logits.argmax(1)
     write_text(out / "predictions.csv", "actual,predicted\n" + "".join(
         f"{store.classes[a]},{store.classes[p]}\n" for a, p in zip(labels.tolist(), pred.tolist())))

@@ -75,26 +75,28 @@ def store_steps(store: Path) -> list[int]:
     return sorted(steps)
 
 
-@pytest.fixture
-def project(tmp_path):
-    """A fresh git + DVC repo holding the project's code and the micro params."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def make_project(repo: Path, params: dict = MICRO, env: dict | None = None) -> Path:
+    """A fresh git + DVC repo at `repo` holding the project's code and `params`, committed."""
+    repo.mkdir(parents=True)
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             shutil.copy(src, repo / name)
-    write_params(repo / "params.yaml", MICRO)
-    run(["git", "init", "-q"], repo)
-    run(["git", "config", "user.email", "test@example.com"], repo)
-    run(["git", "config", "user.name", "test"], repo)
-    run([sys.executable, "-m", "dvc", "init", "-q"], repo)
-    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "init"], repo)
+    write_params(repo / "params.yaml", params)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@example.com"],
+                ["git", "config", "user.name", "test"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"]):
+        run(cmd, repo, env=env)
     return repo
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A fresh git + DVC repo holding the project's code and the micro params."""
+    return make_project(tmp_path / "repo")
 
 
 @pytest.fixture(scope="session")

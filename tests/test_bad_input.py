@@ -341,19 +341,11 @@ def test_plan_is_fast_for_any_batch():
 @pytest.fixture(scope="module")
 def repro_done(tmp_path_factory):
     """A git + DVC repo after a good `dvc repro` whose results are not committed."""
-    from conftest import PROJECT_FILES
+    from conftest import make_project
 
-    repo = tmp_path_factory.mktemp("dvc") / "repo"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        (shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy(src, repo / name))
-    write_params(repo / "params.yaml", MICRO)
-    env = {"VITPIPE_CHECKPOINT_DIR": str(repo.parent / "store")}
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"], ["git", "config", "user.name", "t"],
-                [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "code"]):
-        run(cmd, repo, env=env)
+    root = tmp_path_factory.mktemp("dvc")
+    env = {"VITPIPE_CHECKPOINT_DIR": str(root / "store")}
+    repo = make_project(root / "repo", env=env)
     run([sys.executable, "-m", "dvc", "repro"], repo, env=env)
     return repo, env
 

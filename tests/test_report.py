@@ -23,7 +23,7 @@ from vitpipe.report.inputs import load
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [HEADLINE, "1. Parameters", "2. Memory", "3. Time", "4. Scratch against fine-tuning", "5. Variants",
-            "6. How the cost scales", "7. The data", "8. This run"]
+            "6. What it looks at", "7. How the cost scales", "8. The data", "9. This run"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

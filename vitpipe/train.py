@@ -538,19 +538,19 @@ def oom_message(recipe: TrainParams, section: str, run_config: dict, num_classes
             options.append((half, recipe.activation_checkpointing))
         if not recipe.activation_checkpointing and hasattr(cfg, "patch"):
             options.append((options[-1][0], True))
-        for precision, ckpt in options:
-            p = compute.plan(cfg, per_device, profile, precision=precision, optimizer=recipe.optimizer,
+        for prec, ckpt in options:
+            p = compute.plan(cfg, per_device, profile, precision=prec, optimizer=recipe.optimizer,
                              checkpointing=ckpt)
             micro = p["micro_batch"]
-            if (precision, ckpt) == options[0] and micro >= recipe.micro_batch:
+            if (prec, ckpt) == options[0] and micro >= recipe.micro_batch:
                 # the model's estimate is optimistic here: suggest the next smaller micro-batch
                 micro = max([k for k in range(1, recipe.micro_batch) if per_device % k == 0], default=0)
-            setting = f"{section}.precision: {precision}" + (f", {section}.activation_checkpointing: true" if ckpt else "")
+            setting = f"{section}.precision: {prec}" + (f", {section}.activation_checkpointing: true" if ckpt else "")
             if micro:
                 advice.append(f"{setting}, {section}.micro_batch: {micro} ({per_device // micro} accumulation steps)")
             else:
                 advice.append(f"{setting}: nothing fits, even micro_batch 1")
-            if micro and (precision, ckpt) == options[0]:
+            if micro and (prec, ckpt) == options[0]:
                 break  # the current settings fit with a smaller micro-batch: that is the advice
         return (f"{msg}; the compute model's plan for batch {per_device} per device on {where}: "
                 + "; or ".join(advice))

@@ -388,13 +388,52 @@ def section_variants(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[a
     return lines, claims
 
 
+def section_looks(inputs: Inputs, report_dir: Path) -> list[str]:
+    """Attention rollout of the scratch and fine-tuned ViTs and Grad-CAM of the CNN, on the same
+    test images (the evaluate stage computed them from the first seed's weights)."""
+    seed = inputs.scratch.seeds[0]
+    found = {r.name: Path(inputs.prepared).parents[2] / "eval" / r.name / f"seed-{seed}" / "attention.npz"
+             for r in inputs.runs}
+    found = {name: p for name, p in found.items() if p.exists()}
+    lines = ["## 6. What it looks at", ""]
+    if not found:
+        return lines + ["No attention maps yet (`eval/<run>/seed-<s>/attention.npz`): run `dvc repro`.", ""]
+    import torch
+
+    from vitpipe import attention_maps
+
+    maps = {r: attention_maps.read_maps(p) for r, p in found.items()}
+    first = next(iter(maps.values()))
+    classes = inputs.meta.get("classes") or [str(i) for i in range(int(first["labels"].max()) + 1)]
+    rows = {f"{name}\n{m['method']}": torch.from_numpy(m["maps"]) for name, m in maps.items()}
+    path = attention_maps.attention_figure(Path(report_dir) / figs.SUBDIR / "attention.png", first["images"], rows,
+                                           [classes[int(i)] for i in first["labels"]])
+    spread = {name: _spread(m["maps"]) for name, m in maps.items()}
+    lines += [f"One test image per class (seed {seed}'s weights). A ViT's attention rollout (Abnar & Zuidema, 2020: "
+              "the heads' attention averaged, the residual added, multiplied through the blocks) shows which "
+              "patches the class token draws on; a CNN's Grad-CAM shows which cells of a convolution stage "
+              "raise the class score. Share of the map in its brightest quarter of cells (1.0: all in one place, "
+              "0.25: spread evenly): " + ", ".join(f"{n} {v:.2f}" for n, v in spread.items()) + ".", ""]
+    return lines + image("What each model looks at", f"{figs.SUBDIR}/{Path(path).name}")
+
+
+def _spread(maps) -> float:
+    """Mean share of each map's mass in its top quarter of cells: how concentrated it is."""
+    import numpy as np
+
+    flat = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+    flat = flat / np.clip(flat.sum(1, keepdims=True), 1e-12, None)
+    top = np.sort(flat, axis=1)[:, ::-1][:, :max(1, flat.shape[1] // 4)]
+    return float(top.sum(1).mean())
+
+
 def section_scaling(inputs: Inputs, report_dir: Path) -> list[str]:
     """How ViT cost scales with resolution, patch and size: the compute model, nothing trained."""
     from vitpipe.report import scaling
 
     tables = scaling.scaling_tables(an.profile_setting(inputs))
     figures = scaling.scaling_figures(Path(report_dir) / figs.SUBDIR, tables, relative_to=Path(report_dir))
-    return scaling.scaling_section(tables, figures, heading="## 6. How the cost scales")
+    return scaling.scaling_section(tables, figures, heading="## 7. How the cost scales")
 
 
 def section_data(inputs: Inputs, f: figs.Figures) -> list[str]:
@@ -403,7 +442,7 @@ def section_data(inputs: Inputs, f: figs.Figures) -> list[str]:
         r.name: r.spec.get("patch") for r in inputs.runs[1:] if r.spec.get("patch")}
     patches = {k: v for k, v in patches.items() if v}
     size = inputs.image_size
-    lines = ["## 7. The data", ""]
+    lines = ["## 8. The data", ""]
     if meta:
         sizes = meta.get("sizes", {})
         lines.append(f"**{inputs.dataset}**: {meta.get('num_classes')} classes, "
@@ -451,7 +490,7 @@ def section_run(inputs: Inputs, report_s: float) -> list[str]:
             for r in runs) + ")"),
         ("report built in", f"{report_s:.1f} s"),
     ]
-    lines = ["## 8. This run", "", md_table(pd.DataFrame(rows, columns=["", "value"])), ""]
+    lines = ["## 9. This run", "", md_table(pd.DataFrame(rows, columns=["", "value"])), ""]
     if inputs.missing:
         lines += [f"Missing inputs (their sections say so): {', '.join(f'`{m}`' for m in inputs.missing)}.", ""]
     return lines
@@ -535,6 +574,7 @@ def build(inputs: Inputs, report_dir: Path) -> str:
         lines, found = section()
         body += lines
         claims += found
+    body += section_looks(inputs, report_dir)
     body += section_scaling(inputs, report_dir)
     body += section_data(inputs, f)
     intro = ["# vitpipe report: what a Vision Transformer costs, from scratch and fine-tuned", "",
