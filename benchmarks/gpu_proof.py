@@ -81,7 +81,7 @@ MODES = {
                              ({"arch": "vit_b8"}, (8, 32))]},
         "oom": {"spec": {"arch": "vit_b16"}, "size": 224, "classes": 100},
         "telemetry": {"spec": {"arch": "vit_b16"}, "size": 224, "classes": 100, "batch": 64, "seconds": 5.0},
-        "slice": {"variant": "vit_b16", "spec": {"arch": "vit_b16"}, "size": 224, "n_train": 320, "n_test": 40,
+        "slice": {"variant": "vit_b16", "spec": {"arch": "vit_b16"}, "size": 224, "n_train": 320, "n_test": 100,
                   "steps": 60, "batch": 32, "micro": 16, "checkpoint_every": 20, "eval_every": 30},
         "precision": {"spec": {"arch": "vit_s16"}, "size": 224, "batch": 32, "steps": 20},
     },
@@ -92,7 +92,7 @@ MODES = {
                    "cases": [(TINY, (4, 8)), ({**TINY, "patch": 4}, (2, 4))]},
         "oom": {"spec": {"arch": "vit_b16"}, "size": 224, "classes": 100, "profile": "h100-80"},
         "telemetry": {"spec": TINY, "size": 32, "classes": 10, "batch": 16, "steps": 20},
-        "slice": {"variant": "vit_tiny", "spec": TINY, "size": 32, "n_train": 200, "n_test": 20,
+        "slice": {"variant": "vit_tiny", "spec": TINY, "size": 32, "n_train": 200, "n_test": 100,
                   "steps": 200, "batch": 16, "micro": 8, "checkpoint_every": 10, "eval_every": 100},
         "precision": {"spec": TINY, "size": 32, "batch": 8, "steps": 4},
     },
@@ -1202,7 +1202,7 @@ def step_slice(rec: Recorder, ctx: Ctx):
 
     t = time.monotonic()
     ref = new_run("uninterrupted")
-    run_stage(rec, ctx, ref, "finetune", v)
+    run_stage(rec, ctx, ref, "finetune", v, "0")
     rec.set(uninterrupted_s=round(time.monotonic() - t, 1))
     metrics = json.loads(next((ref / "metrics" / "finetune").rglob("*.json")).read_text())
     rec.set(finetune_metrics=metrics)
@@ -1211,7 +1211,7 @@ def step_slice(rec: Recorder, ctx: Ctx):
     run = new_run("killed")
     rec.running("killed: stages/finetune.py, to be SIGKILLed")
     with open(ctx.out / "logs" / "slice.killed.finetune.first.log", "w") as log:
-        p = subprocess.Popen(stage_cmd("finetune", v), cwd=run, env=stage_env(run), stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(stage_cmd("finetune", v, "0"), cwd=run, env=stage_env(run), stdout=log, stderr=subprocess.STDOUT)
         while p.poll() is None and not (committed_checkpoints(run) > 0 or train_rows(run) > c["checkpoint_every"]):
             time.sleep(0.002)
         rows = train_rows(run)
@@ -1223,7 +1223,7 @@ def step_slice(rec: Recorder, ctx: Ctx):
     if not rec.check("the run was SIGKILLed mid-run", killed and rows < c["steps"],
                      f"after {rows} of {c['steps']} steps" if killed else "it finished before it could be killed"):
         return
-    resumed = run_stage(rec, ctx, run, "finetune", v, label="resumed")
+    resumed = run_stage(rec, ctx, run, "finetune", v, "0", label="resumed")
     m = re.search(r"resuming from .* at step (\d+)/(\d+)", resumed.stderr)
     resumed_at = int(m.group(1)) if m else None
     rec.set(resumed_at=resumed_at)
@@ -1245,7 +1245,7 @@ def step_slice(rec: Recorder, ctx: Ctx):
         # Not bit-exact on the GPU: are the kernels themselves nondeterministic here? A second
         # uninterrupted run says how far two runs of the same params drift apart.
         again = new_run("uninterrupted-again")
-        run_stage(rec, ctx, again, "finetune", v)
+        run_stage(rec, ctx, again, "finetune", v, "0")
         noise = weights_diff(final_weights(ref), final_weights(again))
         comparison["uninterrupted_vs_uninterrupted"] = noise
         if noise["bit_exact"]:

@@ -365,3 +365,14 @@ def test_cuda_device_batch_is_split_batch():
     a = data.batch(idx, augment=True, generator=torch.Generator().manual_seed(3))
     b = device_batch(data, idx, True, torch.Generator().manual_seed(3), dev, data.mean.to(dev), data.std.to(dev))
     assert torch.allclose(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
+
+
+def test_an_empty_val_split_means_no_validation(tmp_path):
+    """data.split val 0 (or a tiny dataset) leaves the val split empty: train on, validate never."""
+    empty = Split(np.zeros((0, 16, 16, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64), [0.5] * 3, [0.25] * 3)
+    torch.manual_seed(0)
+    paths = RunPaths(weights=tmp_path / "model.pt", metrics=tmp_path / "metrics.json", plots=tmp_path / "plots")
+    m = fit(build_model(SPEC, 4, 16), synthetic(), recipe(steps=4), paths, val=empty,
+            run_config={"spec": SPEC, "image_size": 16}, fresh_key="train.resume", weights_meta={}, desc="test",
+            quiet=True, store_dir=tmp_path / "store")
+    assert m["steps"] == 4 and "val_acc" not in m and not (tmp_path / "plots/eval.tsv").exists()

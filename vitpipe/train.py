@@ -225,6 +225,7 @@ class Run:
 
     def __init__(self, d: Dist, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet,
                  store_dir=None):
+        val = val if val is not None and len(val) else None  # an empty val split (data.split val 0): no validation
         self.d, self.model, self.data, self.recipe, self.paths, self.val = d, model, data, recipe, paths, val
         self.run_config, self.weights_meta, self.desc, self.quiet = run_config, weights_meta, desc, quiet
         self.section, self.fresh_key = fresh_key.split(".")[0], fresh_key
