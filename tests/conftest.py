@@ -52,6 +52,17 @@ def run(cmd, cwd, check=True, timeout=600, env=None):
     return p
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: deterministic, and far faster than two on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def checkpoint_store(tmp_path, monkeypatch):
     """Every test gets its own checkpoint store (never the user's ~/.cache) and no mirror."""

@@ -17,12 +17,7 @@ GRID = SIZE // CELL
 RED, BLUE = (1.0, 0.1, 0.1), (0.1, 0.1, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: fast and deterministic
 
 
 def tiny_vit(**kw) -> VisionTransformer:

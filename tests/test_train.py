@@ -78,12 +78,7 @@ def tsv_steps(path: Path) -> list[int]:
 # In-process fits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: fast and deterministic
 
 
 def synthetic(n=96, size=16, classes=4, seed=0, hflip=True) -> Split:
