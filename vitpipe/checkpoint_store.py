@@ -412,12 +412,18 @@ class CheckpointStore:
         if self.uploader is not None and not self.uploader.drain(timeout):
             _warn(f"the upload to {self.mirror_url} did not finish in {timeout:g} s; the mirror keeps an older step")
 
-    def discard(self) -> None:
-        """Remove every checkpoint of this run, locally and in the mirror."""
+    def close(self, discard_waiting: bool = False) -> None:
+        """Stop the uploader once what is in flight is done (and what waits, unless discarded)."""
         if self.uploader is not None:
-            self.uploader.close(discard=True)
-            self.uploader.thread.join()
+            self.uploader.close(discard=discard_waiting)
+            self.uploader.thread.join(timeout=120)  # a hung upload must not hang the stage (daemon thread)
             self.uploader = None
+
+    def discard(self) -> None:
+        """Remove every checkpoint of this run, locally and in the mirror; the store stays
+        open for the run's next checkpoints."""
+        had_uploader = self.uploader is not None
+        self.close(discard_waiting=True)
         for f in self.dir.glob("*"):
             f.unlink(missing_ok=True)
         try:
@@ -430,15 +436,16 @@ class CheckpointStore:
                     self._with_timeout(lambda: self.fs.rm(self.mirror_root, recursive=True))
             except Exception as e:
                 self._mirror_failed("removing a finished run", e)
+        if had_uploader:
+            self.uploader = Uploader(self)
 
     def finish(self) -> None:
         """The run's outputs are written: its checkpoints go, unless the user keeps them."""
         if self.keep:
             self.wait_for_upload()
-            if self.uploader is not None:
-                self.uploader.close()
         else:
             self.discard()
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -459,8 +466,12 @@ def list_runs(root: Path) -> list[dict]:
         if not mans:
             continue
         man = max(mans, key=lambda m: m.get("step", -1))
-        size = sum(f.stat().st_size for f in run.glob("step-*.pt"))
-        rows.append({"stage": man.get("stage"), "fingerprint": run.name, "step": man.get("step"),
-                     "total_steps": man.get("total_steps"), "age_s": time.time() - man.get("written", time.time()),
-                     "size_bytes": size, "where": str(run)})
+        rows.append(run_row(man, run.name, sum(f.stat().st_size for f in run.glob("step-*.pt")), str(run)))
     return rows
+
+
+def run_row(manifest: dict, fingerprint: str, size: int, where: str) -> dict:
+    """One `vitpipe checkpoints` row: a run's newest manifest, its size and where it is."""
+    return {"stage": manifest.get("stage"), "fingerprint": fingerprint, "step": manifest.get("step"),
+            "total_steps": manifest.get("total_steps"), "age_s": time.time() - manifest.get("written", time.time()),
+            "size_bytes": size, "where": where}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 from vitpipe import checkpoint_store
 from vitpipe.errors import UserError
@@ -45,9 +44,7 @@ def mirror_runs(url: str) -> tuple[list[dict], object, str]:
         fp = f.rsplit("/", 2)[-2]
         if fp not in best or man.get("step", -1) > best[fp].get("step", -1):
             best[fp] = man
-    rows = [{"stage": m.get("stage"), "fingerprint": fp, "step": m.get("step"), "total_steps": m.get("total_steps"),
-             "age_s": time.time() - m.get("written", time.time()), "size_bytes": m.get("size", 0),
-             "where": f"{shown}/{fp}"} for fp, m in sorted(best.items())]
+    rows = [checkpoint_store.run_row(m, fp, m.get("size", 0), f"{shown}/{fp}") for fp, m in sorted(best.items())]
     return rows, fs, root
 
 

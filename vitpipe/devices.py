@@ -32,7 +32,9 @@ class Device:
     @property
     def native_bf16(self) -> bool:
         """bf16 tensor-core units: compute capability >= 8.0 (Ampere and later)."""
-        return self.capability is not None and tuple(self.capability) >= (8, 0)
+        from vitpipe.precision import NATIVE_BF16
+
+        return self.capability is not None and tuple(self.capability) >= NATIVE_BF16
 
 
 def native_precision(dev: Device) -> str:

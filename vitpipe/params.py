@@ -401,9 +401,10 @@ def train_params(doc: dict, section: str, variant: str | None = None, seed: int 
 
 
 def _divisors(n: int, show: int = 12) -> str:
-    """The divisors of n, found in O(sqrt n): an error message must not hang on a huge batch."""
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    divs = sorted(set(small + [n // d for d in small]))
+    """The divisors of n (found in O(sqrt n): an error message must not hang on a huge batch)."""
+    from vitpipe.compute import divisors
+
+    divs = divisors(n)
     return ", ".join(map(str, divs[:show])) + (f", … ({len(divs)} in all)" if len(divs) > show else "")
 
 

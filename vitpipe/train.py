@@ -17,7 +17,6 @@ import contextlib
 import math
 import os
 import random
-import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -272,8 +271,6 @@ class Run:
         if d.main:
             if self.recipe.resume == "fresh":
                 self.store.discard()
-                self.store = CheckpointStore(self.store.fingerprint, self.desc, self.recipe.steps,
-                                             directory=self.store.root, main=True)
             found = self.store.latest(fix)
         step = found.step if found else 0
         if d.world > 1:  # every process must resume the same step: the local store must be shared
@@ -292,8 +289,6 @@ class Run:
                 raise UserError(f"{self.store.dir} holds a finished run: remove it with `vitpipe checkpoints rm "
                                 f"{self.store.fingerprint}` to train it again")
             self.store.discard()
-            self.store = CheckpointStore(self.store.fingerprint, self.desc, self.recipe.steps,
-                                         directory=self.store.root, main=True)
             return None, ""
         if ckpt["fingerprint"] != self.store.fingerprint:
             raise UserError(f"checkpoint {self.store.path(step)} belongs to another run (fingerprint "
@@ -508,13 +503,12 @@ class Run:
 def device_profile(device: torch.device):
     """The compute model's profile of this CUDA device: a known one matched by name (closest
     memory), with the memory this device really has (a MIG slice, a 40 vs 80 GB part)."""
-    from vitpipe.devices import DEVICES, MiB, Device
+    from vitpipe.devices import Device, MiB, known_profile
 
     props = torch.cuda.get_device_properties(device)
-    known = [p for p in DEVICES.values() if re.search(rf"\b{p.name.split('-')[0]}\b", props.name, re.IGNORECASE)]
+    known = known_profile(props.name, props.total_memory)
     if known:
-        best = min(known, key=lambda p: abs(p.memory_bytes - props.total_memory))
-        return replace(best, memory_bytes=props.total_memory)
+        return replace(known, memory_bytes=props.total_memory)
     return Device("this", props.name, props.total_memory, {}, 0.0, reserve_bytes=600 * MiB)
 
 
