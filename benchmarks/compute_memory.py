@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vitpipe import compute, devices  # noqa: E402
+from vitpipe.costmodel import compute  # noqa: E402
+from vitpipe.hardware import probe  # noqa: E402
 from vitpipe.models import build_model, model_config  # noqa: E402
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,18 +88,18 @@ def bench_cuda():
 
 
 def bench_time():
-    calib = devices.calibrate_mfu()
+    calib = probe.calibrate_mfu()
     print(f"\ncalibrated on {calib['spec']['dim']}-dim ViT: MFU {calib['mfu']:.3f} "
           f"({calib['img_per_s']:.1f} img/s, matmul peak {calib['peak_flops'] / 1e9:.0f} GFLOP/s)")
     rows = []
     for spec, size, batch in (({"arch": "vit", "patch": 4, "dim": 256, "depth": 6, "heads": 4, "mlp_ratio": 4.0}, 32, 32),
                               ({"arch": "vit", "patch": 8, "dim": 384, "depth": 4, "heads": 6, "mlp_ratio": 4.0}, 64, 32),
                               ({"arch": "vit", "patch": 4, "dim": 128, "depth": 8, "heads": 4, "mlp_ratio": 2.0}, 32, 64)):
-        r = devices.calibrate_mfu(spec, image_size=size, batch=batch, steps=3, peak_flops=calib["peak_flops"])
+        r = probe.calibrate_mfu(spec, image_size=size, batch=batch, steps=3, peak_flops=calib["peak_flops"])
         cfg = model_config(spec, 10, size)
-        want = compute.throughput(compute.flops(cfg)["train"], devices.local_device(), "fp32", calib["mfu"])
+        want = compute.throughput(compute.flops(cfg)["train"], probe.local_device(), "fp32", calib["mfu"])
         # local_device's peak is measured again; rescale to the calibration's peak
-        want *= calib["peak_flops"] / devices.local_device().peak("fp32")
+        want *= calib["peak_flops"] / probe.local_device().peak("fp32")
         rows.append((f"vit d{spec['dim']} L{spec['depth']} /{spec['patch']}", size, batch,
                      f"{want:.1f}", f"{r['img_per_s']:.1f}", f"{want / r['img_per_s']:.3f}"))
     table("training img/s on this machine (MFU calibrated once, then predicted)",

@@ -10,7 +10,7 @@ process with its own time limit (and all of them within --budget), so a hang or 
 costs that step only. The steps:
 
   1 gpu_tests   the `gpu`-marked pytest tests, each one's outcome
-  2 throughput  ViT-B/16 at 224 in bf16: bare timm loop vs vitpipe.train.fit, img/s and MFU,
+  2 throughput  ViT-B/16 at 224 in bf16: bare timm loop vs vitpipe.training.loop.fit, img/s and MFU,
                 compile off and on; the peak from the device profile and from a bf16 matmul
   3 memory      compute-model peak vs torch.cuda.max_memory_allocated: ViT-B/32, B/16, B/8 at
                 224, two micro-batches each, fp32 and bf16, activation checkpointing off and on
@@ -521,8 +521,8 @@ def probe(rec: Recorder, ctx: Ctx):
 
 
 def run_paths(folder: Path):
-    """vitpipe.train.RunPaths for `folder`, with only the fields this vitpipe's RunPaths has."""
-    from vitpipe.train import RunPaths
+    """vitpipe.training.loop.RunPaths for `folder`, with only the fields this vitpipe's RunPaths has."""
+    from vitpipe.training.loop import RunPaths
 
     values = {"checkpoint": folder / "checkpoint.pt", "weights": folder / "model.pt",
               "metrics": folder / "metrics.json", "plots": folder / "plots"}
@@ -530,8 +530,8 @@ def run_paths(folder: Path):
 
 
 def call_fit(model, data, recipe, folder: Path, spec: dict, size: int, classes: int, desc: str, val=None) -> dict:
-    """vitpipe.train.fit as the stages call it, with its checkpoints in a store under `folder`."""
-    from vitpipe.train import fit
+    """vitpipe.training.loop.fit as the stages call it, with its checkpoints in a store under `folder`."""
+    from vitpipe.training.loop import fit
 
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["VITPIPE_CHECKPOINT_DIR"] = str(folder / "checkpoint-store")
@@ -560,7 +560,7 @@ def recipe_for(**kw):
 
 def run_precision(dev, requested: str = "bf16") -> str:
     """`requested` where this device runs it natively, else what precision.resolve('auto') picks."""
-    from vitpipe import precision
+    from vitpipe.hardware import precision
 
     try:
         return precision.resolve(requested, dev, "precision")
@@ -598,19 +598,19 @@ def read_tsv(path: Path) -> list[dict]:
 
 
 def matmul_peak(dev, dtype, n: int, seconds: float) -> float | None:
-    from vitpipe import devices
+    from vitpipe.hardware import probe
 
     try:
-        return devices.measure_matmul_flops(dev.type, dtype, n=n, seconds=seconds)
+        return probe.measure_matmul_flops(dev.type, dtype, n=n, seconds=seconds)
     except TypeError:  # another signature: its defaults
-        return devices.measure_matmul_flops(dev.type, dtype)
+        return probe.measure_matmul_flops(dev.type, dtype)
 
 
 def profile_of(dev):
     """The compute model's profile of this CUDA device (None on the CPU)."""
     if dev.type != "cuda":
         return None
-    from vitpipe.train import device_profile
+    from vitpipe.hardware.probe import profile_of as device_profile
 
     return device_profile(dev)
 
@@ -723,7 +723,7 @@ def bare_loop(spec, size, classes, r, steps, warmup, dev, compile_: bool) -> tup
     import torch.nn.functional as F
 
     from vitpipe.models import build_model
-    from vitpipe.train import prepare_model
+    from vitpipe.training.recipe import prepare_model
 
     torch.manual_seed(0)
     model = build_model(spec, classes, size)
@@ -789,7 +789,7 @@ def pipeline_loop(spec, size, classes, r, steps, warmup, folder: Path) -> tuple[
 def step_throughput(rec: Recorder, ctx: Ctx):
     import torch
 
-    from vitpipe import compute
+    from vitpipe.costmodel import compute
     from vitpipe.models import model_config
 
     dev = need_device(rec, ctx)
@@ -856,9 +856,9 @@ def step_throughput(rec: Recorder, ctx: Ctx):
 def step_memory(rec: Recorder, ctx: Ctx):
     import torch
 
-    from vitpipe import compute
+    from vitpipe.costmodel import compute
     from vitpipe.models import build_model, model_config
-    from vitpipe.train import prepare_model
+    from vitpipe.training.recipe import prepare_model
 
     dev = need_device(rec, ctx)
     c = ctx.cfg
@@ -956,7 +956,7 @@ def cuda_step_peak(model, batch, size, classes, prec, dev) -> int:
 
 def overflowing_batch(cfg, profile, precision="fp32") -> int:
     """The smallest power of two whose predicted need is 1.25x the device's memory."""
-    from vitpipe import compute
+    from vitpipe.costmodel import compute
 
     n = 8
     while compute.required_bytes(compute.memory(cfg, n, precision)["peak"], profile) < 1.25 * profile.memory_bytes:
@@ -974,7 +974,7 @@ def step_oom(rec: Recorder, ctx: Ctx):
 
     from vitpipe.errors import UserError
     from vitpipe.models import build_model, model_config
-    from vitpipe.train import oom_message
+    from vitpipe.training.oom import oom_message
 
     c = ctx.cfg
     spec, size, classes = c["spec"], c["size"], c["classes"]
@@ -982,7 +982,7 @@ def step_oom(rec: Recorder, ctx: Ctx):
     dev = device_of(ctx)
     if dev.type != "cuda":
         # What the harness can do without a GPU: the plan message for a profile (nothing runs)
-        from vitpipe.devices import get_device
+        from vitpipe.costmodel.devices import get_device
 
         profile = get_device(c.get("profile", "h100-80"))
         n = overflowing_batch(cfg, profile)
@@ -1039,7 +1039,7 @@ NVML_KEYS = ("mean_gpu_util_pct", "peak_gpu_mem_used_mb", "gpu_mem_total_mb", "m
 def step_telemetry(rec: Recorder, ctx: Ctx):
     import torch
 
-    from vitpipe import compute
+    from vitpipe.costmodel import compute
     from vitpipe.models import build_model, model_config
 
     dev = need_device(rec, ctx)
@@ -1277,7 +1277,8 @@ def step_slice(rec: Recorder, ctx: Ctx):
 def step_precision(rec: Recorder, ctx: Ctx):
     import torch
 
-    from vitpipe import params, precision
+    from vitpipe import params
+    from vitpipe.hardware import precision
     from vitpipe.errors import ParamError
     from vitpipe.models import build_model
 

@@ -2,7 +2,7 @@
 
 Runs, in one process, on the same model, batch, micro-batch, precision and threads:
   bare      a plain timm forward / backward / clip / AdamW step loop on tensors already in memory
-  pipeline  vitpipe.train.fit: data loading and augmentation from a uint8 store, telemetry
+  pipeline  vitpipe.training.loop.fit: data loading and augmentation from a uint8 store, telemetry
             thread, step log, progress bar, checkpoints every `checkpoint_every` steps, uploaded to
             a checkpoint mirror (a temp folder unless --mirror says otherwise)
 alternating them for a few rounds (the machine may be busy), and prints the ratio of their
@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitpipe import params
+from vitpipe import model_specs, params
 from vitpipe.data.prepared_store import Split
 from vitpipe.models import build_model
 from vitpipe.params import TrainParams
-from vitpipe.train import RunPaths, autocast_dtype, fit
+from vitpipe.training.loop import RunPaths, fit
+from vitpipe.training.recipe import autocast_dtype
 
 DEFAULT_SPEC = {"arch": "vit", "patch": 4, "dim": 96, "depth": 4, "heads": 3, "mlp_ratio": 2.0}
 CLASSES = 10
@@ -130,7 +131,7 @@ def main(argv=None):
 
     doc = params.read_yaml(args.params) if Path(args.params).exists() else {}
     size = (doc.get("data") or {}).get("image_size", 32)
-    spec = params.model_spec(doc, size) if "model" in doc else DEFAULT_SPEC
+    spec = model_specs.model_spec(doc, size) if "model" in doc else DEFAULT_SPEC
     r = params.train_params(doc, "train") if "train" in doc else TrainParams(batch_size=64, micro_batch=64)
     r = replace(r, nproc=1, compile=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,9 +142,9 @@ def main(argv=None):
     print(f"pipeline / bare step rate: {ratio:.3f} (target >= 0.97)")
 
     if device.type == "cuda" and not args.no_gpu_b16:
-        from vitpipe import compute
+        from vitpipe.costmodel import compute
+        from vitpipe.hardware.probe import profile_of as device_profile
         from vitpipe.models import model_config
-        from vitpipe.train import device_profile
 
         b16, b16_size = {"arch": "vit_b16"}, 224
         rb = replace(r, batch_size=128, micro_batch=128, precision="bf16", checkpoint_every=100)

@@ -5,9 +5,8 @@ the confusion matrix (JSON), and predictions.csv for `dvc plots` confusion chart
 
 from pathlib import Path
 
-from vitpipe import params, stage
+from vitpipe import model_specs, params, stage
 from vitpipe.errors import UserError
-
 
 USAGE = "usage: python stages/evaluate.py scratch|<variant> <seed>"
 
@@ -21,13 +20,17 @@ def main(argv):
     data = params.data_params(doc)
     cfg = params.evaluate_params(doc)
     if name != "scratch":
-        params.variant_spec(doc, name, data.image_size)  # an unknown variant fails by name
+        model_specs.variant_spec(doc, name, data.image_size)  # an unknown variant fails by name
 
     import torch
 
     from vitpipe.atomic import write_json, write_text
     from vitpipe.data.prepared_store import PreparedStore
-    from vitpipe.evaluate import classification_report, inference_speed, predict
+    from vitpipe.evaluation.classification import (
+        classification_report,
+        inference_speed,
+        predict,
+    )
     from vitpipe.models import build_model
 
     run = f"seed-{seed}"
@@ -58,7 +61,7 @@ def main(argv):
     write_json(out / "classes.json", {"per_class_acc": report["per_class"], "support": report["support"],
                                       "classes": store.classes, "confusion": report["confusion"]})
     # what it looks at: attention rollout (ViT) or Grad-CAM (CNN) on the same test images for every model
-    from vitpipe import attention_maps
+    from vitpipe.evaluation import attention_maps
 
     shown = attention_maps.pick_images(test.y.numpy(), per_class=1)
     attention_maps.write_maps(out / "attention.npz", attention_maps.explain_split(model, test, shown, device))

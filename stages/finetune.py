@@ -4,9 +4,8 @@ for one of the `seeds`."""
 
 from pathlib import Path
 
-from vitpipe import params, stage
+from vitpipe import model_specs, params, stage
 from vitpipe.errors import UserError
-
 
 USAGE = "usage: python stages/finetune.py <variant> <seed>"
 
@@ -18,17 +17,19 @@ def main(argv):
     doc = params.read_yaml()
     seed = params.seed_arg(doc, argv[1], USAGE)
     data = params.data_params(doc)
-    spec = params.variant_spec(doc, name, data.image_size)
+    spec = model_specs.variant_spec(doc, name, data.image_size)
     recipe = params.train_params(doc, "finetune", variant=name, seed=seed)
-    stage.relaunch_distributed(recipe.nproc)
-    stage.seed_everything(recipe.seed)  # the starting weights follow the seed param
+    from vitpipe.training import distributed
+
+    distributed.relaunch(recipe.nproc)
+    distributed.seed_everything(recipe.seed)  # the starting weights follow the seed param
 
     import torch
 
     from vitpipe.data.prepared_store import PreparedStore
     from vitpipe.models import build_model
-    from vitpipe.train import RunPaths, fit
-    from vitpipe.weights import load_backbone
+    from vitpipe.models.weights import load_backbone
+    from vitpipe.training.loop import RunPaths, fit
 
     pretrained_path = Path(f"models/pretrained/{name}.pt")
     if not pretrained_path.exists():

@@ -5,7 +5,7 @@ source timm / npz / file: imported from the hub cache or a local file and conver
 
 from pathlib import Path
 
-from vitpipe import params, stage
+from vitpipe import model_specs, params, stage
 from vitpipe.errors import UserError
 
 
@@ -15,7 +15,7 @@ def main(argv):
     name = argv[0]
     doc = params.read_yaml()
     data = params.data_params(doc)
-    spec = params.variant_spec(doc, name, data.image_size)
+    spec = model_specs.variant_spec(doc, name, data.image_size)
     recipe = params.train_params(doc, "pretrain", variant=name)
     weights_path = Path(f"models/pretrained/{name}.pt")
     metrics_path = Path(f"metrics/pretrain/{name}.json")
@@ -27,8 +27,8 @@ def main(argv):
         import torch
 
         from vitpipe.atomic import torch_save, write_json, write_text
-        from vitpipe.train import EVAL_COLUMNS, TRAIN_COLUMNS
-        from vitpipe.weights import import_weights
+        from vitpipe.models.weights import import_weights
+        from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS
 
         t = time.perf_counter()
         state = import_weights(spec, spec["source"], spec["weights"], data.image_size)
@@ -41,13 +41,15 @@ def main(argv):
         print(f"pretrain@{name}: imported {spec['source']} weights {spec['weights']} -> {weights_path}")
         return
 
-    stage.relaunch_distributed(recipe.nproc)
-    stage.seed_everything(recipe.seed)  # the starting weights follow the seed param
+    from vitpipe.training import distributed
+
+    distributed.relaunch(recipe.nproc)
+    distributed.seed_everything(recipe.seed)  # the starting weights follow the seed param
     from vitpipe.data.fractal import make_dataset
     from vitpipe.data.prepare import stratified_split
     from vitpipe.data.prepared_store import Split
     from vitpipe.models import build_model
-    from vitpipe.train import RunPaths, fit
+    from vitpipe.training.loop import RunPaths, fit
 
     x, y = make_dataset(recipe.classes, recipe.images_per_class, data.image_size, recipe.seed)
     parts = stratified_split(y, {"train": 0.9, "val": 0.1}, recipe.seed)

@@ -5,12 +5,14 @@ profile/devices.csv (one row per model x device profile)."""
 
 from vitpipe import params, stage
 from vitpipe.atomic import write_json, write_text
-from vitpipe.compute_table import run, to_csv, validate
+from vitpipe.costmodel.table import run, to_csv, validate
+from vitpipe.hardware import probe
 
 
 def main(argv):
     p = validate(params.read_yaml().get("profile") or {})
-    metrics, rows, device_rows = run(p)
+    local = probe.local_device()
+    metrics, rows, device_rows = run(p, local, probe.calibrate_mfu(peak_flops=local.peak("fp32")))
     write_json("metrics/profile.json", metrics)
     write_text("profile/compute.csv", to_csv(rows))
     write_text("profile/devices.csv", to_csv(device_rows))

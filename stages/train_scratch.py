@@ -3,7 +3,7 @@ with the `train:` recipe on the prepared data, for one of the `seeds`."""
 
 from pathlib import Path
 
-from vitpipe import params, stage
+from vitpipe import model_specs, params, stage
 from vitpipe.errors import UserError
 
 USAGE = "usage: python stages/train_scratch.py <seed>"
@@ -15,14 +15,16 @@ def main(argv):
     doc = params.read_yaml()
     seed = params.seed_arg(doc, argv[0], USAGE)
     data = params.data_params(doc)
-    spec = params.model_spec(doc, data.image_size)
+    spec = model_specs.model_spec(doc, data.image_size)
     recipe = params.train_params(doc, "train", seed=seed)
-    stage.relaunch_distributed(recipe.nproc)
-    stage.seed_everything(recipe.seed)  # the starting weights follow the seed
+    from vitpipe.training import distributed
+
+    distributed.relaunch(recipe.nproc)
+    distributed.seed_everything(recipe.seed)  # the starting weights follow the seed
 
     from vitpipe.data.prepared_store import PreparedStore
     from vitpipe.models import build_model
-    from vitpipe.train import RunPaths, fit
+    from vitpipe.training.loop import RunPaths, fit
 
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)

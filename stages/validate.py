@@ -1,15 +1,15 @@
-"""Stage validate: every key of params.yaml checked (vitpipe.params.check_all) before any
+"""Stage validate: every key of params.yaml checked (vitpipe.check_params.check_all) before any
 other stage runs, so a bad value stops `dvc repro` / `dvc exp run` before DVC removes any
 stage's outputs. Its one output never changes, so a run of this stage re-runs nothing."""
 
-from vitpipe import params, stage
+from vitpipe import check_params, params, stage
 from vitpipe.atomic import write_text
 
 OUT = "data/params_ok.txt"
 
 
 def main(argv):
-    params.check_all(params.read_yaml())
+    check_params.check_all(params.read_yaml())
     write_text(OUT, "params.yaml passed vitpipe's checks\n")  # constant: downstream stages never see it change
 
 

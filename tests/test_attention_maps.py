@@ -1,4 +1,4 @@
-"""What it looks at (vitpipe.attention_maps): the hook reads the attention timm computes, rollout
+"""What it looks at (vitpipe.evaluation.attention_maps): the hook reads the attention timm computes, rollout
 of identity attention is the identity, maps sum to 1, a tiny ViT trained on a one-patch cue
 attends to that patch, and Grad-CAM of a tiny CNN trained on the same cue peaks at it."""
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from vitpipe import attention_maps as am
+from vitpipe.evaluation import attention_maps as am
 from vitpipe.errors import UserError
 
 SIZE, CELL = 16, 4          # 16 px images, 4 px patches: a 4 x 4 grid

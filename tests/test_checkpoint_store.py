@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from vitpipe import checkpoint_store
-from vitpipe.checkpoint_store import CheckpointStore
+from vitpipe.checkpoints import store as checkpoint_store
+from vitpipe.checkpoints.store import CheckpointStore
 from vitpipe.errors import UserError
 
 FP = "0123456789abcdef"
@@ -134,7 +134,7 @@ def test_torn_and_foreign_files_in_the_mirror_are_ignored(tmp_path, capsys):
 
 UPLOAD_KILLED = """
 import sys, time
-from vitpipe.checkpoint_store import CheckpointStore
+from vitpipe.checkpoints.store import CheckpointStore
 store = CheckpointStore("{fp}", "s", 9, directory=sys.argv[1], mirror=sys.argv[2])
 real_open = store.fs.open
 def slow_open(path, mode="rb", **kw):

@@ -9,7 +9,11 @@ import pytest
 import torch
 import yaml
 
-from vitpipe import cli, devices
+from vitpipe import cli
+from vitpipe.costmodel import devices
+from vitpipe.errors import ParamError
+from vitpipe.hardware import precision as precision_of
+from vitpipe.hardware import probe
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -41,14 +45,14 @@ V100_32 = ("Tesla V100-SXM2-32GB", 34_089_730_048, (7, 0))
 ])
 def test_auto_is_the_gpus_known_profile_with_its_real_memory(monkeypatch, gpu, profile, precision):
     fake_gpu(monkeypatch, *gpu)
-    dev = devices.get_device("auto")
+    dev = probe.get_device("auto")
     known = devices.DEVICES[profile]
     assert dev.name == profile
     assert dev.label == f"{gpu[0]} (this GPU)"
     assert dev.memory_bytes == gpu[1]                 # torch's number, not the profile's
     assert dev.peak_flops == known.peak_flops and dev.mfu == known.mfu
     assert dev.capability == gpu[2]
-    assert devices.native_precision(dev) == precision
+    assert precision_of.native(dev) == precision
 
 
 def test_plan_auto_on_a_faked_t4(monkeypatch, capsys):
@@ -105,9 +109,9 @@ def test_an_unknown_gpu_is_not_matched_to_a_profile():
 
 def test_auto_without_a_gpu_is_the_local_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    dev = devices.get_device("auto")
+    dev = probe.get_device("auto")
     assert dev.name == "local" and dev.capability is None
-    assert devices.native_precision(dev) == "fp32"
+    assert precision_of.native(dev) == "fp32"
     assert dev.label.startswith("CPU")
     assert cli.main(["plan", "vit_b16", "--batch", "64", "--device", "auto", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -131,10 +135,15 @@ def test_params_plan_of_the_default_on_cpu(monkeypatch, capsys):
     ("bf16", "t4", "fp16"), ("bf16", "v100-16", "fp16"), ("bf16", "h100-80", "bf16"),
     ("fp32", "t4", "fp32"), ("fp16", "a100-80", "fp16"),
 ])
-def test_resolve_precision(requested, card, expected):
-    precision, why = devices.resolve_precision(requested, devices.get_device(card))
-    assert precision == expected
-    assert bool(why) == (requested == "auto" or precision != requested)
+def test_one_resolver_for_training_and_planning(requested, card, expected):
+    """The planner asks the resolver training uses: where it refuses bf16 (a card without
+    bf16 units) the plan runs fp16 and says why; elsewhere both give the same answer."""
+    dev = devices.get_device(card)
+    if expected != requested and requested == "bf16":
+        with pytest.raises(ParamError, match="no native bf16; use fp16"):
+            precision_of.resolve(requested, dev, "train.precision")
+    else:
+        assert precision_of.resolve(requested, dev, "train.precision") == expected
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitpipe import compute, devices
+from vitpipe.costmodel import compute
+from vitpipe.costmodel import devices
+from vitpipe.hardware import probe
 from vitpipe.errors import ParamError, UserError
 from vitpipe.models import build_model, model_config
 
@@ -219,7 +221,7 @@ def test_unknown_choices_are_user_errors():
 
 
 def test_calibration_is_quick_and_sane():
-    r = devices.calibrate_mfu()
+    r = probe.calibrate_mfu()
     assert r["seconds"] < 5               # the timed steps; the whole call is a few seconds
     assert 0.01 < r["mfu"] < 1.5          # achieved / matmul peak; a ViT step is mostly matmuls
     assert r["img_per_s"] * r["train_flops_per_image"] == pytest.approx(r["achieved_flops"])
@@ -340,7 +342,7 @@ def test_python_dash_m_vitpipe_info():
 
 
 def load_stage():
-    from vitpipe import compute_table
+    from vitpipe.costmodel import table as compute_table
 
     return compute_table
 

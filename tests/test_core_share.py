@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from vitpipe.core_share import CoreShare, cpu_cores
+from vitpipe.hardware.core_share import CoreShare
+from vitpipe.hardware.probe import cpu_count as cpu_cores
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def default_threads(monkeypatch):
 def test_two_live_trainings_take_half_the_cores_each(tmp_path, default_threads):
     cores = cpu_cores()
     (tmp_path / "999999999").write_text("")          # a killed process's lease: ignored and removed
-    with CoreShare(torch.device("cpu"), folder=tmp_path) as share:
+    with CoreShare(torch.device("cpu"), tmp_path) as share:
         assert share.active and torch.get_num_threads() == cores
         assert not (tmp_path / "999999999").exists()
         (tmp_path / str(os.getppid())).write_text("")  # another live training starts
@@ -36,11 +37,11 @@ def test_two_live_trainings_take_half_the_cores_each(tmp_path, default_threads):
 
 def test_the_users_choice_wins(tmp_path, default_threads, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert not CoreShare(torch.device("cpu"), folder=tmp_path).active
+    assert not CoreShare(torch.device("cpu"), tmp_path).active
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("VITPIPE_CORE_SHARE", "0")
-    assert not CoreShare(torch.device("cpu"), folder=tmp_path).active
+    assert not CoreShare(torch.device("cpu"), tmp_path).active
     monkeypatch.delenv("VITPIPE_CORE_SHARE")
-    assert not CoreShare(torch.device("cpu"), world=2, folder=tmp_path).active    # DDP shares by itself
+    assert not CoreShare(torch.device("cpu"), tmp_path, world=2).active    # DDP shares by itself
     torch.set_num_threads(1)                                                       # set by hand
-    assert not CoreShare(torch.device("cpu"), folder=tmp_path).active
+    assert not CoreShare(torch.device("cpu"), tmp_path).active

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from vitpipe.compute import param_counts
+from vitpipe.costmodel.compute import param_counts
 from vitpipe.errors import ParamError, UserError
 from vitpipe.models import (VIT_SIZES, build_model, describe, head_param_names, model_config,
                             reset_head, validate_spec)

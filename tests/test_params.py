@@ -5,9 +5,9 @@ import copy
 import sys
 
 import pytest
-
 from conftest import MICRO, ROOT, run, write_params
-from vitpipe import params
+
+from vitpipe import model_specs, params
 from vitpipe.errors import ParamError
 
 
@@ -60,7 +60,7 @@ def test_valid_micro_params_load():
     assert d.image_size == 16 and d.prepared_dir.as_posix() == "data/prepared/digits"
     t = params.train_params(MICRO, "finetune")
     assert t.accum_steps == 2 and t.optimizer == "sgd"
-    assert params.variant_spec(MICRO, "resnet18", 16)["source"] == "fractal"
+    assert model_specs.variant_spec(MICRO, "resnet18", 16)["source"] == "fractal"
 
 
 def test_warmup_must_be_shorter_than_schedule():

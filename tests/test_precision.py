@@ -4,7 +4,7 @@ machine: the device's capability and name are faked; the `gpu` test checks a rea
 import pytest
 import torch
 
-from vitpipe import precision
+from vitpipe.hardware import precision
 from vitpipe.errors import ParamError
 
 CARDS = {  # name, compute capability

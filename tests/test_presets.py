@@ -6,7 +6,7 @@ import pytest
 import timm
 import yaml
 
-from vitpipe import params
+from vitpipe import model_specs, params
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
@@ -20,9 +20,9 @@ def test_preset_is_a_valid_params_file(path):
     assert set(doc["profile"]) == set(reference["profile"])
     for size in (224, 384):  # the preset's resolution and the documented -S data.image_size=384
         data = params.data_params({**doc, "data": {**doc["data"], "image_size": size}})
-        params.model_spec(doc, data.image_size)
+        model_specs.model_spec(doc, data.image_size)
         for name in params.variant_names(doc):
-            spec = params.variant_spec(doc, name, data.image_size)
+            spec = model_specs.variant_spec(doc, name, data.image_size)
             assert spec["source"] == "timm" and timm.list_pretrained(spec["weights"]) == [spec["weights"]]
     for section in ("train", "pretrain", "finetune"):
         params.train_params(doc, section)
@@ -36,8 +36,9 @@ def test_preset_is_a_valid_params_file(path):
 # Every preset runs on every GPU in the device profiles: natively (no emulated bf16), in
 # memory, as the planner (`vitpipe plan --params FILE --device NAME`) says.
 
-from vitpipe import devices  # noqa: E402
 from vitpipe.cli import plan_params  # noqa: E402
+from vitpipe.costmodel import devices  # noqa: E402
+from vitpipe.hardware import precision  # noqa: E402
 
 CARDS = sorted(devices.DEVICES)
 
@@ -71,7 +72,7 @@ def test_planned_preset_fits_every_card(path, card, tmp_path):
         assert s["required_bytes"] <= dev.memory_bytes, (s["stage"], s["required_bytes"], dev.memory_bytes)
         assert not (s["precision"] == "bf16" and not dev.native_bf16), f"{s['stage']} would run emulated bf16 on {card}"
         if s["precision_requested"] == "auto":
-            assert s["precision"] == devices.native_precision(dev)
+            assert s["precision"] == precision.native(dev)
     # the overrides the notebook passes to `dvc exp run -S` give a valid params file that
     # fits as written: planning it again changes nothing
     doc = apply_overrides(params.read_yaml(path), r["overrides"])

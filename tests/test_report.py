@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from vitpipe import compute
+from vitpipe.costmodel import compute
 from vitpipe.report import analysis as an
 from vitpipe.models import model_config
 from vitpipe.report import HEADLINE, write_report

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitpipe import compute
-from vitpipe.devices import DEVICES, get_device
+from vitpipe.costmodel import compute
+from vitpipe.costmodel.devices import DEVICES, get_device
 from vitpipe.models import build_model, model_config
 from vitpipe.report import scaling as sc
 

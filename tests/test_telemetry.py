@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from vitpipe import telemetry
-from vitpipe.telemetry import Sampler
+from vitpipe.hardware import telemetry
+from vitpipe.hardware.telemetry import Sampler
 
 
 def test_cpu_fallback_is_silent(capfd):

@@ -18,13 +18,15 @@ import pytest
 import torch
 
 from conftest import MICRO, ROOT, write_params
-from vitpipe import checkpoint
+from vitpipe.checkpoints import format as checkpoint
 from vitpipe.data.prepared_store import Split
 from vitpipe.errors import ParamError, UserError
 from vitpipe.models import build_model
 from vitpipe.params import TrainParams
-from vitpipe.train import (EVAL_COLUMNS, TRAIN_COLUMNS, RunPaths, TrainingDiverged, device_batch, fit, lr_at,
-                           oom_message)
+from vitpipe.training.loop import RunPaths, TrainingDiverged, device_batch, fit
+from vitpipe.training.oom import oom_message
+from vitpipe.training.recipe import lr_at
+from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS
 
 SPEC = {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
 # One thread: deterministic, and far faster than two threads on a shared 2-core machine.
@@ -240,7 +242,7 @@ def test_oom_is_caught_and_reported(tmp_path):
 
 
 def test_oom_message_plans_with_the_compute_model():
-    from vitpipe.devices import get_device
+    from vitpipe.costmodel.devices import get_device
 
     r = recipe(batch_size=512, micro_batch=512, steps=10, precision="fp32")
     msg = oom_message(r, "train", {"spec": {"arch": "vit_b16"}, "image_size": 224}, 100, torch.device("cuda", 0),

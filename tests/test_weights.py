@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 
 from vitpipe.errors import UserError
 from vitpipe.models import build_model
-from vitpipe.weights import import_weights, load_backbone
+from vitpipe.models.weights import import_weights, load_backbone
 
 SPEC = {"arch": "vit", "patch": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0}
 
@@ -181,7 +181,7 @@ TIMM_SCRIPT = textwrap.dedent('''
     import os, sys, torch, timm
     from safetensors.torch import save_file
     from vitpipe.errors import UserError
-    from vitpipe.weights import import_weights
+    from vitpipe.models.weights import import_weights
 
     name, spec = "test_vit.r160_in1k", {"arch": "test_vit"}
     try:

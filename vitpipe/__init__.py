@@ -1,3 +1,4 @@
-"""vitpipe: what Vision Transformers cost to train from scratch versus fine-tune."""
+"""vitpipe: what Vision Transformers cost to train from scratch versus fine-tune.
 
-__version__ = "0.1.0"
+The version is the installed distribution's (importlib.metadata.version("vitpipe")).
+"""

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitpipe.compute import ATTENTION, OPTIMIZERS, PRECISIONS
+    from vitpipe.costmodel.compute import ATTENTION, OPTIMIZERS, PRECISIONS
 
     p = argparse.ArgumentParser(prog="vitpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    from vitpipe import checkpoints_cli
+    from vitpipe.checkpoints import cli as checkpoints_cli
 
     checkpoints_cli.add_parser(sub)
     return p
@@ -75,7 +75,8 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
                optimizer="adamw", attention="sdpa", checkpointing=False, num_classes=1000,
                steps=10000, mfu=None) -> dict:
     """The `vitpipe plan` answer as a dict (also what --json prints)."""
-    from vitpipe import compute, devices
+    from vitpipe.costmodel import compute
+    from vitpipe.hardware import probe
     from vitpipe.models import describe, model_config, validate_spec
 
     for what, value in (("--batch", batch), ("--num-classes", num_classes), ("--steps", steps),
@@ -95,10 +96,10 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
         compute.check_choice(what, value, allowed)
     if mfu is not None and not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
-    dev = devices.get_device(device)
+    dev = probe.get_device(device)
     calibration = None
     if mfu is None and dev.name == "local":
-        calibration = devices.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])
+        calibration = probe.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])
         mfu = calibration["mfu"]
     cfg = model_config(spec, num_classes, image_size)
     est = compute.estimate(cfg, batch, dev, precision, optimizer, attention, checkpointing,
@@ -227,21 +228,25 @@ def plan_params(path, device="auto", mfu=None) -> dict:
 
     A micro-batch that fits as written is kept (the file's author chose it); one that does not
     fit becomes the largest divisor of the batch that does. `precision: auto` and bf16 on a
-    GPU without bf16 units are resolved as `devices.resolve_precision` says."""
-    from vitpipe import compute, devices, params
+    GPU without bf16 units are resolved by `vitpipe.hardware.precision.resolve`, as training
+    resolves them; where it refuses bf16 (no bf16 units) the plan overrides it with fp16."""
+    from vitpipe import model_specs, params
+    from vitpipe.costmodel import compute
+    from vitpipe.hardware import precision as precisions
+    from vitpipe.hardware import probe
     from vitpipe.models import describe, model_config
 
     doc = params.read_yaml(path)
     data = params.data_params(doc)
     size = data.image_size
     classes = dataset_classes(data.dataset)
-    dev = devices.get_device(device)
+    dev = probe.get_device(device)
     if mfu is None and dev.name == "local":
-        mfu = devices.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])["mfu"]
+        mfu = probe.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])["mfu"]
 
-    jobs = [("train_scratch", "train", None, params.model_spec(doc, size), classes)]
+    jobs = [("train_scratch", "train", None, model_specs.model_spec(doc, size), classes)]
     for v in params.variant_names(doc):
-        spec = params.variant_spec(doc, v, size)
+        spec = model_specs.variant_spec(doc, v, size)
         if spec["source"] == "fractal":
             jobs.append((f"pretrain@{v}", "pretrain", v, spec, params.train_params(doc, "pretrain", v).classes))
         jobs.append((f"finetune@{v}", "finetune", v, spec, classes))
@@ -262,7 +267,11 @@ def plan_params(path, device="auto", mfu=None) -> dict:
     precision_done = set()
     for stage, section, variant, spec, n_classes in jobs:
         recipe, requested, own_precision = _recipe(doc, section, variant)
-        precision, why = devices.resolve_precision(requested, dev)
+        try:
+            precision = precisions.resolve(requested, dev, f"{section}.precision")
+            why = f"auto = {precision} on {dev.label}" if requested == "auto" else ""
+        except ParamError:   # bf16 on a card without bf16 units: plan it in fp16 and say so
+            precision, why = "fp16", f"{dev.label} has no bf16 units: fp16 with a grad scaler instead of emulated bf16"
         cfg = model_config({k: v for k, v in spec.items() if k not in ("source", "weights", "pretrain", "finetune")},
                            n_classes, size)
         ckpt = bool(recipe.activation_checkpointing) and hasattr(cfg, "patch")
@@ -293,7 +302,7 @@ def plan_params(path, device="auto", mfu=None) -> dict:
             override(key(section, variant, "micro_batch"), micro, variant, section, "micro_batch")
     return {"params_file": str(path), "device": dev.name, "device_label": dev.label,
             "memory_bytes": dev.memory_bytes, "capability": list(dev.capability) if dev.capability else None,
-            "peak_flops": dict(dev.peak_flops), "native_precision": devices.native_precision(dev),
+            "peak_flops": dict(dev.peak_flops), "native_precision": precisions.native(dev),
             "mfu": mfu if mfu is not None else dev.mfu,
             "fits": all(r["fits"] for r in stages), "stages": stages, "overrides": overrides,
             "eta_s": sum(r["eta_s"] for r in stages)}
@@ -345,7 +354,7 @@ def machine_info() -> dict:
 
     import psutil
 
-    from vitpipe.devices import cpu_count
+    from vitpipe.hardware.probe import cpu_count
 
     info = {"python": platform.python_version(), "torch": version("torch"),
             "torchvision": version("torchvision"), "timm": version("timm"), "dvc": version("dvc"),

@@ -1,7 +1,7 @@
 """A typed, validated view of params.yaml, driven by one schema.
 
 `SCHEMA` names every key at every depth, its type, its range and what it does. The same
-table checks params.yaml (`check_all`, the `validate` stage that runs before any other),
+table checks params.yaml (`vitpipe.check_params.check_all`, the `validate` stage that runs first),
 writes the params reference (`python -m vitpipe.params > docs/params.md`) and words the
 errors: one line naming the key, the value and what is allowed, with a did-you-mean for an
 unknown key. Numbers may be written as strings (`lr: 2e-3`, which YAML 1.1 reads as a
@@ -400,55 +400,20 @@ def train_params(doc: dict, section: str, variant: str | None = None, seed: int 
     return p
 
 
-def _divisors(n: int, show: int = 12) -> str:
-    """The divisors of n (found in O(sqrt n): an error message must not hang on a huge batch)."""
-    from vitpipe.compute import divisors
+def divisors(n: int) -> list[int]:
+    """The divisors of n in order, found in O(sqrt n): an error message or a plan must not
+    hang on a huge batch. The one divisor search (the planner uses it too)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
+
+def _divisors(n: int, show: int = 12) -> str:
     divs = divisors(n)
     return ", ".join(map(str, divs[:show])) + (f", … ({len(divs)} in all)" if len(divs) > show else "")
 
 
 def evaluate_params(doc: dict) -> EvaluateParams:
     return EvaluateParams(**check_section("evaluate", doc.get("evaluate"), SCHEMA["evaluate"]))
-
-
-def _spec(prefix: str, spec: Any, keys: dict[str, Key], image_size: int) -> dict:
-    from vitpipe.models import arch_kind, validate_spec
-
-    if not isinstance(spec, dict):
-        raise ParamError(prefix, spec, "a mapping with at least `arch`")
-    checked = check_section(prefix, spec, keys)
-    if "arch" not in checked:
-        raise ParamError(f"{prefix}.arch", None, "the network: " + keys["arch"].help)
-    kind = arch_kind(checked["arch"])
-    if kind in ("resnet", "timm_resnet"):
-        extra = sorted(VIT_ONLY & set(checked))
-        if extra:
-            raise ParamError(f"{prefix}.{extra[0]}", checked[extra[0]],
-                             f"no such key for arch {checked['arch']} (a ResNet); only ViTs take {', '.join(sorted(VIT_ONLY))}")
-    validate_spec(checked, image_size, prefix)
-    return checked
-
-
-def model_spec(doc: dict, image_size: int) -> dict:
-    spec = doc.get("model")
-    if spec is None:
-        raise ParamError("model", spec, "a mapping with at least `arch`")
-    return _spec("model", spec, MODEL, image_size)
-
-
-def variant_spec(doc: dict, name: str, image_size: int) -> dict:
-    variants = doc.get("variants") or {}
-    if name not in variants:
-        raise ParamError("variants", name, "a variant defined in params.yaml: " + ", ".join(map(str, variants)))
-    check_variant_name(name)
-    spec = _spec(f"variants.{name}", variants[name], VARIANT, image_size)
-    spec.setdefault("source", "fractal")
-    spec.setdefault("weights", None)
-    if spec["source"] != "fractal" and not spec["weights"]:
-        raise ParamError(f"variants.{name}.weights", None,
-                         f"a timm model name or a file path (source={spec['source']} needs weights)")
-    return spec
 
 
 def check_variant_name(name) -> None:
@@ -459,30 +424,6 @@ def check_variant_name(name) -> None:
 
 def variant_names(doc: dict) -> list[str]:
     return list((doc.get("variants") or {}).keys())
-
-
-def profile_params(doc: dict) -> dict:
-    from vitpipe.compute_table import validate
-
-    return validate(check_section("profile", doc.get("profile"), SCHEMA["profile"]))
-
-
-def check_all(doc: dict) -> None:
-    """Every section and key of params.yaml, as every stage will read it."""
-    data = data_params(doc)
-    seeds(doc)
-    model_spec(doc, data.image_size)
-    for section in ("train", "pretrain", "finetune"):
-        train_params(doc, section)
-    variants = doc.get("variants")
-    if not isinstance(variants, dict) or not variants:
-        raise ParamError("variants", variants, "a mapping of at least one variant name to its spec")
-    for name in variants:
-        variant_spec(doc, name, data.image_size)
-        for section in ("pretrain", "finetune"):
-            train_params(doc, section, name)
-    evaluate_params(doc)
-    profile_params(doc)
 
 
 # ---------------------------------------------------------------------------------------

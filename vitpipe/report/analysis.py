@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from vitpipe import compute, reference
-from vitpipe.devices import LOCAL
+from vitpipe.costmodel import compute
+from vitpipe.costmodel import reference
+from vitpipe.costmodel.devices import LOCAL
 from vitpipe.models import describe, model_config
 from vitpipe.report import stats
 from vitpipe.report.inputs import Inputs, Run

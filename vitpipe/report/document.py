@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vitpipe import reference
+from vitpipe.costmodel import reference
 from vitpipe.report import analysis as an
 from vitpipe.report import figures as figs
 from vitpipe.atomic import write_json, write_text
@@ -99,7 +99,7 @@ def section_parameters(f: figs.Figures) -> tuple[list[str], list[an.Claim]]:
         "## 1. Parameters (the reference's Table 1)", "",
         f"Counted at {an.TABLE1_IMAGE_SIZE} px with a {an.TABLE1_CLASSES}-class head (ImageNet, where the "
         "published counts come from). *Exact* is the number of parameters of the torchvision / timm model, "
-        "from its layer shapes (`vitpipe.compute`, checked against the built models by the tests). The "
+        "from its layer shapes (`vitpipe.costmodel.compute`, checked against the built models by the tests). The "
         "reference's formulas are `((f·f·d)+b)·k` per convolution, `L·(k·d·3·d_h + d·d + d·d_mlp + d_mlp·d)` "
         "for the encoder and `((c·p)+1)·c` for a fully connected layer.", "",
         md_table(table), "",
@@ -226,7 +226,7 @@ def section_time(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[an.Cl
             r = t4.iloc[0]
             lines.append(f"- On the T4 profile the schedule takes {r.eta_h:.1f} h at {r.img_per_s:.1f} img/s: the "
                          f"reference's claim **{claims[0].verdict}**. The T4 profile's MFU ({r.mfu:.2f}) was derived "
-                         "from the reference's own img/s (`vitpipe/devices.py`), so this row reproduces its ETA "
+                         "from the reference's own img/s (`vitpipe/costmodel/devices.py`), so this row reproduces its ETA "
                          "rather than testing it; the rows for this machine are independent measurements.")
         fast = eta.loc[eta.eta_h.idxmin()]
         lines.append(f"- The fastest profile, {fast.device_label}, would take {fast.eta_h:.1f} h "
@@ -400,7 +400,7 @@ def section_looks(inputs: Inputs, report_dir: Path) -> list[str]:
         return lines + ["No attention maps yet (`eval/<run>/seed-<s>/attention.npz`): run `dvc repro`.", ""]
     import torch
 
-    from vitpipe import attention_maps
+    from vitpipe.evaluation import attention_maps
 
     maps = {r: attention_maps.read_maps(p) for r, p in found.items()}
     first = next(iter(maps.values()))
@@ -497,7 +497,7 @@ def section_run(inputs: Inputs, report_s: float) -> list[str]:
 
 
 def _cpu_count() -> int:
-    from vitpipe.devices import cpu_count
+    from vitpipe.hardware.probe import cpu_count
 
     return cpu_count()
 

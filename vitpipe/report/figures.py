@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vitpipe import reference  # noqa: E402
+from vitpipe.costmodel import reference  # noqa: E402
 from vitpipe.atomic import atomic_path  # noqa: E402
 from vitpipe.report.inputs import Run  # noqa: E402
 

@@ -2,7 +2,7 @@
 batch, attention's share of the cost and the largest batch per device, over image size,
 patch and ViT width/depth (Ti, S, B, L), with ResNet-18/50 beside them.
 
-Every number comes from the compute model (`vitpipe.compute` on `models.model_config`);
+Every number comes from the compute model (`vitpipe.costmodel.compute` on `models.model_config`);
 nothing is trained and no formula is repeated here. Entry points:
 
     tables = scaling_tables(setting)                  # dict of DataFrames
@@ -23,9 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vitpipe import compute  # noqa: E402
+from vitpipe.costmodel import compute  # noqa: E402
 from vitpipe.atomic import atomic_path  # noqa: E402
-from vitpipe.devices import DEVICES, GiB, MiB, get_device  # noqa: E402
+from vitpipe.costmodel.devices import DEVICES, GiB, MiB, get_device  # noqa: E402
 from vitpipe.models import VIT_SIZE_NAMES, ViTConfig, model_config  # noqa: E402
 
 IMAGE_SIZES = (32, 64, 128, 224, 384, 512)
@@ -407,7 +407,7 @@ def scaling_section(tables: dict[str, pd.DataFrame], figures: dict[str, str],
     paragraph, read from `tables['doubling']`), then the tables at 224 px."""
     s = tables["setting"].iloc[0]
     lines = [heading, "",
-             "Computed by the compute model (`vitpipe.compute`, checked against FlopCounterMode and autograd "
+             "Computed by the compute model (`vitpipe.costmodel.compute`, checked against FlopCounterMode and autograd "
              "by the tests), nothing trained. Image sizes "
              f"{', '.join(map(str, IMAGE_SIZES))} px; ViT Ti/S/B/L at patch 8/16/32; ResNet-18/50. "
              f"Training at batch {s.batch}, {s.precision}, {s.optimizer}, {s.attention} attention, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from vitpipe import checkpoint_store
+from vitpipe.checkpoints import store as checkpoint_store
 from vitpipe.errors import UserError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

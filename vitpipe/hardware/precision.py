@@ -23,10 +23,10 @@ An explicit bf16 or fp16 on the CPU is honoured as before (useful for tests).
 
 from __future__ import annotations
 
+from vitpipe.costmodel.devices import NATIVE_BF16, Device
 from vitpipe.errors import ParamError
 
 CHOICES = ("fp32", "bf16", "fp16", "auto")
-NATIVE_BF16 = (8, 0)  # compute capability of the first cards with bf16 tensor cores (Ampere)
 
 
 def _device(device):
@@ -42,32 +42,51 @@ def cuda_capability(device) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def capability(device) -> tuple[int, int] | None:
+    """The CUDA compute capability of `device` (a torch device, its name, or a cost-model
+    profile); None for a CPU."""
+    if isinstance(device, Device):
+        return tuple(device.capability) if device.capability is not None else None
+    device = _device(device)
+    return cuda_capability(device) if device.type == "cuda" else None
+
+
+def _name(device) -> str:
+    if isinstance(device, Device):
+        return device.label
+    import torch
+
+    return torch.cuda.get_device_name(_device(device))
+
+
 def native_bf16(device) -> bool:
     """True on a CUDA device with bf16 tensor cores (compute capability >= 8.0)."""
-    device = _device(device)
-    return device.type == "cuda" and cuda_capability(device) >= NATIVE_BF16
+    cap = capability(device)
+    return cap is not None and cap >= NATIVE_BF16
+
+
+def native(device) -> str:
+    """What `precision: auto` means on `device`."""
+    if capability(device) is None:
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
 
 
 def resolve(requested: str, device, key: str) -> str:
-    """The precision a run on `device` uses for `requested` (fp32 | bf16 | fp16 | auto):
-    fp32, bf16 or fp16. `key` names the param in errors (e.g. "finetune.precision").
+    """The precision a run on `device` (a torch device or a cost-model profile) uses for
+    `requested` (fp32 | bf16 | fp16 | auto): fp32, bf16 or fp16. `key` names the param in
+    errors (e.g. "finetune.precision"). Training, the planner, the out-of-memory advice and
+    the GPU proof all decide here.
 
     Raises ParamError for an unknown value, and for bf16 on a CUDA card without native
     bf16 (compute capability < 8.0), naming the card and offering fp16 or auto."""
     if requested not in CHOICES:
         raise ParamError(key, requested, "one of: " + ", ".join(CHOICES))
-    device = _device(device)
-    if device.type != "cuda":
-        return "fp32" if requested == "auto" else requested
-    native = native_bf16(device)
     if requested == "auto":
-        return "bf16" if native else "fp16"
-    if requested == "bf16" and not native:
-        import torch
-
-        major, minor = cuda_capability(device)
-        name = torch.cuda.get_device_name(device)
+        return native(device)
+    cap = capability(device)
+    if requested == "bf16" and cap is not None and cap < NATIVE_BF16:
         raise ParamError(key, "bf16", f"bf16 needs compute capability {NATIVE_BF16[0]}.{NATIVE_BF16[1]} or newer and "
-                                      f"this GPU ({name}, compute capability {major}.{minor}) has no native bf16; "
-                                      f"use fp16 (with its grad scaler) or auto")
+                                      f"this GPU ({_name(device)}, compute capability {cap[0]}.{cap[1]}) has no native "
+                                      f"bf16; use fp16 (with its grad scaler) or auto")
     return requested

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -25,22 +24,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitpipe import checkpoint, checkpoint_store, precision
-from vitpipe.checkpoint_store import CheckpointStore
-from vitpipe.core_share import CoreShare
-from vitpipe.atomic import torch_save, write_json, write_text
+from vitpipe.atomic import torch_save, write_json
+from vitpipe.checkpoints import format as checkpoint
+from vitpipe.checkpoints import store as checkpoint_store
+from vitpipe.checkpoints.store import CheckpointStore
 from vitpipe.data.prepared_store import SampleStream, Split, shift_and_flip
 from vitpipe.errors import ParamError, UserError
-from vitpipe.evaluate import accuracy
+from vitpipe.evaluation.classification import accuracy
+from vitpipe.hardware import precision
+from vitpipe.hardware.core_share import CoreShare
+from vitpipe.hardware.telemetry import Sampler, now
 from vitpipe.params import TrainParams
-from vitpipe.telemetry import Sampler, now
+from vitpipe.training.distributed import Dist, pick_device, setup_distributed
+from vitpipe.training.oom import oom_message
+from vitpipe.training.recipe import autocast_dtype, lr_at, make_optimizer, prepare_model
+from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS, StepLog
 
 # Keys of a recipe that do not change the numbers a run produces: a checkpoint written
 # under other values of these is still the same run.
 NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile")
-
-TRAIN_COLUMNS = ("step", "loss", "lr", "img_per_s", "img_per_s_per_device", "elapsed_s", "eta_s", "memory_mb")
-EVAL_COLUMNS = ("step", "val_acc", "val_loss", "elapsed_s")
 
 LOG_EVERY = 10  # steps between host syncs (loss read-back, log rows, NaN check, stop agreement)
 
@@ -54,75 +56,6 @@ class RunPaths:
     weights: Path     # the trained model (state_dict + what evaluate needs to rebuild it)
     metrics: Path     # flat JSON summary
     plots: Path       # folder of train.tsv / eval.tsv
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(d: Dist) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank)
-        return torch.device("cuda", d.local_rank)
-    return torch.device("cpu")
-
-
-def lr_at(step: int, recipe: TrainParams) -> float:
-    """Linear warmup to recipe.lr, then cosine decay to 0 at recipe.steps. A pure function of
-    the step: resuming the step resumes the schedule, so there is no scheduler state."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return 0.5 * recipe.lr * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, recipe: TrainParams) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms, position embeddings and tokens (as in timm / the ViT paper).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
-    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999))
-
-
-def autocast_dtype(precision: str):
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def prepare_model(model: torch.nn.Module, recipe: TrainParams, section: str) -> str:
-    """Fused attention on, activation checkpointing if asked; returns the attention kind."""
-    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]  # timm's Attention blocks
-    for m in attention:
-        m.fused_attn = True  # F.scaled_dot_product_attention: flash / memory-efficient kernels
-    if recipe.activation_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ParamError(f"{section}.activation_checkpointing", True,
-                             f"false for this model ({type(model).__name__} has no activation checkpointing)")
-        model.set_grad_checkpointing(True)
-    return "sdpa" if attention else "none"
 
 
 def device_batch(data: Split, idx, augment: bool, generator, device: torch.device, mean, std):
@@ -167,41 +100,16 @@ class StopRequested:
             signal.signal(s, h)
 
 
-class StepLog:
-    """A TSV that `dvc plots` reads. Its rows also go into every checkpoint, so a resumed run
-    rewrites exactly the rows up to its checkpoint, whatever happened to the file."""
-
-    def __init__(self, path: Path, columns, rows: list[str]):
-        self.columns, self.rows = columns, list(rows)
-        write_text(path, "\t".join(columns) + "\n" + "".join(r + "\n" for r in self.rows))
-        self.file = open(path, "a")
-
-    def write(self, **row):
-        line = "\t".join(_fmt(row[c]) for c in self.columns)
-        self.rows.append(line)
-        self.file.write(line + "\n")
-
-    def flush(self):
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-def _fmt(v) -> str:
-    return str(v) if isinstance(v, int) else f"{v:.6g}"
-
-
 def fit(model: torch.nn.Module, data: Split, recipe: TrainParams, paths: RunPaths, *, val: Split | None,
         run_config: dict, fresh_key: str, weights_meta: dict, desc: str, quiet: bool = False,
         store_dir: Path | None = None) -> dict:
     """Train `model` on `data` for recipe.steps optimizer steps; returns the metrics it wrote.
-    Checkpoints go to the machine's checkpoint store (vitpipe.checkpoint_store; `store_dir`
+    Checkpoints go to the machine's checkpoint store (vitpipe.checkpoints.store; `store_dir`
     overrides its folder), keyed by the run's fingerprint."""
     d = setup_distributed()
     try:
         run = Run(d, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet, store_dir)
-        with Sampler(run.device) as run.sampler, StopRequested() as run.stop, CoreShare(run.device, d.world) as run.cores:
+        with Sampler(run.device) as run.sampler, StopRequested() as run.stop, CoreShare(run.device, run.store.root / ".running", d.world) as run.cores:
             try:
                 while run.step < recipe.steps:
                     run.train_step()
@@ -499,55 +407,3 @@ class Run:
             torch.distributed.barrier()
         return metrics
 
-
-def device_profile(device: torch.device):
-    """The compute model's profile of this CUDA device: a known one matched by name (closest
-    memory), with the memory this device really has (a MIG slice, a 40 vs 80 GB part)."""
-    from vitpipe.devices import Device, MiB, known_profile
-
-    props = torch.cuda.get_device_properties(device)
-    known = known_profile(props.name, props.total_memory)
-    if known:
-        return replace(known, memory_bytes=props.total_memory)
-    return Device("this", props.name, props.total_memory, {}, 0.0, reserve_bytes=600 * MiB)
-
-
-def oom_message(recipe: TrainParams, section: str, run_config: dict, num_classes: int, device: torch.device,
-                world: int = 1, profile=None) -> str:
-    """CUDA ran out of memory: what the compute model plans for this device instead."""
-    msg = f"CUDA out of memory at micro_batch={recipe.micro_batch} (batch_size={recipe.batch_size})"
-    generic = (f"lower {section}.micro_batch (batch_size is kept by gradient accumulation), or set {section}.precision: bf16 "
-               f"or {section}.activation_checkpointing: true")
-    try:
-        from vitpipe import compute
-        from vitpipe.models import model_config
-
-        profile = profile or device_profile(device)
-        cfg = model_config(run_config["spec"], num_classes, run_config["image_size"])
-        per_device = recipe.batch_size // world
-        where = f"{profile.label} ({profile.memory_bytes / 2**30:.1f} GiB)"
-        advice = []
-        options = [(recipe.precision, recipe.activation_checkpointing)]
-        if recipe.precision == "fp32":  # the half precision this card runs natively
-            half = "bf16" if profile.peak_flops.get("bf16", 0) > profile.peak_flops.get("fp32", 0) else "fp16"
-            options.append((half, recipe.activation_checkpointing))
-        if not recipe.activation_checkpointing and hasattr(cfg, "patch"):
-            options.append((options[-1][0], True))
-        for prec, ckpt in options:
-            p = compute.plan(cfg, per_device, profile, precision=prec, optimizer=recipe.optimizer,
-                             checkpointing=ckpt)
-            micro = p["micro_batch"]
-            if (prec, ckpt) == options[0] and micro >= recipe.micro_batch:
-                # the model's estimate is optimistic here: suggest the next smaller micro-batch
-                micro = max([k for k in range(1, recipe.micro_batch) if per_device % k == 0], default=0)
-            setting = f"{section}.precision: {prec}" + (f", {section}.activation_checkpointing: true" if ckpt else "")
-            if micro:
-                advice.append(f"{setting}, {section}.micro_batch: {micro} ({per_device // micro} accumulation steps)")
-            else:
-                advice.append(f"{setting}: nothing fits, even micro_batch 1")
-            if micro and (prec, ckpt) == options[0]:
-                break  # the current settings fit with a smaller micro-batch: that is the advice
-        return (f"{msg}; the compute model's plan for batch {per_device} per device on {where}: "
-                + "; or ".join(advice))
-    except Exception:
-        return f"{msg}; {generic}"

@@ -7,7 +7,7 @@ to the checkpoint store, and at every host sync takes cores // (live leases) thr
 
 It stays out of the way when the user chose: OMP_NUM_THREADS set, VITPIPE_CORE_SHARE=0, or
 torch's thread count already changed from the default; and on a GPU run, or under DDP
-(torchrun's processes get their share from vitpipe.stage.relaunch_distributed).
+(torchrun's processes get their share from vitpipe.training.distributed.relaunch).
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from vitpipe.hardware.probe import cpu_count
 
 
 def _alive(pid: int) -> bool:
@@ -33,15 +31,13 @@ def _alive(pid: int) -> bool:
 
 
 class CoreShare:
-    def __init__(self, device: torch.device, world: int = 1, folder: Path | None = None):
-        self.cores = cpu_cores()
+    def __init__(self, device: torch.device, folder: Path, world: int = 1):
+        """`folder`: where the leases of this machine's trainings live (the trainer puts it
+        beside its checkpoint store, which every training on the machine shares)."""
+        self.cores = cpu_count()
         self.active = (device.type == "cpu" and world == 1 and "OMP_NUM_THREADS" not in os.environ
                        and os.environ.get("VITPIPE_CORE_SHARE", "1") != "0"
                        and torch.get_num_threads() == self.cores and self.cores > 1)
-        if folder is None and self.active:
-            from vitpipe.checkpoint_store import settings
-
-            folder = settings()["dir"] / ".running"
         self.folder, self.lease, self.threads = folder, None, torch.get_num_threads()
 
     def __enter__(self):

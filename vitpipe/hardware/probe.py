@@ -1,123 +1,40 @@
-"""Device profiles (memory, peak FLOP/s per precision, an MFU assumption) and the
-measurements that stand in for a profile on "this machine": a matmul peak and an MFU
-calibrated from a few real training steps of a small ViT."""
+"""This machine as the cost model sees it: which device torch has (`current_device`,
+`local_device`), the matmul peak it really reaches, and the MFU it reaches on a small ViT
+(`calibrate_mfu`). It builds `vitpipe.costmodel` profiles; the cost model never imports it."""
 
 from __future__ import annotations
 
 import os
-import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from vitpipe.errors import UserError
-
-MiB, GiB, TFLOPS = 2**20, 2**30, 1e12
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    label: str
-    memory_bytes: int            # what the allocator can hand out (nvidia-smi total)
-    peak_flops: dict             # precision -> dense FLOP/s (no sparsity)
-    mfu: float                   # model FLOPs utilisation assumed for a ViT training step
-    reserve_bytes: int = 0       # never available to tensors: CUDA context, cuDNN/cuBLAS handles
-    notes: str = ""
-    measured: dict = field(default_factory=dict)
-    capability: tuple | None = None   # CUDA compute capability (major, minor); None: a CPU
-
-    def peak(self, precision: str) -> float:
-        return self.peak_flops[precision]
-
-    @property
-    def native_bf16(self) -> bool:
-        """bf16 tensor-core units: compute capability >= 8.0 (Ampere and later)."""
-        from vitpipe.precision import NATIVE_BF16
-
-        return self.capability is not None and tuple(self.capability) >= NATIVE_BF16
-
-
-def native_precision(dev: Device) -> str:
-    """What `precision: auto` means on `dev`: bf16 where the GPU has bf16 units, fp16 (with a
-    grad scaler) on older GPUs (T4, V100), fp32 on a CPU."""
-    if dev.capability is None:
-        return "fp32"
-    return "bf16" if dev.native_bf16 else "fp16"
-
-
-def resolve_precision(requested: str, dev: Device) -> tuple[str, str]:
-    """(precision to run with on `dev`, why it differs from `requested` or ""). `auto` picks
-    the native one; bf16 on a GPU without bf16 units (it would run emulated, at fp32 speed or
-    worse) becomes fp16."""
-    if requested == "auto":
-        return native_precision(dev), f"auto = {native_precision(dev)} on {dev.label}"
-    if requested == "bf16" and dev.capability is not None and not dev.native_bf16:
-        return "fp16", f"{dev.label} has no bf16 units: fp16 with a grad scaler instead of emulated bf16"
-    return requested, ""
-
-
-def _gpu(name, label, mem_mib, fp32, tf32, bf16, fp16, mfu=0.35, notes="", capability=None):
-    # PyTorch keeps fp32 matmuls in full fp32 unless asked (allow_tf32=False), so the
-    # `fp32` precision uses the fp32 peak; `tf32` is the opt-in. Devices without bf16
-    # units run bf16 at about their fp32 rate.
-    peaks = {"fp32": fp32, "tf32": tf32 or fp32, "bf16": bf16 or fp32, "fp16": fp16}
-    return Device(name, label, mem_mib * MiB, {k: v * TFLOPS for k, v in peaks.items()}, mfu,
-                  reserve_bytes=600 * MiB, notes=notes, capability=capability)
-
-
-# Vendor datasheet dense peaks (TFLOP/s); memory as nvidia-smi reports it.
-# The T4's MFU is the reference report's own measurement: ViT-B/32 fp32 at 39 img/s
-# x 26.3 GFLOP/img (train) = 1.03 TFLOP/s of 8.1 -> 0.13. Others: a typical ViT step.
-DEVICES = {
-    "t4": _gpu("t4", "Tesla T4 16GB", 15109, 8.1, None, None, 65, mfu=0.13,
-               notes="Turing: no bf16/tf32 units", capability=(7, 5)),
-    "v100-16": _gpu("v100-16", "V100 16GB", 16160, 15.7, None, None, 125, mfu=0.3, capability=(7, 0)),
-    "v100-32": _gpu("v100-32", "V100 32GB", 32510, 15.7, None, None, 125, mfu=0.3, capability=(7, 0)),
-    "a100-40": _gpu("a100-40", "A100 40GB", 40536, 19.5, 156, 312, 312, mfu=0.4, capability=(8, 0)),
-    "a100-80": _gpu("a100-80", "A100 80GB", 81251, 19.5, 156, 312, 312, mfu=0.4, capability=(8, 0)),
-    "h100-80": _gpu("h100-80", "H100 SXM 80GB", 81559, 67, 495, 989, 989, mfu=0.35, capability=(9, 0)),
-    "h200": _gpu("h200", "H200 141GB", 143771, 67, 495, 989, 989, mfu=0.35, capability=(9, 0)),
-    "l4": _gpu("l4", "L4 24GB", 23034, 30.3, 60, 121, 121, mfu=0.35, capability=(8, 9)),
-}
-ALIASES = {"v100": "v100-16", "a100": "a100-40", "h100": "h100-80", "this": "local", "cpu": "local"}
-LOCAL = ("local", "cpu", "this")
-
-
-def device_names() -> list[str]:
-    return [*DEVICES, "local", "auto"]
+from vitpipe.costmodel.compute import flops
+from vitpipe.costmodel.devices import ALIASES, Device, MiB, known_profile
+from vitpipe.costmodel.devices import get_device as profile_by_name
 
 
 def get_device(name: str, mfu: float | None = None) -> Device:
-    """A profile by name ('t4', 'a100-80', ..., 'local' = this machine, measured;
-    'auto' = this machine's GPU as its known profile, see `current_device`)."""
+    """A profile by name: a listed card ('t4', 'a100-80', ...), 'local' (this machine,
+    measured) or 'auto' (this machine's GPU as its listed profile, see `current_device`)."""
     key = ALIASES.get(str(name).lower(), str(name).lower())
-    if key == "auto":
-        dev = current_device()
-    elif key == "local":
-        dev = local_device()
-    elif key in DEVICES:
-        dev = DEVICES[key]
-    else:
-        raise UserError(f"unknown device {name!r}; allowed: {', '.join(device_names())} "
-                        f"(aliases: {', '.join(ALIASES)})")
+    if key not in ("auto", "local"):
+        return profile_by_name(name, mfu)
+    dev = current_device() if key == "auto" else local_device()
     return replace(dev, mfu=mfu) if mfu is not None else dev
 
 
-# ---------------------------------------------------------------------------------------
-# This machine
+def profile_of(device) -> Device:
+    """The profile of the torch device a run trains on: a CUDA card's listed profile with the
+    memory it really has (a MIG slice, a 40 vs 80 GB part), or a measured one."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return local_device()
+    return current_device(device.index or 0)
 
 
 _LOCAL_CACHE: dict = {}
-
-
-def known_profile(gpu_name: str, total_memory: int) -> Device | None:
-    """The profile of a GPU that torch/NVML names `gpu_name` ("Tesla T4", "NVIDIA
-    A100-SXM4-40GB", "NVIDIA L4"): its family by name, the size closest to its memory."""
-    family = [d for d in DEVICES.values()
-              if re.search(rf"(?<![A-Za-z0-9]){re.escape(d.name.split('-')[0])}(?![A-Za-z0-9])", gpu_name, re.IGNORECASE)]
-    if not family:
-        return None
-    return min(family, key=lambda d: abs(d.memory_bytes - total_memory))
 
 
 def current_device(index: int = 0) -> Device:
@@ -200,7 +117,6 @@ def calibrate_mfu(spec: dict | None = None, image_size: int = 32, batch: int = 3
     Returns {mfu, img_per_s, achieved_flops, peak_flops, ...}."""
     import torch
 
-    from vitpipe import compute
     from vitpipe.models import build_model, model_config
 
     spec = spec or CALIBRATION_SPEC
@@ -227,7 +143,7 @@ def calibrate_mfu(spec: dict | None = None, image_size: int = 32, batch: int = 3
     seconds = time.perf_counter() - t
     img_per_s = done * batch / seconds
     cfg = model_config(spec, num_classes, image_size)
-    train_flops = compute.flops(cfg)["train"]
+    train_flops = flops(cfg)["train"]
     achieved = img_per_s * train_flops
     peak = peak_flops or measure_matmul_flops(device, torch.float32)
     return {"mfu": achieved / peak, "img_per_s": img_per_s, "achieved_flops": achieved,
@@ -238,4 +154,5 @@ def calibrate_mfu(spec: dict | None = None, image_size: int = 32, batch: int = 3
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The cores this process may run on (its affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

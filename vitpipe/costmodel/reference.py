@@ -59,7 +59,7 @@ def seed_encoder(layers: int, d: int, heads: int, d_mlp: int) -> int:
 
 def seed_params(cfg) -> dict:
     """The reference's formulas evaluated on `cfg` (a models.ViTConfig / ResNetConfig)."""
-    from vitpipe.compute import resnet_convs, resnet_features
+    from vitpipe.costmodel.compute import resnet_convs, resnet_features
     from vitpipe.models import ViTConfig
 
     if isinstance(cfg, ViTConfig):
@@ -80,7 +80,7 @@ def seed_params(cfg) -> dict:
 def reference_table(image_size: int = 224, num_classes: int = 1000) -> list[dict]:
     """One row per Table-1 model: the reference's printed figures, its formulas evaluated,
     the exact count of the torchvision/timm model, and the differences."""
-    from vitpipe.compute import param_counts
+    from vitpipe.costmodel.compute import param_counts
     from vitpipe.models import model_config
 
     rows = []

@@ -1,4 +1,4 @@
-"""The profile stage's work: the analytic compute model (vitpipe.compute) evaluated for the
+"""The profile stage's work: the analytic compute model (vitpipe.costmodel.compute) evaluated for the
 full-size models of params.yaml `profile:` at the reference's setting, on every device
 profile, next to the reference report's own figures and formulas. Analytic only: no
 full-size forward pass, seconds on a laptop CPU (plus a ~2 s calibration run here)."""
@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import io
 
-from vitpipe import compute, devices, reference
+from vitpipe.costmodel import compute
+from vitpipe.costmodel import devices
+from vitpipe.costmodel import reference
 from vitpipe.errors import ParamError, UserError
 from vitpipe.models import describe, model_config, validate_spec
 
@@ -51,9 +53,9 @@ def model_key(spec: dict) -> str:
     return str(spec.get("name") or spec["arch"])
 
 
-def run(p: dict) -> tuple[dict, list[dict], list[dict]]:
-    local = devices.get_device("local")
-    calib = devices.calibrate_mfu(peak_flops=local.peak("fp32"))
+def run(p: dict, local: devices.Device, calib: dict) -> tuple[dict, list[dict], list[dict]]:
+    """The table for validated `p`. `local` is this machine's profile and `calib` its MFU
+    calibration (`vitpipe.hardware.probe`): measuring is the caller's job, not the model's."""
     metrics = {"calibrated_mfu": round(calib["mfu"], 4),
                "local_img_per_s": round(calib["img_per_s"], 2),
                "local_peak_gflops": round(calib["peak_flops"] / 1e9, 1)}

@@ -5,7 +5,7 @@ RNG states of every process (python, numpy, torch CPU and CUDA), the step (which
 data position: see SampleStream), the step log so far and the wall time. The LR schedule
 has no state: it is a pure function of the step. A checkpoint also holds a fingerprint of
 what shaped the run (params, starting weights, data), the key under which the checkpoint
-store (vitpipe.checkpoint_store) files it, and a digest of its whole content, checked on load.
+store (vitpipe.checkpoints.store) files it, and a digest of its whole content, checked on load.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Checkpoints are not DVC outputs, so every training stage stays in DVC's run-cach
 store is shared by the workspace and DVC's queued and --temp experiment copies. Layout, the
 same locally and in the mirror:
 
-    <root>/<fingerprint>/step-00001200.pt     the checkpoint (vitpipe.checkpoint format)
+    <root>/<fingerprint>/step-00001200.pt     the checkpoint (vitpipe.checkpoints.format format)
     <root>/<fingerprint>/step-00001200.json   its manifest: stage, step, total, size, sha256
 
 Locally a checkpoint is written atomically (temp file, rename) and its manifest after it. In

@@ -18,10 +18,10 @@ Conventions (the ones the tests hold it to):
 
 from __future__ import annotations
 
-import math
 
-from vitpipe.devices import Device, get_device
+from vitpipe.costmodel.devices import Device, get_device
 from vitpipe.errors import UserError
+from vitpipe.params import divisors
 from vitpipe.models import ResNetConfig, ViTConfig
 
 PRECISIONS = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}   # bytes of an activation element
@@ -385,11 +385,6 @@ def memory(cfg, batch: int, precision="fp32", optimizer="adamw", attention="sdpa
 def required_bytes(peak: int, device: Device) -> int:
     """What must be free on the device for that peak: + fragmentation + context."""
     return int(peak * (1 + FRAGMENTATION)) + device.reserve_bytes
-
-
-def divisors(n: int) -> list[int]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
 
 
 def plan(cfg, batch: int, device: Device, precision="fp32", optimizer="adamw",
