@@ -35,21 +35,25 @@ def table(title, header, rows):
 def bench_saved():
     cases = [({"arch": "vit", "patch": 4, "dim": 192, "depth": 4, "heads": 3, "mlp_ratio": 4.0}, 32, 8),
              ({"arch": "vit", "patch": 8, "dim": 256, "depth": 2, "heads": 4, "mlp_ratio": 4.0, "pool": "avg"}, 64, 4),
-             ({"arch": "resnet18"}, 64, 4), ({"arch": "resnet50"}, 64, 2)]
+             ({"arch": "resnet18"}, 64, 4), ({"arch": "resnet50"}, 64, 2),
+             ({"arch": "convnext_atto"}, 64, 4), ({"arch": "convnext_tiny"}, 64, 2)]
     rows = []
     for spec, size, batch in cases:
         torch.manual_seed(0)
         model = build_model(spec, 10, size).train()
         cfg = model_config(spec, 10, size)
+        vit = compute.family_of_config(cfg).attention
         for precision in ("fp32", "bf16"):
-            for attention in (("sdpa", "eager") if spec["arch"] == "vit" else ("sdpa",)):
-                if spec["arch"] == "vit":
+            for attention, ckpt in ((("sdpa", False), ("eager", False), ("sdpa", True)) if vit else (("sdpa", False),)):
+                if vit:
+                    model.set_grad_checkpointing(ckpt)
                     for b in model.blocks:
                         b.attn.fused_attn = attention == "sdpa"
                 got = compute.measure_saved_bytes(model, torch.randn(batch, 3, size, size), precision)
-                want = compute.step_saved_total(cfg, batch, precision, attention, device_type="cpu")
+                want = compute.step_saved_total(cfg, batch, precision, attention, ckpt, device_type="cpu")
                 rows.append((spec["arch"] if spec["arch"] != "vit" else f"vit d{spec['dim']}/{spec['patch']}",
-                             size, batch, precision, attention, want, got, f"{want / got:.4f}"))
+                             size, batch, precision, (attention + (" ckpt" if ckpt else "")) if vit else "-", want, got,
+                             f"{want / got:.4f}"))
     table("saved tensors (bytes) on CPU", ("model", "px", "batch", "prec", "attn", "predicted",
                                            "measured", "ratio"), rows)
 

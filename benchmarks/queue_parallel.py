@@ -50,7 +50,7 @@ def make_repo(root: Path, steps: int, env) -> Path:
 
 def queue_time(repo: Path, jobs: int, seeds, env) -> float:
     for seed in seeds:
-        sh(DVC + ["exp", "run", "--queue", "-S", f"train.seed={seed}"], repo, env)
+        sh(DVC + ["exp", "run", "--queue", "-S", f"seeds=[{seed}]"], repo, env)
     t = time.perf_counter()
     sh(DVC + ["queue", "start", "-j", str(jobs)], repo, env)
     while True:

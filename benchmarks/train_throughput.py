@@ -5,13 +5,17 @@ Runs, in one process, on the same model, batch, micro-batch, precision and threa
   pipeline  vitpipe.training.loop.fit: data loading and augmentation from a uint8 store, telemetry
             thread, step log, progress bar, checkpoints every `checkpoint_every` steps, uploaded to
             a checkpoint mirror (a temp folder unless --mirror says otherwise)
-alternating them for a few rounds (the machine may be busy), and prints the ratio of their
-step rates (pipeline / bare; 1.0 = no overhead). On an NVIDIA GPU it then reports ViT-B/16
-at 224 px, bf16: img/s and MFU (the compute model's FLOPs over measured time and the
+alternating them for several rounds (the machine may be busy), and prints the ratio of their
+median step rates (pipeline / bare; 1.0 = no overhead; target >= 0.97), with the host time
+the input pipeline spent making each step's batches and how long a step waited for them.
+It does so at two configurations: the default one (model/train of ./params.yaml, --threads)
+and the small model of gpu_proof's CPU dry run as its throughput step runs it (one thread,
+no periodic checkpoint). On an NVIDIA GPU it then reports ViT-B/16 at
+224 px, bf16: img/s and MFU (the compute model's FLOPs over measured time and the
 device's peak).
 
-    python benchmarks/train_throughput.py                  # model/train of ./params.yaml
-    python benchmarks/train_throughput.py --steps 300 --rounds 5 --threads 2
+    python benchmarks/train_throughput.py                  # both configurations, 5 rounds each
+    python benchmarks/train_throughput.py --steps 300 --rounds 7 --threads 2 --only default
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from vitpipe import model_specs, params
 from vitpipe.data.prepared_store import Split
 from vitpipe.models import build_model
 from vitpipe.params import TrainParams
-from vitpipe.training.loop import RunPaths, fit
+from vitpipe.training.loop import RunPaths, TrainingJob, fit
 from vitpipe.training.recipe import autocast_dtype
 
 DEFAULT_SPEC = {"arch": "vit", "patch": 4, "dim": 96, "depth": 4, "heads": 3, "mlp_ratio": 2.0}
+# gpu_proof's CPU dry run: its throughput step's model and batch
+DRY_RUN_SPEC = {"arch": "vit", "patch": 8, "dim": 64, "depth": 2, "heads": 2, "mlp_ratio": 2.0}
+DRY_RUN_BATCH = 32
 CLASSES = 10
 
 
@@ -87,26 +94,38 @@ def pipeline_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: in
         tmp = Path(tmp)
         paths = RunPaths(tmp / "model.pt", tmp / "metrics.json", tmp / "plots")
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar runs, its terminal output is dropped
-            metrics = fit(model, data, replace(r, steps=warmup + steps, resume="fresh"), paths, val=None,
+            metrics = fit(TrainingJob(model, data, replace(r, steps=warmup + steps, resume="fresh"), paths, val=None,
                           run_config={"spec": spec, "image_size": size}, fresh_key="train.resume",
                           weights_meta={"spec": spec, "num_classes": CLASSES, "image_size": size},
-                          desc="benchmark", quiet=False, store_dir=tmp / "store")
-        rows = [line.split("\t") for line in (paths.plots / "train.tsv").read_text().splitlines()[1:]]
-        elapsed = {int(row[0]): float(row[5]) for row in rows}
+                          desc="benchmark", quiet=False, store_dir=tmp / "store"))
+        lines = (paths.plots / "train.tsv").read_text().splitlines()
+        rows = [dict(zip(lines[0].split("\t"), line.split("\t"))) for line in lines[1:]]
+    elapsed = {int(row["step"]): float(row["elapsed_s"]) for row in rows}
+    timed = [row for row in rows if int(row["step"]) > warmup]
+    metrics["data_ms"] = statistics.median(float(row["data_ms"]) for row in timed)
+    metrics["data_wait_ms"] = statistics.median(float(row["data_wait_ms"]) for row in timed)
     # steady state, from the step log's own clock: steps warmup+1 .. warmup+steps
     return (elapsed[warmup + steps] - elapsed[warmup]) / steps, metrics
 
 
 def compare(spec, size, r: TrainParams, steps: int, warmup: int, rounds: int, device) -> float:
-    bare, pipe = [], []
+    """Alternate bare and pipeline `rounds` times; the ratio of the median step rates."""
+    bare, pipe, data_ms, wait_ms = [], [], [], []
     for i in range(rounds):
         bare.append(bare_seconds_per_step(spec, size, r, steps, warmup, device))
-        pipe.append(pipeline_seconds_per_step(spec, size, r, steps, warmup)[0])
+        sec, metrics = pipeline_seconds_per_step(spec, size, r, steps, warmup)
+        pipe.append(sec)
+        data_ms.append(metrics["data_ms"])
+        wait_ms.append(metrics["data_wait_ms"])
         print(f"  round {i + 1}: bare {r.batch_size / bare[-1]:8.1f} img/s   pipeline {r.batch_size / pipe[-1]:8.1f} img/s"
-              f"   ratio {bare[-1] / pipe[-1]:.3f}", flush=True)
+              f"   ratio {bare[-1] / pipe[-1]:.3f}   data {data_ms[-1]:.2f} ms/step (waited {wait_ms[-1]:.2f})",
+              flush=True)
     ratio = statistics.median(bare) / statistics.median(pipe)
+    ratios = [b / p for b, p in zip(bare, pipe)]
     print(f"  median: bare {r.batch_size / statistics.median(bare):.1f} img/s, pipeline "
-          f"{r.batch_size / statistics.median(pipe):.1f} img/s -> ratio {ratio:.3f}")
+          f"{r.batch_size / statistics.median(pipe):.1f} img/s -> ratio {ratio:.3f} (rounds {min(ratios):.3f}-"
+          f"{max(ratios):.3f}); host data time {statistics.median(data_ms):.2f} ms/step, waited "
+          f"{statistics.median(wait_ms):.2f} ms/step ({1e3 * statistics.median(pipe):.1f} ms/step in all)")
     return ratio
 
 
@@ -115,7 +134,8 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml", help="model: and train: come from here (default ./params.yaml)")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating bare/pipeline rounds (median of them)")
+    ap.add_argument("--only", choices=("default", "dry-run"), help="one configuration only")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-gpu-b16", action="store_true", help="skip the ViT-B/16 bf16 GPU measurement")
     ap.add_argument("--mirror", default="temp",
@@ -135,11 +155,22 @@ def main(argv=None):
     r = params.train_params(doc, "train") if "train" in doc else TrainParams(batch_size=64, micro_batch=64)
     r = replace(r, nproc=1, compile=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device.type}, {torch.get_num_threads()} threads; model {spec} at {size}px; batch {r.batch_size} "
-          f"(micro {r.micro_batch}), {r.precision}, checkpoint every {r.checkpoint_every} steps; "
-          f"{args.rounds} rounds x {args.steps} steps; checkpoint mirror: {os.environ.get('VITPIPE_CHECKPOINT_MIRROR', 'none')}")
-    ratio = compare(spec, size, r, args.steps, args.warmup, args.rounds, device)
-    print(f"pipeline / bare step rate: {ratio:.3f} (target >= 0.97)")
+    # the dry run's throughput step: one thread per step process, no periodic checkpoint
+    dry = replace(r, batch_size=DRY_RUN_BATCH, micro_batch=DRY_RUN_BATCH, checkpoint_every=10**6)
+    configs = {"default": (spec, size, r, args.threads), "dry-run": (DRY_RUN_SPEC, 32, dry, 1)}
+    results = {}
+    for name, (spec_, size_, r_, threads) in configs.items():
+        if args.only and name != args.only:
+            continue
+        torch.set_num_threads(threads)
+        print(f"\n{name}: device {device.type}, {torch.get_num_threads()} threads; model {spec_} at {size_}px; batch "
+              f"{r_.batch_size} (micro {r_.micro_batch}), {r_.precision}, checkpoint every {r_.checkpoint_every} steps; "
+              f"{args.rounds} rounds x {args.steps} steps; checkpoint mirror: "
+              f"{os.environ.get('VITPIPE_CHECKPOINT_MIRROR', 'none')}", flush=True)
+        results[name] = compare(spec_, size_, r_, args.steps, args.warmup, args.rounds, device)
+    print()
+    for name, ratio in results.items():
+        print(f"pipeline / bare step rate, {name} config: {ratio:.3f} (target >= 0.97)")
 
     if device.type == "cuda" and not args.no_gpu_b16:
         from vitpipe.costmodel import compute

@@ -2,18 +2,25 @@
 
     python scripts/data_sweep.py --fractions 0.1 0.3 1.0
 
-For each fraction (smallest first) it runs `dvc exp run -S data.train_fraction=<f>`
-in the workspace: only the training stages, their evaluations and the report run (download and
-preprocess do not: the val and test splits stay whole), and each fraction stays a named
-experiment (`dvc exp show`). It then reads each experiment's metrics/summary.json and writes
+Like is compared with like: the ViT from scratch against the CNN from scratch, the fine-tuned
+ViT against the fine-tuned CNN. For each fraction (smallest first) it runs two experiments in
+the workspace: `dvc exp run -S data.train_fraction=<f>` (the scratch ViT of `model:` and every
+fine-tuned variant), then the same with `model:` swapped for the CNN variant's network (the
+CNN from scratch, with the `train:` recipe; the fine-tuning stages come back from DVC's
+run-cache). Download, preprocess and pretraining never run again: the val and test splits stay
+whole. It reads each run's per-seed test top-1 and per-image predictions and writes
 
-    reports/data_efficiency.json   per fraction and run: train images, test top-1 mean and 95% CI
-    reports/data_efficiency.md     the accuracy-versus-data curve and the verdict on the
-                                   reference's conclusion, stated from the curves
+    reports/data_efficiency.json   per fraction and run: train images, test top-1 per seed,
+                                   mean and 95% interval
+    reports/data_efficiency.md     the curves, and the verdicts on the reference's conclusion
+                                   (a ViT from scratch needs more data than a CNN) from the intervals
     reports/figures/data_efficiency.png
 
-The workspace ends on the largest fraction's results. The default `dvc repro` leaves this out:
-it trains every run once per fraction, too long for the 6-minute default on 2 CPU cores.
+Intervals: with two or more seeds, the 95% t-interval over seeds (the differences paired by
+seed); with one seed, the 95% Wilson interval of each accuracy and a paired bootstrap over the
+test images for the differences (conditional on that one training run of each). The workspace
+ends on the largest fraction's default-network results. The default `dvc repro` leaves this
+out: it trains every run twice per fraction, too long for the 6-minute default on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -25,49 +32,117 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path.cwd()
 DVC = [sys.executable, "-m", "dvc"]
+PARAMS = ROOT / "params.yaml"
+VIT_ONLY = ("patch", "dim", "depth", "heads", "mlp_ratio", "pool")
+LABELS = {"vit_scratch": "ViT from scratch", "cnn_scratch": "CNN from scratch",
+          "vit_finetuned": "ViT fine-tuned", "cnn_finetuned": "CNN fine-tuned"}
 
 
-def run_fraction(fraction: float) -> dict:
-    p = subprocess.run(DVC + ["exp", "run", "-S", f"data.train_fraction={fraction:g}"], capture_output=True, text=True)
+def exp_run(sets: list[str]) -> subprocess.CompletedProcess:
+    p = subprocess.run(DVC + ["exp", "run", *[x for s in sets for x in ("-S", s)]], capture_output=True, text=True)
     if p.returncode:
-        raise SystemExit(f"dvc exp run at data.train_fraction={fraction:g} failed:\n{p.stdout[-3000:]}\n{p.stderr[-2000:]}")
-    summary = json.loads((ROOT / "metrics/summary.json").read_text())
+        raise SystemExit(f"dvc exp run {' '.join(sets)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-2000:]}")
+    return p
+
+
+def read_run(name: str, seeds: list[int]) -> dict:
+    """Per seed: test top-1 and per-image correctness of one run as the workspace holds it."""
+    top1, correct = [], []
+    for s in seeds:
+        m = ROOT / f"metrics/evaluate/{name}/seed-{s}.json"
+        top1.append(json.loads(m.read_text())["top1"] if m.exists() else None)
+        pred = ROOT / f"eval/{name}/seed-{s}/predictions.csv"
+        rows = pred.read_text().splitlines()[1:] if pred.exists() else []
+        correct.append("".join("1" if a == b else "0" for a, b in (r.split(",") for r in rows)))
+    return {"top1_by_seed": top1, "correct_by_seed": correct}
+
+
+def train_images() -> dict:
     images = {}
     for f in (ROOT / "metrics").glob("*/**/seed-*.json"):
         m = json.loads(f.read_text())
         if "train_images" in m:
             images[f.parent.name if f.parent.name != "train_scratch" else "scratch"] = m["train_images"]
-    runs = sorted({k.split(".")[0] for k in summary if k.endswith(".top1_mean") and "_minus_" not in k})
-    named = re.search(r"Ran experiment\(s\): (\S+)", p.stdout + p.stderr)
-    return {"fraction": fraction, "experiment": named.group(1) if named else None, "train_images": images,
-            "stages_run": sorted(set(re.findall(r"Running stage '([^']+)'", p.stdout))),
-            "top1": {r: {k: summary.get(f"{r}.top1_{k}") for k in ("mean", "ci95_lo", "ci95_hi")} for r in runs}}
+    return images
 
 
-def verdict(points: list[dict], cnn: str, vit_scratch: str, vit_tuned: str | None) -> list[str]:
-    """The reference's conclusion, read off the curves: from scratch a ViT loses more accuracy
-    than the CNN when data shrinks; pretraining narrows the gap to the CNN."""
-    lo, hi = points[0], points[-1]
+def run_fraction(fraction: float, doc: dict, cnn: str, twin: str, original: str) -> dict:
+    """Both experiments of one share. Each starts from the original params.yaml: an experiment
+    leaves its own params in the workspace, and the CNN one must not leak into the next share."""
+    seeds = list(doc.get("seeds") or [0])
+    frac = f"data.train_fraction={fraction:g}"
+    PARAMS.write_text(original)
+    p = exp_run([frac])
+    point = {"fraction": fraction, "train_images": train_images(),
+             "stages_run": sorted(set(re.findall(r"Running stage '([^']+)'", p.stdout))),
+             "experiments": [m.group(1) for m in [re.search(r"Ran experiment\(s\): (\S+)", p.stdout + p.stderr)] if m],
+             "runs": {"vit_scratch": read_run("scratch", seeds), "vit_finetuned": read_run(twin, seeds),
+                      "cnn_finetuned": read_run(cnn, seeds)}}
+    cnn_spec = {k: v for k, v in doc["variants"][cnn].items() if k not in ("source", "weights", "pretrain", "finetune")}
+    swap = [f"model.{k}={v}" for k, v in cnn_spec.items()] + [f"~model.{k}" for k in VIT_ONLY if k in doc["model"]]
+    PARAMS.write_text(original)
+    p = exp_run([frac, *swap])
+    point["runs"]["cnn_scratch"] = read_run("scratch", seeds)
+    point["stages_run"] = sorted(set(point["stages_run"]) | set(re.findall(r"Running stage '([^']+)'", p.stdout)))
+    for r in point["runs"].values():
+        r.update(interval(r))
+    return point
 
-    def acc(p, r):
-        return p["top1"].get(r, {}).get("mean")
 
-    lines = []
-    drop_vit, drop_cnn = acc(hi, vit_scratch) - acc(lo, vit_scratch), acc(hi, cnn) - acc(lo, cnn)
-    more = drop_vit > drop_cnn
-    lines.append(f"- From {hi['fraction']:g} to {lo['fraction']:g} of the training data, the ViT trained from scratch "
-                 f"loses {100 * drop_vit:.1f} points and the CNN {100 * drop_cnn:.1f}: 'a ViT from scratch needs more "
-                 f"data than a CNN' **{'holds' if more else 'does not hold'}** on these curves (means over seeds; the "
-                 f"intervals are in the table).")
-    if vit_tuned:
-        gap_scratch, gap_tuned = acc(lo, cnn) - acc(lo, vit_scratch), acc(lo, cnn) - acc(lo, vit_tuned)
-        closes = gap_tuned < gap_scratch
-        lines.append(f"- At {lo['fraction']:g} of the data the CNN leads the scratch ViT by {100 * gap_scratch:.1f} points "
-                     f"and the fine-tuned ViT by {100 * gap_tuned:.1f}: 'pretraining closes the gap' "
-                     f"**{'holds' if closes else 'does not hold'}**"
-                     + (f" (it narrows it by {100 * (gap_scratch - gap_tuned):.1f} points)." if closes else "."))
+def interval(run: dict) -> dict:
+    """Mean and 95% interval of one run's test top-1: over seeds, or Wilson with one seed."""
+    from vitpipe.report import stats
+
+    tops = [t for t in run["top1_by_seed"] if t is not None]
+    ci = stats.over_seeds(tops)
+    if ci.n >= 2:
+        return {"mean": ci.mean, "ci95_lo": ci.lo, "ci95_hi": ci.hi, "interval": f"t over {ci.n} seeds"}
+    c = run["correct_by_seed"][0] if run["correct_by_seed"] else ""
+    lo, hi = stats.wilson(c.count("1"), len(c)) if c else (None, None)
+    return {"mean": ci.mean if ci.n else None, "ci95_lo": lo, "ci95_hi": hi, "interval": "Wilson, one seed"}
+
+
+def difference(points: list[dict], terms: list[tuple[int, str, int]]) -> tuple[str, str]:
+    """A signed sum of accuracies (point index, run, sign) with its 95% interval and verdict
+    on 'the sum is > 0': seed-paired t-interval with >= 2 seeds, else a paired bootstrap over
+    the test images. Returns (the interval's text, the verdict word)."""
+    from vitpipe.report import stats
+
+    seeds = [len(points[i]["runs"][r]["top1_by_seed"]) for i, r, _ in terms]
+    if min(seeds) >= 2:
+        per_seed = [sum(sign * points[i]["runs"][r]["top1_by_seed"][s] for i, r, sign in terms)
+                    for s in range(min(seeds))]
+        d = stats.over_seeds(per_seed)
+        v = stats.verdict(d)
+        return f"{100 * d.mean:+.1f} points; {v.why}", v.word
+    vectors = [[c == "1" for c in points[i]["runs"][r]["correct_by_seed"][0]] for i, r, _ in terms]
+    mean, lo, hi = stats.bootstrap_sum(vectors, [sign for _, _, sign in terms])
+    word = stats.HOLDS if lo > 0 else stats.DOES_NOT_HOLD if hi <= 0 else stats.INCONCLUSIVE
+    return (f"{100 * mean:+.1f} points; 95% paired bootstrap interval over the test images {100 * lo:+.1f} to "
+            f"{100 * hi:+.1f} (one seed)"), word
+
+
+def verdict(points: list[dict]) -> list[str]:
+    """The reference's conclusion, decided from the intervals: from scratch a ViT loses more
+    accuracy than a CNN when data shrinks; and, like for like, where each family stands."""
+    lo, hi = 0, len(points) - 1
+    f_lo, f_hi = points[lo]["fraction"], points[hi]["fraction"]
+    text, word = difference(points, [(hi, "vit_scratch", 1), (lo, "vit_scratch", -1),
+                                     (hi, "cnn_scratch", -1), (lo, "cnn_scratch", 1)])
+    lines = [f"- From {f_hi:g} to {f_lo:g} of the training data, the ViT from scratch loses more accuracy than the "
+             f"CNN from scratch by {text}: 'a ViT from scratch needs more data than a CNN' **{word}**."]
+    for kind in ("scratch", "finetuned"):
+        text, word = difference(points, [(lo, f"vit_{kind}", 1), (lo, f"cnn_{kind}", -1)])
+        lines.append(f"- At {f_lo:g} of the data, ViT minus CNN, both {'from scratch' if kind == 'scratch' else 'fine-tuned'}: "
+                     f"{text}: 'the ViT beats the CNN' **{word}**.")
+    text, word = difference(points, [(lo, "vit_finetuned", 1), (lo, "cnn_finetuned", -1),
+                                     (lo, "vit_scratch", -1), (lo, "cnn_scratch", 1)])
+    lines.append(f"- At {f_lo:g} of the data, pretraining narrows the ViT's gap to the CNN (fine-tuned gap minus scratch "
+                 f"gap) by {text}: 'pretraining closes the gap' **{word}**.")
     return lines
 
 
@@ -77,23 +152,48 @@ def figure(points: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in points[0]["top1"]:
-        xs = [p["fraction"] for p in points]
-        mean = [100 * (p["top1"][r]["mean"] or 0) for p in points]
-        ax.plot(xs, mean, marker="o", label=r)
-        lo = [100 * (p["top1"][r]["ci95_lo"] if p["top1"][r]["ci95_lo"] is not None else p["top1"][r]["mean"])
-              for p in points]
-        hi = [100 * (p["top1"][r]["ci95_hi"] if p["top1"][r]["ci95_hi"] is not None else p["top1"][r]["mean"])
-              for p in points]
-        ax.fill_between(xs, [max(0, v) for v in lo], [min(100, v) for v in hi], alpha=0.15)
-    ax.set(xscale="log", xlabel="share of the training split used (log scale)", ylabel="test top-1 (%)",
-           title="Accuracy against training data (mean over seeds, band: 95% CI)", ylim=(0, 100))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    xs = [p["fraction"] for p in points]
+    for ax, kind in zip(axes, ("scratch", "finetuned")):
+        for fam, color in (("vit", "tab:blue"), ("cnn", "tab:orange")):
+            r = f"{fam}_{kind}"
+            mean = [100 * (p["runs"][r]["mean"] or 0) for p in points]
+            err = [[100 * (p["runs"][r]["mean"] - p["runs"][r]["ci95_lo"]) if p["runs"][r]["ci95_lo"] is not None else 0
+                    for p in points],
+                   [100 * (p["runs"][r]["ci95_hi"] - p["runs"][r]["mean"]) if p["runs"][r]["ci95_hi"] is not None else 0
+                    for p in points]]
+            ax.errorbar(xs, mean, yerr=err, marker="o", capsize=4, color=color, label=LABELS[r])
+        ax.set(xscale="log", xlabel="share of the training split used (log scale)",
+               title=f"{'From scratch' if kind == 'scratch' else 'Fine-tuned'}: ViT against CNN", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("test top-1 (%), 95% interval")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def twin_and_cnn(doc: dict) -> tuple[str | None, str | None]:
+    variants = doc.get("variants") or {}
+    cnn = next((v for v, s in variants.items() if str(s.get("arch", "")).startswith("resnet")), None)
+    model = doc.get("model") or {}
+    twin = next((v for v, s in variants.items() if all(s.get(k) == model.get(k) for k in ("arch", *VIT_ONLY))), None)
+    return twin, cnn
+
+
+def markdown(points: list[dict]) -> list[str]:
+    rows = ["| share of train | " + " | ".join(LABELS.values()) + " | stages run |",
+            "| --- | " + " | ".join("---" for _ in LABELS) + " | --- |"]
+    for p in points:
+        cells = []
+        for r in LABELS:
+            v = p["runs"][r]
+            cells.append(f"{100 * v['mean']:.1f}% [{100 * v['ci95_lo']:.1f}, {100 * v['ci95_hi']:.1f}]"
+                         if v["ci95_lo"] is not None else (f"{100 * v['mean']:.1f}%" if v["mean"] is not None else "–"))
+        rows.append(f"| {p['fraction']:g} ({p['train_images'].get('scratch', '?')} images) | {' | '.join(cells)} | "
+                    f"{', '.join(p['stages_run'])} |")
+    how = points[0]["runs"]["vit_scratch"]["interval"]
+    return rows + ["", f"Test top-1, mean [95% interval: {how}]."]
 
 
 def main(argv=None) -> int:
@@ -104,30 +204,26 @@ def main(argv=None) -> int:
     if bad:
         print(f"vitpipe: error: --fractions {bad} must be in (0, 1]", file=sys.stderr)
         return 2
-    points = [run_fraction(f) for f in sorted(set(args.fractions))]
-    import yaml
-
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
-    variants = doc.get("variants") or {}
-    cnn = next((v for v, s in variants.items() if str(s.get("arch", "")).startswith("resnet")), None)
-    model = doc.get("model") or {}
-    tuned = next((v for v, s in variants.items() if all(s.get(k) == model.get(k) for k in ("arch", "patch", "dim",
-                                                                                             "depth", "heads"))), None)
+    original = PARAMS.read_text()
+    doc = yaml.safe_load(original)
+    twin, cnn = twin_and_cnn(doc)
+    if cnn is None or twin is None:
+        print("vitpipe: error: params.yaml needs a CNN variant (arch resnet*) and a variant with the `model:` network "
+              "to compare like with like", file=sys.stderr)
+        return 2
+    try:
+        points = [run_fraction(f, doc, cnn, twin, original) for f in sorted(set(args.fractions))]
+    finally:
+        PARAMS.write_text(original)
+    exp_run([f"data.train_fraction={points[-1]['fraction']:g}"])    # the workspace ends on the default networks
     reports = ROOT / "reports"
     (reports / "data_efficiency.json").write_text(json.dumps(points, indent=2) + "\n")
     figure(points, reports / "figures" / "data_efficiency.png")
-    rows = ["| share of train | runs: test top-1, mean [95% CI] | stages run |", "| --- | --- | --- |"]
-    for p in points:
-        cells = "; ".join(f"{r} {100 * v['mean']:.1f}%" + (f" [{100 * v['ci95_lo']:.1f}, {100 * v['ci95_hi']:.1f}]"
-                                                          if v["ci95_lo"] is not None else "")
-                          for r, v in p["top1"].items())
-        rows.append(f"| {p['fraction']:g} ({p['train_images'].get('scratch', '?')} images) | {cells} | "
-                    f"{', '.join(p['stages_run'])} |")
     shares = " ".join(f"{p['fraction']:g}" for p in points)
-    md = ["# How much data a ViT needs", "", f"`python scripts/data_sweep.py --fractions {shares}`: one DVC experiment "
-          "per share of the training split (val and test whole).", "", *rows, "",
-          "![Accuracy against training data](figures/data_efficiency.png)", ""]
-    md += verdict(points, cnn, "scratch", tuned) if cnn else ["- No CNN variant in params.yaml: nothing to compare."]
+    md = ["# How much data a ViT needs", "", f"`python scripts/data_sweep.py --fractions {shares}`: two DVC experiments "
+          f"per share of the training split (val and test whole): the default networks, and `model:` set to {cnn}'s "
+          "network for the CNN from scratch.", "", *markdown(points), "",
+          "![Accuracy against training data](figures/data_efficiency.png)", "", *verdict(points)]
     (reports / "data_efficiency.md").write_text("\n".join(md) + "\n")
     print(f"data_sweep: {len(points)} fractions -> reports/data_efficiency.md")
     return 0

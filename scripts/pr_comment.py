@@ -8,7 +8,9 @@ lifts the "Headline" section out of reports/report.md, and writes one markdown c
 workflow (.github/workflows/pr.yml) posts it; this script never talks to GitHub.
 
 Results (accuracy, loss) come first. A change of an accuracy that its run's own spread over
-seeds already covers (the 95% interval in metrics/summary.json) is marked *within noise*.
+seeds already covers (the 95% interval in metrics/summary.json) is marked *within noise*; a
+verdict that changes (`<comparison>.verdict`, e.g. holds -> inconclusive) and McNemar's p-value
+of a one-seed comparison are results too.
 Machine metrics (img/s, latency, wall time, memory) sit apart: they measure the runner."""
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ FOLD_ROWS = 40                           # longer diff tables go in a collapsed 
 SUMMARY = "metrics/summary.json"         # mean, sd and 95% interval over seeds (report stage)
 # keys that measure the machine, not the method
 MACHINE = re.compile(r"img_per_s|latency|wall_time|_mb$|memory|rss|cuda|gpu|power|mfu|local_|_s$")
-RESULT = re.compile(r"top1|top5|acc|loss")
+RESULT = re.compile(r"top1|top5|acc|loss|verdict|mcnemar")   # a verdict that flips is a result too
 
 
 def metrics_diff(base: str, cwd: Path | str = ".") -> tuple[dict, str | None]:

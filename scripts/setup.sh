@@ -3,14 +3,26 @@
 #
 # torch: a Python that already has torch >= vitpipe's minimum (pyproject.toml: torch>=X) keeps
 # it, whatever its build (the CUDA torch of Colab, Kaggle, an NGC container, a workstation), and
-# says so; pip is told not to replace it. An older torch stops setup with one message. A Python
-# without torch (a fresh .venv, CI) gets the pinned build, the CPU one from the local index
-# (a plain `pip install torch` pulls several GB of CUDA wheels).
+# says so; pip is told not to replace it. The one exception is a CPU-only build on a machine
+# with an NVIDIA GPU (nvidia-smi lists one): it is replaced by the pinned build from the GPU
+# index (below). An older torch stops setup with one message. A Python without torch (a fresh
+# .venv, CI) gets the pinned build, from the index that gives this machine the right build:
+#
+#   VITPIPE_TORCH_INDEX set    that index (--index-url), e.g. https://download.pytorch.org/whl/cpu
+#                              for the CPU build or .../whl/cu126 for a CUDA 12.6 build
+#   a GPU (nvidia-smi -L)      pip's own index: PyPI's Linux torch is a CUDA build
+#   no GPU, pip has an index   pip's own index, as configured (pip config list: index-url,
+#   configured                 extra-index-url, find-links): a site that serves its own wheels
+#   no GPU, nothing configured https://download.pytorch.org/whl/cpu, the CPU build (a plain
+#                              `pip install torch` on Linux pulls several GB of CUDA wheels)
+#
+# The last line says which build was installed (CPU or CUDA), read from torch itself.
 #
 # Environment:
 #   PYTHON=python3            the interpreter that makes .venv (or that is installed into)
 #   VITPIPE_NO_VENV=1         install into $PYTHON itself, no .venv (Colab, Kaggle, containers)
 #   VITPIPE_UPGRADE_TORCH=1   replace a torch older than the minimum by the pinned one
+#   VITPIPE_TORCH_INDEX=URL   the wheel index torch and torchvision come from (see above)
 #   TORCH_VERSION, TORCHVISION_VERSION   the pinned build (2.14.1, 0.29.1)
 #   VITPIPE_SETUP_DRY_RUN=1   decide and print the pip commands, run none (tests/test_setup.py)
 set -euo pipefail
@@ -33,10 +45,11 @@ else
   if [ "$DRY" != 1 ]; then "$py" -m pip install -q --upgrade pip >/dev/null; fi
 fi
 
+CPU_INDEX=https://download.pytorch.org/whl/cpu
 # The minimum torch is the one pyproject.toml declares ("torch>=2.5").
 MIN_TORCH=$(sed -n 's/^ *"torch>=\([0-9][0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
-# "<torch.__version__> <pip's version, or -> <ok|old>" of the torch this Python imports,
-# or nothing when it has none.
+# "<torch.__version__> <pip's version, or -> <ok|old> <build>" of the torch this Python
+# imports, or nothing when it has none. build: cuda<X.Y>, rocm<X.Y>, cpu, or unknown.
 HAVE=$("$py" - "$MIN_TORCH" <<'EOF' 2>/dev/null || true
 import re, sys
 try:
@@ -51,18 +64,53 @@ try:   # the version pip knows it by (a wheel may say 2.5.1 where torch says 2.5
     dist = version("torch")
 except Exception:
     dist = "-"
-print(v, dist, "ok" if key(v) >= key(sys.argv[1]) else "old")
+built = getattr(torch, "version", None)
+if getattr(built, "cuda", None):
+    build = f"cuda{built.cuda}"
+elif getattr(built, "hip", None):
+    build = f"rocm{built.hip}"
+elif built is not None or v.endswith("+cpu"):
+    build = "cpu"
+else:
+    build = "unknown"
+print(v, dist, "ok" if key(v) >= key(sys.argv[1]) else "old", build)
 EOF
 )
 
-constraints=()
-if [ -z "$HAVE" ]; then
-  echo "setup: no torch in this Python: installing the pinned $TORCH_PIN, $TORCHVISION_PIN"
-  pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
+# A GPU: nvidia-smi is there and lists one (a driver without a card lists none and fails).
+GPU=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  case "$(nvidia-smi -L 2>/dev/null || true)" in GPU*) GPU=1 ;; esac
+fi
+
+# Where the pinned torch comes from: TORCH_INDEX (pip arguments) and TORCH_FROM (words).
+TORCH_INDEX=()
+if [ -n "${VITPIPE_TORCH_INDEX:-}" ]; then
+  TORCH_INDEX=(--index-url "$VITPIPE_TORCH_INDEX")
+  TORCH_FROM="from $VITPIPE_TORCH_INDEX (VITPIPE_TORCH_INDEX)"
+elif [ "$GPU" = 1 ]; then
+  TORCH_FROM="from pip's index (PyPI's Linux torch is a CUDA build): this machine has a GPU"
+elif configured=$(grep -m 1 -E '(index-url|find-links)=' <<<"$("$py" -m pip config list 2>/dev/null || true)"); then
+  TORCH_FROM="from the index pip is configured with ($configured); no GPU here: set VITPIPE_TORCH_INDEX=$CPU_INDEX for PyTorch's CPU build"
 else
-  read -r version dist verdict <<<"$HAVE"
-  if [ "$verdict" = ok ]; then
-    echo "setup: keeping the installed torch $version (vitpipe needs torch >= $MIN_TORCH)"
+  TORCH_INDEX=(--index-url "$CPU_INDEX")
+  TORCH_FROM="the CPU build from $CPU_INDEX: no GPU here (no nvidia-smi that lists one)"
+fi
+
+constraints=()
+install_torch() {   # install_torch [PIP ARGS...]: the pinned torch + torchvision from TORCH_INDEX
+  pip_install "$@" "$TORCH_PIN" "$TORCHVISION_PIN" ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"}
+}
+if [ -z "$HAVE" ]; then
+  echo "setup: no torch in this Python: installing the pinned $TORCH_PIN, $TORCHVISION_PIN, $TORCH_FROM"
+  install_torch
+else
+  read -r version dist verdict build <<<"$HAVE"
+  if [ "$verdict" = ok ] && [ "$GPU" = 1 ] && [ "$build" = cpu ]; then
+    echo "setup: torch $version is a CPU build and this machine has a GPU: replacing it by $TORCH_PIN, $TORCH_FROM"
+    install_torch --force-reinstall
+  elif [ "$verdict" = ok ]; then
+    echo "setup: keeping the installed torch $version, $build build (vitpipe needs torch >= $MIN_TORCH)"
     if [ "$dist" != - ]; then
       # pip must not swap it for another build while resolving timm or torchvision
       cfile=$(mktemp)
@@ -71,8 +119,8 @@ else
       constraints=(-c "$cfile")
     fi
   elif [ "${VITPIPE_UPGRADE_TORCH:-0}" = 1 ]; then
-    echo "setup: torch $version is older than vitpipe's minimum $MIN_TORCH: replacing it by $TORCH_PIN (VITPIPE_UPGRADE_TORCH=1)"
-    pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
+    echo "setup: torch $version is older than vitpipe's minimum $MIN_TORCH: replacing it by $TORCH_PIN (VITPIPE_UPGRADE_TORCH=1), $TORCH_FROM"
+    install_torch
   else
     echo "setup: error: torch $version in $("$py" -c 'import sys; print(sys.executable)') is older than vitpipe's minimum $MIN_TORCH; upgrade it (pip install -U torch torchvision, the build for your CUDA), or run again with VITPIPE_UPGRADE_TORCH=1 to install $TORCH_PIN" >&2
     exit 1
@@ -84,4 +132,13 @@ if [ "$DRY" = 1 ]; then
   echo "setup: dry run: nothing installed"
   exit 0
 fi
-"$py" -c "import torch, timm, dvc; print(f'vitpipe ready: torch {torch.__version__}, timm {timm.__version__}')"
+# What was really installed, from torch itself (an index may serve another build than asked).
+"$py" - "$GPU" <<'EOF'
+import sys
+import dvc, timm, torch
+build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}" if torch.version.hip else "CPU"
+print(f"vitpipe ready: torch {torch.__version__} ({build} build), timm {timm.__version__}")
+if sys.argv[1] == "1" and build == "CPU":
+    print("setup: warning: this machine has a GPU but torch is a CPU build; set VITPIPE_TORCH_INDEX to "
+          "the index of your CUDA version (e.g. https://download.pytorch.org/whl/cu126) and run again")
+EOF

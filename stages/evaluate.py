@@ -1,7 +1,9 @@
 """Stage evaluate_scratch@<seed> / evaluate@<variant>-<seed>: one trained model on the test split.
 
 Writes flat metrics (top-1, top-5, loss, inference img/s, latency), per-class accuracy and
-the confusion matrix (JSON), and predictions.csv for `dvc plots` confusion charts."""
+the confusion matrix (JSON), and predictions.csv: one row per test image in the prepared
+store's order (actual, predicted), for `dvc plots` confusion charts and for the report's
+per-image paired test (McNemar) between two models of the same seed."""
 
 from pathlib import Path
 

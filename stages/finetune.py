@@ -21,7 +21,7 @@ def main(argv):
     recipe = params.train_params(doc, "finetune", variant=name, seed=seed)
     from vitpipe.training import distributed
 
-    distributed.relaunch(recipe.nproc)
+    distributed.relaunch(recipe.nproc, recipe.nnodes)
     distributed.seed_everything(recipe.seed)  # the starting weights follow the seed param
 
     import torch
@@ -29,7 +29,7 @@ def main(argv):
     from vitpipe.data.prepared_store import PreparedStore
     from vitpipe.models import build_model
     from vitpipe.models.weights import load_backbone
-    from vitpipe.training.loop import RunPaths, fit
+    from vitpipe.training.loop import RunPaths, TrainingJob, fit
 
     pretrained_path = Path(f"models/pretrained/{name}.pt")
     if not pretrained_path.exists():
@@ -42,11 +42,11 @@ def main(argv):
                      metrics=Path(f"metrics/finetune/{name}/seed-{seed}.json"),
                      plots=Path(f"plots/finetune/{name}/seed-{seed}"))
     train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
-    fit(model, train, recipe, paths, val=store.split("val"), desc=f"finetune@{name}-{seed}",
+    fit(TrainingJob(model, train, recipe, paths, val=store.split("val"), desc=f"finetune@{name}-{seed}",
         fresh_key="finetune.resume",
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
         weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,
-                      "classes": store.classes, "algorithm": "finetune", "variant": name, "seed": seed})
+                      "classes": store.classes, "algorithm": "finetune", "variant": name, "seed": seed}))
 
 
 if __name__ == "__main__":

@@ -43,13 +43,13 @@ def main(argv):
 
     from vitpipe.training import distributed
 
-    distributed.relaunch(recipe.nproc)
+    distributed.relaunch(recipe.nproc, recipe.nnodes)
     distributed.seed_everything(recipe.seed)  # the starting weights follow the seed param
     from vitpipe.data.fractal import make_dataset
     from vitpipe.data.prepare import stratified_split
     from vitpipe.data.prepared_store import Split
     from vitpipe.models import build_model
-    from vitpipe.training.loop import RunPaths, fit
+    from vitpipe.training.loop import RunPaths, TrainingJob, fit
 
     x, y = make_dataset(recipe.classes, recipe.images_per_class, data.image_size, recipe.seed)
     parts = stratified_split(y, {"train": 0.9, "val": 0.1}, recipe.seed)
@@ -60,10 +60,10 @@ def main(argv):
     model = build_model(spec, recipe.classes, data.image_size)
     paths = RunPaths(weights=weights_path,
                      metrics=metrics_path, plots=plots)
-    fit(model, train, recipe, paths, val=val, desc=f"pretrain@{name}", fresh_key="pretrain.resume",
+    fit(TrainingJob(model, train, recipe, paths, val=val, desc=f"pretrain@{name}", fresh_key="pretrain.resume",
         run_config={"spec": spec, "image_size": data.image_size},
         weights_meta={"spec": spec, "image_size": data.image_size, "source": "fractal",
-                      "num_classes": recipe.classes})
+                      "num_classes": recipe.classes}))
 
 
 if __name__ == "__main__":

@@ -19,23 +19,23 @@ def main(argv):
     recipe = params.train_params(doc, "train", seed=seed)
     from vitpipe.training import distributed
 
-    distributed.relaunch(recipe.nproc)
+    distributed.relaunch(recipe.nproc, recipe.nnodes)
     distributed.seed_everything(recipe.seed)  # the starting weights follow the seed
 
     from vitpipe.data.prepared_store import PreparedStore
     from vitpipe.models import build_model
-    from vitpipe.training.loop import RunPaths, fit
+    from vitpipe.training.loop import RunPaths, TrainingJob, fit
 
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
     paths = RunPaths(weights=Path(f"models/scratch/seed-{seed}/model.pt"),
                      metrics=Path(f"metrics/train_scratch/seed-{seed}.json"), plots=Path(f"plots/train_scratch/seed-{seed}"))
     train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
-    fit(model, train, recipe, paths, val=store.split("val"),
+    fit(TrainingJob(model, train, recipe, paths, val=store.split("val"),
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
         fresh_key="train.resume", desc=f"train_scratch@{seed}",
         weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,
-                      "classes": store.classes, "algorithm": "scratch", "seed": seed})
+                      "classes": store.classes, "algorithm": "scratch", "seed": seed}))
 
 
 if __name__ == "__main__":

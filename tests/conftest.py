@@ -34,7 +34,7 @@ MICRO = {
                 "device": "t4", "precision": "fp32", "optimizer": "adamw", "schedule_steps": 10000},
 }
 
-PROJECT_FILES = ("dvc.yaml", "stages", "vitpipe", "pyproject.toml", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "stages", "vitpipe", "pyproject.toml", ".dvcignore", "weights", "params.lr_sweep.json")
 
 
 def write_params(path: Path, doc: dict) -> None:

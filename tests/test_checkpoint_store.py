@@ -8,14 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
+from vitpipe.checkpoints import mirror as checkpoint_mirror
 from vitpipe.checkpoints import store as checkpoint_store
 from vitpipe.checkpoints.store import CheckpointStore
 from vitpipe.errors import UserError
@@ -93,14 +93,14 @@ def test_upload_is_verified_then_older_steps_go_and_a_new_machine_gets_it(tmp_pa
 
 def test_the_newest_waiting_upload_wins(tmp_path):
     store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror=str(tmp_path / "m"))
-    uploaded, real = [], store._upload
+    uploaded, real = [], store.mirror.put_checkpoint
 
-    def slow(path, step):
+    def slow(fp, path, step, manifest):
         uploaded.append(step)
         time.sleep(0.5 if step == 1 else 0)
-        real(path, step)
+        real(fp, path, step, manifest)
 
-    store._upload = slow
+    store.mirror.put_checkpoint = slow
     for step in (1, 2, 3, 4):
         fake_checkpoint(store, step, size=1000)
         time.sleep(0.05)
@@ -136,14 +136,14 @@ UPLOAD_KILLED = """
 import sys, time
 from vitpipe.checkpoints.store import CheckpointStore
 store = CheckpointStore("{fp}", "s", 9, directory=sys.argv[1], mirror=sys.argv[2])
-real_open = store.fs.open
+real_open = store.mirror.fs.open
 def slow_open(path, mode="rb", **kw):
     f = real_open(path, mode, **kw)
     if "w" in mode:
         write = f.write
         f.write = lambda b: (print("uploading", flush=True), time.sleep(0.3), write(b))[-1]
     return f
-store.fs.open = slow_open
+store.mirror.fs.open = slow_open
 store.path(6).write_bytes(b"x" * (40 << 20))
 store.commit(6)
 store.wait_for_upload()
@@ -221,7 +221,7 @@ def test_dvc_remote_as_mirror_reuses_its_endpoint(tmp_path, monkeypatch, s3_buck
     subprocess.run(dvc + ["remote", "add", "-d", "store", f"s3://{s3_bucket}/dvc"], check=True)
     subprocess.run(dvc + ["remote", "modify", "store", "endpointurl", s3_server], check=True)
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only DVC's config knows the endpoint now
-    url, options = checkpoint_store.resolve_mirror("dvc")
+    url, options, _ = checkpoint_mirror.resolve("dvc")
     assert url == f"s3://{s3_bucket}/dvc/vitpipe-checkpoints"
     assert options["client_kwargs"]["endpoint_url"] == s3_server
     store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror="dvc")
@@ -278,3 +278,152 @@ def test_cli_lists_and_removes(tmp_path, monkeypatch, capsys, checkpoint_store):
     assert "--older-than 'soon' is not an age" in capsys.readouterr().err
     assert main(["checkpoints", "rm", "bbbb"]) == 0
     assert main(["checkpoints", "--json"]) == 0 and json.loads(capsys.readouterr().out.split("removed bbbb111122223333\n")[-1]) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Finished records: a finished run comes back on any machine that shares the mirror
+
+
+def _run_files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes()
+            for name in ("model.pt", "metrics.json", "plots/train.tsv", "plots/eval.tsv")}
+
+
+def test_finished_run_is_restored_from_the_mirror_and_a_bad_record_is_refused(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import torch
+    from test_train import recipe, train
+
+    mirror = tmp_path / "drive"
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", str(mirror))
+    r = recipe(steps=8, checkpoint_every=4)
+    _, metrics = train(tmp_path / "a", r)
+    (fp,) = [p.name for p in mirror.iterdir()]
+    # what stays: the outputs as they were written, by digest, without optimizer state or checkpoints
+    assert sorted(p.name for p in (mirror / fp).iterdir()) == ["finished", "finished.json"]
+    record = json.loads((mirror / fp / "finished.json").read_text())
+    assert record["fingerprint"] == fp and record["stage"] == "test" and set(record["files"]) == {
+        "weights", "metrics", "train.tsv", "eval.tsv"}
+    original = _run_files(tmp_path / "a")
+    assert (mirror / fp / "finished/weights").read_bytes() == original["model.pt"]
+    assert record["files"]["weights"]["sha256"] == hashlib.sha256(original["model.pt"]).hexdigest()
+    assert set(torch.load(mirror / fp / "finished/weights", weights_only=True)) == {
+        "state_dict", "spec", "num_classes", "image_size"}
+    capsys.readouterr()
+
+    # a new machine (empty store), then the same machine again (its local store)
+    for folder, where in (("b", f"mirror {mirror}"), ("b", f"local store {tmp_path / 'b/store' / fp}")):
+        _, again = train(tmp_path / folder, r)
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"[test] restored the finished run {fp} from {where}"]
+        assert again == metrics and _run_files(tmp_path / folder) == original  # the very bytes: no step trained
+        assert not list((tmp_path / folder / "store" / fp).glob("step-*"))
+
+    # tampered with in the mirror: refused with one line; the stage trains and records it again
+    weights_file = mirror / fp / "finished/weights"
+    tampered = bytearray(weights_file.read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    weights_file.write_bytes(bytes(tampered))
+    train(tmp_path / "c", r)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"vitpipe: warning: [test] refusing the finished run {fp} in mirror {mirror}: ")
+    assert "does not match its manifest" in line and line.endswith("training it instead")
+    assert _run_files(tmp_path / "c")["plots/train.tsv"] != original["plots/train.tsv"]  # trained: new timings
+    assert weights_file.read_bytes() == _run_files(tmp_path / "c")["model.pt"]  # and recorded again
+
+    # another run's record under this run's name: refused, trained
+    train(tmp_path / "other", recipe(steps=8, checkpoint_every=4, lr=0.002))
+    (other,) = {p.name for p in mirror.iterdir()} - {fp}
+    shutil.rmtree(mirror / fp)
+    shutil.copytree(mirror / other, mirror / fp)
+    capsys.readouterr()
+    train(tmp_path / "d", r)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"refusing the finished run {fp} in mirror {mirror}: it belongs to another run (fingerprint {other}" in line
+    assert json.loads((mirror / fp / "finished.json").read_text())["fingerprint"] == fp
+
+
+def test_a_kept_finished_checkpoint_without_its_record_resumes_at_its_end(tmp_path, monkeypatch):
+    from test_train import assert_identical, recipe, train, weights
+
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_KEEP", "1")
+    _, first = train(tmp_path, recipe())
+    first_weights, first_log = weights(tmp_path / "model.pt"), (tmp_path / "plots/train.tsv").read_text()
+    (record,) = (tmp_path / "store").glob("*/finished.json")
+    record.unlink()
+    _, again = train(tmp_path, recipe())
+    assert (tmp_path / "plots/train.tsv").read_text() == first_log  # no step trained: the checkpoint's rows, timings too
+    assert {k: again[k] for k in ("train_loss", "val_acc", "best_val_acc")} == {
+        k: first[k] for k in ("train_loss", "val_acc", "best_val_acc")}
+    assert_identical(first_weights, weights(tmp_path / "model.pt"))
+    assert record.exists()  # and recorded again
+
+
+# ---------------------------------------------------------------------------------------
+# No secret leaks: credentials in a mirror URL or a DVC remote are never shown
+
+SECRETS = ("AKIAFAKEKEY0001", "fakeSecretKey0002", "fakeToken0003", "hunter2pass", "FAKEDVCKEY0004",
+           "fakeDvcSecret0005", "fakeEndpointPw0006", "AKIAFAKEKEY0007", "fakeSecretKey0008")
+
+
+def _assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, f"{secret} leaked in:\n{text}"
+
+
+def test_redact():
+    assert checkpoint_mirror.redact("s3://KEY:SECRET@bucket/ckpt") == "s3://***@bucket/ckpt"
+    assert (checkpoint_mirror.redact("failed: https://host/x?sig=abc&token=def then ssh://u:p@h/y")
+            == "failed: https://host/x?*** then ssh://***@h/y")
+    assert checkpoint_mirror.redact("auth key=abc123 failed", ["abc123"]) == "auth key=*** failed"
+
+
+def test_no_secret_in_a_listing_a_failing_upload_or_an_error(tmp_path, monkeypatch, capsys, s3_bucket):
+    from test_train import recipe, train
+
+    from vitpipe.cli import main
+
+    # keys in the URL of a working mirror (moto takes any key): the listing shows the URL without them
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", f"s3://AKIAFAKEKEY0001:fakeSecretKey0002@{s3_bucket}/ckpt")
+    _, metrics = train(tmp_path / "ok", recipe(steps=4, checkpoint_every=2))
+    assert main(["checkpoints"]) == 0
+    out, err = capsys.readouterr()
+    assert f"s3://***@{s3_bucket}/ckpt/" in out and "finished" in out, out
+    _assert_no_secret(out, err, json.dumps(metrics), (tmp_path / "ok/metrics.json").read_text())
+
+    # an unreachable one (other keys: not s3fs's cached client), a token in its query: the listing warns
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", "s3://AKIAFAKEKEY0007:fakeSecretKey0008@nowhere/c?token=fakeToken0003")
+    assert main(["checkpoints"]) == 0
+    out, err = capsys.readouterr()
+    assert "checkpoint mirror s3://***@nowhere/c?*** cannot be listed" in out
+    _assert_no_secret(out, err)
+
+    # errors: a missing filesystem, an unknown protocol
+    for url in ("ssh://user:hunter2pass@host/ckpt", "nosuch://user:hunter2pass@host/x?token=fakeToken0003"):
+        with pytest.raises(UserError) as e:
+            CheckpointStore(FP, "s", 9, directory=tmp_path / "e", mirror=url)
+        assert "***@host" in str(e.value)
+        _assert_no_secret(str(e.value))
+
+    # the project's DVC remote, its keys and an endpoint with a password in DVC's config: a failing upload
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    with open(repo / ".dvc/config", "a") as config:  # what `dvc remote add -d` and `dvc remote modify` write
+        config.write("[core]\n    remote = store\n['remote \"store\"']\n    url = s3://nowhere/dvc\n"
+                     "    access_key_id = FAKEDVCKEY0004\n    secret_access_key = fakeDvcSecret0005\n"
+                     "    endpointurl = http://user:fakeEndpointPw0006@127.0.0.1:9\n")
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", "dvc")
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path / "dvc-store")
+    fake_checkpoint(store, 3, size=1000)
+    store.wait_for_upload()
+    assert store._mirror_warned
+    assert main(["checkpoints"]) == 0
+    out, err = capsys.readouterr()
+    assert "checkpoint mirror s3://nowhere/dvc/vitpipe-checkpoints failed (upload" in err
+    _assert_no_secret(out, err)

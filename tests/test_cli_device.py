@@ -146,12 +146,40 @@ def test_one_resolver_for_training_and_planning(requested, card, expected):
         assert precision_of.resolve(requested, dev, "train.precision") == expected
 
 
+def test_a_section_override_does_not_reach_variants_with_their_own_key(capsys):
+    """The docs' old T4 advice, -S finetune.micro_batch=32, on the A100 preset: B/8 and L/16
+    (no micro_batch of their own) take it, B/16 and ResNet-50 keep their own 512, which does
+    not fit a T4; the planner names their own keys, so the printed command fits."""
+    preset = str(ROOT / "presets/reference-pets.yaml")
+    assert cli.main(["plan", "--params", preset, "--device", "t4", "-S", "finetune.micro_batch=32"]) == 0
+    out = capsys.readouterr().out
+    assert ("to run it here: dvc exp run -S 'finetune.micro_batch=32' -S 'variants.vit_b16.finetune.micro_batch=128'"
+            " -S 'variants.resnet50.finetune.micro_batch=256'\n") in out
+    r = cli.plan_params(preset, "t4", sets=["finetune.micro_batch=32"])
+    written = {s["stage"]: s["micro_batch_written"] for s in r["stages"]}
+    assert written["finetune@vit_b8"] == written["finetune@vit_l16"] == 32
+    assert written["finetune@vit_b16"] == written["finetune@resnet50"] == 512
+
+
+def test_plan_sets_change_the_file_like_dvc_exp_run():
+    doc = {"data": {"image_size": 224}, "variants": {"a": {"finetune": {"micro_batch": 8}}, "b": {}}}
+    out = cli.apply_sets(doc, ["data.image_size=384", "++variants.b.finetune.micro_batch=16", "~variants.a",
+                               "+seeds=[0, 1]"])
+    assert out == {"data": {"image_size": 384}, "variants": {"b": {"finetune": {"micro_batch": 16}}}, "seeds": [0, 1]}
+    assert doc["data"]["image_size"] == 224 and "a" in doc["variants"]     # the file's own doc is untouched
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["plan"], "needs a MODEL"),
     (["plan", "vit_b16", "--params", "params.yaml"], "not both"),
     (["plan", "--params", "nope.yaml"], "nope.yaml not found"),
+    (["plan", "vit_b16", "-S", "data.image_size=384"], "-S data.image_size=384 changes a params file: use it with --params"),
+    (["plan", "--params", "presets/reference-pets.yaml", "-S", "data.image_size"], "give KEY=VALUE"),
+    (["plan", "--params", "presets/reference-pets.yaml", "-S", "data.image_size.x=1"], "data.image_size.x is not inside"),
+    (["plan", "--params", "presets/reference-pets.yaml", "-S", "finetune.micro_bach=32"], "did you mean"),
 ])
-def test_plan_argument_errors_are_one_line(args, fragment, capsys):
+def test_plan_argument_errors_are_one_line(args, fragment, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("vitpipe: error:") and fragment in err and err.count("\n") == 1

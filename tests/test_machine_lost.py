@@ -1,5 +1,6 @@
-"""Through real `dvc` commands: the run-cache covers every training stage, a lost machine
-resumes from the mirror in a fresh clone, and a killed --temp experiment resumes."""
+"""Through real `dvc` commands: the run-cache covers every training stage, a lost machine's
+finished runs come back from the mirror in a fresh clone and the one in flight resumes, and a
+killed --temp experiment resumes."""
 
 import json
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import MICRO, run, store_steps, write_params
 from test_checkpoint_store import s3_bucket, s3_server  # noqa: F401  (fixtures)
 from test_resume import LONG, reference, wait_for  # noqa: F401  (fixtures)
@@ -67,20 +67,43 @@ def _origin(project: Path, mirror_remote: str | None) -> Path:
     return project
 
 
-def _mirror_steps(kind: str, where, endpoint=None) -> list[int]:
+def _mirror_manifests(kind: str, where, endpoint=None, pattern="step-*.json") -> list[dict]:
+    """The manifests in the mirror (a folder, or the moto bucket) matching <fp>/<pattern>."""
     if kind == "folder":
-        return store_steps(where)
+        found = []
+        for m in Path(where).glob(f"*/{pattern}"):
+            try:
+                found.append(json.loads(m.read_text()))
+            except (OSError, ValueError):
+                pass  # being written or replaced right now
+        return found
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint})
-    steps = []
-    for f in fs.glob(f"{where}/*/step-*.json", refresh=True) if fs.exists(where) else []:
-        steps.append(json.loads(fs.cat_file(f))["step"])
-    return sorted(steps)
+    return [json.loads(fs.cat_file(f)) for f in (fs.glob(f"{where}/*/{pattern}", refresh=True) if fs.exists(where) else [])]
+
+
+def _mirror_steps(kind: str, where, endpoint=None) -> list[int]:
+    return sorted(m["step"] for m in _mirror_manifests(kind, where, endpoint))
+
+
+def _finished_stages(kind: str, where, endpoint=None) -> set[str]:
+    return {m["stage"] for m in _mirror_manifests(kind, where, endpoint, "finished.json")}
+
+
+PRETRAINS = ("pretrain@vit_micro", "pretrain@resnet18")
+FIRST = [*PRETRAINS, "train_scratch@0"]
+
+
+def _outputs(repo: Path, name: str) -> dict[str, bytes]:
+    """A pretrain stage's outputs, byte for byte."""
+    files = [repo / f"models/pretrained/{name}.pt", repo / f"metrics/pretrain/{name}.json",
+             *sorted((repo / f"plots/pretrain/{name}").glob("*.tsv"))]
+    return {str(f.relative_to(repo)): f.read_bytes() for f in files}
 
 
 @pytest.mark.parametrize("kind", ["folder", "s3"])
-def test_lost_machine_resumes_from_the_mirror_in_a_fresh_clone(tmp_path, project, reference, kind, request):
+def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_path, project, reference, kind, request):
     if kind == "s3":
         bucket = request.getfixturevalue("s3_bucket")
         endpoint = os.environ["AWS_ENDPOINT_URL"]
@@ -92,33 +115,43 @@ def test_lost_machine_resumes_from_the_mirror_in_a_fresh_clone(tmp_path, project
         origin = _origin(project, None)
         mirror = where = str(tmp_path / "drive" / "vitpipe")
         endpoint = None
-    # clone X on machine 1: killed mid-training, after the mirror holds a verified step
+    # clone X on machine 1: killed once two training stages finished and the third is mid-way,
+    # after the mirror holds a verified step of it
     x, store_x = tmp_path / "x", tmp_path / "store-x"
     run(["git", "clone", "-q", str(origin), str(x)], tmp_path)
     env = {"VITPIPE_CHECKPOINT_DIR": str(store_x), "VITPIPE_CHECKPOINT_MIRROR": mirror, "OMP_NUM_THREADS": "1"}
-    run(DVC + ["repro", "preprocess"], x, env=env)
-    p = subprocess.Popen(DVC + ["repro", "train_scratch@0"], cwd=x, start_new_session=True,
+    # DVC orders independent stages its own way: two commands fix which one is in flight at the kill
+    repro = " ".join(DVC + ["repro"])
+    p = subprocess.Popen(["sh", "-c", f"{repro} {' '.join(PRETRAINS)} && {repro} train_scratch@0"], cwd=x,
+                         start_new_session=True,
                          env={**os.environ, **env, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: max(_mirror_steps(kind, where, endpoint), default=0) >= 30, p, poll=0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the runtime disconnects: dvc, the stage, its upload thread
-    p.communicate()
+    out_x = p.communicate()[0]
+    assert _finished_stages(kind, where, endpoint) == set(PRETRAINS), out_x[-3000:]
     in_mirror = max(_mirror_steps(kind, where, endpoint))
     assert 30 <= in_mirror < LONG["steps"]
-    shutil.rmtree(x)
+    finished_x = {name: _outputs(x, name.split("@")[1]) for name in PRETRAINS}
+    shutil.rmtree(x)  # the workspace and its DVC cache
     shutil.rmtree(store_x)
-    # clone Y on machine 2: an empty local store, the same mirror
+    # clone Y on machine 2: an empty local store and DVC cache, the same mirror
     y = tmp_path / "y"
     run(["git", "clone", "-q", str(origin), str(y)], tmp_path)
     env["VITPIPE_CHECKPOINT_DIR"] = str(tmp_path / "store-y")
-    out = dvc(["repro", "train_scratch@0"], y, env=env)
+    out = dvc(["repro", *FIRST], y, env=env)
     shown = f"s3://{where}" if kind == "s3" else where
+    for name in PRETRAINS:  # restored, not trained: the very bytes, step logs and their timings included
+        assert re.search(rf"^\[{name}\] restored the finished run [0-9a-f]{{16}} from mirror {re.escape(shown)}$",
+                         out, re.MULTILINE), out[-3000:]
+        assert _outputs(y, name.split("@")[1]) == finished_x[name]
     assert f"resuming from mirror {shown} at step " in out, out[-3000:]
     resumed_at = int(out.split("resuming from mirror ")[1].split(" at step ")[1].split("/")[0])
     assert resumed_at >= in_mirror
     assert_identical(reference, weights(y / "models/scratch/seed-0/model.pt"))
-    assert _mirror_steps(kind, where, endpoint) == []  # finished: its checkpoints left the mirror
-    assert "changed" not in run(DVC + ["status", "train_scratch@0"], y, env=env).stdout
+    assert _mirror_steps(kind, where, endpoint) == []  # finished: only records remain in the mirror
+    assert _finished_stages(kind, where, endpoint) == {*PRETRAINS, "train_scratch@0"}
+    assert "changed" not in run(DVC + ["status", *FIRST], y, env=env).stdout
 
 
 def test_killed_temp_experiment_resumes_when_run_again(project, reference, checkpoint_store):

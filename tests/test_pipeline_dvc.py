@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -26,6 +27,36 @@ def declared_outputs(repo: Path) -> list[Path]:
         for out in stage.get("outs", []):
             paths.add(repo / out["path"])
     return sorted(paths)
+
+
+def changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(run(DVC + ["status", "--json"], repo).stdout))
+
+
+def edit_line(repo: Path, folder: str, defines: str) -> Path:
+    """Change one line of the function `defines` (the file under `folder` that defines it)."""
+    path = next(p for p in (repo / folder).rglob("*.py") if f"def {defines}(" in p.read_text())
+    text = path.read_text()
+    path.write_text(text.replace(f"def {defines}(", f"def {defines}(  # edited\n        ", 1))
+    return path
+
+
+def assert_code_changes_rerun_what_runs_them(repo: Path) -> None:
+    """What DVC's run-cache relies on: a code change marks every stage that runs the code, and
+    nothing else. The augmentation and the model builder are training code; `vitpipe.cli`
+    is run by no stage."""
+    training = {"train_scratch@0", "pretrain@vit_micro", "pretrain@resnet18", "finetune@vit_micro-0",
+                "finetune@resnet18-0"}
+    for folder, function, also in (("vitpipe/data", "shift_and_flip", set()),
+                                   ("vitpipe/models", "build_model", {"evaluate_scratch@0", "evaluate@vit_micro-0",
+                                                                      "evaluate@resnet18-0", "validate", "report"})):
+        path = edit_line(repo, folder, function)
+        changed = changed_stages(repo)
+        assert training | also <= changed, (function, changed)
+        run(["git", "checkout", "--", str(path.relative_to(repo))], repo)
+    edit_line(repo, "vitpipe", "cmd_plan")
+    assert changed_stages(repo) == set()
+    run(["git", "checkout", "--", "vitpipe"], repo)
 
 
 def test_repro_exp_metrics_plots(project):
@@ -50,6 +81,7 @@ def test_repro_exp_metrics_plots(project):
     assert ran_stages(second.stdout) == set()
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
+    assert_code_changes_rerun_what_runs_them(repo)
 
     # A patch change re-runs the scratch network, its evaluation and the report; nothing upstream.
     exp = run(DVC + ["exp", "run", "-S", "model.patch=8"], repo)
@@ -122,3 +154,50 @@ def test_data_sweep_reruns_only_training_and_draws_the_curve(project):
     md = (repo / "reports/data_efficiency.md").read_text()
     assert "figures/data_efficiency.png" in md and (repo / "reports/figures/data_efficiency.png").stat().st_size > 0
     assert "'a ViT from scratch needs more data than a CNN'" in md and "'pretraining closes the gap'" in md
+
+
+def test_a_local_weights_file_is_a_dependency_of_its_import(project):
+    """`source: file` imports weights/<file>: a changed file re-runs that pretrain stage; a path
+    outside weights/ is refused before anything runs (DVC could not see it change)."""
+    import torch
+
+    from vitpipe.models import build_model
+
+    repo = project
+    spec = {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
+    torch.manual_seed(0)
+    torch.save(build_model(spec, 10, 16).state_dict(), repo / "weights/micro.pt")
+    doc = yaml.safe_load((repo / "params.yaml").read_text())
+    doc["variants"] = {"vit_file": {**spec, "source": "file", "weights": "weights/micro.pt"}}
+    write_params(repo / "params.yaml", doc)
+    first = run(DVC + ["repro", "pretrain@vit_file"], repo)
+    assert ran_stages(first.stdout) == {"validate", "pretrain@vit_file"}
+    assert "pretrain@vit_file" not in changed_stages(repo)
+    torch.manual_seed(1)
+    torch.save(build_model(spec, 10, 16).state_dict(), repo / "weights/micro.pt")
+    assert "pretrain@vit_file" in changed_stages(repo)
+
+    doc["variants"]["vit_file"]["weights"] = str(repo / "elsewhere.pt")
+    write_params(repo / "params.yaml", doc)
+    refused = run(DVC + ["repro", "pretrain@vit_file"], repo, check=False)
+    assert refused.returncode != 0
+    assert "variants.vit_file.weights" in refused.stderr and "a file under weights/" in refused.stderr
+
+
+def test_a_convnext_variant_runs_end_to_end(project):
+    """A third model family is a params change: ConvNeXt pretrained, fine-tuned, evaluated
+    (Grad-CAM) and reported through `dvc exp run`."""
+    repo = project
+    doc = yaml.safe_load((repo / "params.yaml").read_text())
+    doc["data"]["image_size"] = 32                  # ConvNeXt downsamples by 32
+    doc["variants"] = {"cnx": {"arch": "convnext_atto", "source": "fractal", "weights": None}}
+    write_params(repo / "params.yaml", doc)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "convnext"], repo)
+    exp = run(DVC + ["exp", "run"], repo)
+    assert {"pretrain@cnx", "finetune@cnx-0", "evaluate@cnx-0", "report"} <= ran_stages(exp.stdout)
+    scores = json.loads((repo / "metrics/evaluate/cnx/seed-0.json").read_text())
+    assert 0.0 <= scores["top1"] <= 1.0 and scores["test_images"] == 359
+    maps = np.load(repo / "eval/cnx/seed-0/attention.npz")
+    assert str(maps["method"]).startswith("Grad-CAM") and float(maps["maps"].max()) > 0
+    assert "cnx" in (repo / "reports/report.md").read_text()

@@ -103,7 +103,9 @@ def test_a_real_change_is_beyond_noise():
     summary = {"vit_tiny.top1_ci95_lo": 0.60, "vit_tiny.top1_ci95_hi": 0.64}
     diff = {"metrics/evaluate/vit_tiny/seed-0.json": {"top1": {"old": 0.42, "new": 0.62, "diff": 0.2}},
             "metrics/summary.json": {"vit_tiny.top1_mean": {"old": 0.41, "new": 0.62, "diff": 0.21},
-                                     "vit_tiny.top1_sd": {"old": 0.01, "new": 0.012, "diff": 0.002}},
+                                     "vit_tiny.top1_sd": {"old": 0.01, "new": 0.012, "diff": 0.002},
+                                     "finetune_minus_scratch.verdict": {"old": "holds", "new": "inconclusive"},
+                                     "finetune_minus_scratch.test": {"old": "seeds", "new": "seeds"}},
             "metrics/finetune/vit_tiny/seed-0.json": {"img_per_s": {"old": 400.0, "new": 700.0, "diff": 300.0},
                                                        "params": {"old": 10, "new": 12, "diff": 2}}}
     results, machine, other = pr_comment.split_diff(diff, summary)
@@ -111,6 +113,8 @@ def test_a_real_change_is_beyond_noise():
     assert notes[("metrics/evaluate/vit_tiny/seed-0.json", "top1")] == "**beyond noise** (±0.02)"
     assert notes[("metrics/summary.json", "vit_tiny.top1_mean")].startswith("**beyond noise**")
     assert notes[("metrics/summary.json", "vit_tiny.top1_sd")] == ""   # a spread has no noise label
+    # a verdict that flips is a result (no noise label: it is not a number); an unchanged key is left out
+    assert notes[("metrics/summary.json", "finetune_minus_scratch.verdict")] == ""
     assert [r[1] for r in machine] == ["img_per_s"] and [r[1] for r in other] == ["params"]
 
 

@@ -49,7 +49,8 @@ def target_card(path: Path) -> str:
 
 
 def apply_overrides(doc: dict, overrides: list[str]) -> dict:
-    """What `dvc exp run -S key=value` / `-S ++key=value` does to params.yaml."""
+    """What `dvc exp run -S key=value` / `-S ++key=value` does to params.yaml (written here
+    apart from vitpipe.cli.apply_sets, so that the two can disagree)."""
     doc = yaml.safe_load(yaml.safe_dump(doc, sort_keys=False))
     for o in overrides:
         key, value = o.removeprefix("++").split("=", 1)
@@ -61,11 +62,20 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
     return doc
 
 
+# what a user may ask the planner for besides the preset: the ViT paper's 384 px, and the
+# section-wide micro-batch the docs once gave (which a variant's own micro_batch overrides)
+CHANGES = {"as-written": [], "384px": ["data.image_size=384"], "section-micro-batch": ["finetune.micro_batch=32"]}
+
+
+@pytest.mark.parametrize("change", CHANGES)
 @pytest.mark.parametrize("card", CARDS)
 @pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
-def test_planned_preset_fits_every_card(path, card, tmp_path):
+def test_planned_preset_fits_every_card(path, card, change, tmp_path):
+    """`vitpipe plan --params PRESET --device CARD [-S ...]`: its overrides, applied as `dvc
+    exp run -S` applies them, give a file that fits CARD at every stage as written."""
     dev = devices.get_device(card)
-    r = plan_params(path, card)
+    r = plan_params(path, card, sets=CHANGES[change])
+    assert r["overrides"][:len(CHANGES[change])] == CHANGES[change]
     assert r["fits"], r["stages"]
     for s in r["stages"]:
         assert s["micro_batch"] and s["batch"] % s["micro_batch"] == 0

@@ -3,7 +3,9 @@ computed from the data (flip the data, the sentence flips), a partial pipeline s
 and the HTML rendering parses with the same sections, tables and embedded figures."""
 
 import base64
+import html as html_lib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ def write_tsv(path: Path, rows: list[dict]) -> None:
     path.write_text("\t".join(cols) + "\n" + "".join("\t".join(str(r[c]) for c in cols) + "\n" for r in rows))
 
 
+TEST_IMAGES = 359
 SEED_OFFSETS = (0.0, 0.01, -0.01)   # per-seed test top-1 around the run's mean (which stays `top1`)
 
 
@@ -55,7 +58,12 @@ def seed_outputs(root, stage, seed, top1, accs, img_per_s, rss_mb, params, steps
                               "val_acc": accs[-1], "best_val_acc": max(accs), "peak_rss_mb": rss_mb})
     write_json(root / f"metrics/evaluate/{'scratch' if stage == 'train_scratch' else name}/seed-{seed}.json",
                {"top1": top1, "top5": 1.0, "params": params, "infer_img_per_s": 900.0, "latency_ms": 2.0,
-                "test_images": 359})
+                "test_images": TEST_IMAGES})
+    right = round(top1 * TEST_IMAGES)      # the first `right` test images, so better runs get a superset right
+    predictions = root / "eval" / ("scratch" if stage == "train_scratch" else name) / f"seed-{seed}" / "predictions.csv"
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    predictions.write_text("actual,predicted\n" + "".join(f"{i % 10},{i % 10 if i < right else (i + 1) % 10}\n"
+                                                          for i in range(TEST_IMAGES)))
     plots = root / "plots" / stage / f"seed-{seed}"
     write_tsv(plots / "train.tsv", [{"step": s, "loss": 2.0 / s, "lr": 0.01, "img_per_s": img_per_s,
                                      "img_per_s_per_device": img_per_s, "elapsed_s": s * 16 / img_per_s,
@@ -160,12 +168,16 @@ def test_report_sections_figures_and_html(outputs):
     figures = [line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
     assert len(figures) >= 7 and all((md_path.parent / f).read_bytes().startswith(PNG) for f in figures)
     # the reference's numbers next to ours
-    for fact in ("31.7M", "11,689,512", "15.04 GB", "32.9", "91.94%", "4.35 h"):
+    for fact in ("31.7M", "11,689,512", "94% of the T4", "32.9", "91.94%", "4.35 h", "Dittakavi", "2022"):
         assert fact in md, fact
-    assert "fine-tuning `vit_tiny` from fractal pretraining beats training the same network from scratch" in md
-    # means over 3 seeds with their sd and 95% interval, and the paired difference's verdict
+    assert ("fine-tuning `vit_tiny` from fractal pretraining beats training the same network from scratch at equal "
+            "training steps") in md
+    # means over 3 seeds with their sd and 95% interval, and the paired difference's verdict, with the test named
     assert "70.0% ± 1.0 [67.5, 72.5] against 40.0% ± 1.0 [37.5, 42.5] test top-1" in md
-    assert "The difference, paired by seed: +30.0 points; 95% CI of the difference +30.0 to +30.0 points" in md
+    assert "+30.0 points; 95% CI of the difference +30.0 to +30.0 points, above zero (**holds**, by the 95% t-interval" in md
+    assert "conditional on that one pretraining run" in md
+    assert " GB" not in md.replace("16 GB T4", "").replace("GB as printed", "")   # one unit: GiB, MiB
+    assert md.count("Dittakavi") == 1                                             # the reference, named once
 
     page = Page()
     page.feed(html_path.read_text())
@@ -183,16 +195,89 @@ def test_report_sections_figures_and_html(outputs):
 def test_findings_follow_the_data(outputs):
     inputs = load(outputs)
     claims, facts = an.finetune_claims(inputs)
-    assert [c.verdict for c in claims] == [an.HOLDS, an.HOLDS]
-    assert facts["hit_scratch"] == (40, 1.6) and facts["hit_twin"][0] == 10
+    # equal steps; equal compute (no sweep record: not tested); time without and with pretraining
+    assert [c.verdict for c in claims] == [an.HOLDS, an.UNTESTED, an.HOLDS, an.FAILS]
+    assert facts["target"] == 0.45 and facts["spacing"] == 10
+    # scratch reaches 45% at step 40 (1.6 s) on every seed, fine-tuning at step 10 (0.53 s) + 100 s of pretraining
+    assert facts["time_without_pretraining"] == pytest.approx((10 * 16 / 300, 10 * 16 / 300, 10 * 16 / 300, 1.6, 1.6, 1.6))
+    assert "evaluated every 10 steps" in claims[2].this_run and "(100 s of pretraining included)" in claims[3].this_run
 
     for t, d in zip(inputs.scratch.tests, (0.0, 0.01, -0.01)):   # scratch now better than fine-tuning
         t["top1"] = 0.9 + d
     for e in inputs.scratch.evals_by_seed:
         e["val_acc"] = [0.5, 0.8, 0.9, 0.95]
     claims, facts = an.finetune_claims(inputs)
-    assert [c.verdict for c in claims] == [an.FAILS, an.FAILS]
-    assert "never reached" in claims[1].this_run
+    assert [c.verdict for c in claims] == [an.FAILS, an.UNTESTED, an.FAILS, an.FAILS]
+    assert "fine-tuning: never" in claims[2].this_run
+
+
+def test_claims_table_names_its_evidence_and_counts_every_verdict(outputs):
+    """Built from fixed metrics: each claim says what it rests on, the T4 ETA is not tested
+    (its MFU was fitted to the reference's speed), and the count sentence adds up."""
+    md = write_report(outputs)[0].read_text()
+    headline = md.split("## 1.")[0]
+    rows = [line for line in headline.splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    header = next(line for line in headline.splitlines() if "the reference says" in line)
+    assert [c.strip() for c in header.strip("|").split("|")][-2:] == ["verdict", "evidence"]
+    by_claim = {c[1]: (c[-2], c[-1]) for c in cells}
+    assert all(e.split(" (")[0] in an.EVIDENCE for _, e in by_claim.values()), by_claim
+    t4 = by_claim["ViT-B/32 from scratch, 10,000 steps at batch 512 on a T4 takes ~36 h"]
+    assert t4[0] == "**not tested**" and t4[1].startswith("not tested (circular")
+    assert by_claim["ViT-B/L/H parameter counts (Table 1)"] == ("**holds**", an.COMPUTED)
+    assert by_claim[an.FINETUNE_CLAIM] == ("**holds**", an.MEASURED)
+    assert by_claim["more parameters take more training time and more memory"][0] == "**not tested**"
+    verdicts = [v.strip("*") for v, _ in by_claim.values()]
+    counts = {w: verdicts.count(w) for w in an.VERDICTS}
+    assert sum(counts.values()) == len(rows) == 12
+    sentence = next(line for line in headline.splitlines() if line.startswith("Of the "))
+    assert sentence.startswith(f"Of the {len(rows)} claims, {counts[an.HOLDS]} hold, {counts[an.FAILS]} do not hold, "
+                               f"{counts[an.INCONCLUSIVE]} are inconclusive and {counts[an.UNTESTED]} are not tested")
+    tested = [e for _, e in by_claim.values() if not e.startswith(an.NOT_TESTED)]
+    assert (f"of the {len(tested)} tested, {sum(e == an.MEASURED for e in tested)} on what this run measured"
+            in sentence)
+
+
+def test_one_seed_is_decided_image_by_image(outputs):
+    """With one seed the headline is McNemar's exact test on the test images, not *inconclusive*."""
+    doc = yaml.safe_load((outputs / "params.yaml").read_text())
+    doc["seeds"] = [0]
+    (outputs / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    md = write_report(outputs)[0].read_text()
+    # seed 0: 70% (251 of 359) fine-tuned against 40% (144): 107 images right only when fine-tuned, none only from scratch
+    assert ("McNemar's exact test on 359 test images: 107 right only by vit_tiny fine-tuned, 0 only by scratch, "
+            "p = 1.2e-32") in md
+    assert "(**holds**, by McNemar's exact test on seed 0's 359 test images" in md
+    summary = json.loads((outputs / "metrics/summary.json").read_text())
+    assert summary["finetune_minus_scratch.test"] == "images" and summary["finetune_minus_scratch.verdict"] == "holds"
+    assert (summary["finetune_minus_scratch.only_first_right"], summary["finetune_minus_scratch.only_second_right"]) == (107, 0)
+    assert summary["finetune_minus_scratch.mcnemar_p"] == pytest.approx(2 * 0.5 ** 107, rel=1e-2, abs=0)
+
+
+def test_equal_compute_run_from_the_sweep_record(outputs):
+    """params.lr_sweep.json's equal-compute scratch run is compared image by image with the
+    fine-tuned twin of its seed; a record of other data or another lr is not used."""
+    lr = yaml.safe_load((outputs / "params.yaml").read_text())["train"]["lr"]
+    correct = "".join("1" if i < 200 else "0" for i in range(TEST_IMAGES))   # 200 right; the twin's seed 0: 251
+    record = {"dataset": "digits", "image_size": 32, "twin": "vit_tiny", "val_images": 5,
+              "equal_compute": {"seed": 0, "lr": lr, "steps": 1150, "pretrain_steps": 70, "finetune_steps": 40,
+                                "test_images": TEST_IMAGES, "test_top1": 200 / TEST_IMAGES, "test_correct": correct}}
+    write_json(outputs / "params.lr_sweep.json", record)
+    claims, _ = an.finetune_claims(load(outputs))
+    assert (claims[1].verdict, claims[1].evidence) == (an.HOLDS, an.SWEEP)
+    assert "51 right only by vit_tiny fine-tuned, 0 only by scratch at equal compute" in claims[1].this_run and "1,150 steps" in claims[1].this_run
+    # a second pretraining run, fine-tuned at seed 0: 240 right against this run's 251
+    ft_lr = yaml.safe_load((outputs / "params.yaml").read_text())["finetune"]["lr"]
+    record["second_pretraining"] = {"pretrain_seed": 1, "seed": 0, "lr": ft_lr, "test_images": TEST_IMAGES,
+                                    "test_top1": 240 / TEST_IMAGES,
+                                    "test_correct": "".join("1" if i < 240 else "0" for i in range(TEST_IMAGES))}
+    write_json(outputs / "params.lr_sweep.json", record)
+    md = write_report(outputs)[0].read_text()
+    assert "a second pretraining run (`pretrain.seed` 1" in md and "66.9% against this run's 69.9%: -3.1 points" in md
+    record["equal_compute"]["lr"] = lr * 3
+    write_json(outputs / "params.lr_sweep.json", record)
+    claims, _ = an.finetune_claims(load(outputs))
+    assert claims[1].verdict == an.UNTESTED and "train.lr" in claims[1].this_run
 
 
 def test_memory_and_parameter_verdicts(outputs):
@@ -260,3 +345,92 @@ def test_dvc_plots_cover_every_run():
         assert {str(Path(f).parent) for f in ys} >= wanted, name
         assert {c for f, c in ys.items() for c in ([c] if isinstance(c, str) else c)} == columns
         assert plots[name]["x"] == "step" and plots[name].get("title") and plots[name].get("y_label")
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+# Appended to a copy of the report: after load, what the browser made of each image and table
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const seen = el => { const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0; };
+  const images = [...document.images].map(i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth,
+                                                  height: i.naturalHeight, shown: seen(i)}));
+  const tables = [...document.querySelectorAll('table')].map(t => ({rows: t.rows.length, shown: seen(t)}));
+  const out = document.createElement('pre');
+  out.id = 'vitpipe-probe';
+  out.textContent = JSON.stringify({images, tables});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def browser_view(html: Path, tmp_path: Path) -> dict:
+    """Open `html` in headless Chromium; what it decoded and laid out. Skips without a browser."""
+    import shutil
+
+    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian: `apt-get install -y chromium`): the report is not "
+                    "opened in a real browser here")
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="vitpipe-probe">(.*?)</pre>', out.stdout, re.S)
+    assert found, f"Chromium gave no page back (exit {out.returncode}): {out.stderr[-1500:]}"
+    return json.loads(html_lib.unescape(found.group(1)))
+
+
+def test_report_in_a_real_browser(outputs, tmp_path):
+    """reports/report.html as Chromium shows it: every figure decoded and laid out, every table there."""
+    md_path, html_path = write_report(outputs)
+    md = md_path.read_text()
+    seen = browser_view(html_path, tmp_path)
+    figures = [line for line in md.splitlines() if line.startswith("![")]
+    assert len(seen["images"]) == len(figures) >= 7
+    broken = [i["alt"] for i in seen["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0 and i["shown"])]
+    assert not broken, f"figures the browser could not show: {broken}"
+    assert len(seen["tables"]) == md.count("\n|:") + md.count("\n|-")
+    assert all(t["rows"] >= 2 and t["shown"] for t in seen["tables"]), seen["tables"]
+
+
+def _data_sweep():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_sweep", ROOT / "scripts/data_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _point(fraction: float, tops: dict, seeds: int) -> dict:
+    """A data-sweep point: per run, `seeds` per-seed accuracies around `tops[run]` and per-image
+    correctness (the first top1 * 400 images right)."""
+    runs = {}
+    for r, top in tops.items():
+        by_seed = [top + (0.01 * (s % 3) - 0.01 if seeds > 1 else 0.0) for s in range(seeds)]
+        right = round(by_seed[0] * 400)           # 400 test images: every accuracy here is a whole count
+        runs[r] = {"top1_by_seed": by_seed, "correct_by_seed": ["1" * right + "0" * (400 - right)] * seeds}
+    return {"fraction": fraction, "train_images": {"scratch": int(1258 * fraction)}, "stages_run": [], "runs": runs}
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_data_sweep_compares_like_with_like_from_intervals(seeds):
+    ds = _data_sweep()
+    small = {"vit_scratch": 0.20, "cnn_scratch": 0.60, "vit_finetuned": 0.55, "cnn_finetuned": 0.80}
+    whole = {"vit_scratch": 0.60, "cnn_scratch": 0.80, "vit_finetuned": 0.75, "cnn_finetuned": 0.95}
+    points = [_point(0.1, small, seeds), _point(1.0, whole, seeds)]
+    for p in points:
+        for r in p["runs"].values():
+            r.update(ds.interval(r))
+            assert r["ci95_lo"] < r["mean"] < r["ci95_hi"]
+    lines = ds.verdict(points)
+    # the ViT from scratch loses 40 points, the CNN from scratch 20: +20, decided from the interval
+    assert "ViT from scratch loses more accuracy than the CNN from scratch by +20.0 points" in lines[0]
+    assert "**holds**" in lines[0]
+    assert ("paired bootstrap" in lines[0]) == (seeds == 1) and ("95% CI of the difference" in lines[0]) == (seeds > 1)
+    assert "both from scratch: -40.0 points" in lines[1] and "'the ViT beats the CNN' **does not hold**" in lines[1]
+    assert "both fine-tuned: -25.0 points" in lines[2]
+    assert "'pretraining closes the gap' **holds**" in lines[3] and "by +15.0 points" in lines[3]
+    md = ds.markdown(points)
+    assert md[0].startswith("| share of train | ViT from scratch | CNN from scratch | ViT fine-tuned | CNN fine-tuned")

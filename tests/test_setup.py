@@ -1,5 +1,7 @@
 """scripts/setup.sh keeps a torch that is new enough (Colab's, Kaggle's, a container's), stops
-on one that is too old, and installs the pinned build on a Python without torch.
+on one that is too old, and installs the pinned build on a Python without torch: the CPU build
+on a machine without a GPU, a CUDA build on one with a GPU (nvidia-smi lists it; a fake
+nvidia-smi stands in for it here).
 
 Most cases run it with VITPIPE_SETUP_DRY_RUN=1: it decides and prints the pip commands it
 would run, and runs none (no network, no minutes of installing). The slow test runs it for
@@ -53,17 +55,40 @@ def see_this_torch(python: Path) -> None:
     (site_packages(python) / "preinstalled.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
 
-def fake_torch(python: Path, version: str) -> None:
+def fake_torch(python: Path, version: str, cuda: str | None = "-") -> None:
+    """A torch that says `version`; with `cuda` (None: a CPU build) it has torch.version as
+    real builds do, without it only __version__."""
     pkg = site_packages(python) / "torch"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (pkg / "__init__.py").write_text(f"__version__ = {version!r}\n" + ("from . import version\n" if cuda != "-" else ""))
+    if cuda != "-":
+        (pkg / "version.py").write_text(f"cuda = {cuda!r}\nhip = None\n")
+
+
+def machine(tmp_path, gpu: bool) -> str:
+    """PATH of a machine with (or without) an NVIDIA GPU: a fake nvidia-smi that lists one
+    GPU, or one that fails as it does where the driver finds no card."""
+    bin_dir = tmp_path / ("gpu-bin" if gpu else "cpu-bin")
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Tesla T4 (UUID: GPU-0)'\n" if gpu else
+                   "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    smi.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+# pip with no index of its own (an ordinary machine), or with one (this machine, a company mirror)
+PLAIN_PIP = {"PIP_CONFIG_FILE": os.devnull}
+LOCAL_INDEX = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "file:///srv/wheels/simple"}
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def setup(repo: Path, dry=True, **env) -> subprocess.CompletedProcess:
     """Run the checkout's setup.sh as a user would, outside any activated venv."""
     base = {k: v for k, v in os.environ.items()
-            if k not in ("VIRTUAL_ENV", "PYTHON", "VITPIPE_NO_VENV", "VITPIPE_UPGRADE_TORCH")}
-    return subprocess.run(["bash", str(repo / "scripts/setup.sh")], capture_output=True, text=True, timeout=900,
+            if k not in ("VIRTUAL_ENV", "PYTHON", "VITPIPE_NO_VENV", "VITPIPE_UPGRADE_TORCH", "VITPIPE_TORCH_INDEX")
+            and not (env.get("PIP_CONFIG_FILE") and k.startswith("PIP_"))}   # that pip config only
+    return subprocess.run(["bash", str(repo / "scripts/setup.sh")], check=False, capture_output=True, text=True, timeout=900,
                           env={**base, "VITPIPE_SETUP_DRY_RUN": "1" if dry else "0", **env})
 
 
@@ -72,7 +97,8 @@ def test_keeps_the_torch_of_this_python_without_a_venv(tmp_path):
     repo = project(tmp_path)
     p = setup(repo, VITPIPE_NO_VENV="1", PYTHON=sys.executable)
     assert p.returncode == 0, p.stderr
-    assert f"setup: keeping the installed torch {torch.__version__} (vitpipe needs torch >= {MIN_TORCH})" in p.stdout
+    build = f"cuda{torch.version.cuda}" if torch.version.cuda else "cpu"
+    assert f"setup: keeping the installed torch {torch.__version__}, {build} build (vitpipe needs torch >= {MIN_TORCH})" in p.stdout
     assert f"installing into {sys.executable}" in p.stdout
     assert "install torch==" not in p.stdout
     assert re.search(r"would run: .* -m pip install -e \.\[test\] -c \S+", p.stdout)   # pinned to the kept torch
@@ -132,8 +158,72 @@ def test_a_new_enough_fake_torch_is_kept(tmp_path):
     fake_torch(python, f"{MIN_TORCH}.0+cu121")
     p = setup(repo)
     assert p.returncode == 0, p.stderr
-    assert f"keeping the installed torch {MIN_TORCH}.0+cu121" in p.stdout
+    assert f"keeping the installed torch {MIN_TORCH}.0+cu121, unknown build" in p.stdout
     assert "install torch==" not in p.stdout
+
+
+def torch_install(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stdout.splitlines() if "would run" in line and "torch==" in line]
+    assert len(lines) == 1, p.stdout
+    return lines[0]
+
+
+def test_a_cpu_machine_gets_the_cpu_build(tmp_path):
+    """No GPU and pip with no index of its own: PyTorch's CPU index, not PyPI's CUDA wheels;
+    also where nvidia-smi exists but finds no card."""
+    repo = project(tmp_path)
+    for path in (os.environ["PATH"], machine(tmp_path, gpu=False)):
+        p = setup(repo, PATH=path, **PLAIN_PIP)
+        assert torch_install(p).endswith(f"install torch=={PINNED} torchvision==0.29.1 --index-url {CPU_INDEX}")
+        assert f"the CPU build from {CPU_INDEX}: no GPU here" in p.stdout
+
+
+def test_a_cpu_machine_whose_pip_has_an_index_uses_it_and_says_so(tmp_path):
+    """This machine: pip serves torch from a configured index. That index is used as it is,
+    and setup does not claim a CPU build it did not choose; it names the variable that would."""
+    repo = project(tmp_path)
+    p = setup(repo, PATH=machine(tmp_path, gpu=False), **LOCAL_INDEX)
+    assert torch_install(p).endswith(f"install torch=={PINNED} torchvision==0.29.1")
+    assert "from the index pip is configured with (:env:.index-url='file:///srv/wheels/simple')" in p.stdout
+    assert f"set VITPIPE_TORCH_INDEX={CPU_INDEX} for PyTorch's CPU build" in p.stdout
+    assert "the CPU build" not in p.stdout
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_vitpipe_torch_index_chooses_the_wheel_index(tmp_path, gpu):
+    repo = project(tmp_path)
+    index = "https://download.pytorch.org/whl/cu126"
+    p = setup(repo, PATH=machine(tmp_path, gpu), VITPIPE_TORCH_INDEX=index, **LOCAL_INDEX)
+    assert torch_install(p).endswith(f"install torch=={PINNED} torchvision==0.29.1 --index-url {index}")
+    assert f"from {index} (VITPIPE_TORCH_INDEX)" in p.stdout
+
+
+def test_a_gpu_machine_gets_pypis_cuda_build(tmp_path):
+    repo = project(tmp_path)
+    p = setup(repo, PATH=machine(tmp_path, gpu=True), **PLAIN_PIP)
+    assert torch_install(p).endswith(f"install torch=={PINNED} torchvision==0.29.1")
+    assert "PyPI's Linux torch is a CUDA build): this machine has a GPU" in p.stdout
+
+
+def test_a_gpu_machine_keeps_its_cuda_torch_and_replaces_a_cpu_one(tmp_path):
+    repo = project(tmp_path)
+    python = make_venv(repo / ".venv")
+    fake_torch(python, f"{MIN_TORCH}.1+cu124", cuda="12.4")
+    p = setup(repo, PATH=machine(tmp_path, gpu=True), **PLAIN_PIP)
+    assert p.returncode == 0, p.stderr
+    assert f"keeping the installed torch {MIN_TORCH}.1+cu124, cuda12.4 build" in p.stdout
+    assert "install torch==" not in p.stdout
+
+    shutil.rmtree(site_packages(python) / "torch")
+    fake_torch(python, f"{MIN_TORCH}.1+cpu", cuda=None)
+    p = setup(repo, PATH=machine(tmp_path, gpu=True), **PLAIN_PIP)
+    assert torch_install(p).endswith(f"install --force-reinstall torch=={PINNED} torchvision==0.29.1")
+    assert f"torch {MIN_TORCH}.1+cpu is a CPU build and this machine has a GPU: replacing it" in p.stdout
+    assert "keeping" not in p.stdout
+    # the same CPU torch on a machine without a GPU is kept
+    p = setup(repo, PATH=machine(tmp_path, gpu=False), **PLAIN_PIP)
+    assert f"keeping the installed torch {MIN_TORCH}.1+cpu, cpu build" in p.stdout and "install torch==" not in p.stdout
 
 
 @pytest.mark.slow
@@ -146,9 +236,19 @@ def test_setup_for_real_keeps_the_preinstalled_torch(tmp_path):
     p = setup(repo, dry=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"keeping the installed torch {torch.__version__}" in p.stdout
-    assert f"vitpipe ready: torch {torch.__version__}" in p.stdout
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"     # said from what torch reports
+    assert f"vitpipe ready: torch {torch.__version__} ({build} build)" in p.stdout
     where = subprocess.run([python, "-c", "import torch, vitpipe; print(torch.__file__); print(vitpipe.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
     assert where[0] == torch.__file__                       # the same torch, not a new download
     assert where[1].startswith(str(repo))                   # vitpipe from this checkout
     assert not list(site_packages(python).glob("torch-*.dist-info"))
+
+
+def test_the_pr_workflow_installs_the_cpu_build():
+    """CI runners have no GPU: the workflow asks for PyTorch's CPU index by name."""
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github/workflows/pr.yml").read_text())
+    steps = [s for job in workflow["jobs"].values() for s in job["steps"] if "scripts/setup.sh" in s.get("run", "")]
+    assert steps and all(s.get("env", {}).get("VITPIPE_TORCH_INDEX") == CPU_INDEX for s in steps)

@@ -60,3 +60,47 @@ def test_within_noise():
     ci = stats.over_seeds([0.60, 0.64, 0.68])
     assert stats.within_noise(0.02, ci) and not stats.within_noise(0.2, ci)
     assert not stats.within_noise(0.0, stats.over_seeds([0.6]))   # one seed: no noise estimate
+
+
+def _table(both: int, a_only: int, b_only: int, neither: int):
+    """Per-image correctness of two models with the given 2x2 table (in a mixed order)."""
+    rows = [(1, 1)] * both + [(1, 0)] * a_only + [(0, 1)] * b_only + [(0, 0)] * neither
+    rows = rows[1::2] + rows[::2]
+    return [a for a, _ in rows], [b for _, b in rows]
+
+
+@pytest.mark.parametrize("table", [(300, 25, 9, 25), (50, 7, 7, 10), (40, 0, 6, 3), (100, 1, 0, 0), (10, 60, 2, 5)])
+def test_mcnemar_matches_scipy_binomtest(table):
+    both, a_only, b_only, neither = table
+    a, b = _table(*table)
+    t = stats.mcnemar(a, b)
+    assert (t.n, t.a_only, t.b_only) == (sum(table), a_only, b_only)   # ties (both right, both wrong) left out
+    assert t.p == pytest.approx(st.binomtest(a_only, a_only + b_only, 0.5).pvalue, rel=1e-9, abs=0)
+    assert t.diff == pytest.approx((a_only - b_only) / sum(table))
+
+
+def test_mcnemar_verdicts_and_zero_discordance():
+    assert stats.image_verdict(stats.mcnemar(*_table(300, 25, 9, 25))).word == stats.HOLDS       # p = 0.009
+    assert stats.image_verdict(stats.mcnemar(*_table(300, 9, 25, 25))).word == stats.DOES_NOT_HOLD
+    tied = stats.image_verdict(stats.mcnemar(*_table(50, 7, 7, 10)))                          # even split: p = 1
+    assert tied.word == stats.INCONCLUSIVE and "p = 1" in tied.why
+    same = stats.mcnemar(*_table(80, 0, 0, 20))               # the models agree on every image: no evidence
+    assert (same.p, same.diff, same.lo, same.hi) == (1.0, 0.0, 0.0, 0.0)
+    assert stats.image_verdict(same).word == stats.INCONCLUSIVE
+    assert "McNemar" in stats.image_verdict(same).why
+    with pytest.raises(ValueError):
+        stats.mcnemar([1, 0], [1])
+
+
+def test_spread_counts_seeds_that_never_got_there():
+    assert stats.spread([30.0, 10.0, 20.0]) == (20.0, 10.0, 30.0)
+    assert stats.spread([10.0, math.inf, math.inf]) == (math.inf, 10.0, math.inf)
+    assert stats.spread([4.0, 2.0]) == (3.0, 2.0, 4.0)
+
+
+def test_paired_bootstrap_of_a_signed_sum():
+    a, b = _table(300, 25, 9, 25)
+    mean, lo, hi = stats.bootstrap_sum([a, b], [1, -1])
+    assert mean == pytest.approx((25 - 9) / 359)
+    assert lo < mean < hi and lo > 0            # the same evidence McNemar finds (p = 0.009)
+    assert stats.bootstrap_sum([a, a], [1, -1]) == (0.0, 0.0, 0.0)   # a model against itself: exactly zero

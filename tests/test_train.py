@@ -23,7 +23,7 @@ from vitpipe.data.prepared_store import Split
 from vitpipe.errors import ParamError, UserError
 from vitpipe.models import build_model
 from vitpipe.params import TrainParams
-from vitpipe.training.loop import RunPaths, TrainingDiverged, device_batch, fit
+from vitpipe.training.loop import RunPaths, TrainingDiverged, TrainingJob, fit
 from vitpipe.training.oom import oom_message
 from vitpipe.training.recipe import lr_at
 from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS
@@ -100,10 +100,10 @@ def train(tmp: Path, r: TrainParams, model=None, val=True, spec=SPEC, **kw):
     torch.manual_seed(0)
     model = model if model is not None else build_model(spec, 4, 16)
     paths = RunPaths(weights=tmp / "model.pt", metrics=tmp / "metrics.json", plots=tmp / "plots")
-    metrics = fit(model, synthetic(), r, paths, val=synthetic(32, seed=1) if val else None,
+    metrics = fit(TrainingJob(model, synthetic(), r, paths, val=synthetic(32, seed=1) if val else None,
                   run_config={"spec": spec, "image_size": 16}, fresh_key="train.resume",
                   weights_meta={"spec": spec, "num_classes": 4, "image_size": 16}, desc="test", quiet=True,
-                  store_dir=tmp / "store", **kw)
+                  store_dir=tmp / "store", **kw))
     return model, metrics
 
 
@@ -128,17 +128,6 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_device_batch_is_split_batch():
-    """The GPU input path (uint8 over the bus, float work on the device) gives the same
-    numbers as Split.batch, augmentation included."""
-    data = synthetic()
-    idx = np.array([5, 3, 77, 12, 40])
-    for augment in (False, True):
-        a = data.batch(idx, augment=augment, generator=torch.Generator().manual_seed(7))
-        b = device_batch(data, idx, augment, torch.Generator().manual_seed(7), torch.device("cpu"), data.mean, data.std)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
 def test_fit_writes_logs_metrics_and_removes_its_checkpoints(tmp_path, monkeypatch):
     _, m = train(tmp_path, recipe())
     train_tsv, eval_tsv = (tmp_path / "plots/train.tsv"), (tmp_path / "plots/eval.tsv")
@@ -149,14 +138,15 @@ def test_fit_writes_logs_metrics_and_removes_its_checkpoints(tmp_path, monkeypat
     assert "mean_gpu_util_pct" not in m  # no NVML here: no GPU keys, no noise
     assert stored(tmp_path / "store") == {}  # outputs written: the finished run's checkpoints are gone
     # kept on request (VITPIPE_CHECKPOINT_KEEP): the finished checkpoint holds the whole state
+    # (resume: fresh trains again instead of restoring the finished run's record)
     monkeypatch.setenv("VITPIPE_CHECKPOINT_KEEP", "1")
     first = weights(tmp_path / "model.pt")
-    train(tmp_path, recipe())
+    train(tmp_path, recipe(resume="fresh"))
     ck = only_checkpoint(tmp_path / "store")
     assert ck["finished"] and ck["step"] == 8 and len(ck["log"]["train"]) == 8
     assert set(ck) >= {"model", "optimizer", "scaler", "rng", "config", "digest"}
     assert set(ck["rng"][0]) >= {"python", "numpy", "torch"}
-    # a finished run is not resumed: the next run starts over and gets the same numbers
+    # a finished run is restored from its record, with the same numbers
     assert_identical(first, weights(tmp_path / "model.pt"))
     train(tmp_path, recipe())
     assert_identical(first, weights(tmp_path / "model.pt"))
@@ -239,6 +229,27 @@ def test_oom_is_caught_and_reported(tmp_path):
     model = _poison_after(build_model(SPEC, 4, 16), 0, oom)
     with pytest.raises(UserError, match="out of memory at micro_batch=8 .*train.micro_batch"):
         train(tmp_path, recipe(), model=model, val=False)
+
+
+@pytest.mark.parametrize("error", ["CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                                   "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"])
+def test_library_allocation_failures_get_the_plan_message(tmp_path, error):
+    """cuBLAS/cuDNN run out of memory with a plain RuntimeError: the same plan message as torch's OOM."""
+    def fail(out):
+        raise RuntimeError(error)
+
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="out of memory at micro_batch=8 .*train.micro_batch"):
+        train(tmp_path, recipe(), model=_poison_after(build_model(SPEC, 4, 16), 0, fail), val=False)
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path):
+    def fail(out):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train(tmp_path, recipe(), model=_poison_after(build_model(SPEC, 4, 16), 0, fail), val=False)
 
 
 def test_oom_message_plans_with_the_compute_model():
@@ -354,22 +365,12 @@ def test_cuda_precisions(tmp_path, precision):
     assert m["peak_cuda_allocated_mb"] > 0 and "gpu_mem_total_mb" in m
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_device_batch_is_split_batch():
-    data, dev = synthetic(), torch.device("cuda")
-    idx = np.arange(0, 64, 3)
-    a = data.batch(idx, augment=True, generator=torch.Generator().manual_seed(3))
-    b = device_batch(data, idx, True, torch.Generator().manual_seed(3), dev, data.mean.to(dev), data.std.to(dev))
-    assert torch.allclose(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
-
-
 def test_an_empty_val_split_means_no_validation(tmp_path):
     """data.split val 0 (or a tiny dataset) leaves the val split empty: train on, validate never."""
     empty = Split(np.zeros((0, 16, 16, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64), [0.5] * 3, [0.25] * 3)
     torch.manual_seed(0)
     paths = RunPaths(weights=tmp_path / "model.pt", metrics=tmp_path / "metrics.json", plots=tmp_path / "plots")
-    m = fit(build_model(SPEC, 4, 16), synthetic(), recipe(steps=4), paths, val=empty,
+    m = fit(TrainingJob(build_model(SPEC, 4, 16), synthetic(), recipe(steps=4), paths, val=empty,
             run_config={"spec": SPEC, "image_size": 16}, fresh_key="train.resume", weights_meta={}, desc="test",
-            quiet=True, store_dir=tmp_path / "store")
+            quiet=True, store_dir=tmp_path / "store"))
     assert m["steps"] == 4 and "val_acc" not in m and not (tmp_path / "plots/eval.tsv").exists()

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plan every training stage of a params file (params.yaml, presets/*.yaml), each "
                            "with its own batch, steps, optimizer and precision, and print the dvc exp run -S "
                            "overrides that make it fit --device (--batch/--precision/... are not used)")
+    plan.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="with --params: change the file as `dvc exp run -S` would before planning "
+                           "(e.g. -S data.image_size=384); repeatable, and repeated in the printed command")
     plan.add_argument("--image-size", type=int, default=None,
                       help="pixels (default: a timm name's own, e.g. 384 for vit_small_patch32_384; else 224)")
     plan.add_argument("--batch", type=int, default=512, help="effective batch per optimizer step")
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     plan.add_argument("--num-classes", type=int, default=1000)
     plan.add_argument("--steps", type=int, default=10000, help="optimizer steps for the ETA")
+    plan.add_argument("--devices", type=int, default=1,
+                      help="devices of this kind available (over one or more machines): where the whole training "
+                           "state does not fit one, shard it over them (FSDP)")
     plan.add_argument("--mfu", type=float, default=None,
                       help="model FLOPs utilisation; default: the device's, or calibrated for local")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
@@ -73,14 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp32",
                optimizer="adamw", attention="sdpa", checkpointing=False, num_classes=1000,
-               steps=10000, mfu=None) -> dict:
-    """The `vitpipe plan` answer as a dict (also what --json prints)."""
+               steps=10000, mfu=None, devices=1) -> dict:
+    """The `vitpipe plan` answer as a dict (also what --json prints); `sharding`: replicate (DDP)
+    or shard (FSDP) over `devices` devices (vitpipe.costmodel.sharding.decide)."""
     from vitpipe.costmodel import compute
     from vitpipe.hardware import probe
     from vitpipe.models import describe, model_config, validate_spec
 
     for what, value in (("--batch", batch), ("--num-classes", num_classes), ("--steps", steps),
-                        ("--image-size", image_size)):
+                        ("--image-size", image_size), ("--devices", devices)):
         if value < 1:
             raise UserError(f"{what} must be a positive integer, got {value}")
     spec = {"arch": model}
@@ -105,9 +112,14 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
     est = compute.estimate(cfg, batch, dev, precision, optimizer, attention, checkpointing,
                            steps=steps, mfu=mfu)
     if calibration:
-        est["mfu_source"] = "calibrated here"
+        est["mfu_source"], est["mfu_basis"] = "calibrated here", "measured"
+        est["mfu_note"] = (f"MFU {mfu:.3f} measured on this machine (a small fp32 ViT step against its matmul "
+                           f"peak), applied to the {precision} peak")
+    from vitpipe.costmodel import sharding
+
+    est["sharding"] = sharding.decide(cfg, batch, dev, devices, precision, optimizer, attention, checkpointing)
     return {"model": model, "name": describe(spec, image_size), "image_size": image_size,
-            "num_classes": num_classes, **est}
+            "num_classes": num_classes, "devices": devices, **est}
 
 
 def native_image_size(model: str) -> int:
@@ -120,14 +132,16 @@ def cmd_plan(args) -> int:
     if args.params:
         if args.model:
             raise UserError("give a MODEL or --params FILE, not both")
-        r = plan_params(args.params, args.device, mfu=args.mfu)
+        r = plan_params(args.params, args.device, mfu=args.mfu, sets=args.sets)
         print(json.dumps(r, indent=2) if args.json else format_params_plan(r))
         return 0
     if not args.model:
         raise UserError("vitpipe plan needs a MODEL (e.g. vit_b16) or --params FILE")
+    if args.sets:
+        raise UserError(f"-S {args.sets[0]} changes a params file: use it with --params FILE")
     r = plan_model(args.model, native_image_size(args.model) if args.image_size is None else args.image_size, args.batch, args.device, args.precision,
                    args.optimizer, args.attention, args.checkpointing, args.num_classes,
-                   args.steps, args.mfu)
+                   args.steps, args.mfu, args.devices)
     print(json.dumps(r, indent=2) if args.json else format_plan(r))
     return 0
 
@@ -142,6 +156,21 @@ def _gb(n):
 
 def _duration(s):
     return f"{s / 3600:,.1f} h" if s >= 3600 else f"{s / 60:.1f} min"
+
+
+def sharded_plan(r: dict) -> str:
+    """The plan line where the whole state does not fit one device even at micro-batch 1."""
+    sh, dev = r["sharding"], r["device"]
+    short = f"DDP does not fit even at micro-batch 1 (short by {_gb(-r['headroom_bytes'])} GiB)"
+    if sh["parallel"] == "fsdp":
+        n = sh["nproc"]
+        return (f"{short}; FSDP over {n} x {dev} fits: micro-batch {sh['micro_batch']} x {sh['accum_steps'] // n} "
+                f"per device x {n} devices = {r['batch']} (state {_gb(sh['state_bytes_per_device'])} GiB per device, "
+                f"needs {_gb(sh['per_device_required_bytes'])} GiB): set parallel: fsdp, micro_batch: "
+                f"{sh['micro_batch']}, nproc x nnodes = {n}")
+    fewest = (f"; FSDP fits over {sh['fewest_devices']} x {dev} (--devices {sh['fewest_devices']})"
+              if sh["fewest_devices"] else "")
+    return f"{short}{fewest}: or try --checkpointing, bf16/fp16, sgd or a bigger device"
 
 
 def format_plan(r: dict) -> str:
@@ -162,8 +191,7 @@ def format_plan(r: dict) -> str:
         plan = (f"micro-batch {r['micro_batch']} x {r['accum_steps']} accumulation steps = {r['batch']}"
                 f" (needs {_gb(r['micro_required_bytes'])} GiB, {_gb(r['headroom_bytes'])} GiB headroom)")
     else:
-        plan = (f"does not fit even at micro-batch 1 (short by {_gb(-r['headroom_bytes'])} GiB): "
-                "try --checkpointing, bf16/fp16, sgd or a bigger device")
+        plan = sharded_plan(r)
     rows = [
         ("params", f"{_m(r['params'])}  ({comps})"),
         ("FLOPs / image", f"{r['forward_flops'] / 1e9:,.2f} G forward, {r['train_flops'] / 1e9:,.2f} G train step"),
@@ -171,11 +199,15 @@ def format_plan(r: dict) -> str:
         (f"memory @ {r['batch']}", f"{mem} = peak {_gb(r['peak_bytes'])} GiB"),
         ("fits at once?", fit),
         ("plan", plan),
+        *([("parallel", f"ddp over {r['devices']} x {r['device']}: the whole state "
+                        f"({_gb(r['sharding']['state_bytes_per_device'])} GiB) fits each device")]
+          if r["devices"] > 1 and r["sharding"]["parallel"] == "ddp" else []),
         ("speed", f"{r['img_per_s']:,.1f} img/s (MFU {r['mfu']:.3f} {r['mfu_source']}, peak "
                   f"{r['peak_flops'] / 1e12:,.1f} TFLOP/s {r['precision']})"),
         ("ETA", f"{r['steps']:,} steps x {r['batch']} = {_duration(r['eta_s'])}"),
+        ("MFU basis", f"{r['mfu_basis']}: {r['mfu_note']}"),
     ]
-    attn = f", {r['attention']} attention" if "params_patch_embed" in r else ""   # ViTs only
+    attn = f", {r['attention']} attention" if r["attention_applies"] else ""
     head = (f"{r['name']} on {r['device_label']}: {r['precision']}, {opt}{attn}{ckpt}, "
             f"batch {r['batch']}, {r['num_classes']} classes")
     width = max(len(k) for k, _ in rows)
@@ -220,7 +252,32 @@ def _recipe(doc: dict, section: str, variant: str | None):
     return recipe, precision, "precision" in (((doc.get("variants") or {}).get(variant) or {}).get(section) or {})
 
 
-def plan_params(path, device="auto", mfu=None) -> dict:
+def apply_sets(doc: dict, sets) -> dict:
+    """`doc` changed as `dvc exp run -S` changes params.yaml: KEY=VALUE (+KEY=, ++KEY= add a
+    key), ~KEY removes one; VALUE is YAML (`32`, `fp16`, `[0, 1]`)."""
+    import copy
+
+    import yaml
+
+    doc = copy.deepcopy(doc)
+    for s in sets:
+        key, eq, value = s.lstrip("+~").partition("=")
+        if not key or (not eq) != s.startswith("~"):
+            raise UserError(f"-S {s!r}: give KEY=VALUE (e.g. -S finetune.micro_batch=32) or ~KEY to remove one")
+        *parents, last = key.split(".")
+        node = doc
+        for k in parents:
+            node = node.setdefault(k, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise UserError(f"-S {s!r}: {key} is not inside a section of the params file")
+        if s.startswith("~"):
+            node.pop(last, None)
+        else:
+            node[last] = yaml.safe_load(value)
+    return doc
+
+
+def plan_params(path, device="auto", mfu=None, sets=()) -> dict:
     """Plan every training stage of the params file `path` on `device`: per stage the
     precision it will run with there, the micro-batch x accumulation that fits, the memory it
     needs and its ETA; and the `dvc exp run -S` overrides that make the file run there as
@@ -229,14 +286,21 @@ def plan_params(path, device="auto", mfu=None) -> dict:
     A micro-batch that fits as written is kept (the file's author chose it); one that does not
     fit becomes the largest divisor of the batch that does. `precision: auto` and bf16 on a
     GPU without bf16 units are resolved by `vitpipe.hardware.precision.resolve`, as training
-    resolves them; where it refuses bf16 (no bf16 units) the plan overrides it with fp16."""
+    resolves them; where it refuses bf16 (no bf16 units) the plan overrides it with fp16.
+
+    `sets` (`-S KEY=VALUE`, as `dvc exp run -S`) change the file before it is planned; they
+    lead the overrides. An override names the key where it acts: a variant's micro-batch as
+    `variants.<v>.<section>.micro_batch` (added with `++` where the file has none), since a
+    variant's key wins over its section's (`-S finetune.micro_batch=32` leaves a variant that
+    says 512 at 512) and one value does not fit every model; a precision (the same for every
+    stage) as the section's key, or the variant's where it has its own."""
     from vitpipe import model_specs, params
     from vitpipe.costmodel import compute
     from vitpipe.hardware import precision as precisions
     from vitpipe.hardware import probe
-    from vitpipe.models import describe, model_config
+    from vitpipe.models import describe, family_of_config, model_config
 
-    doc = params.read_yaml(path)
+    doc = apply_sets(params.read_yaml(path), sets)
     data = params.data_params(doc)
     size = data.image_size
     classes = dataset_classes(data.dataset)
@@ -251,7 +315,7 @@ def plan_params(path, device="auto", mfu=None) -> dict:
             jobs.append((f"pretrain@{v}", "pretrain", v, spec, params.train_params(doc, "pretrain", v).classes))
         jobs.append((f"finetune@{v}", "finetune", v, spec, classes))
 
-    stages, overrides = [], []
+    stages, overrides = [], list(sets)
     variants = doc.get("variants") or {}
 
     def key(section, variant, name):
@@ -274,7 +338,7 @@ def plan_params(path, device="auto", mfu=None) -> dict:
             precision, why = "fp16", f"{dev.label} has no bf16 units: fp16 with a grad scaler instead of emulated bf16"
         cfg = model_config({k: v for k, v in spec.items() if k not in ("source", "weights", "pretrain", "finetune")},
                            n_classes, size)
-        ckpt = bool(recipe.activation_checkpointing) and hasattr(cfg, "patch")
+        ckpt = bool(recipe.activation_checkpointing) and family_of_config(cfg).checkpointing
         est = compute.estimate(cfg, recipe.batch_size, dev, precision, recipe.optimizer, "sdpa", ckpt,
                                steps=recipe.steps, mfu=mfu)
         need = compute.required_bytes(

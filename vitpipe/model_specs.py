@@ -4,11 +4,12 @@ never build a network (download, preprocess) do not import it."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vitpipe import params
 from vitpipe.errors import ParamError
-from vitpipe.models import arch_kind, validate_spec
+from vitpipe.models import family_of, validate_spec
 
 
 def _spec(prefix: str, spec: Any, keys: dict[str, params.Key], image_size: int) -> dict:
@@ -17,12 +18,15 @@ def _spec(prefix: str, spec: Any, keys: dict[str, params.Key], image_size: int) 
     checked = params.check_section(prefix, spec, keys)
     if "arch" not in checked:
         raise ParamError(f"{prefix}.arch", None, "the network: " + keys["arch"].help)
-    kind = arch_kind(checked["arch"])
-    if kind in ("resnet", "timm_resnet"):
-        extra = sorted(params.VIT_ONLY & set(checked))
+    family = family_of(checked["arch"])
+    if family is not None:     # an unknown arch is named by validate_spec below
+        network_keys = set(params.MODEL) - {"arch"}
+        extra = sorted((network_keys & set(checked)) - family.spec_keys)
         if extra:
+            takes = (f"it takes {', '.join(sorted(family.spec_keys))}" if family.spec_keys
+                     else "its size is set by the name alone")
             raise ParamError(f"{prefix}.{extra[0]}", checked[extra[0]],
-                             f"no such key for arch {checked['arch']} (a ResNet); only ViTs take {', '.join(sorted(params.VIT_ONLY))}")
+                             f"no such key for arch {checked['arch']} (a {family.label}); {takes}")
     validate_spec(checked, image_size, prefix)
     return checked
 
@@ -45,4 +49,21 @@ def variant_spec(doc: dict, name: str, image_size: int) -> dict:
     if spec["source"] != "fractal" and not spec["weights"]:
         raise ParamError(f"variants.{name}.weights", None,
                          f"a timm model name or a file path (source={spec['source']} needs weights)")
+    if spec["source"] in LOCAL_SOURCES:
+        check_local_weights(f"variants.{name}.weights", spec["weights"])
     return spec
+
+
+LOCAL_SOURCES = ("npz", "file")
+WEIGHTS_DIR = "weights"   # every pretrain@<variant> stage depends on it (dvc.yaml)
+
+
+def check_local_weights(key: str, path: str) -> None:
+    """A local weights file must lie under weights/: DVC knows a stage's inputs only as paths
+    in dvc.yaml, and the pretrain stages declare that folder, so a changed file re-runs them
+    (and the run-cache never hands back a model imported from the old file). A link to a
+    file elsewhere is fine: the path is judged as written, the content is what DVC hashes."""
+    inside = os.path.abspath(path).startswith(os.path.abspath(WEIGHTS_DIR) + os.sep)
+    if not inside:
+        raise ParamError(key, path, f"a file under {WEIGHTS_DIR}/ (e.g. {WEIGHTS_DIR}/{os.path.basename(path)}): "
+                                    f"copy or link it there, so that DVC re-runs the pretrain stage when it changes")

@@ -96,7 +96,12 @@ RECIPE = {
     "checkpoint_every": _int("steps between checkpoints", 1, 10**9),
     "eval_every": _int("steps between validation passes", 1, 10**9, nullable=True),
     "resume": Key("choice", "auto: resume this run's newest checkpoint; fresh: discard it", choices=RESUME),
-    "nproc": _int("processes (GPUs) under torchrun + DDP", 1, 1024),
+    "nproc": _int("processes (GPUs) per node under torchrun", 1, 1024),
+    "nnodes": _int("machines of the run (torchrun c10d rendezvous at $VITPIPE_RDZV_ENDPOINT); world = nnodes x nproc",
+                   1, 4096),
+    "parallel": Key("choice", "ddp: every process holds the whole training state; fsdp: sharded over the processes "
+                    "(FSDP2); auto: fsdp only where the cost model says ddp does not fit the device",
+                    choices=("ddp", "fsdp", "auto")),
     "augment": Key("bool", "random shift and flip"),
 }
 SEED = {"seed": _int("seed of the starting weights, data order and augmentation", 0, SEED_MAX)}
@@ -105,7 +110,8 @@ FRACTAL = {
     "images_per_class": _int("fractal images per class", 2, 100_000),
 }
 MODEL = {
-    "arch": Key("str", "vit | vit_b16-style short name | resnet18..152 | a timm ViT/ResNet name"),
+    "arch": Key("str", "vit | vit_b16-style short name | resnet18..152 | convnext_atto..large | "
+                "a timm ViT/ResNet/ConvNeXt name; the size keys below are for vit"),
     "patch": _int("patch size in pixels (vit)", 1, 4096),
     "dim": _int("embedding width (vit)", 1, 65536),
     "depth": _int("transformer blocks (vit)", 1, 1024),
@@ -113,7 +119,6 @@ MODEL = {
     "mlp_ratio": _num("MLP hidden width / dim (vit)", 0, 64, lo_open=True),
     "pool": Key("choice", "class token or average pooling (vit)", choices=("token", "avg")),
 }
-VIT_ONLY = set(MODEL) - {"arch"}
 VARIANT = {
     **MODEL,
     "source": Key("choice", "where the pretrained weights come from", choices=SOURCES),
@@ -206,6 +211,8 @@ class TrainParams:
     eval_every: int = 50
     resume: str = "auto"
     nproc: int = 1
+    nnodes: int = 1
+    parallel: str = "ddp"
     seed: int = 0
     augment: bool = True
     # fractal pretraining only
@@ -215,6 +222,11 @@ class TrainParams:
     @property
     def accum_steps(self) -> int:
         return self.batch_size // self.micro_batch
+
+    @property
+    def world(self) -> int:
+        """Processes of the run, over all its machines."""
+        return self.nnodes * self.nproc
 
 
 @dataclass(frozen=True)
@@ -393,6 +405,9 @@ def train_params(doc: dict, section: str, variant: str | None = None, seed: int 
     if p.nproc > 1 and p.accum_steps % p.nproc:
         raise ParamError(key("nproc"), p.nproc,
                          f"a count that divides batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)")
+    if p.nnodes > 1 and p.accum_steps % p.world:
+        raise ParamError(key("nnodes"), p.nnodes, f"a count such that nnodes x nproc={p.world} processes divide "
+                         f"batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)")
     if section == "pretrain":
         for k in FRACTAL:
             if getattr(p, k) < 2:

@@ -1,16 +1,22 @@
 """`vitpipe checkpoints`: what the checkpoint store holds, and removing it.
 
-    vitpipe checkpoints                      # stage, fingerprint, step/total, age, size, where
+    vitpipe checkpoints                      # stage, fingerprint, kind, step/total, age, size, where
     vitpipe checkpoints rm 3f2a9c01d4e5b6a7  # one run (a unique prefix is enough), local and mirror
-    vitpipe checkpoints rm --older-than 7d   # every run whose newest checkpoint is older than that
+    vitpipe checkpoints rm --older-than 7d   # every run whose newest checkpoint or record is older
+
+A row's kind is `checkpoint` (an unfinished run: its newest checkpoint) or `finished` (a
+finished run's record: its outputs, which a new machine restores instead of training). A
+mirror's URL is shown without its credentials.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 
 from vitpipe.checkpoints import store as checkpoint_store
+from vitpipe.checkpoints.mirror import Mirror
 from vitpipe.errors import UserError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -32,20 +38,10 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * UNITS[m.group(2)]
 
 
-def mirror_runs(url: str) -> tuple[list[dict], object, str]:
-    """Rows for the runs in the mirror (their newest verified step), the filesystem and root."""
-    fs, root, shown = checkpoint_store.open_mirror(url)
-    best = {}
-    for f in fs.glob(f"{root}/*/step-*.json"):
-        try:
-            man = json.loads(fs.cat_file(f))
-        except (OSError, ValueError):
-            continue
-        fp = f.rsplit("/", 2)[-2]
-        if fp not in best or man.get("step", -1) > best[fp].get("step", -1):
-            best[fp] = man
-    rows = [checkpoint_store.run_row(m, fp, m.get("size", 0), f"{shown}/{fp}") for fp, m in sorted(best.items())]
-    return rows, fs, root
+def mirror_runs(mirror: Mirror) -> list[dict]:
+    """Rows for the runs in the mirror: each run's newest verified step and finished record."""
+    return [checkpoint_store.run_row(man, fp, size, mirror.where(fp), kind=kind)
+            for fp, kind, man, size in mirror.runs()]
 
 
 def _human(n: float) -> str:
@@ -66,39 +62,38 @@ def _age(s: float) -> str:
 def cmd_checkpoints(args) -> int:
     conf = checkpoint_store.settings()
     rows = checkpoint_store.list_runs(conf["dir"])
-    mirror = None
-    if conf["mirror"]:
+    mirror = Mirror(conf["mirror"]) if conf["mirror"] else None
+    if mirror is not None:
         try:
-            mrows, fs, root = mirror_runs(conf["mirror"])
-            rows += mrows
-            mirror = (fs, root)
-        except UserError:
-            raise
+            rows += mirror_runs(mirror)
         except Exception as e:
-            print(f"vitpipe: warning: checkpoint mirror {conf['mirror']} cannot be listed ({type(e).__name__}: {e})")
+            print(f"vitpipe: warning: checkpoint mirror {mirror.shown} cannot be listed ({mirror.error(e)})")
     if args.action == "ls":
         if args.fingerprints or args.older_than:
             raise UserError("`vitpipe checkpoints` lists everything; to remove, use `vitpipe checkpoints rm …`")
         if args.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
-            print(f"no checkpoints in {conf['dir']}" + (f" or {conf['mirror']}" if conf["mirror"] else ""))
+            print(f"no checkpoints in {conf['dir']}" + (f" or {mirror.shown}" if mirror else ""))
         else:
             from tabulate import tabulate
 
-            print(tabulate([[r["stage"], r["fingerprint"], f"{r['step']}/{r['total_steps']}", _age(r["age_s"]),
+            print(tabulate([[r["stage"], r["fingerprint"], r["kind"], f"{r['step']}/{r['total_steps']}", _age(r["age_s"]),
                              _human(r["size_bytes"]), r["where"]] for r in rows],
-                           headers=["stage", "fingerprint", "step", "age", "size", "where"]))
+                           headers=["stage", "fingerprint", "kind", "step", "age", "size", "where"]))
         return 0
     return remove(args, rows, conf, mirror)
 
 
-def remove(args, rows, conf, mirror) -> int:
+def remove(args, rows, conf, mirror: Mirror | None) -> int:
     if bool(args.fingerprints) == bool(args.older_than):
         raise UserError("`vitpipe checkpoints rm` needs either fingerprints or --older-than AGE (not both)")
     if args.older_than:
         cutoff = parse_age(args.older_than)
-        chosen = {r["fingerprint"] for r in rows if r["age_s"] > cutoff}
+        newest = {}
+        for r in rows:  # a run goes when everything stored of it is older than that
+            newest[r["fingerprint"]] = min(newest.get(r["fingerprint"], r["age_s"]), r["age_s"])
+        chosen = {fp for fp, age in newest.items() if age > cutoff}
     else:
         known = {r["fingerprint"] for r in rows}
         chosen = set()
@@ -109,15 +104,13 @@ def remove(args, rows, conf, mirror) -> int:
                                 f"({', '.join(sorted(match)) or 'none'}); `vitpipe checkpoints` lists them")
             chosen |= match
     for fp in sorted(chosen):
-        store_dir = conf["dir"] / fp
-        if store_dir.is_dir():
-            for f in store_dir.iterdir():
-                f.unlink()
-            store_dir.rmdir()
+        shutil.rmtree(conf["dir"] / fp, ignore_errors=True)
         if mirror is not None:
-            fs, root = mirror
-            if fs.exists(f"{root}/{fp}"):
-                fs.rm(f"{root}/{fp}", recursive=True)
+            try:
+                mirror.remove(fp)
+            except Exception as e:
+                raise UserError(f"cannot remove {mirror.where(fp)} ({mirror.error(e)}); try again, or remove "
+                                "it with the mirror's own tools") from None
         print(f"removed {fp}")
     if not chosen:
         print("nothing to remove")

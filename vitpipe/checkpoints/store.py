@@ -1,5 +1,6 @@
 """Where training checkpoints live: a machine-local store keyed by the run's fingerprint,
-optionally mirrored to a durable fsspec URL (a mounted Drive folder, s3://, gs://, az://, ssh://).
+optionally mirrored to a durable fsspec URL (vitpipe.checkpoints.mirror: a mounted Drive
+folder, s3://, gs://, az://, ssh://, or the project's DVC remote).
 
 Checkpoints are not DVC outputs, so every training stage stays in DVC's run-cache, and the
 store is shared by the workspace and DVC's queued and --temp experiment copies. Layout, the
@@ -7,13 +8,21 @@ same locally and in the mirror:
 
     <root>/<fingerprint>/step-00001200.pt     the checkpoint (vitpipe.checkpoints.format format)
     <root>/<fingerprint>/step-00001200.json   its manifest: stage, step, total, size, sha256
+    <root>/<fingerprint>/finished/            a finished run's outputs: weights, metrics, step logs
+    <root>/<fingerprint>/finished.json        their manifest: the run's fingerprint and config,
+                                              each file's size and sha256
 
-Locally a checkpoint is written atomically (temp file, rename) and its manifest after it. In
-the mirror, an upload counts only once its manifest exists, and the manifest is written only
-after the uploaded bytes were read back and matched (size and sha256): a torn upload has no
-manifest and is never taken for a checkpoint. Uploads run in one background thread, at most
-one in flight, the newest waiting one wins; older checkpoints are dropped only after a newer
-one is verified.
+Locally a checkpoint is written atomically (temp file, rename) and its manifest after it
+(`commit()`). In the mirror, an upload counts only once its manifest exists, and the manifest
+is written only after the uploaded bytes were read back and matched (size and sha256): a torn
+upload has no manifest and is never taken for a checkpoint. Uploads run in one background
+thread, at most one in flight, the newest waiting one wins; older checkpoints are dropped only
+after a newer one is verified.
+
+When a run finishes (`finish()`), its outputs are recorded, locally and in the mirror, and its
+checkpoints go: the record is what the run produced, without optimizer state, so that a new
+machine sharing the mirror restores the finished run instead of training it again
+(`finished_record()`, `restore()`).
 
 Where the store is, is a property of the machine, not of the experiment (params.yaml never
 says it, so moving it invalidates no stage): VITPIPE_CHECKPOINT_DIR and
@@ -23,30 +32,31 @@ folder above it: DVC's temp experiment copies live inside the project), else the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
+import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitpipe.atomic import write_json
+from vitpipe.atomic import atomic_path, write_json
+from vitpipe.checkpoints import format as checkpoint_format
+from vitpipe.checkpoints.mirror import (
+    ENV_MIRROR,
+    RECORD,
+    Mirror,
+    copy_hashing,
+    record_size,
+    sha256_file,
+    warn,
+)
+from vitpipe.checkpoints.mirror import step_name as _name
 from vitpipe.errors import UserError
 
 ENV_DIR = "VITPIPE_CHECKPOINT_DIR"
-ENV_MIRROR = "VITPIPE_CHECKPOINT_MIRROR"
 ENV_KEEP = "VITPIPE_CHECKPOINT_KEEP"
 LOCAL_CONFIG = "vitpipe.local.yaml"
-MIRROR_TIMEOUT_S = float(os.environ.get("VITPIPE_MIRROR_TIMEOUT_S", "30"))
-DVC_REMOTE_SUBDIR = "vitpipe-checkpoints"
-
-# fsspec protocol -> the vitpipe extra that installs its filesystem
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az",
-          "adl": "az", "ssh": "ssh", "sftp": "ssh"}
 
 
 def default_dir() -> Path:
@@ -91,99 +101,31 @@ class Found:
     where: str  # "local store <dir>" or "mirror <url>"
 
 
-def _name(step: int) -> str:
-    return f"step-{step:08d}"
+@dataclass
+class Record:
+    """A verified finished run: its files in `folder`, by name, and where they came from."""
 
-
-def _warn(msg: str) -> None:
-    print(f"vitpipe: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------
-# The mirror: any fsspec filesystem
-
-
-def resolve_mirror(url: str) -> tuple[str, dict]:
-    """(url, storage options). `dvc` means the project's default DVC remote, reusing its
-    configuration (endpoint and credentials for S3), under <remote>/vitpipe-checkpoints."""
-    if url != "dvc":
-        return url.rstrip("/"), {}
-    try:
-        from dvc.repo import Repo
-
-        with Repo() as repo:
-            conf = repo.config
-            name = conf["core"].get("remote")
-            if not name:
-                raise UserError(f"{ENV_MIRROR}=dvc, but this project has no default DVC remote; "
-                                "set one with `dvc remote add -d <name> <url>`, or give the mirror's URL")
-            remote = dict(conf["remote"][name])
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{ENV_MIRROR}=dvc: cannot read the DVC remote ({type(e).__name__}: {e}); "
-                        "give the mirror's URL instead") from None
-    base = str(remote["url"]).rstrip("/")
-    options = {}
-    if base.startswith("s3://"):
-        if remote.get("endpointurl"):
-            options.setdefault("client_kwargs", {})["endpoint_url"] = remote["endpointurl"]
-        if remote.get("region"):
-            options.setdefault("client_kwargs", {})["region_name"] = remote["region"]
-        for dvc_key, fs_key in (("access_key_id", "key"), ("secret_access_key", "secret"), ("profile", "profile"),
-                                ("session_token", "token")):
-            if remote.get(dvc_key):
-                options[fs_key] = remote[dvc_key]
-    elif "://" not in base and not os.path.isabs(base):
-        base = str((Path(".dvc") / base).resolve())  # DVC resolves a relative local remote from .dvc/
-    return f"{base}/{DVC_REMOTE_SUBDIR}", options
-
-
-def open_mirror(url: str):
-    """(fsspec filesystem, root path within it). A missing extra is one clear UserError."""
-    import fsspec
-
-    url, options = resolve_mirror(url)
-    protocol = url.split("://")[0] if "://" in url else "file"
-    if protocol == "s3":  # fail fast on an unreachable endpoint instead of minutes of retries
-        options.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60,
-                                             "retries": {"max_attempts": 2}})
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **options)
-    except ImportError as e:
-        extra = EXTRAS.get(protocol)
-        hint = f"pip install 'vitpipe[{extra}]'" if extra else f"install the fsspec filesystem for {protocol}://"
-        raise UserError(f"checkpoint mirror {url} needs a package that is not installed ({e}): {hint}, "
-                        f"or unset {ENV_MIRROR}") from None
-    except ValueError as e:
-        raise UserError(f"checkpoint mirror {url!r} is not a URL fsspec knows ({e}); set {ENV_MIRROR} to a "
-                        "folder, s3://…, gs://…, az://… or ssh://…") from None
-    return fs, root.rstrip("/"), url
+    folder: Path
+    manifest: dict
+    where: str  # "local store <dir>" or "mirror <url>"
 
 
 class Uploader:
-    """One background thread; `submit` replaces whatever is still waiting (newest wins)."""
+    """One background thread uploading one run's checkpoints through the mirror's public
+    methods; `submit` replaces whatever is still waiting (newest wins)."""
 
-    def __init__(self, store: "CheckpointStore"):
-        self.store = store
+    def __init__(self, mirror: Mirror, fingerprint: str, on_error):
+        self.mirror, self.fingerprint, self.on_error = mirror, fingerprint, on_error
         self.cond = threading.Condition()
-        self.waiting: tuple[Path, int] | None = None
+        self.waiting: tuple[Path, int, dict] | None = None
         self.busy = False
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="vitpipe-upload", daemon=True)
         self.thread.start()
 
-    def submit(self, path: Path, step: int) -> None:
+    def submit(self, path: Path, step: int, manifest: dict) -> None:
         with self.cond:
-            self.waiting = (path, step)
+            self.waiting = (path, step, manifest)
             self.cond.notify_all()
 
     def _run(self):
@@ -195,9 +137,9 @@ class Uploader:
                     return
                 job, self.waiting, self.busy = self.waiting, None, True
             try:
-                self.store._upload(*job)
+                self.mirror.put_checkpoint(self.fingerprint, *job)
             except Exception as e:  # never stops training: warn once, keep the local checkpoints
-                self.store._mirror_failed("upload", e)
+                self.on_error("upload", e)
             finally:
                 with self.cond:
                     self.busy = False
@@ -227,7 +169,8 @@ class Uploader:
 
 
 class CheckpointStore:
-    """The checkpoints of one run (one fingerprint): latest(), save(), finish()."""
+    """The checkpoints of one run (one fingerprint): latest(), commit(), finish(), and its
+    finished record: finished_record(), restore()."""
 
     def __init__(self, fingerprint: str, stage: str, total_steps: int, directory: Path | None = None,
                  mirror: str | None = None, keep: bool | None = None, main: bool = True):
@@ -237,16 +180,18 @@ class CheckpointStore:
         self.dir = self.root / fingerprint
         self.keep = conf["keep"] if keep is None else keep
         self.main = main
-        self.mirror_url = mirror if mirror is not None else conf["mirror"]
-        self.fs = self.mirror_root = None
+        url = mirror if mirror is not None else conf["mirror"]
+        self.mirror: Mirror | None = None
         self._mirror_warned = False
         self.uploader = None
         if main:
             self._check_writable()
-            if self.mirror_url:
-                self.fs, root, self.mirror_url = open_mirror(self.mirror_url)
-                self.mirror_root = f"{root}/{fingerprint}"
-                self.uploader = Uploader(self)
+            if url:
+                self.mirror = Mirror(url)
+                self.uploader = self._new_uploader()
+
+    def _new_uploader(self) -> Uploader:
+        return Uploader(self.mirror, self.fingerprint, self.mirror_failed)
 
     def _check_writable(self) -> None:
         try:
@@ -257,17 +202,23 @@ class CheckpointStore:
         except OSError as e:
             raise UserError(f"checkpoint store {self.root} is not writable ({e.strerror or type(e).__name__}); "
                             f"set {ENV_DIR} to a writable folder") from None
-        for tmp in self.dir.glob(".step-*"):  # a save killed mid-write leaves its temp file behind
+        for tmp in [*self.dir.glob(".step-*"), *self.dir.glob(".*.download")]:  # left by a kill mid-write
             tmp.unlink(missing_ok=True)
+        shutil.rmtree(self.dir / f".{RECORD}.download", ignore_errors=True)
 
     def path(self, step: int) -> Path:
         return self.dir / f"{_name(step)}.pt"
 
-    def _mirror_failed(self, what: str, e: Exception) -> None:
+    @property
+    def mirror_shown(self) -> str | None:
+        """The mirror's URL without credentials (None without a mirror)."""
+        return self.mirror.shown if self.mirror is not None else None
+
+    def mirror_failed(self, what: str, e: Exception) -> None:
         if not self._mirror_warned:
             self._mirror_warned = True
-            _warn(f"checkpoint mirror {self.mirror_url} failed ({what}: {type(e).__name__}: "
-                  f"{' '.join(str(e).split())[:200]}); training goes on with local checkpoints in {self.dir}")
+            warn(f"checkpoint mirror {self.mirror.shown} failed ({what}: {self.mirror.error(e)}); "
+                 f"training goes on with local checkpoints in {self.dir}")
 
     # -- reading --------------------------------------------------------------------------
 
@@ -291,34 +242,6 @@ class CheckpointStore:
             raise UserError(f"checkpoint {self.path(step)} is damaged: "
                             f"{'missing' if size is None else f'{size} bytes'}, written as {man['size']} bytes; {fix}")
 
-    def mirror_manifests(self) -> dict[int, dict]:
-        """step -> manifest of every verified upload of this run in the mirror."""
-        if self.fs is None:
-            return {}
-        found = {}
-        for f in self._with_timeout(lambda: self.fs.glob(f"{self.mirror_root}/step-*.json")):
-            try:
-                man = json.loads(self._with_timeout(lambda f=f: self.fs.cat_file(f)))
-                step = int(man["step"])
-            except (ValueError, KeyError, TypeError):
-                _warn(f"ignoring {f} in the checkpoint mirror: not a vitpipe manifest")
-                continue
-            if man.get("fingerprint") != self.fingerprint:
-                _warn(f"ignoring {f} in the checkpoint mirror: it belongs to another run "
-                      f"(fingerprint {man.get('fingerprint')!r}, this run is {self.fingerprint})")
-                continue
-            found[step] = man
-        return found
-
-    def _with_timeout(self, fn):
-        pool = ThreadPoolExecutor(1)  # a hung network call must not hang the stage
-        try:
-            return pool.submit(fn).result(timeout=MIRROR_TIMEOUT_S)
-        except FutureTimeout:
-            raise TimeoutError(f"no answer in {MIRROR_TIMEOUT_S:g} s") from None
-        finally:
-            pool.shutdown(wait=False)
-
     def latest(self, fix: str) -> Found | None:
         """The newest checkpoint of this run, local or in the mirror (downloaded and verified).
         A damaged local one is an error that ends with `fix`, never silently skipped."""
@@ -326,43 +249,36 @@ class CheckpointStore:
         if local:
             self.check_local(local[-1], fix)
         best = Found(self.path(local[-1]), local[-1], f"local store {self.dir}") if local else None
-        if self.fs is None:
+        if self.mirror is None:
             return best
         try:
-            remote = self.mirror_manifests()
+            remote = self.mirror.checkpoints(self.fingerprint)
         except Exception as e:
-            self._mirror_failed("listing", e)
+            self.mirror_failed("listing", e)
             return best
         for step in sorted(remote, reverse=True):
             if best is not None and step <= best.step:
                 break
+            tmp = self.dir / f".{_name(step)}.download"
             try:
-                return self._download(step, remote[step])
+                self.mirror.get_checkpoint(self.fingerprint, step, remote[step], tmp)
             except Exception as e:
-                _warn(f"ignoring step {step} in the checkpoint mirror {self.mirror_url}: {e}")
+                tmp.unlink(missing_ok=True)
+                warn(f"ignoring step {step} in the checkpoint mirror {self.mirror.shown}: {self.mirror.error(e)}")
+                continue
+            os.replace(tmp, self.path(step))
+            self._write_manifest(step, self.path(step).stat().st_size)
+            return Found(self.path(step), step, f"mirror {self.mirror.shown}")
         return best
-
-    def _download(self, step: int, man: dict) -> Found:
-        src = f"{self.mirror_root}/{_name(step)}.pt"
-        tmp = self.dir / f".{_name(step)}.download"
-        self._with_timeout(lambda: self.fs.get_file(src, str(tmp)))
-        size, digest = tmp.stat().st_size, sha256_file(tmp)
-        if size != man["size"] or digest != man["sha256"]:
-            tmp.unlink(missing_ok=True)
-            raise ValueError(f"{src} does not match its manifest (size {size} vs {man['size']}, sha256 differs: "
-                             f"{digest != man['sha256']})")
-        os.replace(tmp, self.path(step))
-        self._write_manifest(step, size)
-        return Found(self.path(step), step, f"mirror {self.mirror_url}")
 
     # -- writing --------------------------------------------------------------------------
 
-    def _manifest(self, step: int, size: int, **more) -> dict:
+    def _manifest(self, step: int, **more) -> dict:
         return {"stage": self.stage, "fingerprint": self.fingerprint, "step": step, "total_steps": self.total,
-                "size": size, "written": time.time(), **more}
+                "written": time.time(), **more}
 
     def _write_manifest(self, step: int, size: int) -> None:
-        write_json(self.dir / f"{_name(step)}.json", self._manifest(step, size))
+        write_json(self.dir / f"{_name(step)}.json", self._manifest(step, size=size))
 
     def commit(self, step: int) -> None:
         """Called after checkpoint.save wrote self.path(step): manifest it, drop older local
@@ -372,45 +288,15 @@ class CheckpointStore:
             if old < step:
                 self.drop_local(old)
         if self.uploader is not None:
-            self.uploader.submit(self.path(step), step)
+            self.uploader.submit(self.path(step), step, self._manifest(step))
 
     def drop_local(self, step: int) -> None:
         (self.dir / f"{_name(step)}.json").unlink(missing_ok=True)  # manifest first: never a manifest without its file
         self.path(step).unlink(missing_ok=True)
 
-    def _upload(self, path: Path, step: int) -> None:
-        try:
-            f = open(path, "rb")  # open first: a newer save may unlink it, the open file stays readable
-        except FileNotFoundError:
-            return  # superseded before it could start
-        dst = f"{self.mirror_root}/{_name(step)}.pt"
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            digest = hashlib.sha256()
-            self.fs.makedirs(self.mirror_root, exist_ok=True)
-            with self.fs.open(dst, "wb") as out:
-                for chunk in iter(lambda: f.read(8 << 20), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-        # verify what the mirror holds before anything older is dropped
-        if self.fs.size(dst) != size:
-            raise OSError(f"{dst}: uploaded {self.fs.size(dst)} bytes of {size}")
-        check = hashlib.sha256()
-        with self.fs.open(dst, "rb") as back:
-            for chunk in iter(lambda: back.read(8 << 20), b""):
-                check.update(chunk)
-        if check.hexdigest() != digest.hexdigest():
-            raise OSError(f"{dst}: the uploaded bytes differ from the checkpoint (sha256)")
-        self.fs.pipe_file(f"{self.mirror_root}/{_name(step)}.json",
-                          json.dumps(self._manifest(step, size, sha256=digest.hexdigest())).encode())
-        for old in self.fs.glob(f"{self.mirror_root}/step-*"):
-            name = old.rsplit("/", 1)[-1]
-            if name.split(".")[0] < _name(step):  # older steps, and torn uploads of them
-                self.fs.rm_file(old)
-
     def wait_for_upload(self, timeout: float = 120.0) -> None:
         if self.uploader is not None and not self.uploader.drain(timeout):
-            _warn(f"the upload to {self.mirror_url} did not finish in {timeout:g} s; the mirror keeps an older step")
+            warn(f"the upload to {self.mirror.shown} did not finish in {timeout:g} s; the mirror keeps an older step")
 
     def close(self, discard_waiting: bool = False) -> None:
         """Stop the uploader once what is in flight is done (and what waits, unless discarded)."""
@@ -420,32 +306,111 @@ class CheckpointStore:
             self.uploader = None
 
     def discard(self) -> None:
-        """Remove every checkpoint of this run, locally and in the mirror; the store stays
-        open for the run's next checkpoints."""
+        """Remove everything of this run, checkpoints and finished record, locally and in the
+        mirror; the store stays open for the run's next checkpoints."""
         had_uploader = self.uploader is not None
         self.close(discard_waiting=True)
-        for f in self.dir.glob("*"):
-            f.unlink(missing_ok=True)
-        try:
-            self.dir.rmdir()
-        except OSError:
-            pass
-        if self.fs is not None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.mirror is not None:
             try:
-                if self._with_timeout(lambda: self.fs.exists(self.mirror_root)):
-                    self._with_timeout(lambda: self.fs.rm(self.mirror_root, recursive=True))
+                self.mirror.remove(self.fingerprint)
             except Exception as e:
-                self._mirror_failed("removing a finished run", e)
+                self.mirror_failed("removing a run", e)
         if had_uploader:
-            self.uploader = Uploader(self)
+            self.uploader = self._new_uploader()
 
-    def finish(self) -> None:
-        """The run's outputs are written: its checkpoints go, unless the user keeps them."""
-        if self.keep:
-            self.wait_for_upload()
-        else:
-            self.discard()
-        self.close()
+    # -- the finished record ----------------------------------------------------------------
+
+    def finish(self, outputs: dict[str, Path], config: dict) -> None:
+        """The run's outputs are written: record them (`outputs`: name -> file, e.g. weights,
+        metrics, train.tsv), locally and in the mirror, then drop the checkpoints, unless the
+        user keeps them. The mirror's checkpoints go only once its record is verified."""
+        manifest = self._write_record(outputs, config)
+        self.close(discard_waiting=not self.keep)
+        if self.mirror is not None:
+            try:
+                files = {name: self.dir / RECORD / name for name in manifest["files"]}
+                self.mirror.put_record(self.fingerprint, files, manifest)
+                if not self.keep:
+                    self.mirror.drop_checkpoints(self.fingerprint)
+            except Exception as e:
+                self.mirror_failed("uploading the finished run", e)
+        if not self.keep:
+            for step in self.local_steps():
+                self.drop_local(step)
+
+    def _write_record(self, outputs: dict[str, Path], config: dict) -> dict:
+        """Copy the outputs into <dir>/finished/, hashing them; the manifest last, atomically."""
+        (self.dir / f"{RECORD}.json").unlink(missing_ok=True)  # an older record stops counting first
+        files = {}
+        for name, src in outputs.items():
+            with open(src, "rb") as f, atomic_path(self.dir / RECORD / name) as tmp, open(tmp, "wb") as out:
+                size, digest = copy_hashing(f, out)
+            files[name] = {"size": size, "sha256": digest}
+        manifest = {"kind": RECORD, "stage": self.stage, "fingerprint": self.fingerprint, "total_steps": self.total,
+                    "config": json.loads(json.dumps(config, default=str)), "written": time.time(), "files": files}
+        write_json(self.dir / f"{RECORD}.json", manifest)
+        return manifest
+
+    def finished_record(self) -> Record | None:
+        """This run's finished record, verified: the local one, else the mirror's (downloaded).
+        One that fails verification is refused with one line; None when none verifies."""
+        local = self.dir / f"{RECORD}.json"
+        if local.is_file():
+            try:
+                man = json.loads(local.read_text())
+                self._verify_record(man, self.dir / RECORD)
+                return Record(self.dir / RECORD, man, f"local store {self.dir}")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self._refuse(f"local store {self.dir}", e)
+        if self.mirror is None:
+            return None
+        try:
+            man = self.mirror.record(self.fingerprint)
+        except Exception as e:
+            self.mirror_failed("looking for a finished run", e)
+            return None
+        if man is None:
+            return None
+        folder = self.dir / f".{RECORD}.download"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        where = f"mirror {self.mirror.shown}"
+        try:
+            self._verify_record(man, None)
+            self.mirror.get_record(self.fingerprint, man, folder)
+        except Exception as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._refuse(where, ValueError(self.mirror.error(e)) if not isinstance(e, ValueError) else e)
+            return None
+        (self.dir / f"{RECORD}.json").unlink(missing_ok=True)  # keep it locally too: verified, manifest last
+        shutil.rmtree(self.dir / RECORD, ignore_errors=True)
+        os.replace(folder, self.dir / RECORD)
+        write_json(self.dir / f"{RECORD}.json", man)
+        return Record(self.dir / RECORD, man, where)
+
+    def _verify_record(self, man: dict, folder: Path | None) -> None:
+        """ValueError unless `man` is this run's record (its config gives this fingerprint) and,
+        given `folder`, every file there matches the manifest's size and sha256."""
+        if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or "config" not in man:
+            raise ValueError("not a vitpipe finished record")
+        if man.get("fingerprint") != self.fingerprint or checkpoint_format.fingerprint(man["config"]) != self.fingerprint:
+            raise ValueError(f"it belongs to another run (fingerprint {checkpoint_format.fingerprint(man['config'])}, "
+                             f"this run is {self.fingerprint})")
+        for name, meta in (man["files"].items() if folder is not None else ()):
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+                raise ValueError(f"{path} does not match the record's sha256 (changed after it was written)")
+
+    def _refuse(self, where: str, e: Exception) -> None:
+        warn(f"[{self.stage}] refusing the finished run {self.fingerprint} in {where}: {e}; training it instead")
+
+    def restore(self, record: Record, outputs: dict[str, Path]) -> None:
+        """Put a record's files back as the run's outputs, each atomically."""
+        for name in record.manifest["files"]:
+            if name in outputs:
+                with open(record.folder / name, "rb") as f, atomic_path(outputs[name]) as tmp, open(tmp, "wb") as out:
+                    shutil.copyfileobj(f, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,7 +418,8 @@ class CheckpointStore:
 
 
 def list_runs(root: Path) -> list[dict]:
-    """One row per stored run: stage, fingerprint, step/total, age, size, where."""
+    """One row per stored run and kind (its newest checkpoint; its finished record): stage,
+    fingerprint, step/total, age, size, where."""
     rows = []
     root = Path(root)
     for run in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")):
@@ -463,15 +429,21 @@ def list_runs(root: Path) -> list[dict]:
                 mans.append(json.loads(m.read_text()))
             except (OSError, ValueError):
                 continue
-        if not mans:
+        if mans:
+            man = max(mans, key=lambda m: m.get("step", -1))
+            rows.append(run_row(man, run.name, sum(f.stat().st_size for f in run.glob("step-*.pt")), str(run)))
+        try:
+            record = json.loads((run / f"{RECORD}.json").read_text())
+        except (OSError, ValueError):
             continue
-        man = max(mans, key=lambda m: m.get("step", -1))
-        rows.append(run_row(man, run.name, sum(f.stat().st_size for f in run.glob("step-*.pt")), str(run)))
+        rows.append(run_row(record, run.name, record_size(record), str(run), kind=RECORD))
     return rows
 
 
-def run_row(manifest: dict, fingerprint: str, size: int, where: str) -> dict:
-    """One `vitpipe checkpoints` row: a run's newest manifest, its size and where it is."""
-    return {"stage": manifest.get("stage"), "fingerprint": fingerprint, "step": manifest.get("step"),
+def run_row(manifest: dict, fingerprint: str, size: int, where: str, kind: str = "checkpoint") -> dict:
+    """One `vitpipe checkpoints` row: a run's newest manifest (or its record's), its size and
+    where it is (a mirror's URL without credentials)."""
+    step = manifest.get("total_steps") if kind == RECORD else manifest.get("step")
+    return {"stage": manifest.get("stage"), "fingerprint": fingerprint, "kind": kind, "step": step,
             "total_steps": manifest.get("total_steps"), "age_s": time.time() - manifest.get("written", time.time()),
             "size_bytes": size, "where": where}

@@ -1,6 +1,11 @@
 """The analytic compute model: parameters, FLOPs, training memory, fits-on-device, a
 micro-batch plan and time, for the networks `models.model_config` describes.
 
+What depends on the network's family (parameter counts, FLOPs, the bytes autograd saves,
+autocast's weight copies, buffers, the backward transient) lives in the family's file
+(`vitpipe/models/vit.py`, `resnet.py`, `convnext.py`); this module dispatches through the
+registry (`family_of_config`) and keeps what every family shares: memory, plan, time.
+
 Conventions (the ones the tests hold it to):
 - params: exact counts of the timm / torchvision model, per component.
 - FLOPs: 2 x multiply-accumulates of matmuls, convolutions and attention, as
@@ -11,23 +16,35 @@ Conventions (the ones the tests hold it to):
   every storage once, as PyTorch 2.x runs timm/torchvision modules.
 - peak: what the caching allocator hands out at its high-water mark
   (torch.cuda.max_memory_allocated): weights + grads + optimizer state + the half-precision
-  weight copies autocast keeps for backward + activations + a backward transient.
+  weight copies autocast keeps for backward (none inside checkpointed blocks: their
+  copies are made again in the recompute) + activations + a backward transient.
   The device's `reserve_bytes` (CUDA context) and a fragmentation margin come on top
   when deciding whether it fits.
 """
 
 from __future__ import annotations
 
-
 from vitpipe.costmodel.devices import Device, get_device
 from vitpipe.errors import UserError
-from vitpipe.params import divisors
-from vitpipe.models import ResNetConfig, ViTConfig
+from vitpipe.models import registry
+from vitpipe.models.registry import family_of_config
 
-PRECISIONS = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}   # bytes of an activation element
+# ViT-only readings the scaling section and the planner use (they live with the family)
+from vitpipe.models.vit import ATTENTION_STORAGES, vit_flops_parts  # noqa: F401
+from vitpipe.models.vit import attention_split as _attention_split
+from vitpipe.params import divisors
+
+# bytes of an activation element: 4, or 2 under autocast (the families count with the same rule)
+PRECISIONS = {p: registry.element_bytes(p) for p in ("fp32", "tf32", "bf16", "fp16")}
 OPTIMIZERS = {"sgd": 1, "adamw": 2}    # fp32 state tensors per parameter (momentum; m and v)
 ATTENTION = ("sdpa", "eager")          # timm's fused F.scaled_dot_product_attention, or not
 FRAGMENTATION = 0.05                   # caching-allocator slack on top of the peak, for `fits`
+LOSS_SCALAR = 4                        # the loss, saved once per step
+# The profile MFUs that were measured rather than assumed: device -> (the precision it was
+# measured in, by whom). The T4's: ViT-B/32 from scratch, fp32, 38.5 img/s x 26.3 GFLOP/img
+# of 8.1 TFLOP/s (`reference.TIME`).
+MFU_MEASURED = {"t4": ("fp32", "the reference (a 2022 course report: ViT-B/32 from scratch on a Colab T4, "
+                               "38.5 img/s)")}
 
 
 def check_choice(what: str, value, allowed) -> None:
@@ -35,147 +52,37 @@ def check_choice(what: str, value, allowed) -> None:
         raise UserError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
+def _checked_family(cfg, checkpointing: bool):
+    family = family_of_config(cfg)
+    if checkpointing and not family.checkpointing:
+        raise family.refuse_checkpointing()
+    return family
+
+
 # ---------------------------------------------------------------------------------------
-# Parameters
+# Parameters and FLOPs: the family's
 
 
 def param_counts(cfg) -> dict:
     """Exact parameter counts per component, and `total`."""
-    return _vit_params(cfg) if isinstance(cfg, ViTConfig) else _resnet_params(cfg)
-
-
-def _vit_params(c: ViTConfig) -> dict:
-    d, hm = c.dim, c.mlp_hidden
-    block = (2 * d                                  # norm1
-             + 3 * d * d + (3 * d if c.qkv_bias else 0)  # qkv
-             + d * d + d                            # proj
-             + 2 * d                                # norm2
-             + d * hm + hm + hm * d + d             # fc1, fc2
-             + (2 * d if c.layer_scale else 0))     # ls1, ls2
-    pos_tokens = c.num_patches + (0 if c.no_embed_class else c.prefix_tokens)
-    p = {
-        "patch_embed": c.in_chans * c.patch**2 * d + (d if c.patch_bias else 0),
-        "class_token": c.prefix_tokens * d,
-        "pos_embed": pos_tokens * d,
-        "blocks": c.depth * block,
-        "norms": 2 * d * (int(c.pre_norm) + int(c.final_norm) + int(c.fc_norm)),
-        "head": (d + 1) * c.num_classes if c.num_classes else 0,
-    }
+    p = family_of_config(cfg).param_counts(cfg)
     p["total"] = sum(p.values())
     return p
 
 
-def _resnet_params(c: ResNetConfig) -> dict:
-    p = {"stem": 0, "blocks": 0}
-    for conv in resnet_convs(c):
-        p[conv["part"]] += conv["k"] ** 2 * conv["cin"] // conv["groups"] * conv["cout"] + 2 * conv["cout"]
-    p["head"] = (resnet_features(c) + 1) * c.num_classes if c.num_classes else 0
-    p["total"] = sum(p.values())
-    return p
-
-
-def matmul_weight_params(cfg) -> int:
-    """Weights of linear/conv layers: what autocast casts to half and keeps for backward."""
-    if isinstance(cfg, ViTConfig):
-        d, hm = cfg.dim, cfg.mlp_hidden
-        return (cfg.in_chans * cfg.patch**2 * d + cfg.depth * (4 * d * d + 2 * d * hm)
-                + d * cfg.num_classes)
-    convs = sum(c["k"] ** 2 * c["cin"] // c["groups"] * c["cout"] for c in resnet_convs(cfg))
-    return convs + resnet_features(cfg) * cfg.num_classes
-
-
-# ---------------------------------------------------------------------------------------
-# ResNet layers, walked once; params, FLOPs and activations all read this list
-
-
-def resnet_features(c: ResNetConfig) -> int:
-    return 512 * (4 if c.block == "bottleneck" else 1)
-
-
-def resnet_convs(c: ResNetConfig) -> list[dict]:
-    """Every convolution (each followed by a BatchNorm) in forward order, with its spatial
-    size. `bn_saved`: the BN output is saved (by the ReLU after it); a shortcut's is not."""
-    convs, h = [], c.image_size
-
-    def conv(part, cin, cout, k, stride, groups=1, bn_saved=True):
-        nonlocal h
-        h_in, h = h, (h + 2 * (k // 2) - k) // stride + 1
-        convs.append(dict(part=part, cin=cin, cout=cout, k=k, stride=stride, groups=groups,
-                          h_in=h_in, h_out=h, bn_saved=bn_saved, pool_before=0))
-        return h
-
-    if c.stem == "plain":
-        inplanes = 64
-        conv("stem", c.in_chans, inplanes, 7, 2)
-    else:
-        w1, w2 = (c.stem_width, c.stem_width) if c.stem == "deep" else (3 * (c.stem_width // 4), c.stem_width)
-        inplanes = 2 * c.stem_width
-        conv("stem", c.in_chans, w1, 3, 2)
-        conv("stem", w1, w2, 3, 1)
-        conv("stem", w2, inplanes, 3, 1)
-    h = (h + 2 - 3) // 2 + 1                      # max pool 3x3 / 2
-    expansion = 4 if c.block == "bottleneck" else 1
-    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), c.layers)):
-        for i in range(n):
-            stride = 2 if stage > 0 and i == 0 else 1
-            h_block, out = h, planes * expansion
-            if c.block == "basic":
-                conv("blocks", inplanes, planes, 3, stride)
-                conv("blocks", planes, planes, 3, 1)
-            else:
-                width = int(planes * c.width_per_group / 64) * c.groups
-                conv("blocks", inplanes, width, 1, 1)
-                conv("blocks", width, width, 3, stride, groups=c.groups)
-                conv("blocks", width, out, 1, 1)
-            if stride != 1 or inplanes != out:    # projection shortcut
-                h_after = h
-                if c.avg_down and stride > 1:
-                    h = (h_block + 1) // 2        # AvgPool2d(2, 2, ceil_mode=True)
-                    conv("blocks", inplanes, out, 1, 1, bn_saved=False)
-                    convs[-1]["pool_before"] = 1
-                else:
-                    h = h_block
-                    conv("blocks", inplanes, out, 1, stride, bn_saved=False)
-                h = h_after
-            inplanes = out
-    return convs
-
-
-# ---------------------------------------------------------------------------------------
-# FLOPs
+def matmul_weight_params(cfg, checkpointing: bool = False) -> int:
+    """Weights of linear/conv layers whose half copy autocast keeps for backward. Inside
+    checkpointed blocks the copies are made again in the recompute, not kept."""
+    return _checked_family(cfg, checkpointing).autocast_weight_params(cfg, checkpointing)
 
 
 def flops(cfg) -> dict:
     """FLOPs per image: forward, backward, train (= forward + backward), and the extra
     forward that activation checkpointing recomputes (`recompute`)."""
-    if isinstance(cfg, ViTConfig):
-        parts = vit_flops_parts(cfg)
-        first = parts["patch_embed"]
-        forward = sum(parts.values())
-        recompute = forward - first - parts["head"]     # the blocks
-    else:
-        convs = resnet_convs(cfg)
-        conv_flops = [2 * x["k"] ** 2 * x["cin"] // x["groups"] * x["cout"] * x["h_out"] ** 2 for x in convs]
-        first = conv_flops[0]
-        forward = sum(conv_flops) + 2 * resnet_features(cfg) * cfg.num_classes
-        recompute = forward - first
-    backward = 2 * forward - first        # no gradient for the image
-    return {"forward": forward, "backward": backward, "train": forward + backward,
-            "recompute": recompute}
-
-
-def vit_flops_parts(c: ViTConfig) -> dict:
-    """Forward FLOPs per image of a ViT by part; they sum to `flops(c)["forward"]`.
-    `attention` is the token mixing, q·kᵀ and softmax·v: the only term that grows with
-    tokens²; `projections` are the qkv and output projections of the blocks."""
-    t, d, hm = c.tokens, c.dim, c.mlp_hidden
-    return {
-        "patch_embed": 2 * c.num_patches * d * c.in_chans * c.patch**2,   # a p x p conv, stride p
-        "projections": c.depth * 2 * t * (3 * d * d + d * d),
-        "attention": c.depth * 4 * t * t * d,
-        "mlp": c.depth * 2 * t * 2 * d * hm,
-        "head": 2 * d * c.num_classes,
-    }
+    f = family_of_config(cfg).flops(cfg)
+    backward = 2 * f["forward"] - f["first"]        # no gradient for the image
+    return {"forward": f["forward"], "backward": backward, "train": f["forward"] + backward,
+            "recompute": f["recompute"]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,80 +95,7 @@ def saved_tensors(cfg, precision: str = "fp32", attention: str = "sdpa",
     Keys name the storages; the values sum to `activation_bytes`."""
     check_choice("precision", precision, PRECISIONS)
     check_choice("attention", attention, ATTENTION)
-    if isinstance(cfg, ViTConfig):
-        return _vit_saved(cfg, precision, attention, checkpointing, device_type)
-    return _resnet_saved(cfg, precision, checkpointing)
-
-
-def _vit_saved(c: ViTConfig, precision, attention, checkpointing, device_type) -> dict:
-    a = PRECISIONS[precision]        # matmul inputs/outputs: half under autocast
-    autocast = a == 2
-    t, d, hm, h = c.tokens, c.dim, c.mlp_hidden, c.heads
-    r = 4                            # residual stream: fp32 (LayerNorm runs in fp32 under autocast)
-    stats = 2 * 4 * t                # LayerNorm mean and rstd
-    s = {"image": a * c.in_chans * c.image_size**2}   # the input, or its half copy
-    if c.pre_norm:
-        s["norm_pre"] = r * t * d + stats
-    if checkpointing:
-        block = {"block_input": r * t * d}            # recomputed in backward, one block at a time
-    else:
-        block = {"block_input": r * t * d + stats, "norm1_out": a * t * d}
-        if attention == "sdpa":
-            # fused attention keeps q, k, v (views of the qkv output), its output (which the
-            # projection reads as a view) and a log-sum-exp per row
-            block.update(qkv=3 * a * t * d, attn_out=a * t * d, attn_lse=4 * h * t)
-        else:
-            # eager: q*scale, k^T and v are copied into batched matmuls; the softmax
-            # probabilities are kept (on CUDA in fp32, plus the half copy for attn @ v)
-            probs = 4 if not autocast else (6 if device_type == "cuda" else 2)
-            block.update(q=a * t * d, k=a * t * d, v=a * t * d, attn_probs=probs * h * t * t,
-                         attn_out=a * t * d)
-        block.update(residual=r * t * d + stats, norm2_out=a * t * d,
-                     fc1_out=a * t * hm, gelu_out=a * t * hm)
-        if c.layer_scale:
-            block["layer_scale_inputs"] = 2 * a * t * d
-    for k, v in block.items():
-        s[f"blocks.{k}"] = c.depth * v
-    # after the blocks: final norm over tokens, pooling, fc_norm, head
-    tokens_storage = None
-    if c.final_norm:
-        s["final_norm_in"] = r * t * d + stats
-        tokens_storage = "final_norm_out"
-    if c.pool == "token":
-        pooled_storage, pooled_bytes = tokens_storage or "blocks_out", r * t * d   # a view of it
-    else:
-        pooled_storage, pooled_bytes = "pooled", r * d
-    if c.fc_norm:
-        s[pooled_storage] = pooled_bytes
-        s["fc_norm_stats"] = 8
-        head_in, head_bytes = "fc_norm_out", r * d
-    else:
-        head_in, head_bytes = pooled_storage, pooled_bytes
-    if autocast:
-        head_in, head_bytes = "head_in", a * d   # the half copy the linear layer keeps
-    s[head_in] = head_bytes
-    s["loss"] = 4 * c.num_classes + 8            # log-softmax output (fp32) and the target
-    return s
-
-
-def _resnet_saved(c: ResNetConfig, precision, checkpointing) -> dict:
-    a = PRECISIONS[precision]
-    convs = resnet_convs(c)
-    s = {"image": a * c.in_chans * c.image_size**2, "conv_out": 0, "bn_out": 0, "shortcut_pool": 0}
-    for x in convs:
-        s["conv_out"] += a * x["cout"] * x["h_out"] ** 2
-        if x["bn_saved"]:
-            s["bn_out"] += a * x["cout"] * x["h_out"] ** 2
-        if x["pool_before"]:
-            s["shortcut_pool"] += a * x["cin"] * x["h_out"] ** 2
-    stem = [x for x in convs if x["part"] == "stem"][-1]
-    h_pool = convs[len([x for x in convs if x["part"] == "stem"])]["h_in"]
-    s["maxpool"] = (a + 8) * stem["cout"] * h_pool**2      # its output and int64 indices
-    s["head_in"] = a * resnet_features(c)
-    s["loss"] = 4 * c.num_classes + 8
-    if checkpointing:
-        raise UserError("activation checkpointing is modelled for ViTs only")
-    return s
+    return _checked_family(cfg, checkpointing).saved(cfg, precision, attention, checkpointing, device_type)
 
 
 def activation_bytes(cfg, precision="fp32", attention="sdpa", checkpointing=False,
@@ -271,40 +105,31 @@ def activation_bytes(cfg, precision="fp32", attention="sdpa", checkpointing=Fals
 
 
 def step_saved_bytes(cfg) -> int:
-    """Saved bytes per step that do not grow with the batch: BatchNorm's batch mean and
-    inverse std (fp32, per channel) and the loss scalar."""
-    if isinstance(cfg, ViTConfig):
-        return 4
-    return 4 + sum(8 * x["cout"] for x in resnet_convs(cfg))
+    """Saved bytes per step that do not grow with the batch: the loss scalar and, for
+    BatchNorm networks, the batch mean and inverse std (fp32, per channel)."""
+    return LOSS_SCALAR + family_of_config(cfg).step_saved_bytes(cfg)
+
+
+def autocast_weight_bytes(cfg, precision="fp32", checkpointing=False) -> int:
+    """The half-precision weight copies autocast keeps for backward (0 in fp32/tf32)."""
+    return 2 * matmul_weight_params(cfg, checkpointing) if PRECISIONS[precision] == 2 else 0
 
 
 def step_saved_total(cfg, batch: int, precision="fp32", attention="sdpa", checkpointing=False,
                      device_type="cuda") -> int:
     """Every byte autograd keeps for one training step's backward: the activations of `batch`
     images, what does not grow with the batch, and autocast's half-precision weight copies."""
-    casts = 2 * matmul_weight_params(cfg) if PRECISIONS[precision] == 2 else 0
     return (batch * activation_bytes(cfg, precision, attention, checkpointing, device_type=device_type)
-            + step_saved_bytes(cfg) + casts)
+            + step_saved_bytes(cfg) + autocast_weight_bytes(cfg, precision, checkpointing))
 
 
-# what autograd saves around the token mixing: its inputs q, k, v (or the qkv output they
-# view), its t x t probabilities (eager) or per-row log-sum-exp (sdpa), and its output
-ATTENTION_STORAGES = tuple(f"blocks.{k}" for k in ("qkv", "q", "k", "v", "attn_probs", "attn_lse", "attn_out"))
-
-
-def attention_split(cfg: ViTConfig, precision: str = "fp32", attention: str = "sdpa",
+def attention_split(cfg, precision: str = "fp32", attention: str = "sdpa",
                     device_type: str = "cuda") -> dict:
-    """Per image, attention's token mixing against the rest of a ViT: forward FLOPs
-    (`vit_flops_parts`) and saved activation bytes (`saved_tensors`), and attention's share
-    of each. The parts sum to `flops(cfg)["forward"]` and `activation_bytes(cfg, ...)`."""
-    f = vit_flops_parts(cfg)
-    saved = saved_tensors(cfg, precision, attention, device_type=device_type)
-    attn_bytes = sum(v for k, v in saved.items() if k in ATTENTION_STORAGES)
-    out = {"attention_flops": f["attention"], "rest_flops": sum(f.values()) - f["attention"],
-           "attention_bytes": attn_bytes, "rest_bytes": sum(saved.values()) - attn_bytes}
-    out["flops_share"] = out["attention_flops"] / (out["attention_flops"] + out["rest_flops"])
-    out["bytes_share"] = out["attention_bytes"] / (out["attention_bytes"] + out["rest_bytes"])
-    return out
+    """Per image, a ViT's attention (token mixing) against the rest: forward FLOPs and saved
+    activation bytes, and attention's share of each (`models.vit.attention_split`)."""
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("attention", attention, ATTENTION)
+    return _attention_split(cfg, precision, attention, device_type)
 
 
 def measure_saved_bytes(model, x, precision="fp32") -> int:
@@ -331,29 +156,15 @@ def measure_saved_bytes(model, x, precision="fp32") -> int:
 
 
 def buffer_bytes(cfg) -> int:
-    """Model state that is not parameters: BatchNorm running mean/var and batch counter."""
-    if isinstance(cfg, ViTConfig):
-        return 0
-    return sum(8 * x["cout"] + 8 for x in resnet_convs(cfg))
+    """Model state that is not parameters (BatchNorm running mean/var and batch counter)."""
+    return family_of_config(cfg).buffer_bytes(cfg)
 
 
 def transient_bytes(cfg, precision="fp32", attention="sdpa", checkpointing=False) -> int:
     """Per image, what backward allocates on top of the saved activations before it frees
     them: gradient buffers of the largest intermediate, the residual gradient and, with
     checkpointing, the one block being recomputed."""
-    a = PRECISIONS[precision]
-    if isinstance(cfg, ViTConfig):
-        t, d = cfg.tokens, cfg.dim
-        biggest = max(a * t * cfg.mlp_hidden,
-                      (2 * a * cfg.heads * t * t) if attention == "eager" else 0)
-        extra = 4 * t * d + biggest
-        if checkpointing:
-            one = ViTConfig(**{**cfg.__dict__, "depth": 1})
-            full = _vit_saved(one, precision, attention, False, "cuda")
-            extra += sum(v for k, v in full.items() if k.startswith("blocks."))
-        return extra
-    convs = resnet_convs(cfg)
-    return 2 * a * max(x["cout"] * x["h_out"] ** 2 for x in convs[-3:])
+    return _checked_family(cfg, checkpointing).transient_bytes(cfg, precision, attention, checkpointing)
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,15 +176,20 @@ def memory(cfg, batch: int, precision="fp32", optimizer="adamw", attention="sdpa
     """Training memory in bytes at micro-batch `batch`: the parts and the allocator peak."""
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("precision", precision, PRECISIONS)
+    family = _checked_family(cfg, checkpointing)
     n = param_counts(cfg)["total"]
+    half = PRECISIONS[precision] == 2
     m = {
         "weights": 4 * n + buffer_bytes(cfg),   # fp32 master weights (autocast never changes them)
         "grads": 4 * n,                      # kept between micro-batches when accumulating
         "optimizer": 4 * n * OPTIMIZERS[optimizer],
-        "autocast_weights": 2 * matmul_weight_params(cfg) if PRECISIONS[precision] == 2 else 0,
+        "autocast_weights": autocast_weight_bytes(cfg, precision, checkpointing),
         "activations": batch * activation_bytes(cfg, precision, attention, checkpointing)
         + step_saved_bytes(cfg),
-        "transient": batch * transient_bytes(cfg, precision, attention, checkpointing),
+        # per image, and, with checkpointing in half precision, the recomputed block's
+        # weight copies (made again in backward, freed with the block)
+        "transient": batch * transient_bytes(cfg, precision, attention, checkpointing)
+        + (2 * family.recompute_weight_params(cfg) if half and checkpointing else 0),
     }
     backward_peak = sum(m.values())
     # the foreach optimizer step allocates about one parameter-sized temporary
@@ -419,6 +235,27 @@ def throughput(train_flops_per_image: float, device: Device, precision: str, mfu
     return mfu * device.peak(precision) / train_flops_per_image
 
 
+def mfu_provenance(device: Device, precision: str, mfu: float | None = None,
+                   family: str = "vit") -> tuple[str, str]:
+    """Which MFU an ETA at `precision` for a `family` network assumes and where it comes
+    from: ("measured" | "assumed" | "given", a sentence). Only the T4's profile MFU was
+    measured (by the reference, a ViT in fp32); applying it at another precision's peak, or
+    to another family, is an assumption."""
+    peak = f"the {precision} peak ({device.peak(precision) / 1e12:,.1f} TFLOP/s)"
+    if mfu is not None:
+        return "given", f"MFU {mfu:.3f} given (--mfu, profile.mfu or calibrated on this machine), applied to {peak}"
+    measured_in, who = MFU_MEASURED.get(device.name, (None, None))
+    if measured_in is None:
+        return "assumed", (f"MFU {device.mfu:.3f} assumed (a typical ViT training step on {device.label}; "
+                           f"not measured), applied to {peak}")
+    measured = f"MFU {device.mfu:.3f} measured in {measured_in} by {who}"
+    same_peak = PRECISIONS[precision] == PRECISIONS[measured_in] and device.peak(precision) == device.peak(measured_in)
+    if same_peak and family == "vit":
+        return "measured", measured
+    untested = ([f"at {peak}"] if not same_peak else []) + ([f"for a {family} network"] if family != "vit" else [])
+    return "assumed", f"{measured}; assumed to hold {' and '.join(untested)}, which nothing measured"
+
+
 # ---------------------------------------------------------------------------------------
 # Everything for one model at one setting
 
@@ -433,8 +270,7 @@ def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp3
     check_choice("attention", attention, ATTENTION)
     if isinstance(device, str):
         device = get_device(device)
-    if checkpointing and not isinstance(cfg, ViTConfig):
-        raise UserError("activation checkpointing is modelled for ViTs only")
+    family = _checked_family(cfg, checkpointing)
     if batch < 1:
         raise UserError(f"batch must be a positive integer, got {batch}")
     p = param_counts(cfg)
@@ -442,6 +278,7 @@ def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp3
     mem = memory(cfg, batch, precision, optimizer, attention, checkpointing)
     pl = plan(cfg, batch, device, precision, optimizer, attention, checkpointing)
     mfu_used = device.mfu if mfu is None else mfu
+    basis, note = mfu_provenance(device, precision, mfu, family.name)
     executed = f["train"] + (f["recompute"] if checkpointing else 0)
     img_s = throughput(executed, device, precision, mfu_used)
     out = {"params": p["total"], **{f"params_{k}": v for k, v in p.items() if k != "total"},
@@ -453,9 +290,10 @@ def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp3
            "peak_bytes": mem["peak"], "required_bytes": required_bytes(mem["peak"], device),
            "capacity_bytes": device.memory_bytes, **pl,
            "img_per_s": img_s, "mfu": mfu_used, "mfu_source": "device default" if mfu is None else "given",
+           "mfu_basis": basis, "mfu_note": note,
            "peak_flops": device.peak(precision), "device": device.name, "device_label": device.label,
            "precision": precision, "optimizer": optimizer, "attention": attention,
-           "checkpointing": checkpointing}
+           "checkpointing": checkpointing, "family": family.name, "attention_applies": family.attention}
     if steps is not None:
         out["steps"] = steps
         out["eta_s"] = steps * batch / img_s

@@ -4,6 +4,7 @@ the report can set them beside the exact counts."""
 
 from __future__ import annotations
 
+
 # Table 1 of the reference: "calculated params" and "total params", in millions
 TABLE1 = {
     "resnet18": {"calculated_m": 33.3, "pretrained_m": 0.4, "total_m": 31.7},
@@ -58,21 +59,22 @@ def seed_encoder(layers: int, d: int, heads: int, d_mlp: int) -> int:
 
 
 def seed_params(cfg) -> dict:
-    """The reference's formulas evaluated on `cfg` (a models.ViTConfig / ResNetConfig)."""
-    from vitpipe.costmodel.compute import resnet_convs, resnet_features
-    from vitpipe.models import ViTConfig
+    """The reference's formulas evaluated on `cfg` (any family's config): the ViT paper's
+    [p^2 c, d] patch embedding without bias, conv_params for convolutions, the encoder's
+    weights without biases or norms, and fc_params for the head."""
+    from vitpipe.models.registry import family_of_config
 
-    if isinstance(cfg, ViTConfig):
-        p = {"embed": cfg.patch**2 * cfg.in_chans * cfg.dim,     # [p^2 c, d], no bias
-             "blocks": seed_encoder(cfg.depth, cfg.dim, cfg.heads, cfg.mlp_hidden),
-             "head": seed_fc(cfg.num_classes, cfg.dim)}
-    else:
-        convs = resnet_convs(cfg)
-        p = {"embed": sum(seed_conv(x["k"], x["cin"] // x["groups"], x["cout"])
-                          for x in convs if x["part"] == "stem"),
-             "blocks": sum(seed_conv(x["k"], x["cin"] // x["groups"], x["cout"])
-                           for x in convs if x["part"] == "blocks"),
-             "head": seed_fc(cfg.num_classes, resnet_features(cfg))}
+    p = {"embed": 0, "blocks": 0, "head": 0}
+    for x in family_of_config(cfg).weight_layers(cfg):
+        if x["part"] == "head":
+            n = seed_fc(x["cout"], x["cin"])
+        elif x["kind"] == "patch":
+            n = x["k"] ** 2 * x["cin"] * x["cout"]
+        elif x["kind"] == "conv":
+            n = seed_conv(x["k"], x["cin"], x["cout"])
+        else:
+            n = x["cin"] * x["cout"]
+        p[x["part"]] += n
     p["total"] = sum(p.values())
     return p
 

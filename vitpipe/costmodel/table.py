@@ -92,7 +92,7 @@ def run(p: dict, local: devices.Device, calib: dict) -> tuple[dict, list[dict], 
                "capacity_gb": e["capacity_bytes"] / GB, "fits": e["fits"],
                "micro_batch": e["micro_batch"], "accum_steps": e["accum_steps"],
                "headroom_gb": e["headroom_bytes"] / GB, "img_per_s": e["img_per_s"],
-               "mfu": e["mfu"], "eta_h": e["eta_s"] / 3600,
+               "mfu": e["mfu"], "mfu_basis": e["mfu_basis"], "mfu_source": e["mfu_note"], "eta_h": e["eta_s"] / 3600,
                "ref_memory_gb": ref_mem.get("used_gb") or ref_mem.get("needed_gb"),
                "ref_fits": ref_mem.get("fits")}
         rows.append(row)
@@ -112,6 +112,7 @@ def run(p: dict, local: devices.Device, calib: dict) -> tuple[dict, list[dict], 
                                 "required_gb": d["required_bytes"] / GB, "fits": d["fits"],
                                 "micro_batch": d["micro_batch"], "accum_steps": d["accum_steps"],
                                 "headroom_gb": d["headroom_bytes"] / GB, "mfu": d["mfu"],
+                                "mfu_basis": d["mfu_basis"], "mfu_source": d["mfu_note"],
                                 "img_per_s": d["img_per_s"], "eta_h": d["eta_s"] / 3600})
     return metrics, rows, device_rows
 

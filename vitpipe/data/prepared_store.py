@@ -17,6 +17,7 @@ import torch
 
 SPLITS = ("train", "val", "test")
 IN_RAM_BYTES = 2 << 30  # splits below 2 GiB are loaded; above, memory-mapped
+SMALL_IMAGE = 48 * 48  # pixels up to which augmentation gathers all windows at once (faster than a loop per image)
 
 
 class PreparedStore:
@@ -69,30 +70,54 @@ class Split:
 
     def batch(self, idx: np.ndarray, augment: bool = False, generator: torch.Generator | None = None):
         """(images float32 NCHW normalised, labels int64) for sample indices `idx`."""
+        x, y = self.images(idx, augment, generator)
+        return self.normalise(x), y
+
+    def images(self, idx: np.ndarray, augment: bool = False, generator: torch.Generator | None = None,
+               out: torch.Tensor | None = None):
+        """(images uint8 NCHW, labels int64) for sample indices `idx`, augmented in uint8 (a
+        quarter of float32's bytes to move); into `out` (a pinned buffer, say) when given."""
         idx = np.sort(np.asarray(idx))  # sorted: sequential reads from a memmap; order within a batch is irrelevant
-        xb = torch.from_numpy(np.ascontiguousarray(self.x[idx]))
-        yb = self.y[torch.from_numpy(idx)]
-        xb = xb.permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.ascontiguousarray(self.x[idx])).permute(0, 3, 1, 2)
+        y = self.y[torch.from_numpy(idx)]
         if augment:
-            xb = shift_and_flip(xb, generator, self.hflip)
-        return (xb - self.mean) / self.std, yb
+            x = shift_and_flip(x, generator, self.hflip, out=out)
+        elif out is not None:
+            x = out[:len(idx)].copy_(x)
+        return x, y
+
+    def normalise(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        """uint8 images -> float32, normalised by the store's statistics (`mean`/`std`: the
+        same, already on x's device)."""
+        out = x.to(torch.float32, copy=True)  # normalised in place: the same operations as (x - mean) / std
+        return out.sub_(self.mean if mean is None else mean).div_(self.std if std is None else std)
 
 
-def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bool) -> torch.Tensor:
+def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bool,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Random translation by up to 1/8 of the side (zero-padded crop), and a random
-    horizontal flip where the dataset allows it. Vectorised over the batch."""
-    n, _, h, w = x.shape
+    horizontal flip where the dataset allows it; into `out` when given. Small images: one
+    gather from a strided view of all windows; large ones: one window copy per image (no
+    padded copy, no index tensors of the batch's size). The same draws, the same numbers."""
+    n, c, h, w = x.shape
     pad = max(1, h // 8)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)  # row offset into the padded image
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # n x h
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # n x w
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    if hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
-        out[flip] = out[flip].flip(-1)
+    flip = torch.rand(n, generator=generator) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    out = torch.empty((n, c, h, w), dtype=x.dtype) if out is None else out[:n]
+    if h * w <= SMALL_IMAGE:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        sn, sc, sh, sw = padded.stride()
+        windows = padded.as_strided((n, 2 * pad + 1, 2 * pad + 1, c, h, w), (sn, sh, sw, sc, sh, sw))
+        shifted = windows[torch.arange(n), dy, dx]
+        return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted, out=out)
+    out.zero_()  # the zero padding
+    for i, (sy, sx, f) in enumerate(zip((dy - pad).tolist(), (dx - pad).tolist(), flip.tolist())):
+        window = x[i, :, max(0, sy):h + min(0, sy), max(0, sx):w + min(0, sx)]
+        if f:  # flipped after the shift: the window lands mirrored, at the mirrored columns
+            out[i, :, max(0, -sy):h - max(0, sy), max(0, sx):w - max(0, -sx)] = window.flip(-1)
+        else:
+            out[i, :, max(0, -sy):h - max(0, sy), max(0, -sx):w - max(0, sx)] = window
     return out
 
 

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from vitpipe.errors import UserError
 
 MIN_GRID = 4          # Grad-CAM's default layer: the deepest stage with at least 4 x 4 cells
-CNN_STAGES = ("layer4", "layer3", "layer2", "layer1")   # torchvision / timm ResNets, deepest first
 
 
 # ---------------------------------------------------------------------------------------
@@ -35,7 +34,11 @@ CNN_STAGES = ("layer4", "layer3", "layer2", "layer1")   # torchvision / timm Res
 
 
 def is_vit(model) -> bool:
-    return hasattr(model, "blocks") and hasattr(model, "patch_embed")
+    """A network of an attention family (timm's VisionTransformer): rollout reads its blocks."""
+    from vitpipe.models import family_of_model
+
+    family = family_of_model(model)
+    return family is not None and family.attention
 
 
 @contextlib.contextmanager
@@ -119,13 +122,16 @@ def rollout(model, images: torch.Tensor) -> torch.Tensor:
 
 
 def cam_layer_name(model, images: torch.Tensor, min_grid: int = MIN_GRID) -> str:
-    """The stage Grad-CAM reads by default: the deepest of layer4..layer1 whose output has at
-    least `min_grid` cells a side (a ResNet's layer4 is 1 x 1 at 32 px), else the largest."""
-    stages = [name for name in CNN_STAGES if hasattr(model, name)]
+    """The stage Grad-CAM reads by default: the deepest of the stages the model's family names
+    (a ResNet's layer4..layer1, a ConvNeXt's stages.3..stages.0) whose output has at least
+    `min_grid` cells a side (a ResNet's layer4 is 1 x 1 at 32 px), else the largest."""
+    from vitpipe.models import cam_layer_names
+
+    stages = cam_layer_names(model)
     if not stages:
-        raise UserError(f"{type(model).__name__} has no layer1..layer4: pass the layer to grad_cam")
+        raise UserError(f"{type(model).__name__} has no known CNN stages: pass the layer to grad_cam")
     sizes = {}
-    hooks = [getattr(model, n).register_forward_hook(lambda m, a, out, n=n: sizes.__setitem__(n, out.shape[-2:]))
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: sizes.__setitem__(n, out.shape[-2:]))
              for n in stages]
     training = model.training
     model.eval()
@@ -148,7 +154,7 @@ def grad_cam(model, images: torch.Tensor, target=None, layer=None) -> torch.Tens
     target: class indices (int or [N]); None = each image's predicted class. layer: a module
     or a stage name; None = `cam_layer_name`."""
     if layer is None or isinstance(layer, str):
-        layer = getattr(model, layer or cam_layer_name(model, images))
+        layer = model.get_submodule(layer or cam_layer_name(model, images))
     captured = {}
     hook = layer.register_forward_hook(lambda m, args, out: captured.__setitem__("a", out))
     training = model.training

@@ -1,6 +1,16 @@
-"""Networks: a registry that maps a spec's `arch` to its family (vit, resnet, ...), which
-builds the network and describes its size and cost. `weights` imports pretrained weights."""
+"""Networks: a registry of model families (`registry`), one file per family (`vit`,
+`resnet`, `convnext`: its builder and its cost model), and `weights`, which imports
+pretrained weights. Importing the package registers the families; names are matched in
+this order."""
 
-from vitpipe.models.registry import (ALLOWED_ARCH, VIT_SIZE_NAMES, VIT_SIZES, ResNetConfig, ViTConfig,  # noqa: F401
-                                     arch_kind, build_model, describe, head_param_names, model_config,
-                                     reset_head, validate_spec, vit_sizes)
+from vitpipe.models import vit  # noqa: F401,I001  (registers; the order is the matching order)
+from vitpipe.models import resnet  # noqa: F401
+from vitpipe.models import convnext  # noqa: F401
+from vitpipe.models.convnext import ConvNeXtConfig  # noqa: F401
+from vitpipe.models.registry import (FAMILIES, Family, allowed_arch, arch_kind, build_model,  # noqa: F401
+                                     cam_layer_names, describe, family_of, family_of_config,
+                                     family_of_model, head_param_names, model_config,
+                                     prefers_channels_last, register_family, reset_head, spec_keys,
+                                     validate_spec)
+from vitpipe.models.resnet import ResNetConfig  # noqa: F401
+from vitpipe.models.vit import VIT_SIZE_NAMES, VIT_SIZES, ViTConfig, vit_sizes  # noqa: F401

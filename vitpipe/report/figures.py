@@ -74,25 +74,25 @@ def memory(f: Figures, m: pd.DataFrame, setting: dict) -> str:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     x = np.arange(len(m))
     w = 0.38
-    ax.bar(x - w / 2, m.required_gb, width=w, color=PRED_COLOR, label="predicted need, whole batch at once")
-    ax.bar(x + w / 2, m.checkpointing_required_gb, width=w, color=MEAS_COLOR,
+    ax.bar(x - w / 2, m.required_gib, width=w, color=PRED_COLOR, label="predicted need, whole batch at once")
+    ax.bar(x + w / 2, m.checkpointing_required_gib, width=w, color=MEAS_COLOR,
            label="predicted need with activation checkpointing")
-    ref = m.dropna(subset=["ref_gb"])
-    ax.scatter(x[ref.index], ref.ref_gb, marker="D", s=50, color=REF_COLOR, zorder=3,
-               label="reference's reading (GB)")
-    cap = float(m.capacity_gb.iloc[0])
-    ax.axhline(cap, color="k", ls="--", lw=1, label=f"{setting['device']} capacity {cap:.1f} GB")
+    ref = m.dropna(subset=["ref_ratio"])
+    cap = float(m.capacity_gib.iloc[0])
+    ax.scatter(x[ref.index], ref.ref_ratio * cap, marker="D", s=50, color=REF_COLOR, zorder=3,
+               label="reference's reading (its share of the T4)")
+    ax.axhline(cap, color="k", ls="--", lw=1, label=f"{setting['device']} capacity {cap:.1f} GiB")
     for xi, r in zip(x, m.itertuples()):
         plan = "fits at once" if r.fits else (f"plan: micro-batch {r.micro_batch} x {r.accum_steps}" if r.micro_batch
                                                else "no plan fits")
-        ax.annotate(plan, (xi - w / 2, r.required_gb), ha="center", va="bottom", fontsize=8,
+        ax.annotate(plan, (xi - w / 2, r.required_gib), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(x, m.network)
     ax.set_yscale("log")
-    ax.set_ylim(top=float(m.required_gb.max()) * 3)
+    ax.set_ylim(top=float(m.required_gib.max()) * 3)
     ax.set(title=f"Training memory from scratch at {setting['image_size']} px, batch {setting['batch']}, "
                  f"{setting['precision']}, {setting['optimizer']}",
-           ylabel="memory needed (GB, log scale)")
+           ylabel="memory needed (GiB, log scale)")
     _grid(ax)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     return f.save(fig, "memory.png")
@@ -175,7 +175,7 @@ def scratch_vs_finetune(f: Figures, runs: list[Run], num_classes: int | None) ->
 CURVES = (("loss", "Training loss (10-step mean)", "cross-entropy loss", "linear", 10),
           ("lr", "Learning rate schedule", "learning rate (log scale)", "log", 1),
           ("img_per_s", "Training throughput (5-step mean)", "images per second", "linear", 5),
-          ("memory_mb", "Memory during training (RSS on CPU, allocator on GPU)", "memory (MB)", "linear", 1))
+          ("memory_mb", "Memory during training (RSS on CPU, allocator on GPU)", "memory (MiB)", "linear", 1))
 
 
 def band(frames: list[pd.DataFrame], steps: pd.Series, col: str, smooth: int = 1):
@@ -215,15 +215,19 @@ def training_curves(f: Figures, runs: list[Run]) -> str:
 
 
 def variants(f: Figures, v: pd.DataFrame) -> str:
-    panels = (("test_top1", "Test top-1 accuracy", "accuracy (%)", 100),
-              ("train_s", "Training wall time", "seconds", 1),
-              ("params", "Parameters", "millions", 1e-6),
-              ("peak_memory_mb", "Peak training memory", "MB", 1))
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+    """Accuracy (mean over seeds, 95% interval as error bars), training time (± one sd over
+    seeds) and parameters. No memory panel: on a CPU the only reading is process RSS, which
+    holds the interpreter and libraries and so cannot rank the networks (§2)."""
+    acc_err = [(100 * (m - lo), 100 * (hi - m)) if not np.isnan(lo) else (0, 0)
+               for m, lo, hi in zip(v.test_top1.astype(float), v.test_top1_lo.astype(float), v.test_top1_hi.astype(float))]
+    panels = (("test_top1", "Test top-1 (mean, 95% CI)", "accuracy (%)", 100, np.array(acc_err).T if len(v) else None),
+              ("train_s", "Training wall time (± sd)", "seconds", 1, v.train_s_sd.astype(float).fillna(0).values),
+              ("params", "Parameters", "millions", 1e-6, None))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     colors = [f.color[n] for n in v.run]
-    for ax, (col, title, unit, scale) in zip(axes, panels):
+    for ax, (col, title, unit, scale, err) in zip(axes, panels):
         values = v[col].astype(float) * scale
-        bars = ax.bar(v.run, values, color=colors)
+        bars = ax.bar(v.run, values, color=colors, yerr=err, capsize=4 if err is not None else 0)
         ax.bar_label(bars, labels=[("–" if np.isnan(x) else f"{x:.2f}" if x < 10 else f"{x:,.1f}" if x < 1000
                                     else f"{x:,.0f}")
                                    for x in values], fontsize=8, padding=2)
@@ -231,11 +235,9 @@ def variants(f: Figures, v: pd.DataFrame) -> str:
         ax.margins(y=0.15)
         ax.tick_params(axis="x", labelsize=8)
         _grid(ax)
-    mem = v.memory_source.iloc[0] if len(v) else "process RSS"
-    axes[3].set_ylabel(f"MB ({mem})")
     handles = [plt.Rectangle((0, 0), 1, 1, color=f.color[n]) for n in v.run]
     fig.legend(handles, list(v.label), loc="lower center", ncol=len(v), fontsize=8, bbox_to_anchor=(0.5, -0.06))
-    fig.suptitle("Variants side by side (scratch network and CNN baseline included)", fontsize=11)
+    fig.suptitle("Runs side by side (scratch network and CNN baseline included)", fontsize=11)
     return f.save(fig, "variants.png")
 
 

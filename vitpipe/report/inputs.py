@@ -16,6 +16,7 @@ import yaml
 from vitpipe import params
 
 SCRATCH = "scratch"
+LR_SWEEP = "params.lr_sweep.json"     # scripts/lr_sweep.py: the recipes' learning rates and the equal-compute run
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Run:
     pretrain: dict           # metrics/pretrain/<name>.json ({} for scratch)
     curves: list[pd.DataFrame]   # plots/.../seed-<s>/train.tsv (per optimizer step)
     evals_by_seed: list[pd.DataFrame]   # plots/.../seed-<s>/eval.tsv (per evaluation)
+    corrects: list[list[bool] | None] = field(default_factory=list)   # eval/<name>/seed-<s>/predictions.csv:
+    #                                     per test image (store order), whether the model got it right
 
     @property
     def train(self) -> dict:
@@ -64,7 +67,11 @@ class Run:
 
     @property
     def is_cnn(self) -> bool:
-        return str(self.spec.get("arch", "")).startswith("resnet")
+        """A convolutional network (ResNet, ConvNeXt): its family has no token attention."""
+        from vitpipe.models import family_of
+
+        family = family_of(self.spec.get("arch"))
+        return family is not None and not family.attention
 
     @property
     def params(self) -> int | None:
@@ -125,6 +132,7 @@ class Inputs:
     compute: pd.DataFrame           # profile/compute.csv: one row per model on profile.device
     devices: pd.DataFrame           # profile/devices.csv: one row per model x device profile
     missing: list[str] = field(default_factory=list)   # expected files that were not there
+    lr_sweep: dict = field(default_factory=dict)   # params.lr_sweep.json (scripts/lr_sweep.py), {} if absent
 
     @property
     def image_size(self) -> int:
@@ -165,6 +173,13 @@ class _Reader:
         path = self._path(rel)
         return pd.read_csv(path, sep=sep) if path else pd.DataFrame()
 
+    def correct(self, rel) -> list[bool] | None:
+        """Per test image, predicted == actual (predictions.csv: actual,predicted in store order)."""
+        t = self.table(rel)
+        if t.empty or not {"actual", "predicted"} <= set(t.columns):
+            return None
+        return (t.actual.astype(str) == t.predicted.astype(str)).tolist()
+
 
 def _recipe(doc: dict, section: str, variant: str | None) -> params.TrainParams | None:
     try:
@@ -187,7 +202,8 @@ def load(root: Path | str = ".") -> Inputs:
                    [read.json(f"metrics/{train_dir}/{d}.json") for d in seed_dirs],
                    [read.json(f"metrics/evaluate/{name}/{d}.json") for d in seed_dirs], pretrain,
                    [read.table(f"plots/{train_dir}/{d}/train.tsv", "\t") for d in seed_dirs],
-                   [read.table(f"plots/{train_dir}/{d}/eval.tsv", "\t") for d in seed_dirs])
+                   [read.table(f"plots/{train_dir}/{d}/eval.tsv", "\t") for d in seed_dirs],
+                   [read.correct(f"eval/{name}/{d}/predictions.csv") for d in seed_dirs])
 
     runs = [run(SCRATCH, doc["model"], _recipe(doc, "train", None), "train_scratch", {})]
     for name, spec in (doc.get("variants") or {}).items():
@@ -195,4 +211,5 @@ def load(root: Path | str = ".") -> Inputs:
                         read.json(f"metrics/pretrain/{name}.json")))
     return Inputs(doc=doc, meta=meta, prepared=root / prepared, runs=runs,
                   profile=read.json("metrics/profile.json"), compute=read.table("profile/compute.csv"),
-                  devices=read.table("profile/devices.csv"), missing=read.missing)
+                  devices=read.table("profile/devices.csv"), missing=read.missing,
+                  lr_sweep=json.loads((root / LR_SWEEP).read_text()) if (root / LR_SWEEP).exists() else {})

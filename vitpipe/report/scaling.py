@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 from vitpipe.costmodel import compute  # noqa: E402
 from vitpipe.atomic import atomic_path  # noqa: E402
 from vitpipe.costmodel.devices import DEVICES, GiB, MiB, get_device  # noqa: E402
-from vitpipe.models import VIT_SIZE_NAMES, ViTConfig, model_config  # noqa: E402
+from vitpipe.models import ViTConfig, describe, family_of_config, model_config  # noqa: E402
 
 IMAGE_SIZES = (32, 64, 128, 224, 384, 512)
 PATCHES = (8, 16, 32)
@@ -47,10 +47,8 @@ DPI = 100
 
 
 def network_name(arch: str) -> str:
-    if arch.startswith("resnet"):
-        return f"ResNet-{arch[len('resnet'):]}"
-    size, patch = arch[len("vit_"):].rstrip("0123456789"), arch.rstrip("0123456789")
-    return f"ViT-{VIT_SIZE_NAMES[size]}/{arch[len(patch):]}"
+    """'ViT-B/16', 'ResNet-50': the registry's name without the resolution."""
+    return describe({"arch": arch}, 224).split(" @")[0]
 
 
 def sweep_archs() -> list[str]:
@@ -156,7 +154,7 @@ def cost_table(s: dict) -> pd.DataFrame:
     for arch in sweep_archs():
         for size in IMAGE_SIZES:
             cfg = model_config({"arch": arch}, s["num_classes"], size)
-            vit = isinstance(cfg, ViTConfig)
+            vit = family_of_config(cfg).attention     # a ViT: tokens, patches, attention
             f = compute.flops(cfg)
             mem = compute.memory(cfg, s["batch"], s["precision"], s["optimizer"], s["attention"])
             row = {"arch": arch, "network": network_name(arch), "family": network_name(arch).split("/")[0],
@@ -421,7 +419,9 @@ def scaling_section(tables: dict[str, pd.DataFrame], figures: dict[str, str],
     lines += [scaling_law(tables), ""]
     lines += ["**At 224 px** (the reference's image size):", "", _markdown(summary_at(tables, 224)), "",
               "**Where attention passes half of the cost** (tokens, and the square image side that gives "
-              "them at the model's patch):", "", _markdown(crossover_summary(tables)), ""]
+              "them at the model's patch):", ""]
+    crossover, note = crossover_summary(tables)
+    lines += [_markdown(crossover), ""] + ([note, ""] if note else [])
     return lines
 
 
@@ -579,19 +579,27 @@ def summary_at(t, size: int) -> pd.DataFrame:
     })
 
 
-def crossover_summary(t) -> pd.DataFrame:
+def crossover_summary(t) -> tuple[pd.DataFrame, str]:
+    """The crossover table and a note. A column that never crosses for any network becomes the
+    note's one sentence instead of a row of identical 'never' cells per network."""
     c = t["crossover"]
 
     def cell(tokens, px):
         return f"{tokens:,.0f} ({px:,.0f} px)" if _found(tokens) else f"never (up to {MAX_TOKENS:,} tokens)"
 
-    return pd.DataFrame({
+    df = pd.DataFrame({
         "network": c.network, "width": c.dim.map(str), "depth": c.depth.map(str),
         "FLOPs": [cell(a, b) for a, b in zip(c.flops_tokens, c.flops_px)],
         "activations, eager": [cell(a, b) for a, b in zip(c.bytes_eager_tokens, c.bytes_eager_px)],
         "activations, sdpa": [cell(a, b) + ("" if _found(a) else f"; levels off at {m:.0%}")
                               for a, b, m in zip(c.bytes_sdpa_tokens, c.bytes_sdpa_px, c.bytes_sdpa_share_at_max)],
     })
+    if c.bytes_sdpa_tokens.map(_found).any():
+        return df, ""
+    share = c.bytes_sdpa_share_at_max
+    note = (f"With fused sdpa attention, attention's share of the activations passes half for none of them (up to "
+            f"{MAX_TOKENS:,} tokens; it levels off at {share.min():.0%} to {share.max():.0%}).")
+    return df.drop(columns="activations, sdpa"), note
 
 
 def _found(tokens) -> bool:

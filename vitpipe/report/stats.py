@@ -3,8 +3,11 @@
 - `over_seeds(xs)`: mean, standard deviation and the 95% t-interval of the mean over seeds.
 - `wilson(k, n)`: the 95% Wilson interval of an accuracy of k right out of n test images;
   the noise a finite test set adds to one run's number, whatever the seed.
-- `paired(a, b)`: the difference a - b, seed by seed (the same seed gives both runs the same
-  data order), with its t-interval: the noise both share cancels out.
+- `paired(a, b)`: the difference a - b, seed by seed, with its t-interval. Runs of one seed
+  share the test set and little else (other starting weights, micro-batches, augmentation
+  draws), so pairing removes little noise; the interval is still honest.
+- `mcnemar(a, b)` / `image_verdict(t)`: with one seed, two models compared image by image on the
+  test set (McNemar's exact test: a binomial test of the images only one of them gets right).
 - `verdict(diff)`: *holds* when the interval of the difference lies above zero (the claimed
   side), *does not hold* when it lies at or below zero, *inconclusive* when it straddles
   zero, with the number of seeds that would resolve it at the observed spread.
@@ -115,3 +118,95 @@ def verdict(diff: Interval, scale: float = 100, unit: str = " points") -> Verdic
 def within_noise(change: float, interval: Interval) -> bool:
     """A change of a seed-averaged result that the seeds' own interval already spans."""
     return interval.n >= 2 and not math.isnan(interval.half_width) and abs(change) <= interval.half_width
+
+
+# ---------------------------------------------------------------------------------------
+# One seed: a per-image paired test on the test set
+
+
+@dataclass(frozen=True)
+class PairedImages:
+    """Two models scored on the same test images: `a_only` images only model a gets right,
+    `b_only` only model b; the rest (both right, both wrong) are ties and carry no evidence
+    about which is better. `p` is McNemar's exact two-sided p-value (a binomial test of the
+    discordant images at 1/2); `lo`..`hi` the 95% Wald interval of the paired accuracy
+    difference (a - b), for its size."""
+    n: int
+    a_only: int
+    b_only: int
+    p: float
+
+    @property
+    def diff(self) -> float:
+        return (self.a_only - self.b_only) / self.n if self.n else math.nan
+
+    @property
+    def half_width(self) -> float:
+        if not self.n:
+            return math.nan
+        z = float(st.norm.ppf(0.5 + CONFIDENCE / 2))
+        discordant = self.a_only + self.b_only
+        return z * math.sqrt(max(discordant - (self.a_only - self.b_only) ** 2 / self.n, 0.0)) / self.n
+
+    @property
+    def lo(self) -> float:
+        return self.diff - self.half_width
+
+    @property
+    def hi(self) -> float:
+        return self.diff + self.half_width
+
+
+MCNEMAR = "McNemar's exact test"
+
+
+def mcnemar(a_correct, b_correct) -> PairedImages:
+    """McNemar's exact test of two models' per-image correctness on the same images (in the
+    same order). No discordant image (the models agree everywhere): p = 1, no evidence."""
+    a, b = [bool(x) for x in a_correct], [bool(x) for x in b_correct]
+    if len(a) != len(b):
+        raise ValueError(f"paired images need the same test set ({len(a)} vs {len(b)} images)")
+    a_only = sum(x and not y for x, y in zip(a, b))
+    b_only = sum(y and not x for x, y in zip(a, b))
+    k = a_only + b_only
+    p = 1.0 if k == 0 else float(st.binomtest(a_only, k, 0.5, alternative="two-sided").pvalue)
+    return PairedImages(len(a), a_only, b_only, p)
+
+
+def image_verdict(t: PairedImages, first: str = "the first", second: str = "the second",
+                  alpha: float = 1 - CONFIDENCE) -> Verdict:
+    """The claim is that model a (`first`) is more accurate than model b (`second`) on these
+    test images' population."""
+    if t.n == 0:
+        return Verdict(INCONCLUSIVE, "no test images to compare")
+    span = (f"{MCNEMAR} on {t.n} test images: {t.a_only} right only by {first}, {t.b_only} only by "
+            f"{second}, p = {t.p:.2g}; difference {100 * t.diff:+.1f} points, 95% CI {100 * t.lo:+.1f} to "
+            f"{100 * t.hi:+.1f}")
+    if t.p < alpha:
+        return Verdict(HOLDS if t.a_only > t.b_only else DOES_NOT_HOLD, span)
+    return Verdict(INCONCLUSIVE, f"{span}: not below {alpha:g}")
+
+
+def spread(xs) -> tuple[float, float, float]:
+    """Median, lowest and highest of the finite values (inf counts: a seed that never got there)."""
+    xs = sorted(float(x) for x in xs if x is not None and not math.isnan(float(x)))
+    if not xs:
+        return (math.nan, math.nan, math.nan)
+    mid = (len(xs) - 1) / 2
+    return ((xs[int(mid)] + xs[int(mid + 0.5)]) / 2, xs[0], xs[-1])
+
+
+def bootstrap_sum(vectors, signs, resamples: int = 2000, seed: int = 0,
+                  confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """A signed sum of accuracies of models scored on the same test images, with its paired
+    percentile-bootstrap interval: the images are resampled together for every model."""
+    import numpy as np
+
+    m = np.asarray(vectors, dtype=np.float64)               # models x images
+    w = np.asarray(signs, dtype=np.float64)
+    per_image = w @ m                                        # each image's contribution to the sum
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, m.shape[1], size=(resamples, m.shape[1]))
+    sums = per_image[idx].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return float(per_image.mean()), float(np.quantile(sums, tail)), float(np.quantile(sums, 1 - tail))

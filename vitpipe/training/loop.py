@@ -4,21 +4,24 @@ One readable loop: warmup + cosine LR, gradient accumulation over micro-batches,
 precision, grad clipping, periodic evaluation, a per-step log that `dvc plots` reads, and a
 checkpoint every `checkpoint_every` steps (and on SIGTERM/SIGINT) that a re-run resumes
 from exactly: the data order is a pure function of (seed, step), and every RNG is restored.
-Under torchrun it is DistributedDataParallel; only rank 0 writes anything.
+Under torchrun it is DistributedDataParallel, or FSDP2 with `parallel: fsdp` (training/sharding.py);
+only rank 0 writes anything.
 
 The host waits for the device only every LOG_EVERY steps (and before evaluation and
 checkpoints): the losses are read back then, so the CPU prepares the next batches while
-the GPU is still busy.
+the GPU is still busy; vitpipe.training.input_pipeline makes them ahead in a background
+thread, the same numbers as made on demand.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import random
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,21 +31,23 @@ from vitpipe.atomic import torch_save, write_json
 from vitpipe.checkpoints import format as checkpoint
 from vitpipe.checkpoints import store as checkpoint_store
 from vitpipe.checkpoints.store import CheckpointStore
-from vitpipe.data.prepared_store import SampleStream, Split, shift_and_flip
+from vitpipe.data.prepared_store import Split
 from vitpipe.errors import ParamError, UserError
 from vitpipe.evaluation.classification import accuracy
 from vitpipe.hardware import precision
 from vitpipe.hardware.core_share import CoreShare
 from vitpipe.hardware.telemetry import Sampler, now
 from vitpipe.params import TrainParams
+from vitpipe.training import sharding
 from vitpipe.training.distributed import Dist, pick_device, setup_distributed
+from vitpipe.training.input_pipeline import InputPipeline
 from vitpipe.training.oom import oom_message
 from vitpipe.training.recipe import autocast_dtype, lr_at, make_optimizer, prepare_model
 from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS, StepLog
 
 # Keys of a recipe that do not change the numbers a run produces: a checkpoint written
 # under other values of these is still the same run.
-NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile")
+NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile", "nnodes")  # the world size is in it
 
 LOG_EVERY = 10  # steps between host syncs (loss read-back, log rows, NaN check, stop agreement)
 
@@ -58,19 +63,32 @@ class RunPaths:
     plots: Path       # folder of train.tsv / eval.tsv
 
 
-def device_batch(data: Split, idx, augment: bool, generator, device: torch.device, mean, std):
-    """Split.batch with the float work moved to `device`: the (augmented) uint8 images cross
-    the bus, 4x fewer bytes than float32, from pinned memory without blocking the host;
-    conversion and normalisation run on the GPU. Same numbers as Split.batch."""
-    idx = np.sort(np.asarray(idx))
-    x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).permute(0, 3, 1, 2)
-    y = data.y[torch.from_numpy(idx)]
-    if augment:
-        x = shift_and_flip(x, generator, data.hflip)  # zero padding is 0 in uint8 as in float
-    if device.type == "cuda":
-        x, y = x.pin_memory(), y.pin_memory()
-    x = x.to(device, non_blocking=True).float()
-    return (x - mean) / std, y.to(device, non_blocking=True)
+@dataclass
+class TrainingJob:
+    """One training run as a stage asks for it: the network, its data and recipe, where it
+    writes, and what else makes it this run."""
+    model: torch.nn.Module
+    data: Split
+    recipe: TrainParams
+    paths: RunPaths
+    val: Split | None           # None or empty: no validation
+    run_config: dict            # the rest of the run's identity (spec, dataset, sizes): part of its fingerprint
+    fresh_key: str              # the param that starts it over ("train.resume"); its section names the errors
+    weights_meta: dict          # saved beside the final weights (what evaluate needs to rebuild the network)
+    desc: str                   # the stage's name as DVC shows it ("train_scratch@0")
+    quiet: bool = False         # no progress bar
+    store_dir: Path | None = None   # the checkpoint store's folder; None: the machine's (VITPIPE_CHECKPOINT_DIR, ...)
+
+
+class Pending(NamedTuple):
+    """A step's results still on the device: read back at the next host sync."""
+    step: int
+    lr: float
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    host_time: float
+    data_s: float = 0.0    # host seconds making its batches (in the background when prefetching)
+    wait_s: float = 0.0    # seconds the step waited for them
 
 
 class StopRequested:
@@ -100,26 +118,40 @@ class StopRequested:
             signal.signal(s, h)
 
 
-def fit(model: torch.nn.Module, data: Split, recipe: TrainParams, paths: RunPaths, *, val: Split | None,
-        run_config: dict, fresh_key: str, weights_meta: dict, desc: str, quiet: bool = False,
-        store_dir: Path | None = None) -> dict:
-    """Train `model` on `data` for recipe.steps optimizer steps; returns the metrics it wrote.
-    Checkpoints go to the machine's checkpoint store (vitpipe.checkpoints.store; `store_dir`
-    overrides its folder), keyed by the run's fingerprint."""
+# Out of device memory inside a library: cuBLAS, cuDNN and the CUDA runtime report a failed
+# allocation as a plain RuntimeError, not torch.OutOfMemoryError; the remedy is the same plan.
+ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED",  # cublasCreate without memory
+                       "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA error: out of memory",
+                       "CUDA out of memory")
+
+
+def is_allocation_failure(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or any(k in str(e) for k in ALLOCATION_FAILURES)
+
+
+def fit(job: TrainingJob) -> dict:
+    """Train `job.model` on `job.data` for recipe.steps optimizer steps; returns the metrics it
+    wrote. Checkpoints go to the machine's checkpoint store (vitpipe.checkpoints.store),
+    keyed by the run's fingerprint."""
     d = setup_distributed()
     try:
-        run = Run(d, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet, store_dir)
+        run = Run(d, job)
+        if run.restored is not None:  # finished on some machine sharing the store or its mirror
+            return run.restored
         with Sampler(run.device) as run.sampler, StopRequested() as run.stop, CoreShare(run.device, run.store.root / ".running", d.world) as run.cores:
             try:
-                while run.step < recipe.steps:
+                while run.step < run.recipe.steps:
                     run.train_step()
                     if run.at_sync():
                         run.sync()
                 return run.finish()
-            except torch.OutOfMemoryError:
-                raise UserError(oom_message(run.recipe, run.section, run_config, weights_meta.get("num_classes"),
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
+                if not is_allocation_failure(e):
+                    raise
+                raise UserError(oom_message(run.recipe, run.section, job.run_config, job.weights_meta.get("num_classes"),
                                             run.device, d.world)) from None
             finally:
+                run.input.close()
                 if run.bar is not None:
                     run.bar.close()  # an error's line then starts on a line of its own
     finally:
@@ -130,26 +162,32 @@ def fit(model: torch.nn.Module, data: Split, recipe: TrainParams, paths: RunPath
 class Run:
     """One training run: setup and resume in __init__, then train_step / sync / finish."""
 
-    def __init__(self, d: Dist, model, data, recipe, paths, val, run_config, fresh_key, weights_meta, desc, quiet,
-                 store_dir=None):
-        val = val if val is not None and len(val) else None  # an empty val split (data.split val 0): no validation
-        self.d, self.model, self.data, self.recipe, self.paths, self.val = d, model, data, recipe, paths, val
-        self.run_config, self.weights_meta, self.desc, self.quiet = run_config, weights_meta, desc, quiet
-        self.section, self.fresh_key = fresh_key.split(".")[0], fresh_key
+    def __init__(self, d: Dist, job: TrainingJob):
+        model, data, recipe, desc = job.model, job.data, job.recipe, job.desc
+        val = job.val if job.val is not None and len(job.val) else None  # data.split val 0: no validation
+        self.d, self.model, self.data, self.recipe, self.paths, self.val = d, model, data, recipe, job.paths, val
+        self.run_config, self.weights_meta, self.desc, self.quiet = job.run_config, job.weights_meta, desc, job.quiet
+        self.section, self.fresh_key = job.fresh_key.split(".")[0], job.fresh_key
         self.device = pick_device(d)
         # auto -> the precision this device runs natively; bf16 on a card without it is a param error
         recipe = self.recipe = replace(recipe, precision=precision.resolve(recipe.precision, self.device,
                                                                            f"{self.section}.precision"))
+        # ddp | fsdp (auto: what the cost model says fits); "none" for one process
+        recipe = self.recipe = replace(recipe, parallel=sharding.resolve(
+            recipe.parallel, d.world, self.section, lambda: sharding.replicated_fits(job, recipe, self.device)))
         if recipe.accum_steps % d.world:
             raise ParamError(f"{self.section}.micro_batch", recipe.micro_batch, f"a size that splits batch_size="
                              f"{recipe.batch_size} into a multiple of {d.world} micro-batches (one share per process)")
         # What makes this run this run: the params that change its numbers, the weights it starts
         # from (fine-tuning from other pretrained weights is another run) and the data it reads.
-        self.config = ({k: v for k, v in asdict(recipe).items() if k not in NOT_IN_FINGERPRINT} | run_config
+        self.config = ({k: v for k, v in asdict(recipe).items() if k not in NOT_IN_FINGERPRINT} | job.run_config
                        | {"world": d.world, "init_weights": checkpoint.tensors_digest(model.state_dict().values()),
                           "train_labels": checkpoint.tensors_digest([data.y]), "train_images": list(data.x.shape)})
-        self.store = CheckpointStore(checkpoint.fingerprint(self.config), desc, recipe.steps, directory=store_dir,
+        self.store = CheckpointStore(checkpoint.fingerprint(self.config), desc, recipe.steps, directory=job.store_dir,
                                      main=d.main)
+        self.restored = self.find_finished()
+        if self.restored is not None:
+            return
         ckpt, where = self.find_checkpoint()
         torch.manual_seed(recipe.seed + d.rank)  # dropout etc. differ per process; data order does not
         random.seed(recipe.seed + d.rank)
@@ -158,17 +196,44 @@ class Run:
         self.start = self.step = ckpt["step"] if ckpt else 0
         self.last_good = self.start if ckpt else None
         extra = ckpt["extra"] if ckpt else {}
-        self.skipped, self.best_val, self.last_val = extra.get("skipped_steps", 0), extra.get("best_val"), None
+        self.skipped, self.best_val, self.last_val = extra.get("skipped_steps", 0), extra.get("best_val"), extra.get("last_val")
         self.elapsed0, rows = (ckpt["elapsed_s"], ckpt["log"]) if ckpt else (0.0, {"train": [], "eval": []})
         self.open_logs(rows)
-        if ckpt and d.main and not quiet:
+        if ckpt and d.main and not job.quiet:
             print(f"[{desc}] resuming from {where} at step {self.start}/{recipe.steps}", file=sys.stderr)
-        self.stream = SampleStream(len(data), recipe.seed)
         self.mine = list(range(d.rank, recipe.accum_steps, d.world))  # this process's micro-batches of each step
         self.loss_scale = recipe.micro_batch / recipe.batch_size * d.world  # DDP averages over processes
-        self.mean, self.std = data.mean.to(self.device), data.std.to(self.device)
-        self.loss_value, self.pending = float("nan"), []  # (step, lr, loss, grad norm, host time) not read back
+        self.input = InputPipeline(data, recipe.seed, recipe.batch_size, recipe.micro_batch, self.mine, recipe.augment,
+                                   self.device, self.start, recipe.steps, channels_last=self.channels_last)
+        self.loss_value, self.pending = extra.get("train_loss", float("nan")), []  # Pending steps, not read back yet
         self.t_run = self.t_window = now()
+
+    def outputs(self) -> dict[str, Path]:
+        """The run's outputs by name, as its finished record holds them."""
+        outs = {"weights": self.paths.weights, "metrics": self.paths.metrics, "train.tsv": self.paths.plots / "train.tsv"}
+        return outs | ({"eval.tsv": self.paths.plots / "eval.tsv"} if self.val is not None else {})
+
+    def find_finished(self) -> dict | None:
+        """The metrics of this fingerprint's finished run, its outputs restored, when the local
+        store or the mirror holds a record that verifies; None: train. Rank 0 decides (and
+        applies resume: fresh); every process returns with it."""
+        d, metrics = self.d, None
+        if d.main:
+            if self.recipe.resume == "fresh":
+                self.store.discard()
+            record = self.store.finished_record()
+            if record is not None:
+                self.store.restore(record, self.outputs())
+                self.store.close()
+                metrics = json.loads(self.paths.metrics.read_text())
+                print(f"[{self.desc}] restored the finished run {self.store.fingerprint} from {record.where}",
+                      file=sys.stderr, flush=True)
+        if d.world > 1:
+            done = torch.tensor([float(metrics is not None)], device=self.device)
+            torch.distributed.broadcast(done, 0)
+            if done.item() and metrics is None:
+                metrics = {}  # as finish() returns on every rank but 0
+        return metrics
 
     def find_checkpoint(self) -> tuple[dict | None, str]:
         """The newest checkpoint of this fingerprint (rank 0 looks, locally and in the mirror;
@@ -177,8 +242,6 @@ class Run:
                           f"or set {self.fresh_key}: fresh to start this stage over")
         found = None
         if d.main:
-            if self.recipe.resume == "fresh":
-                self.store.discard()
             found = self.store.latest(fix)
         step = found.step if found else 0
         if d.world > 1:  # every process must resume the same step: the local store must be shared
@@ -191,13 +254,7 @@ class Run:
                                 f"(set {checkpoint_store.ENV_DIR} to a shared filesystem)")
         if not step:
             return None, ""
-        ckpt = checkpoint.read(self.store.path(step), fix)
-        if ckpt.get("finished"):  # kept after a finished run (VITPIPE_CHECKPOINT_KEEP): a re-run starts over
-            if d.world > 1:
-                raise UserError(f"{self.store.dir} holds a finished run: remove it with `vitpipe checkpoints rm "
-                                f"{self.store.fingerprint}` to train it again")
-            self.store.discard()
-            return None, ""
+        ckpt = checkpoint.read(self.store.path(step), fix)  # kept finished (VITPIPE_CHECKPOINT_KEEP): resumes at its end
         if ckpt["fingerprint"] != self.store.fingerprint:
             raise UserError(f"checkpoint {self.store.path(step)} belongs to another run (fingerprint "
                             f"{ckpt['fingerprint']}, expected {self.store.fingerprint}); {fix}")
@@ -208,25 +265,32 @@ class Run:
         model, recipe, device = self.model, self.recipe, self.device
         self.attention = prepare_model(model, recipe, self.section)
         model.to(device)
-        self.channels_last = device.type == "cuda" and not hasattr(model, "patch_embed")
+        from vitpipe.models import prefers_channels_last
+
+        self.channels_last = device.type == "cuda" and prefers_channels_last(model)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)  # CNNs run faster channels-last on tensor cores
             torch.backends.cudnn.benchmark = True
+        self.sharded, self.state_bytes = recipe.parallel == "fsdp", None
+        if self.sharded:
+            sharding.shard(model, device, self.d.world)  # before the optimizer: it holds the shards
         self.optimizer = make_optimizer(model, recipe)
         self.amp_dtype = autocast_dtype(recipe.precision)
-        self.scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")  # a no-op unless fp16
         if ckpt is not None:
             try:
-                model.load_state_dict(ckpt["model"])
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-                if self.scaler is not None:
-                    self.scaler.load_state_dict(ckpt["scaler"])
+                if self.sharded:
+                    sharding.load_full(model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+                else:
+                    model.load_state_dict(ckpt["model"])
+                    self.optimizer.load_state_dict(ckpt["optimizer"])
+                self.scaler.load_state_dict(ckpt["scaler"] or {})
                 checkpoint.set_rng_state(ckpt["rng"][self.d.rank], device)
             except Exception as e:
                 raise UserError(f"checkpoint {self.store.path(ckpt['step'])} does not fit this run ({type(e).__name__}: "
                                 f"{str(e)[:160]}); set {self.fresh_key}: fresh") from None
         self.net = model
-        if self.d.world > 1:
+        if self.d.world > 1 and not self.sharded:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         if recipe.compile:
@@ -245,40 +309,30 @@ class Run:
             self.bar = tqdm(total=self.recipe.steps, initial=self.start, desc=self.desc, unit="step",
                             dynamic_ncols=True, mininterval=1.0)
 
-    def batch(self, idx, m: int):
-        gen = torch.Generator().manual_seed(self.recipe.seed * 7_919 + self.step * 131 + m)  # augmentation: f(step, micro-batch)
-        if self.device.type == "cpu":
-            return self.data.batch(idx, augment=self.recipe.augment, generator=gen)
-        x, y = device_batch(self.data, idx, self.recipe.augment, gen, self.device, self.mean, self.std)
-        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
-
     def train_step(self):
         """One optimizer step: accumulate this process's micro-batches, clip, update."""
-        r, mb, d = self.recipe, self.recipe.micro_batch, self.d
+        r, mb = self.recipe, self.recipe.micro_batch
         lr = lr_at(self.step, r)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        idx = self.stream.take(self.step * r.batch_size, r.batch_size)
         step_loss = torch.zeros((), device=self.device)
         for n, m in enumerate(self.mine):
-            x, y = self.batch(idx[m * mb:(m + 1) * mb], m)
+            x, y = self.input.get(self.step, m)  # made ahead, in the background
             # DDP all-reduces gradients once per step: after this process's last micro-batch
-            with self.net.no_sync() if d.world > 1 and n < len(self.mine) - 1 else contextlib.nullcontext():
+            with sharding.gradient_sync(self.net, n == len(self.mine) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss = F.cross_entropy(self.net(x), y, label_smoothing=r.label_smoothing)
-                (self.scaler.scale(loss * self.loss_scale) if self.scaler else loss * self.loss_scale).backward()
+                self.scaler.scale(loss * self.loss_scale).backward()
             step_loss += loss.detach() * (mb / r.batch_size)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
-        if self.scaler:
-            self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        norm = sharding.plain(torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf")))
+        self.scaler.step(self.optimizer)  # fp16: skips the update when its gradients overflowed
+        self.scaler.update()
+        if self.state_bytes is None:  # once: grads and optimizer state exist only now
+            self.state_bytes = sharding.state_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.pending.append((self.step, lr, step_loss, norm, now()))
+        self.pending.append(Pending(self.step, lr, step_loss, norm, now(), *self.input.take_times()))
 
     def evaluating(self) -> bool:
         every = self.recipe.eval_every  # null: only at the end
@@ -296,31 +350,32 @@ class Run:
         checkpoint, agree on stopping."""
         d, r = self.d, self.recipe
         flag = torch.tensor([float(self.stop.signal is not None)], device=self.device)
-        shared = torch.cat([torch.stack([p[2] for p in self.pending]), flag])
+        shared = torch.cat([torch.stack([p.loss for p in self.pending]), flag])
         if d.world > 1:
             torch.distributed.all_reduce(shared)  # sums each process's share of the loss, and the flags
-        shared, norms = shared.tolist(), torch.stack([p[3] for p in self.pending]).tolist()
+        shared, norms = shared.tolist(), torch.stack([p.grad_norm for p in self.pending]).tolist()
         t_sync = now()
         rate = r.batch_size * len(self.pending) / (t_sync - self.t_window)
         seconds_per_step = (t_sync - self.t_run) / (self.step - self.start)
         memory_mb = self.sampler.step_memory_mb()
-        for (s, lr_s, _, _, t), loss_s, norm_s in zip(self.pending, shared, norms):
+        for (s, lr_s, _, _, t, data_s, wait_s), loss_s, norm_s in zip(self.pending, shared, norms):
             self.check_finite(s, loss_s, norm_s)
             self.skipped += not math.isfinite(norm_s)  # fp16 overflow: the scaler skipped this update
             self.loss_value = loss_s
             if d.main:
                 self.log.write(step=s, loss=loss_s, lr=lr_s, img_per_s=rate, img_per_s_per_device=rate / d.world,
                                elapsed_s=self.elapsed0 + t - self.t_run, eta_s=(r.steps - s) * seconds_per_step,
-                               memory_mb=memory_mb)
+                               memory_mb=memory_mb, data_ms=1e3 * data_s, data_wait_ms=1e3 * wait_s)
         self.pending.clear()
         if self.bar:
             self.bar.update(self.step - self.bar.n)
             self.bar.set_postfix(loss=f"{self.loss_value:.3f}", img_s=f"{rate:.0f}", **self.sampler.live(), refresh=False)
         if self.log:
             self.log.flush()
-        if self.evaluating() and d.main:
+        if self.evaluating() and (d.main or self.sharded):  # a sharded forward needs every process
             self.last_val = accuracy(self.model, self.val, self.device, amp_dtype=self.amp_dtype)
             self.best_val = max(self.best_val or 0.0, self.last_val["top1"])
+        if self.evaluating() and d.main:
             self.eval_log.write(step=self.step, val_acc=self.last_val["top1"], val_loss=self.last_val["loss"],
                                 elapsed_s=self.elapsed0 + now() - self.t_run)
             self.eval_log.flush()
@@ -333,7 +388,7 @@ class Run:
         self.t_window = now()  # img/s counts training only, not evaluation or checkpoints
 
     def check_finite(self, s: int, loss_s: float, norm_s: float):
-        if math.isfinite(loss_s) and (math.isfinite(norm_s) or self.scaler is not None):
+        if math.isfinite(loss_s) and (math.isfinite(norm_s) or self.scaler.is_enabled()):
             return
         where = (f"the last good checkpoint is step {self.last_good} in {self.store.dir}" if self.last_good
                  else "no checkpoint was written yet")
@@ -348,15 +403,25 @@ class Run:
         if d.world > 1:
             rng = [None] * d.world
             torch.distributed.all_gather_object(rng, checkpoint.rng_state(self.device))
+        # sharded: the full states, gathered to rank 0 (every process takes part)
+        model, optimizer = sharding.gathered(self.model, self.optimizer) if self.sharded else (self.model, self.optimizer)
         if d.main:
             self.log.flush()
-            checkpoint.save(self.store.path(self.step), model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+            checkpoint.save(self.store.path(self.step), model=model, optimizer=optimizer, scaler=self.scaler,
                             step=self.step, elapsed_s=self.elapsed0 + now() - self.t_run, config=self.config, rng=rng,
                             finished=finished, log={"train": self.log.rows,
                                                     "eval": self.eval_log.rows if self.eval_log else []},
-                            extra={"best_val": self.best_val, "skipped_steps": self.skipped})
+                            extra={"best_val": self.best_val, "skipped_steps": self.skipped,
+                                   "train_loss": self.loss_value, "last_val": self.last_val})
             self.store.commit(self.step)
         self.last_good = self.step
+
+    def max_state_bytes(self) -> int:
+        """The most parameter + gradient + optimizer-state bytes any process held (0: no step ran)."""
+        held = torch.tensor([self.state_bytes or 0], dtype=torch.int64, device=self.device)
+        if self.d.world > 1:
+            torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+        return int(held.item())
 
     def stop_now(self):
         if self.d.world > 1:
@@ -368,11 +433,14 @@ class Run:
         sys.exit(128 + (self.stop.signal or 15))
 
     def finish(self) -> dict:
-        """Outputs first, then the checkpoints go: killed in between, a re-run resumes from the
-        last periodic checkpoint and writes them again."""
+        """Outputs first, then the store records them (locally and in the mirror) and the
+        checkpoints go: killed in between, a re-run resumes from the last periodic checkpoint
+        and writes them again."""
         d, r = self.d, self.recipe
         wall = self.elapsed0 + now() - self.t_run
         metrics = {}
+        state_bytes = self.max_state_bytes()
+        final = sharding.full_model_state(self.model) if self.sharded else self.model.state_dict()  # a collective
         if d.main:
             if self.bar:
                 self.bar.close()
@@ -390,19 +458,21 @@ class Run:
                 "skipped_steps": int(self.skipped),
                 "attention": self.attention,
                 "precision": r.precision,
+                "parallel": r.parallel,
+                "state_bytes_per_process": state_bytes,  # weights + grads + optimizer state, the largest process's
             }
             if self.last_val is not None:
                 metrics |= {"val_acc": round(self.last_val["top1"], 5), "best_val_acc": round(self.best_val, 5)}
             metrics |= self.sampler.summary()
-            torch_save(self.paths.weights, {"state_dict": self.model.state_dict(), **self.weights_meta})
+            torch_save(self.paths.weights, {"state_dict": final, **self.weights_meta})
             write_json(self.paths.metrics, metrics)
         if self.store.keep:
             self.save_checkpoint(finished=True)
         if d.main:
-            self.store.finish()
             self.log.close()
             if self.eval_log:
                 self.eval_log.close()
+            self.store.finish(self.outputs(), self.config)
         if d.world > 1:
             torch.distributed.barrier()
         return metrics

@@ -6,7 +6,7 @@ import torch
 
 from vitpipe.costmodel import compute
 from vitpipe.hardware import precision, probe
-from vitpipe.models import model_config
+from vitpipe.models import family_of_config, model_config
 from vitpipe.params import TrainParams
 
 
@@ -25,7 +25,7 @@ def oom_message(recipe: TrainParams, section: str, run_config: dict, num_classes
         options = [(recipe.precision, recipe.activation_checkpointing)]
         if recipe.precision == "fp32":  # the half precision this card runs natively
             options.append((precision.native(profile), recipe.activation_checkpointing))
-        if not recipe.activation_checkpointing and hasattr(cfg, "patch"):
+        if not recipe.activation_checkpointing and family_of_config(cfg).checkpointing:
             options.append((options[-1][0], True))
         for prec, ckpt in options:
             p = compute.plan(cfg, per_device, profile, precision=prec, optimizer=recipe.optimizer,
