@@ -13,6 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -291,6 +292,26 @@ def test_memory_and_parameter_verdicts(outputs):
     t = an.parameter_table()
     assert dict(zip(t.model, t.holds)) == {"resnet18": False, "resnet34": False, "resnet50": False,
                                            "resnet101": False, "vit_b16": True, "vit_l16": True, "vit_h14": True}
+
+
+def test_memory_past_one_device_replicates_or_shards(outputs):
+    """ViT-L/16 and H/14 fit one T4 replicated; ViT-giant/14 fits no single T4 and shards over
+    4; the state per device is the planner's (1/N of the whole under FSDP)."""
+    from vitpipe.costmodel import sharding
+
+    inputs = load(outputs)
+    t = an.sharding_table(inputs).set_index(["network", "devices"])
+    assert t.loc[("ViT-L/16 @224px", 4), "parallel"] == "ddp"
+    assert t.loc[("ViT-H/14 @224px", 1), "parallel"] == "ddp"
+    giant = "vit_giant_patch14_224 @224px"
+    assert pd.isna(t.loc[(giant, 1), "parallel"]) and t.loc[(giant, 1), "fewest_devices"] == 2
+    assert t.loc[(giant, 4), "parallel"] == "fsdp" and t.loc[(giant, 4), "micro_batch"] > 0
+    whole = t.loc[(giant, 1), "state_gib"]
+    assert t.loc[(giant, 4), "state_gib"] == pytest.approx(whole / 4, rel=1e-6) and whole > 14.8
+    assert sharding.state_bytes(model_config({"arch": "vit_h14"}, 100, 224), 1) / 2**30 == pytest.approx(
+        t.loc[("ViT-H/14 @224px", 1), "state_gib"])
+    md = write_report(outputs)[0].read_text()
+    assert "replicate or shard" in md and "| vit_giant_patch14_224 @224px |" in md
 
 
 def test_partial_pipeline_still_reports(outputs):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from vitpipe.costmodel import compute, reference
-from vitpipe.costmodel.devices import LOCAL
+from vitpipe.costmodel import compute, reference, sharding
+from vitpipe.costmodel.devices import LOCAL, get_device
 from vitpipe.models import describe, model_config
 from vitpipe.report import stats
 from vitpipe.report.inputs import Inputs, Run
@@ -666,3 +666,36 @@ def variant_claims(v: pd.DataFrame) -> list[Claim]:
             + (f", peak CUDA memory {'rises' if mem_up else 'does not rise'}" if has_mem
                else "; memory not measured (no CUDA allocator on this machine), so only time is tested"))
     return [Claim("5", claim, ref, this, verdict(time_up and (mem_up is not False)), MEASURED)]
+
+
+# Past one device: what replicating (DDP) and sharding (FSDP) need per device, from the
+# compute model. ViT-giant/14 (1.0 B parameters) is the first size whose fp32 AdamW state
+# alone outgrows a 16 GB card.
+SHARDING_MODELS = ("vit_l16", "vit_h14", "vit_giant_patch14_224")
+SHARDING_DEVICES = (1, 4)
+
+
+def sharding_table(inputs: Inputs) -> pd.DataFrame:
+    """Per model and device count on profile.device at profile.batch_size: DDP or FSDP (the
+    planner's decision), the micro-batch that fits and the state bytes each device holds."""
+    s = profile_setting(inputs)
+    if s["device"] in LOCAL or not s["batch"]:
+        return pd.DataFrame()
+    device = get_device(s["device"])
+    rows = []
+    for name in SHARDING_MODELS:
+        spec = {"arch": name}
+        cfg = model_config(spec, s["num_classes"], s["image_size"])
+        kw = {"precision": s["precision"], "optimizer": s["optimizer"], "attention": s["attention"]}
+        ddp_micro = compute.plan(cfg, s["batch"], device, **kw)["micro_batch"]
+        for devices in SHARDING_DEVICES:
+            d = sharding.decide(cfg, s["batch"], device, devices, **kw)
+            rows.append({"network": describe(spec, s["image_size"]), "devices": devices,
+                         "params": compute.param_counts(cfg)["total"], "ddp_micro_batch": ddp_micro,
+                         "parallel": d["parallel"],
+                         "micro_batch": ddp_micro if d["parallel"] == "ddp" else d["micro_batch"],
+                         "state_gib": sharding.state_bytes(cfg, devices if d["parallel"] == "fsdp" else 1,
+                                                           s["optimizer"]) / 2**30,
+                         "fewest_devices": d["fewest_devices"], "capacity_gib": device.memory_bytes / 2**30,
+                         "device_label": device.label})
+    return pd.DataFrame(rows)

@@ -179,8 +179,36 @@ def section_memory(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[an.
                          f"{'below' if r.need_ratio > r.ref_ratio else 'above'} this model's {r.need_ratio:.2f}x.")
     lines.append("")
     lines += image("Predicted training memory of ViT-B/8, B/16 and B/32", figs.memory(f, m, s))
+    lines += _sharded_memory(inputs)
     lines += _measured_memory(inputs)
     return lines, claims
+
+
+def _count(v) -> str:
+    return str(int(v)) if pd.notna(v) and v else DASH
+
+
+def _sharded_memory(inputs: Inputs) -> list[str]:
+    """Past one device: DDP replicates the whole state on every device, FSDP shards it."""
+    t = an.sharding_table(inputs)
+    if t.empty:
+        return []
+    s = an.profile_setting(inputs)
+    table = pd.DataFrame({
+        "network": t.network, "parameters": t.params.map(lambda v: f"{v / 1e6:,.0f} M"),
+        "devices": t.devices.astype(str),
+        "engine": [("DDP" if r.parallel == "ddp" else "FSDP" if r.parallel == "fsdp" else "nothing fits")
+                   for r in t.itertuples()],
+        "micro-batch": t.micro_batch.map(_count),
+        "state per device (weights, grads, optimizer)": t.state_gib.map(lambda v: f"{v:.2f} GiB"),
+        "fewest devices that shard it": t.fewest_devices.map(_count),
+    })
+    return [f"### Past one {t.device_label.iloc[0]} ({t.capacity_gib.iloc[0]:.1f} GiB): replicate or shard", "",
+            f"Computed by the compute model (nothing here ran), at batch {s['batch']}, {s['precision']}, "
+            f"{s['optimizer']}. Under DDP every device holds the whole state, so more devices never make a model fit "
+            "that does not fit one; FSDP (`parallel: fsdp`, docs/distributed.md) holds 1/N of it on each of N "
+            "devices, plus the weights of the blocks being all-gathered. `vitpipe plan MODEL --device "
+            f"{s['device']} --devices N` gives the overrides.", "", md_table(table), ""]
 
 
 def _measured_memory(inputs: Inputs) -> list[str]:
@@ -348,9 +376,10 @@ def lr_sweep_lines(inputs: Inputs) -> list[str]:
         r = rec[kind]
         tried = ", ".join(f"{x['lr']:g} → {pct(x['val_acc'])}" for x in r["runs"])
         used = recipe.lr if recipe is not None else None
+        differs = ("" if used == r["chosen_lr"] else f", but params.yaml has {used:g}" if used is not None
+                   else "; this run has no such network")
         out.append(f"- `{r['param']}` ({r['optimizer']}, {r['steps']} steps): validation top-1 per learning rate "
-                   f"{tried}; chosen {r['chosen_lr']:g}"
-                   + ("" if used == r["chosen_lr"] else f", but params.yaml has {used:g}") + ".")
+                   f"{tried}; chosen {r['chosen_lr']:g}{differs}.")
     return out + [f"- Chosen on the {rec.get('val_images', '?')} validation images by {rec.get('chosen_by', '?')}.", ""]
 
 
