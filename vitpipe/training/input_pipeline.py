@@ -16,7 +16,6 @@ numbers as any depth. On the CPU the thread runs only where torch leaves a core 
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from vitpipe.data.prepared_store import SampleStream, Split
+from vitpipe.hardware.probe import cpu_count
 
 PREFETCH = 4  # micro-batches made ahead: enough to hide a slow one, little device memory (uint8)
 
@@ -34,11 +34,7 @@ def spare_core() -> bool:
     every core (the CPU default), a producer thread takes one from OpenMP's team mid-step
     and the whole step waits for it: on 2 cores that cost 10 % of the step for 1 % of work.
     Then the batches are made on demand, in the loop's thread."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    return torch.get_num_threads() < cpu_count()
 
 
 def augmentation_generator(seed: int, step: int, m: int) -> torch.Generator:
