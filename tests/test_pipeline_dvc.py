@@ -126,7 +126,7 @@ def test_seeds_each_their_own_run_and_the_report_gives_intervals(project):
     assert summary["scratch.top1_ci95_lo"] <= summary["scratch.top1_mean"] <= summary["scratch.top1_ci95_hi"]
     assert "finetune_minus_scratch.top1_ci95_lo" in summary
     report = (repo / "reports/report.md").read_text()
-    assert "± " in report and "95% CI of the difference" in report and "paired by seed" in report
+    assert "± " in report and "95% CI of the difference" in report and "seed-paired difference" in report
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results"], repo)
 
