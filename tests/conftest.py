@@ -110,6 +110,37 @@ def project(tmp_path):
     return make_project(tmp_path / "repo")
 
 
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A copy of a git + DVC repo (workspace, git, DVC cache and run-cache) that DVC treats as
+    its own: DVC's per-repo temp state (.dvc/tmp) is left behind, so nothing points back."""
+    def skip(folder, names):
+        return ["tmp"] if Path(folder).name == ".dvc" else []
+
+    shutil.copytree(src, dst, symlinks=True, ignore=skip)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory):
+    """The micro project after its first `dvc repro` (results not committed) and that repro's
+    stdout, built once per session: the end-to-end tests that start from a reproduced project
+    copy it (`reproduced`) instead of each training everything again."""
+    root = tmp_path_factory.mktemp("reproduced")
+    env = {"VITPIPE_CHECKPOINT_DIR": str(root / "store")}
+    repo = make_project(root / "repo", env=env)
+    first = run(DVC + ["repro"], repo, env=env)
+    return repo, first.stdout
+
+
+@pytest.fixture
+def reproduced(tmp_path, reproduced_template):
+    """This test's own copy of the reproduced micro project."""
+    return copy_project(reproduced_template[0], tmp_path / "repo")
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """data/ of the micro params (digits at 16 px), prepared once per session."""

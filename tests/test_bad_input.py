@@ -339,15 +339,14 @@ def test_plan_is_fast_for_any_batch():
 
 
 @pytest.fixture(scope="module")
-def repro_done(tmp_path_factory):
-    """A git + DVC repo after a good `dvc repro` whose results are not committed."""
-    from conftest import make_project
+def repro_done(tmp_path_factory, reproduced_template):
+    """A git + DVC repo after a good `dvc repro` whose results are not committed (a copy of the
+    session's reproduced micro project)."""
+    from conftest import copy_project
 
     root = tmp_path_factory.mktemp("dvc")
     env = {"VITPIPE_CHECKPOINT_DIR": str(root / "store")}
-    repo = make_project(root / "repo", env=env)
-    run([sys.executable, "-m", "dvc", "repro"], repo, env=env)
-    return repo, env
+    return copy_project(reproduced_template[0], root / "repo"), env
 
 
 def override(expr: str) -> str:

@@ -38,8 +38,8 @@ def dvc(args, repo, **kw):
     return p.stdout + p.stderr
 
 
-def test_returning_to_old_params_restores_every_training_stage_from_the_run_cache(project, checkpoint_store):
-    dvc(["repro"], project)  # A
+def test_returning_to_old_params_restores_every_training_stage_from_the_run_cache(reproduced, checkpoint_store):
+    project = reproduced  # A: the micro params, reproduced
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "A"], project)
     b = dvc(["exp", "run", "-S", "train.steps=4", "-S", "finetune.steps=4", "-S", "pretrain.steps=2"], project)

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run, write_params
+from conftest import DVC, run, write_params
 
 pytestmark = pytest.mark.slow
-
-DVC = [sys.executable, "-m", "dvc"]
 
 
 def ran_stages(output: str) -> set[str]:
@@ -59,13 +57,12 @@ def assert_code_changes_rerun_what_runs_them(repo: Path) -> None:
     run(["git", "checkout", "--", "vitpipe"], repo)
 
 
-def test_repro_exp_metrics_plots(project):
-    repo = project
-    first = run(DVC + ["repro"], repo)
+def test_repro_exp_metrics_plots(reproduced_template, reproduced):
+    repo, (_, first_stdout) = reproduced, reproduced_template  # the session's first `dvc repro`, copied
     expected = {"validate", "download", "preprocess", "profile", "train_scratch@0", "evaluate_scratch@0", "report",
                 *(f"pretrain@{v}" for v in ("vit_micro", "resnet18")),
                 *(f"{s}@{v}-0" for s in ("finetune", "evaluate") for v in ("vit_micro", "resnet18"))}
-    assert ran_stages(first.stdout) == expected
+    assert ran_stages(first_stdout) == expected
     outs = declared_outputs(repo)
     assert outs and all(p.exists() for p in outs), [p for p in outs if not p.exists()]
     for p in outs:
@@ -107,16 +104,17 @@ def test_repro_exp_metrics_plots(project):
     assert ran_stages(dry.stdout) == {"validate", "pretrain@vit_micro", "finetune@vit_micro-0", "report"}
 
 
-def test_seeds_each_their_own_run_and_the_report_gives_intervals(project):
-    """Two seeds: per-seed and aggregate metrics, intervals in the report; a third seed
+def test_seeds_each_their_own_run_and_the_report_gives_intervals(reproduced):
+    """A second seed added to a reproduced project runs that seed's stages only (the pretrained
+    weights are shared); per-seed and aggregate metrics, intervals in the report; a third seed
     added with `dvc exp run -S` runs that seed's stages only."""
-    repo = project
+    repo = reproduced
     doc = yaml.safe_load((repo / "params.yaml").read_text())
     doc["seeds"] = [0, 1]
     write_params(repo / "params.yaml", doc)
-    run(["git", "commit", "-qam", "two seeds"], repo)
     first = run(DVC + ["repro"], repo)
-    assert {"train_scratch@0", "train_scratch@1", "finetune@vit_micro-1", "evaluate@resnet18-1"} <= ran_stages(first.stdout)
+    assert ran_stages(first.stdout) == {"validate", "train_scratch@1", "finetune@vit_micro-1", "finetune@resnet18-1",
+                                        "evaluate_scratch@1", "evaluate@vit_micro-1", "evaluate@resnet18-1", "report"}
     for seed in (0, 1):
         per_seed = json.loads((repo / f"metrics/evaluate/vit_micro/seed-{seed}.json").read_text())
         assert 0 <= per_seed["top1"] <= 1
@@ -136,11 +134,10 @@ def test_seeds_each_their_own_run_and_the_report_gives_intervals(project):
     assert json.loads((repo / "metrics/summary.json").read_text())["seeds"] == 3
 
 
-def test_data_sweep_reruns_only_training_and_draws_the_curve(project):
+def test_data_sweep_reruns_only_training_and_draws_the_curve(reproduced):
     """`data.train_fraction` as DVC experiments: never download or preprocess again; the
     curve and the verdict on the reference's conclusion come out of the sweep."""
-    repo = project
-    run(DVC + ["repro"], repo)
+    repo = reproduced
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results"], repo)
     run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts/data_sweep.py"), "--fractions", "0.5", "1"],
