@@ -240,6 +240,93 @@ def test_dvc_mirror_without_a_default_remote(tmp_path, monkeypatch):
         CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror="dvc")
 
 
+def fake_sharded(store: CheckpointStore, step: int, world: int = 2, size: int = 50_000) -> dict[str, bytes]:
+    """A folder checkpoint as a sharded run writes one: DCP's files and rest.pt into the temp
+    folder, then rank 0's commit."""
+    files = {**{f"__{r}_0.distcp": os.urandom(size) for r in range(world)}, ".metadata": os.urandom(500),
+             checkpoint_store.REST: os.urandom(2000)}
+    tmp = store.temp_folder(step)
+    tmp.mkdir(parents=True)
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    store.commit_folder(step)
+    return files
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_sharded_checkpoint_folder_is_mirrored_file_by_file_and_restored_verified(where, tmp_path, request, capsys):
+    """A sharded run's checkpoint is a folder: committed by a rename, its manifest holding every
+    file's size and sha256; uploaded file by file (each read back), older steps dropped as
+    folders, locally and in the mirror; a new machine gets it back verified, and a damaged
+    file is one error naming it."""
+    url = str(tmp_path / "drive") if where == "folder" else f"s3://{request.getfixturevalue('s3_bucket')}/ckpt"
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror=url)
+    fake_sharded(store, 3)
+    store.wait_for_upload()
+    files = fake_sharded(store, 6)
+    store.wait_for_upload()
+    assert not store._mirror_warned
+    assert sorted(p.name for p in store.dir.iterdir()) == ["step-00000006.dcp", "step-00000006.json"]
+    manifest = json.loads((store.dir / "step-00000006.json").read_text())
+    assert manifest["files"] == {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()}
+    assert manifest["size"] == sum(len(b) for b in files.values())
+    assert store.mirror.checkpoints(FP)[6] == manifest
+    remote = sorted(p.rsplit("/", 1)[-1] for p in store.mirror.fs.ls(f"{store.mirror.root}/{FP}", detail=False))
+    assert remote == ["step-00000006.dcp", "step-00000006.json"]  # step 3's folder dropped there too
+    (row,) = checkpoint_store.list_runs(tmp_path / "a")
+    assert row["size_bytes"] == manifest["size"]
+
+    fresh = CheckpointStore(FP, "s", 9, directory=tmp_path / "b", mirror=url)
+    found = fresh.latest("fix")
+    assert (found.step, found.path, found.where) == (6, fresh.folder(6), f"mirror {url}")
+    assert folder_bytes(found.path) == files and not list(fresh.dir.glob(".*"))
+    assert fresh.latest("fix").where.startswith("local store")  # downloaded once, then local, verified
+
+    shard = fresh.folder(6) / "__1_0.distcp"
+    damaged = bytearray(shard.read_bytes())
+    damaged[100] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=rf"checkpoint {shard} is damaged: its content does not match the sha256 .*; fix$"):
+        fresh.latest("fix")
+    shard.write_bytes(bytes(damaged[:1000]))
+    with pytest.raises(UserError, match=rf"checkpoint {shard} is damaged: 1000 bytes, written as 50000 bytes; fix$"):
+        fresh.latest("fix")
+    shard.unlink()
+    with pytest.raises(UserError, match=rf"checkpoint {shard} is damaged: missing"):
+        fresh.latest("fix")
+
+    store.finish({}, {})  # a finished run: its checkpoint folders go, locally and in the mirror
+    assert not list(store.dir.glob("step-*")) and not store.mirror.checkpoints(FP)
+    assert not store.mirror.fs.glob(f"{store.mirror.root}/{FP}/step-*")
+
+
+def test_a_kill_mid_write_of_a_sharded_checkpoint_leaves_the_previous_one(tmp_path):
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path)
+    files = fake_sharded(store, 3)
+    torn = store.temp_folder(6)  # killed while the processes wrote step 6: never renamed, no manifest
+    torn.mkdir()
+    (torn / "__0_0.distcp").write_bytes(b"x" * 10)
+    again = CheckpointStore(FP, "s", 9, directory=tmp_path)
+    assert not torn.exists()  # cleaned on open
+    found = again.latest("fix")
+    assert found.step == 3 and folder_bytes(found.path) == files
+
+
+def test_a_sharded_checkpoint_missing_another_nodes_shard_is_not_committed(tmp_path):
+    """Nodes that do not share the store: rank 0's temp folder lacks the shards the others wrote."""
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path)
+    tmp = store.temp_folder(3)
+    tmp.mkdir()
+    (tmp / "__0_0.distcp").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"lacks __1_0.distcp, written by other processes: every node must share"):
+        store.commit_folder(3, {"__0_0.distcp", "__1_0.distcp"})
+    assert store.local_steps() == [] and not store.folder(3).exists()
+
+
 def test_list_runs(tmp_path):
     store = CheckpointStore(FP, "finetune@vit_tiny", 9, directory=tmp_path)
     fake_checkpoint(store, 5, size=1234)

@@ -80,7 +80,13 @@ def _mirror_manifests(kind: str, where, endpoint=None, pattern="step-*.json") ->
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs={"endpoint_url": endpoint})
-    return [json.loads(fs.cat_file(f)) for f in (fs.glob(f"{where}/*/{pattern}", refresh=True) if fs.exists(where) else [])]
+    found = []
+    for f in fs.glob(f"{where}/*/{pattern}", refresh=True) if fs.exists(where) else []:
+        try:
+            found.append(json.loads(fs.cat_file(f)))
+        except FileNotFoundError:
+            pass  # an older step's manifest, dropped between the listing and the read
+    return found
 
 
 def _mirror_steps(kind: str, where, endpoint=None) -> list[int]:

@@ -6,6 +6,11 @@ data position: see SampleStream), the step log so far and the wall time. The LR 
 has no state: it is a pure function of the step. A checkpoint also holds a fingerprint of
 what shaped the run (params, starting weights, data), the key under which the checkpoint
 store (vitpipe.checkpoints.store) files it, and a digest of its whole content, checked on load.
+
+A sharded run (`parallel: fsdp`) writes its model and optimizer state as
+torch.distributed.checkpoint (DCP) shards, one file per process, into a checkpoint folder;
+this format then holds the rest (`model=None`): the same keys, model and optimizer None, and
+the number of processes that wrote it (`world`), so a resume at another count can say so.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ def _to_lists(x):
 
 def save(path: Path, *, model, optimizer, scaler, step: int, elapsed_s: float, config: dict,
          rng: list[dict], log: dict, extra: dict | None = None, finished: bool = False) -> None:
-    """`rng`: one rng_state() per process, by rank. `log`: the step-log rows so far, per file."""
+    """`rng`: one rng_state() per process, by rank (their number is the world that wrote it).
+    `log`: the step-log rows so far, per file. `model`/`optimizer` None: a sharded checkpoint's
+    rest, its states in the DCP shards beside it."""
     payload = {
         "format": FORMAT,
         "fingerprint": fingerprint(config),
@@ -74,8 +81,9 @@ def save(path: Path, *, model, optimizer, scaler, step: int, elapsed_s: float, c
         "step": step,
         "finished": finished,
         "elapsed_s": elapsed_s,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "world": len(rng),
+        "model": model.state_dict() if model is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng,
         "log": log,

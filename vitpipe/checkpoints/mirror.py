@@ -3,17 +3,21 @@ gs://, az://, ssh://, or `dvc`: the project's default DVC remote). Same layout a
 store (vitpipe.checkpoints.store):
 
     <root>/<fingerprint>/step-00001200.pt        a checkpoint
-    <root>/<fingerprint>/step-00001200.json      its manifest (size, sha256), written once verified
+    <root>/<fingerprint>/step-00001200.dcp/      or a sharded run's (DCP's files and rest.pt)
+    <root>/<fingerprint>/step-00001200.json      its manifest (size, sha256; a folder's: each file's), written once verified
     <root>/<fingerprint>/finished/<name>         a finished run's outputs (weights, metrics, step logs)
     <root>/<fingerprint>/finished.json           the finished record's manifest, written once verified
 
 Every upload is read back and compared (size and sha256) before its manifest is written: a torn
-upload has no manifest and is never taken for anything. Mirror URLs and DVC remotes can carry
+upload has no manifest and is never taken for anything. A folder checkpoint goes file by file,
+each read back, then its manifest; it comes back file by file into a temp folder, each
+verified, renamed into place only once all are. Mirror URLs and DVC remotes can carry
 credentials: `redact` removes them from every URL or error this module lets out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +34,7 @@ ENV_MIRROR = "VITPIPE_CHECKPOINT_MIRROR"
 MIRROR_TIMEOUT_S = float(os.environ.get("VITPIPE_MIRROR_TIMEOUT_S", "30"))
 DVC_REMOTE_SUBDIR = "vitpipe-checkpoints"
 RECORD = "finished"  # <fp>/finished.json and <fp>/finished/<name>
+FOLDER = ".dcp"  # <fp>/step-00001200.dcp/: a sharded checkpoint, one folder of files
 CHUNK = 8 << 20
 
 # fsspec protocol -> the vitpipe extra that installs its filesystem
@@ -225,11 +230,23 @@ class Mirror:
         return found
 
     def get_checkpoint(self, fp: str, step: int, manifest: dict, dst: Path) -> None:
-        self._get_verified(f"{self.root}/{fp}/{step_name(step)}.pt", dst, manifest["size"], manifest["sha256"])
+        """Download a checkpoint to dst, verified; a folder's (manifest["files"]) file by file
+        into the folder dst (ValueError on the first that does not match)."""
+        if "files" not in manifest:
+            self._get_verified(f"{self.root}/{fp}/{step_name(step)}.pt", dst, manifest["size"], manifest["sha256"])
+            return
+        dst.mkdir(parents=True, exist_ok=True)
+        for name, meta in manifest["files"].items():
+            if Path(name).name != name or name in ("", ".", ".."):  # a manifest never writes outside dst
+                raise ValueError(f"{self.where(fp)}/{step_name(step)}.json names a file outside its folder: {name!r}")
+            self._get_verified(f"{self.root}/{fp}/{step_name(step)}{FOLDER}/{name}", dst / name, meta["size"],
+                               meta["sha256"])
 
     def put_checkpoint(self, fp: str, path: Path, step: int, manifest: dict) -> None:
         """Upload a checkpoint, verified, then its manifest (with size and sha256), then drop
         older steps (and torn uploads of them)."""
+        if "files" in manifest:
+            return self._put_folder(fp, path, step, manifest)
         try:
             f = open(path, "rb")  # open first: a newer save may unlink it, the open file stays readable
         except FileNotFoundError:
@@ -237,13 +254,44 @@ class Mirror:
         size, digest = self._put_verified(f, f"{self.root}/{fp}/{step_name(step)}.pt")
         self.fs.pipe_file(f"{self.root}/{fp}/{step_name(step)}.json",
                           json.dumps(manifest | {"size": size, "sha256": digest}).encode())
+        self._drop_older(fp, step)
+
+    def _put_folder(self, fp: str, folder: Path, step: int, manifest: dict) -> None:
+        """A sharded checkpoint: each file uploaded and read back against the local manifest's
+        size and sha256, then the manifest. Every file is opened first, as a .pt is: a newer
+        save may remove the folder, the open files stay readable."""
+        remote = f"{self.root}/{fp}/{step_name(step)}"
+        with contextlib.ExitStack() as opened:
+            try:
+                files = {name: opened.enter_context(open(folder / name, "rb")) for name in manifest["files"]}
+            except FileNotFoundError:
+                return  # superseded before it could start
+            if self.fs.exists(f"{remote}.json"):  # this step again (a resumed run re-saved it): old manifest out first
+                self.fs.rm_file(f"{remote}.json")
+            if self.fs.exists(f"{remote}{FOLDER}"):
+                self.fs.rm(f"{remote}{FOLDER}", recursive=True)
+            for name, f in files.items():
+                want = manifest["files"][name]
+                if self._put_verified(f, f"{remote}{FOLDER}/{name}") != (want["size"], want["sha256"]):
+                    raise OSError(f"{folder / name} changed after its checkpoint was written")
+        self.fs.pipe_file(f"{remote}.json", json.dumps(manifest).encode())
+        self._drop_older(fp, step)
+
+    def _drop_older(self, fp: str, step: int) -> None:
+        """Remove the checkpoints (and torn uploads) of steps before `step`."""
         for old in self.fs.glob(f"{self.root}/{fp}/step-*"):
             if old.rsplit("/", 1)[-1].split(".")[0] < step_name(step):
-                self.fs.rm_file(old)
+                self._rm(old)
+
+    def _rm(self, path: str) -> None:
+        if path.endswith(FOLDER):
+            self.fs.rm(path, recursive=True)
+        else:
+            self.fs.rm_file(path)
 
     def drop_checkpoints(self, fp: str) -> None:
         for f in self.timed(lambda: self.fs.glob(f"{self.root}/{fp}/step-*")):
-            self.timed(lambda f=f: self.fs.rm_file(f))
+            self.timed(lambda f=f: self._rm(f))
 
     # -- finished records ----------------------------------------------------------------------
 

@@ -7,15 +7,24 @@ store is shared by the workspace and DVC's queued and --temp experiment copies. 
 same locally and in the mirror:
 
     <root>/<fingerprint>/step-00001200.pt     the checkpoint (vitpipe.checkpoints.format format)
+    <root>/<fingerprint>/step-00001200.dcp/   or a sharded run's: DCP's files (one per process,
+                                              .metadata) and rest.pt (this format, without the
+                                              model and optimizer state)
     <root>/<fingerprint>/step-00001200.json   its manifest: stage, step, total, size, sha256
+                                              (a folder's: size and sha256 of each of its files)
     <root>/<fingerprint>/finished/            a finished run's outputs: weights, metrics, step logs
     <root>/<fingerprint>/finished.json        their manifest: the run's fingerprint and config,
                                               each file's size and sha256
 
 Locally a checkpoint is written atomically (temp file, rename) and its manifest after it
-(`commit()`). In the mirror, an upload counts only once its manifest exists, and the manifest
-is written only after the uploaded bytes were read back and matched (size and sha256): a torn
-upload has no manifest and is never taken for a checkpoint. Uploads run in one background
+(`commit()`); a folder checkpoint is written by every process into a hidden temp folder, which
+rank 0 renames into place before it writes the manifest (`commit_folder()`). A kill mid-write
+leaves only hidden temp files and folders, removed when the store is next opened. A folder's
+files are verified against their manifest (size and sha256) before they are loaded.
+
+In the mirror, an upload counts only once its manifest exists, and the manifest is written
+only after the uploaded bytes were read back and matched (size and sha256): a torn upload
+has no manifest and is never taken for a checkpoint. Uploads run in one background
 thread, at most one in flight, the newest waiting one wins; older checkpoints are dropped only
 after a newer one is verified.
 
@@ -44,6 +53,7 @@ from vitpipe.atomic import atomic_path, write_json
 from vitpipe.checkpoints import format as checkpoint_format
 from vitpipe.checkpoints.mirror import (
     ENV_MIRROR,
+    FOLDER,
     RECORD,
     Mirror,
     copy_hashing,
@@ -56,6 +66,7 @@ from vitpipe.errors import UserError
 
 ENV_DIR = "VITPIPE_CHECKPOINT_DIR"
 ENV_KEEP = "VITPIPE_CHECKPOINT_KEEP"
+REST = "rest.pt"  # in a sharded checkpoint's folder: everything but the model and optimizer state
 LOCAL_CONFIG = "vitpipe.local.yaml"
 
 
@@ -203,11 +214,19 @@ class CheckpointStore:
             raise UserError(f"checkpoint store {self.root} is not writable ({e.strerror or type(e).__name__}); "
                             f"set {ENV_DIR} to a writable folder") from None
         for tmp in [*self.dir.glob(".step-*"), *self.dir.glob(".*.download")]:  # left by a kill mid-write
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
         shutil.rmtree(self.dir / f".{RECORD}.download", ignore_errors=True)
 
     def path(self, step: int) -> Path:
         return self.dir / f"{_name(step)}.pt"
+
+    def folder(self, step: int) -> Path:
+        """A sharded run's checkpoint: a folder (see commit_folder)."""
+        return self.dir / f"{_name(step)}{FOLDER}"
+
+    def temp_folder(self, step: int) -> Path:
+        """Where every process writes a sharded checkpoint before rank 0 renames it into place."""
+        return self.dir / f".{_name(step)}{FOLDER}.tmp"
 
     @property
     def mirror_shown(self) -> str | None:
@@ -235,12 +254,26 @@ class CheckpointStore:
         return sorted(steps)
 
     def check_local(self, step: int, fix: str) -> None:
-        """A local checkpoint whose size is not its manifest's was damaged after it was written."""
+        """A local checkpoint whose size is not its manifest's was damaged after it was written.
+        A folder's files are checked for size and sha256 too (DCP's files carry no digest)."""
         man = json.loads((self.dir / f"{_name(step)}.json").read_text())
+        if "files" in man:
+            return self._check_folder(step, man["files"], fix)
         size = self.path(step).stat().st_size if self.path(step).exists() else None
         if size != man["size"]:
             raise UserError(f"checkpoint {self.path(step)} is damaged: "
                             f"{'missing' if size is None else f'{size} bytes'}, written as {man['size']} bytes; {fix}")
+
+    def _check_folder(self, step: int, files: dict, fix: str) -> None:
+        for name, meta in files.items():
+            path = self.folder(step) / name
+            size = path.stat().st_size if path.is_file() else None
+            if size != meta["size"]:
+                raise UserError(f"checkpoint {path} is damaged: {'missing' if size is None else f'{size} bytes'}, "
+                                f"written as {meta['size']} bytes; {fix}")
+            if sha256_file(path) != meta["sha256"]:
+                raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 its manifest "
+                                f"holds (changed after it was written); {fix}")
 
     def latest(self, fix: str) -> Found | None:
         """The newest checkpoint of this run, local or in the mirror (downloaded and verified).
@@ -248,7 +281,7 @@ class CheckpointStore:
         local = self.local_steps()
         if local:
             self.check_local(local[-1], fix)
-        best = Found(self.path(local[-1]), local[-1], f"local store {self.dir}") if local else None
+        best = Found(self._where(local[-1]), local[-1], f"local store {self.dir}") if local else None
         if self.mirror is None:
             return best
         try:
@@ -259,17 +292,28 @@ class CheckpointStore:
         for step in sorted(remote, reverse=True):
             if best is not None and step <= best.step:
                 break
-            tmp = self.dir / f".{_name(step)}.download"
+            man = remote[step]
+            sharded = "files" in man
+            tmp = self.dir / f".{_name(step)}{FOLDER if sharded else ''}.download"
             try:
-                self.mirror.get_checkpoint(self.fingerprint, step, remote[step], tmp)
+                self.mirror.get_checkpoint(self.fingerprint, step, man, tmp)
             except Exception as e:
-                tmp.unlink(missing_ok=True)
+                _remove(tmp)
                 warn(f"ignoring step {step} in the checkpoint mirror {self.mirror.shown}: {self.mirror.error(e)}")
                 continue
-            os.replace(tmp, self.path(step))
-            self._write_manifest(step, self.path(step).stat().st_size)
-            return Found(self.path(step), step, f"mirror {self.mirror.shown}")
+            if not sharded:
+                os.replace(tmp, self.path(step))
+                self._write_manifest(step, self.path(step).stat().st_size)
+                return Found(self.path(step), step, f"mirror {self.mirror.shown}")
+            _remove(self.folder(step))  # a local one without a manifest (killed before it was written)
+            os.replace(tmp, self.folder(step))
+            write_json(self.dir / f"{_name(step)}.json", self._manifest(step, size=man["size"], files=man["files"]))
+            return Found(self.folder(step), step, f"mirror {self.mirror.shown}")
         return best
+
+    def _where(self, step: int) -> Path:
+        """The checkpoint of a local step: its folder for a sharded run, else its file."""
+        return self.folder(step) if self.folder(step).is_dir() else self.path(step)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -290,9 +334,34 @@ class CheckpointStore:
         if self.uploader is not None:
             self.uploader.submit(self.path(step), step, self._manifest(step))
 
+    def commit_folder(self, step: int, expected=()) -> None:
+        """Called by rank 0 once every process wrote its shards (and rank 0 rest.pt) into
+        temp_folder(step): hash its files, rename it into place, then write the manifest (each
+        file's size and sha256), drop older local steps, hand it to the uploader. `expected`:
+        files the other processes wrote, missing here when the nodes do not share the store."""
+        tmp, folder = self.temp_folder(step), self.folder(step)
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        missing = sorted(set(expected) - set(files))
+        if missing:
+            raise UserError(f"{tmp} lacks {', '.join(missing)}, written by other processes: every node must share "
+                            f"the checkpoint store (set {ENV_DIR} to a shared filesystem)")
+        if folder.exists():  # this step again (resumed at its end with checkpoints kept): the old one goes first
+            self.drop_local(step)
+        os.replace(tmp, folder)
+        manifest = self._manifest(step, size=sum(m["size"] for m in files.values()), files=files)
+        write_json(self.dir / f"{_name(step)}.json", manifest)
+        for old in self.local_steps():
+            if old < step:
+                self.drop_local(old)
+        if self.uploader is not None:
+            self.uploader.submit(folder, step, manifest)
+
     def drop_local(self, step: int) -> None:
         (self.dir / f"{_name(step)}.json").unlink(missing_ok=True)  # manifest first: never a manifest without its file
         self.path(step).unlink(missing_ok=True)
+        shutil.rmtree(self.folder(step), ignore_errors=True)
 
     def wait_for_upload(self, timeout: float = 120.0) -> None:
         if self.uploader is not None and not self.uploader.drain(timeout):
@@ -413,6 +482,14 @@ class CheckpointStore:
                     shutil.copyfileobj(f, out)
 
 
+def _remove(path: Path) -> None:
+    """A file or a folder, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Listing and removal (`vitpipe checkpoints`)
 
@@ -431,7 +508,8 @@ def list_runs(root: Path) -> list[dict]:
                 continue
         if mans:
             man = max(mans, key=lambda m: m.get("step", -1))
-            rows.append(run_row(man, run.name, sum(f.stat().st_size for f in run.glob("step-*.pt")), str(run)))
+            files = [*run.glob("step-*.pt"), *run.glob(f"step-*{FOLDER}/*")]  # a sharded run's: folders
+            rows.append(run_row(man, run.name, sum(f.stat().st_size for f in files if f.is_file()), str(run)))
         try:
             record = json.loads((run / f"{RECORD}.json").read_text())
         except (OSError, ValueError):

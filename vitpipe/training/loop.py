@@ -5,7 +5,7 @@ precision, grad clipping, periodic evaluation, a per-step log that `dvc plots` r
 checkpoint every `checkpoint_every` steps (and on SIGTERM/SIGINT) that a re-run resumes
 from exactly: the data order is a pure function of (seed, step), and every RNG is restored.
 Under torchrun it is DistributedDataParallel, or FSDP2 with `parallel: fsdp` (training/sharding.py);
-only rank 0 writes anything.
+only rank 0 writes anything, but for a sharded run's checkpoint: every process writes its shards.
 
 The host waits for the device only every LOG_EVERY steps (and before evaluation and
 checkpoints): the losses are read back then, so the CPU prepares the next batches while
@@ -46,8 +46,9 @@ from vitpipe.training.recipe import autocast_dtype, lr_at, make_optimizer, prepa
 from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS, StepLog
 
 # Keys of a recipe that do not change the numbers a run produces: a checkpoint written
-# under other values of these is still the same run.
-NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile", "nnodes")  # the world size is in it
+# under other values of these is still the same run. The number of processes is in it, but
+# for a sharded run (see Run.__init__).
+NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile", "nnodes")
 
 LOG_EVERY = 10  # steps between host syncs (loss read-back, log rows, NaN check, stop agreement)
 
@@ -180,8 +181,15 @@ class Run:
                              f"{recipe.batch_size} into a multiple of {d.world} micro-batches (one share per process)")
         # What makes this run this run: the params that change its numbers, the weights it starts
         # from (fine-tuning from other pretrained weights is another run) and the data it reads.
-        self.config = ({k: v for k, v in asdict(recipe).items() if k not in NOT_IN_FINGERPRINT} | job.run_config
-                       | {"world": d.world, "init_weights": checkpoint.tensors_digest(model.state_dict().values()),
+        # The number of processes too under DDP: per-process RNG streams and the order of the
+        # all-reduced sums depend on it, and its full-state file resumes bit-exact only there. Not
+        # for a sharded run: its global batch, data order (self.mine) and LR schedule do not depend
+        # on it, and DCP reshards its checkpoint for another count (see build).
+        self.sharded = recipe.parallel == "fsdp"
+        skip = NOT_IN_FINGERPRINT + (("nproc",) if self.sharded else ())
+        self.config = ({k: v for k, v in asdict(recipe).items() if k not in skip} | job.run_config
+                       | ({} if self.sharded else {"world": d.world})
+                       | {"init_weights": checkpoint.tensors_digest(model.state_dict().values()),
                           "train_labels": checkpoint.tensors_digest([data.y]), "train_images": list(data.x.shape)})
         self.store = CheckpointStore(checkpoint.fingerprint(self.config), desc, recipe.steps, directory=job.store_dir,
                                      main=d.main)
@@ -201,6 +209,10 @@ class Run:
         self.open_logs(rows)
         if ckpt and d.main and not job.quiet:
             print(f"[{desc}] resuming from {where} at step {self.start}/{recipe.steps}", file=sys.stderr)
+            if ckpt["world"] != d.world:  # a sharded run only: the others have the world in their fingerprint
+                print(f"[{desc}] the checkpoint was written by {ckpt['world']} processes, resumed by {d.world}: "
+                      f"resharded by torch.distributed.checkpoint; from here the numbers are this run's up to the "
+                      f"order of reductions (not bit-exact)", file=sys.stderr)
         self.mine = list(range(d.rank, recipe.accum_steps, d.world))  # this process's micro-batches of each step
         self.loss_scale = recipe.micro_batch / recipe.batch_size * d.world  # DDP averages over processes
         self.input = InputPipeline(data, recipe.seed, recipe.batch_size, recipe.micro_batch, self.mine, recipe.augment,
@@ -235,29 +247,42 @@ class Run:
                 metrics = {}  # as finish() returns on every rank but 0
         return metrics
 
+    def checkpoint_path(self, step: int) -> Path:
+        """A step's checkpoint: a sharded run's folder (DCP's shards and rest.pt), else a file."""
+        return self.store.folder(step) if self.sharded else self.store.path(step)
+
     def find_checkpoint(self) -> tuple[dict | None, str]:
-        """The newest checkpoint of this fingerprint (rank 0 looks, locally and in the mirror;
-        every process then loads the same step from the shared local store)."""
+        """The newest checkpoint of this fingerprint (rank 0 looks, locally and in the mirror, and
+        verifies it; every process then loads the same step from the shared local store)."""
         d, fix = self.d, (f"remove it with `vitpipe checkpoints rm {self.store.fingerprint}` "
                           f"or set {self.fresh_key}: fresh to start this stage over")
-        found = None
+        found = failed = None
         if d.main:
-            found = self.store.latest(fix)
+            try:
+                found = self.store.latest(fix)
+            except UserError as e:  # damaged: told to every process first, so that none waits for a step
+                failed = e
         step = found.step if found else 0
         if d.world > 1:  # every process must resume the same step: the local store must be shared
-            seen = torch.tensor([step], device=self.device)
+            seen = torch.tensor([-1 if failed else step], device=self.device)
             torch.distributed.broadcast(seen, 0)
             step = int(seen.item())
-            path = self.store.path(step)
-            if step and not path.exists():
-                raise UserError(f"rank {d.rank} cannot see {path}: every node must share the checkpoint store "
-                                f"(set {checkpoint_store.ENV_DIR} to a shared filesystem)")
+        if failed is not None:
+            raise failed
+        if step < 0:
+            raise SystemExit(2)  # rank 0 stops with the one line that says why
+        path = self.checkpoint_path(step)
+        if step and not path.exists():
+            raise UserError(f"rank {d.rank} cannot see {path}: every node must share the checkpoint store "
+                            f"(set {checkpoint_store.ENV_DIR} to a shared filesystem)")
         if not step:
             return None, ""
-        ckpt = checkpoint.read(self.store.path(step), fix)  # kept finished (VITPIPE_CHECKPOINT_KEEP): resumes at its end
+        # kept finished (VITPIPE_CHECKPOINT_KEEP): resumes at its end
+        ckpt = checkpoint.read(path / checkpoint_store.REST if self.sharded else path, fix)
         if ckpt["fingerprint"] != self.store.fingerprint:
-            raise UserError(f"checkpoint {self.store.path(step)} belongs to another run (fingerprint "
+            raise UserError(f"checkpoint {path} belongs to another run (fingerprint "
                             f"{ckpt['fingerprint']}, expected {self.store.fingerprint}); {fix}")
+        ckpt.setdefault("world", len(ckpt["rng"]))
         return ckpt, (found.where if found else str(self.store.dir))
 
     def build(self, ckpt):
@@ -271,23 +296,24 @@ class Run:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)  # CNNs run faster channels-last on tensor cores
             torch.backends.cudnn.benchmark = True
-        self.sharded, self.state_bytes = recipe.parallel == "fsdp", None
+        self.state_bytes = None
         if self.sharded:
             sharding.shard(model, device, self.d.world)  # before the optimizer: it holds the shards
         self.optimizer = make_optimizer(model, recipe)
         self.amp_dtype = autocast_dtype(recipe.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")  # a no-op unless fp16
         if ckpt is not None:
+            path = self.checkpoint_path(ckpt["step"])
             try:
-                if self.sharded:
-                    sharding.load_full(model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+                if self.sharded:  # each process reads its shards (DCP reshards them for another count)
+                    sharding.load_sharded(path, model, self.optimizer)
                 else:
                     model.load_state_dict(ckpt["model"])
                     self.optimizer.load_state_dict(ckpt["optimizer"])
                 self.scaler.load_state_dict(ckpt["scaler"] or {})
-                checkpoint.set_rng_state(ckpt["rng"][self.d.rank], device)
+                self.restore_rng(ckpt)
             except Exception as e:
-                raise UserError(f"checkpoint {self.store.path(ckpt['step'])} does not fit this run ({type(e).__name__}: "
+                raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
                                 f"{str(e)[:160]}); set {self.fresh_key}: fresh") from None
         self.net = model
         if self.d.world > 1 and not self.sharded:
@@ -295,6 +321,19 @@ class Run:
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         if recipe.compile:
             self.net = torch.compile(self.net)
+
+    def restore_rng(self, ckpt: dict):
+        """This process's RNG states as they were saved. A process the writer did not have (a
+        sharded run resumed on more processes) is seeded from (seed, rank, step) instead:
+        deterministic, but not the stream an uninterrupted run would have drawn."""
+        rank, step = self.d.rank, ckpt["step"]
+        if rank < len(ckpt["rng"]):
+            checkpoint.set_rng_state(ckpt["rng"][rank], self.device)
+            return
+        seed = hash((self.recipe.seed, rank, step)) % 2**32
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
 
     def open_logs(self, rows: dict):
         self.log = self.eval_log = self.bar = None
@@ -403,17 +442,24 @@ class Run:
         if d.world > 1:
             rng = [None] * d.world
             torch.distributed.all_gather_object(rng, checkpoint.rng_state(self.device))
-        # sharded: the full states, gathered to rank 0 (every process takes part)
-        model, optimizer = sharding.gathered(self.model, self.optimizer) if self.sharded else (self.model, self.optimizer)
+        if self.sharded:  # every process writes its shards into a temp folder; rank 0 adds the rest
+            folder = self.store.temp_folder(self.step)
+            shards = sharding.save_sharded(folder, self.model, self.optimizer)
+            path, model, optimizer = folder / checkpoint_store.REST, None, None
+        else:
+            path, model, optimizer = self.store.path(self.step), self.model, self.optimizer
         if d.main:
             self.log.flush()
-            checkpoint.save(self.store.path(self.step), model=model, optimizer=optimizer, scaler=self.scaler,
+            checkpoint.save(path, model=model, optimizer=optimizer, scaler=self.scaler,
                             step=self.step, elapsed_s=self.elapsed0 + now() - self.t_run, config=self.config, rng=rng,
                             finished=finished, log={"train": self.log.rows,
                                                     "eval": self.eval_log.rows if self.eval_log else []},
                             extra={"best_val": self.best_val, "skipped_steps": self.skipped,
                                    "train_loss": self.loss_value, "last_val": self.last_val})
-            self.store.commit(self.step)
+            if self.sharded:
+                self.store.commit_folder(self.step, shards)  # renamed into place, then its manifest
+            else:
+                self.store.commit(self.step)
         self.last_good = self.step
 
     def max_state_bytes(self) -> int:

@@ -8,12 +8,15 @@ each process holds about 1/world of it and gathers a block's weights only while 
 device, FSDP where only sharding does.
 
 What the loop needs stays the same for both: a gradient-sync switch for accumulation, a plain
-tensor for the clipped norm, full (gathered) state dicts for checkpoints and the final
-weights, and the bytes of state this process holds (`state_bytes_per_process`).
+tensor for the clipped norm, the full (gathered) model state for the final weights, and the
+bytes of state this process holds (`state_bytes_per_process`).
 
-Checkpoints of a sharded run are gathered to rank 0 and written through the one checkpoint
-format (vitpipe.checkpoints.format), so they keep its guarantees (atomic, digest-checked,
-mirrored, bit-exact resume); every process reads the full file back and keeps its shard.
+Checkpoints of a sharded run are never gathered: every process writes its own shards of the
+model and optimizer state with torch.distributed.checkpoint (DCP, `save_sharded`) into one
+folder of the checkpoint store, and reads back what it holds (`load_sharded`): at the same
+number of processes the very bytes it saved (a resume is bit-exact), at another number the
+slices DCP reshards for it. Not across engines: DDP's and a single process's checkpoints are
+one full-state file of other runs (their fingerprints differ: `parallel` is ddp or none).
 """
 
 from __future__ import annotations
@@ -75,23 +78,30 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
     return total
 
 
-class Gathered:
-    """A full state dict in the shape checkpoint.save expects (an object with state_dict())."""
+def save_sharded(folder, model, optimizer) -> set[str]:
+    """Every process writes its shards of the model and optimizer state (keyed by parameter
+    name) into `folder`, one file each, plus DCP's .metadata. A collective: it returns on rank 0
+    only after every process's writes are done (DCP gathers their results there to write its
+    metadata), so rank 0 may then commit the folder. Returns the names of the files DCP's
+    metadata points into: on a store the nodes do not share, some are missing from `folder`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def __init__(self, state: dict):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
+    model_state, optim_state = get_state_dict(model, optimizer)  # sharded (DTensor) state, nothing gathered
+    metadata = dcp.save({"model": model_state, "optimizer": optim_state}, storage_writer=dcp.FileSystemWriter(folder))
+    return {info.relative_path for info in metadata.storage_data.values()}
 
 
-def gathered(model, optimizer) -> tuple[Gathered, Gathered]:
-    """The full model and optimizer state dicts, on rank 0 (on CPU; empty elsewhere). A
-    collective: every process calls it. The optimizer's state is keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def load_sharded(folder, model, optimizer) -> None:
+    """Every process reads its shards back from `folder`: the bytes it saved when the number of
+    processes is the one that wrote it, else the slices DCP reshards for this one. A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return Gathered(msd), Gathered(osd)
+    model_state, optim_state = get_state_dict(model, optimizer)  # the shapes to fill (creates AdamW's state)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def full_model_state(model) -> dict:
@@ -102,15 +112,6 @@ def full_model_state(model) -> dict:
     )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full(model, optimizer, model_state: dict, optim_state: dict) -> None:
-    """Every process hands in the same full state dicts (it read the checkpoint file) and keeps
-    its own shard: the same bytes the shard held when it was saved."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
 
 
 def resolve(parallel: str, world: int, section: str, fits_replicated=None) -> str:
