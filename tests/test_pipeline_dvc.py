@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import DVC, run, write_params
 
 pytestmark = pytest.mark.slow
@@ -105,16 +104,15 @@ def test_repro_exp_metrics_plots(reproduced_template, reproduced):
 
 
 def test_seeds_each_their_own_run_and_the_report_gives_intervals(reproduced):
-    """A second seed added to a reproduced project runs that seed's stages only (the pretrained
-    weights are shared); per-seed and aggregate metrics, intervals in the report; a third seed
-    added with `dvc exp run -S` runs that seed's stages only."""
+    """A second seed added with `dvc exp run -S` to a reproduced project runs that seed's stages
+    only (the pretrained weights are shared); per-seed and aggregate metrics, intervals in the
+    report."""
     repo = reproduced
-    doc = yaml.safe_load((repo / "params.yaml").read_text())
-    doc["seeds"] = [0, 1]
-    write_params(repo / "params.yaml", doc)
-    first = run(DVC + ["repro"], repo)
-    assert ran_stages(first.stdout) == {"validate", "train_scratch@1", "finetune@vit_micro-1", "finetune@resnet18-1",
-                                        "evaluate_scratch@1", "evaluate@vit_micro-1", "evaluate@resnet18-1", "report"}
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "results"], repo)
+    second = run(DVC + ["exp", "run", "-S", "seeds=[0,1]"], repo)
+    assert ran_stages(second.stdout) == {"validate", "train_scratch@1", "finetune@vit_micro-1", "finetune@resnet18-1",
+                                         "evaluate_scratch@1", "evaluate@vit_micro-1", "evaluate@resnet18-1", "report"}
     for seed in (0, 1):
         per_seed = json.loads((repo / f"metrics/evaluate/vit_micro/seed-{seed}.json").read_text())
         assert 0 <= per_seed["top1"] <= 1
@@ -125,13 +123,6 @@ def test_seeds_each_their_own_run_and_the_report_gives_intervals(reproduced):
     assert "finetune_minus_scratch.top1_ci95_lo" in summary
     report = (repo / "reports/report.md").read_text()
     assert "± " in report and "95% CI of the difference" in report and "seed-paired difference" in report
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "results"], repo)
-
-    third = run(DVC + ["exp", "run", "-S", "seeds=[0,1,2]"], repo)
-    assert ran_stages(third.stdout) == {"validate", "train_scratch@2", "finetune@vit_micro-2", "finetune@resnet18-2",
-                                         "evaluate_scratch@2", "evaluate@vit_micro-2", "evaluate@resnet18-2", "report"}
-    assert json.loads((repo / "metrics/summary.json").read_text())["seeds"] == 3
 
 
 def test_data_sweep_reruns_only_training_and_draws_the_curve(reproduced):
