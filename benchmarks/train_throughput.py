@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpu_proof.common import MODES, input_pool  # the GPU proof's dry run and bare-loop input
 from vitpipe import model_specs, params
 from vitpipe.data.prepared_store import Split
 from vitpipe.models import build_model
@@ -47,8 +48,8 @@ from vitpipe.training.recipe import autocast_dtype
 
 DEFAULT_SPEC = {"arch": "vit", "patch": 4, "dim": 96, "depth": 4, "heads": 3, "mlp_ratio": 2.0}
 # gpu_proof's CPU dry run: its throughput step's model and batch
-DRY_RUN_SPEC = {"arch": "vit", "patch": 8, "dim": 64, "depth": 2, "heads": 2, "mlp_ratio": 2.0}
-DRY_RUN_BATCH = 32
+DRY_RUN = MODES["dry"]["throughput"]
+DRY_RUN_SPEC, DRY_RUN_SIZE, DRY_RUN_BATCH = DRY_RUN["spec"], DRY_RUN["size"], DRY_RUN["batch"]
 CLASSES = 10
 
 
@@ -56,15 +57,6 @@ def synthetic_split(n: int, size: int, seed: int = 0) -> Split:
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     return Split(x, rng.integers(0, CLASSES, n), [0.5] * 3, [0.25] * 3, hflip=True)
-
-
-POOL_BYTES = 64 << 20  # the bare loop's distinct input batches, in all: past a CPU's last-level cache
-
-
-def input_pool(micro_batch: int, size: int, device) -> list[torch.Tensor]:
-    """Distinct float32 input batches for the bare loop, POOL_BYTES of them (at least 2)."""
-    count = max(2, -(-POOL_BYTES // (micro_batch * 3 * size * size * 4)))
-    return [torch.randn(micro_batch, 3, size, size, device=device) for _ in range(count)]
 
 
 def sync(device):
@@ -174,7 +166,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the dry run's throughput step: one thread per step process, no periodic checkpoint
     dry = replace(r, batch_size=DRY_RUN_BATCH, micro_batch=DRY_RUN_BATCH, checkpoint_every=10**6)
-    configs = {"default": (spec, size, r, args.threads), "dry-run": (DRY_RUN_SPEC, 32, dry, 1)}
+    configs = {"default": (spec, size, r, args.threads), "dry-run": (DRY_RUN_SPEC, DRY_RUN_SIZE, dry, 1)}
     results = {}
     for name, (spec_, size_, r_, threads) in configs.items():
         if args.only and name != args.only:

@@ -15,6 +15,7 @@ from gpu_proof.common import (
     call_fit,
     fmt,
     free_memory,
+    input_pool,
     model_label,
     need_device,
     profile_of,
@@ -70,10 +71,7 @@ class BareLoop:
         self.scaler = torch.amp.GradScaler(dev.type) if r.precision == "fp16" else None
         self.r, self.dev, self.dtype = r, dev, amp_dtype(r.precision)
         self.accum = r.batch_size // r.micro_batch
-        # distinct batches, 64 MiB in all (past a CPU's last-level cache), cycled through: one
-        # batch repeated stays in cache, which no epoch over a dataset does
-        count = max(2, -(-(64 << 20) // (r.micro_batch * 3 * size * size * 4)))
-        self.xs = [torch.randn(r.micro_batch, 3, size, size, device=dev) for _ in range(count)]
+        self.xs = input_pool(r.micro_batch, size, dev)  # distinct batches, cycled through
         self.y = torch.randint(0, classes, (r.micro_batch,), device=dev)
         self.n = 0
 

@@ -328,11 +328,15 @@ class CheckpointStore:
         """Called after checkpoint.save wrote self.path(step): manifest it, drop older local
         steps, hand it to the uploader."""
         self._write_manifest(step, self.path(step).stat().st_size)
+        self._supersede(step, self.path(step), self._manifest(step))
+
+    def _supersede(self, step: int, path: Path, manifest: dict) -> None:
+        """`step` is committed (its manifest written): drop older local steps, hand it to the uploader."""
         for old in self.local_steps():
             if old < step:
                 self.drop_local(old)
         if self.uploader is not None:
-            self.uploader.submit(self.path(step), step, self._manifest(step))
+            self.uploader.submit(path, step, manifest)
 
     def commit_folder(self, step: int, expected=()) -> None:
         """Called by rank 0 once every process wrote its shards (and rank 0 rest.pt) into
@@ -352,11 +356,7 @@ class CheckpointStore:
         os.replace(tmp, folder)
         manifest = self._manifest(step, size=sum(m["size"] for m in files.values()), files=files)
         write_json(self.dir / f"{_name(step)}.json", manifest)
-        for old in self.local_steps():
-            if old < step:
-                self.drop_local(old)
-        if self.uploader is not None:
-            self.uploader.submit(folder, step, manifest)
+        self._supersede(step, folder, manifest)
 
     def drop_local(self, step: int) -> None:
         (self.dir / f"{_name(step)}.json").unlink(missing_ok=True)  # manifest first: never a manifest without its file
