@@ -51,7 +51,7 @@ def reference_batch(data: Split, idx, augment: bool, generator):
     return (x - data.mean) / data.std, data.y[torch.from_numpy(idx)]
 
 
-@pytest.mark.parametrize("size", [8, 16, 17, 32])
+@pytest.mark.parametrize("size", [8, 16, 17, 32, 49, 64])  # both paths: up to 48 px one gather, above a copy per image
 @pytest.mark.parametrize("hflip", [True, False])
 def test_shift_and_flip_reproduces_the_reference_draw_for_draw(size, hflip):
     x = torch.from_numpy(np.random.default_rng(size).integers(0, 256, (40, 3, size, size), dtype=np.uint8))

@@ -97,20 +97,29 @@ def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bo
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Random translation by up to 1/8 of the side (zero-padded crop), and a random
     horizontal flip where the dataset allows it; into `out` when given. Small images: one
-    gather from a strided view of all windows; large ones: one window copy per image (no
-    padded copy, no index tensors of the batch's size). The same draws, the same numbers."""
+    numpy gather from a strided view of all windows of a padded copy; large ones: one window
+    copy per image (no padded copy). The same draws, the same numbers."""
     n, c, h, w = x.shape
     pad = max(1, h // 8)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)  # row offset into the padded image
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
-    out = torch.empty((n, c, h, w), dtype=x.dtype) if out is None else out[:n]
     if h * w <= SMALL_IMAGE:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        sn, sc, sh, sw = padded.stride()
-        windows = padded.as_strided((n, 2 * pad + 1, 2 * pad + 1, c, h, w), (sn, sh, sw, sc, sh, sw))
-        shifted = windows[torch.arange(n), dy, dx]
-        return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted, out=out)
+        # numpy, not torch: its fancy index copies each window as a block, where torch's index
+        # kernel goes element by element, and a flip is a negative stride, not a torch.where
+        # (a 32-image 32 px batch: 60 µs against 181)
+        padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=np.uint8)
+        padded[:, :, pad:pad + h, pad:pad + w] = x.numpy()
+        sn, sc, sh, sw = padded.strides
+        windows = np.lib.stride_tricks.as_strided(padded, (n, 2 * pad + 1, 2 * pad + 1, c, h, w),
+                                                  (sn, sh, sw, sc, sh, sw), writeable=False)
+        shifted = windows[np.arange(n), dy.numpy(), dx.numpy()]
+        flipped = flip.numpy()
+        shifted[flipped] = shifted[flipped][..., ::-1]
+        if out is None:
+            return torch.from_numpy(shifted)
+        return out[:n].copy_(torch.from_numpy(shifted))
+    out = torch.empty((n, c, h, w), dtype=x.dtype) if out is None else out[:n]
     out.zero_()  # the zero padding
     for i, (sy, sx, f) in enumerate(zip((dy - pad).tolist(), (dx - pad).tolist(), flip.tolist())):
         window = x[i, :, max(0, sy):h + min(0, sy), max(0, sx):w + min(0, sx)]
