@@ -1,7 +1,7 @@
 """What the pipeline costs on top of the bare training step.
 
 Runs, in one process, on the same model, batch, micro-batch, precision and threads:
-  bare      a plain timm forward / backward / clip / AdamW step loop on tensors already in memory:
+  bare      the GPU proof's BareLoop: a plain timm forward / backward / clip / AdamW step on tensors in memory:
             a pool of distinct batches, larger than a CPU's last-level cache, cycled through (one
             batch repeated would stay in cache, which no epoch over a dataset does: on the dry
             run's model that alone made the bare loop about 2% faster)
@@ -30,21 +30,19 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from gpu_proof.common import MODES  # the GPU proof's dry run
+from gpu_proof.step_throughput import BareLoop
 
-from gpu_proof.common import MODES, input_pool  # the GPU proof's dry run and bare-loop input
 from vitpipe import model_specs, params
 from vitpipe.data.prepared_store import Split
 from vitpipe.models import build_model
 from vitpipe.params import TrainParams
 from vitpipe.training.loop import RunPaths, TrainingJob, fit
-from vitpipe.training.recipe import autocast_dtype
 
 DEFAULT_SPEC = {"arch": "vit", "patch": 4, "dim": 96, "depth": 4, "heads": 3, "mlp_ratio": 2.0}
 # gpu_proof's CPU dry run: its throughput step's model and batch
@@ -59,35 +57,11 @@ def synthetic_split(n: int, size: int, seed: int = 0) -> Split:
     return Split(x, rng.integers(0, CLASSES, n), [0.5] * 3, [0.25] * 3, hflip=True)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bare_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: int, device) -> float:
-    """The minimal loop: same math per step (micro-batches, label smoothing, clip, AdamW)."""
-    torch.manual_seed(0)
-    model = build_model(spec, CLASSES, size).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    mb, accum = r.micro_batch, r.accum_steps
-    pool = input_pool(mb, size, device)
-    y = torch.randint(0, CLASSES, (mb,), device=device)
-    amp = autocast_dtype(r.precision)
-    t = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync(device)
-            t = time.perf_counter()
-        for m in range(accum):
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                x = pool[(step * accum + m) % len(pool)]
-                loss = F.cross_entropy(model(x), y, label_smoothing=r.label_smoothing)
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync(device)
-    return (time.perf_counter() - t) / steps
+    """The minimal loop, the GPU proof's: same math per step (micro-batches, label smoothing,
+    clip, AdamW), on a pool of distinct batches already in memory."""
+    img_s, _ = BareLoop(spec, size, CLASSES, r, device, compile_=False).timed(warmup, steps)
+    return r.batch_size / img_s
 
 
 def pipeline_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: int) -> tuple[float, dict]:

@@ -68,7 +68,7 @@ class BareLoop:
         self.model.to(dev).train()
         self.net = torch.compile(self.model) if compile_ else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-        self.scaler = torch.amp.GradScaler(dev.type) if r.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=r.precision == "fp16")  # a no-op unless fp16
         self.r, self.dev, self.dtype = r, dev, amp_dtype(r.precision)
         self.accum = r.batch_size // r.micro_batch
         self.xs = input_pool(r.micro_batch, size, dev)  # distinct batches, cycled through
@@ -84,15 +84,11 @@ class BareLoop:
             x, self.n = self.xs[self.n % len(self.xs)], self.n + 1
             with torch.autocast(self.dev.type, dtype=self.dtype, enabled=self.dtype is not None):
                 loss = F.cross_entropy(self.net(x), self.y, label_smoothing=r.label_smoothing)
-            (scaler.scale(loss / self.accum) if scaler else loss / self.accum).backward()
-        if scaler:
-            scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
-        if scaler:
-            scaler.step(self.opt)
-            scaler.update()
-        else:
-            self.opt.step()
+            scaler.scale(loss / self.accum).backward()
+        scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip or float("inf"))
+        scaler.step(self.opt)
+        scaler.update()
         self.opt.zero_grad(set_to_none=True)
 
     def timed(self, warmup: int, steps: int) -> tuple[float, float]:
