@@ -76,6 +76,17 @@ def sha256_file(path: Path) -> str:
         return copy_hashing(f, None)[1]
 
 
+def mismatch(path: Path, size: int, sha256: str) -> str | None:
+    """Why the file at `path` is not the one its manifest describes; None when it is. Every
+    file was read back and matched when it was written, so a mismatch is a later change."""
+    got = path.stat().st_size if path.is_file() else None
+    if got != size:
+        return f"{'missing' if got is None else f'{got} bytes'}, written as {size} bytes"
+    if sha256_file(path) != sha256:
+        return "its content does not match the sha256 its manifest holds (changed after it was written)"
+    return None
+
+
 def copy_hashing(src, dst) -> tuple[int, str]:
     """Copy file object `src` into `dst` (None: only read it); (bytes, sha256)."""
     h, size = hashlib.sha256(), 0
@@ -202,11 +213,10 @@ class Mirror:
     def _get_verified(self, src: str, dst: Path, size: int, sha256: str) -> None:
         """Download to dst; ValueError (dst removed) unless it matches size and sha256."""
         self.timed(lambda: self.fs.get_file(src, str(dst)))
-        got_size, got = dst.stat().st_size, sha256_file(dst)
-        if got_size != size or got != sha256:
+        why = mismatch(dst, size, sha256)
+        if why:
             dst.unlink(missing_ok=True)
-            raise ValueError(f"{self.shown}/{src[len(self.root) + 1:]} does not match its manifest "
-                             f"({got_size} bytes of {size}{', sha256 differs' if got != sha256 else ''})")
+            raise ValueError(f"{self.shown}/{src[len(self.root) + 1:]} does not match its manifest: {why}")
 
     # -- checkpoints ------------------------------------------------------------------------
 

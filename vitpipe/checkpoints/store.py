@@ -57,6 +57,7 @@ from vitpipe.checkpoints.mirror import (
     RECORD,
     Mirror,
     copy_hashing,
+    mismatch,
     record_size,
     sha256_file,
     warn,
@@ -267,13 +268,9 @@ class CheckpointStore:
     def _check_folder(self, step: int, files: dict, fix: str) -> None:
         for name, meta in files.items():
             path = self.folder(step) / name
-            size = path.stat().st_size if path.is_file() else None
-            if size != meta["size"]:
-                raise UserError(f"checkpoint {path} is damaged: {'missing' if size is None else f'{size} bytes'}, "
-                                f"written as {meta['size']} bytes; {fix}")
-            if sha256_file(path) != meta["sha256"]:
-                raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 its manifest "
-                                f"holds (changed after it was written); {fix}")
+            why = mismatch(path, meta["size"], meta["sha256"])
+            if why:
+                raise UserError(f"checkpoint {path} is damaged: {why}; {fix}")
 
     def latest(self, fix: str) -> Found | None:
         """The newest checkpoint of this run, local or in the mirror (downloaded and verified).
@@ -301,14 +298,12 @@ class CheckpointStore:
                 _remove(tmp)
                 warn(f"ignoring step {step} in the checkpoint mirror {self.mirror.shown}: {self.mirror.error(e)}")
                 continue
-            if not sharded:
-                os.replace(tmp, self.path(step))
-                self._write_manifest(step, self.path(step).stat().st_size)
-                return Found(self.path(step), step, f"mirror {self.mirror.shown}")
-            _remove(self.folder(step))  # a local one without a manifest (killed before it was written)
-            os.replace(tmp, self.folder(step))
-            write_json(self.dir / f"{_name(step)}.json", self._manifest(step, size=man["size"], files=man["files"]))
-            return Found(self.folder(step), step, f"mirror {self.mirror.shown}")
+            path = self.folder(step) if sharded else self.path(step)
+            _remove(path)  # a local one without a manifest (killed before it was written)
+            os.replace(tmp, path)  # verified: into place, then its manifest
+            write_json(self.dir / f"{_name(step)}.json",
+                       self._manifest(step, size=man["size"], **({"files": man["files"]} if sharded else {})))
+            return Found(path, step, f"mirror {self.mirror.shown}")
         return best
 
     def _where(self, step: int) -> Path:
@@ -467,9 +462,9 @@ class CheckpointStore:
             raise ValueError(f"it belongs to another run (fingerprint {checkpoint_format.fingerprint(man['config'])}, "
                              f"this run is {self.fingerprint})")
         for name, meta in (man["files"].items() if folder is not None else ()):
-            path = folder / name
-            if not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
-                raise ValueError(f"{path} does not match the record's sha256 (changed after it was written)")
+            why = mismatch(folder / name, meta["size"], meta["sha256"])
+            if why:
+                raise ValueError(f"{folder / name} does not match its manifest: {why}")
 
     def _refuse(self, where: str, e: Exception) -> None:
         warn(f"[{self.stage}] refusing the finished run {self.fingerprint} in {where}: {e}; training it instead")
