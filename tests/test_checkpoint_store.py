@@ -439,7 +439,11 @@ def test_a_kept_finished_checkpoint_without_its_record_resumes_at_its_end(tmp_pa
     first_weights, first_log = weights(tmp_path / "model.pt"), (tmp_path / "plots/train.tsv").read_text()
     (record,) = (tmp_path / "store").glob("*/finished.json")
     record.unlink()
+    (kept,) = (tmp_path / "store").glob("*/step-*.pt")
+    kept_bytes, kept_mtime = kept.read_bytes(), kept.stat().st_mtime_ns
     _, again = train(tmp_path, recipe())
+    # not saved again: no window in which a kill between the new file and its manifest loses the step
+    assert kept.read_bytes() == kept_bytes and kept.stat().st_mtime_ns == kept_mtime
     assert (tmp_path / "plots/train.tsv").read_text() == first_log  # no step trained: the checkpoint's rows, timings too
     assert {k: again[k] for k in ("train_loss", "val_acc", "best_val_acc")} == {
         k: first[k] for k in ("train_loss", "val_acc", "best_val_acc")}

@@ -346,7 +346,7 @@ class CheckpointStore:
         if missing:
             raise UserError(f"{tmp} lacks {', '.join(missing)}, written by other processes: every node must share "
                             f"the checkpoint store (set {ENV_DIR} to a shared filesystem)")
-        if folder.exists():  # this step again (resumed at its end with checkpoints kept): the old one goes first
+        if folder.exists():  # renamed into place by a run killed before its manifest: never a checkpoint
             self.drop_local(step)
         os.replace(tmp, folder)
         manifest = self._manifest(step, size=sum(m["size"] for m in files.values()), files=files)

@@ -512,7 +512,7 @@ class Run:
             metrics |= self.sampler.summary()
             torch_save(self.paths.weights, {"state_dict": final, **self.weights_meta})
             write_json(self.paths.metrics, metrics)
-        if self.store.keep:
+        if self.store.keep and self.step > self.start:  # resumed at its end: its final checkpoint is there already
             self.save_checkpoint(finished=True)
         if d.main:
             self.log.close()
