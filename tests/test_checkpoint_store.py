@@ -323,8 +323,26 @@ def test_a_sharded_checkpoint_missing_another_nodes_shard_is_not_committed(tmp_p
     tmp.mkdir()
     (tmp / "__0_0.distcp").write_bytes(b"x")
     with pytest.raises(UserError, match=r"lacks __1_0.distcp, written by other processes: every node must share"):
-        store.commit_folder(3, {"__0_0.distcp", "__1_0.distcp"})
+        store.commit_folder(3, {"__0_0.distcp": {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()},
+                                "__1_0.distcp": None})  # rank 1 hashed its share where rank 0 cannot see it
     assert store.local_steps() == [] and not store.folder(3).exists()
+
+
+def test_a_sharded_checkpoints_manifest_holds_the_digests_its_processes_took(tmp_path):
+    """Each process hashes a share of the shards (rank 0 does not hash them all again); files
+    without a digest (DCP's .metadata, rest.pt) are hashed by rank 0."""
+    store = CheckpointStore(FP, "s", 9, directory=tmp_path)
+    tmp = store.temp_folder(3)
+    tmp.mkdir()
+    for name, data in (("__0_0.distcp", b"a" * 10), ("__1_0.distcp", b"b" * 20), (".metadata", b"m")):
+        (tmp / name).write_bytes(data)
+    taken = {"__0_0.distcp": {"size": 10, "sha256": hashlib.sha256(b"a" * 10).hexdigest()},
+             "__1_0.distcp": {"size": 20, "sha256": "f" * 64}}  # as rank 1 reported it: not hashed again here
+    store.commit_folder(3, taken)
+    files = json.loads((tmp_path / FP / "step-00000003.json").read_text())["files"]
+    assert files == {**taken, ".metadata": {"size": 1, "sha256": hashlib.sha256(b"m").hexdigest()}}
+    with pytest.raises(UserError, match="__1_0.distcp is damaged: its content does not match the sha256"):
+        store.check_local(3, "fix")  # and checked against it before any load
 
 
 def test_list_runs(tmp_path):

@@ -333,19 +333,20 @@ class CheckpointStore:
         if self.uploader is not None:
             self.uploader.submit(path, step, manifest)
 
-    def commit_folder(self, step: int, expected=()) -> None:
+    def commit_folder(self, step: int, shards: dict | None = None) -> None:
         """Called by rank 0 once every process wrote its shards (and rank 0 rest.pt) into
-        temp_folder(step): hash its files, rename it into place, then write the manifest (each
-        file's size and sha256), drop older local steps, hand it to the uploader. `expected`:
-        files the other processes wrote, missing here when the nodes do not share the store."""
-        tmp, folder = self.temp_folder(step), self.folder(step)
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
-        missing = sorted(set(expected) - set(files))
+        temp_folder(step): rename it into place, then write the manifest (each file's size and
+        sha256), drop older local steps, hand it to the uploader. `shards`: the files the
+        processes wrote, with the digests they took (None: hashed here); one missing here
+        means the nodes do not share the store."""
+        tmp, folder, shards = self.temp_folder(step), self.folder(step), shards or {}
+        present = {f.relative_to(tmp).as_posix(): f for f in sorted(tmp.rglob("*")) if f.is_file()}
+        missing = sorted(set(shards) - set(present))
         if missing:
             raise UserError(f"{tmp} lacks {', '.join(missing)}, written by other processes: every node must share "
                             f"the checkpoint store (set {ENV_DIR} to a shared filesystem)")
+        files = {name: shards.get(name) or {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                 for name, f in present.items()}
         if folder.exists():  # renamed into place by a run killed before its manifest: never a checkpoint
             self.drop_local(step)
         os.replace(tmp, folder)

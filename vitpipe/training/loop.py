@@ -444,7 +444,7 @@ class Run:
             torch.distributed.all_gather_object(rng, checkpoint.rng_state(self.device))
         if self.sharded:  # every process writes its shards into a temp folder; rank 0 adds the rest
             folder = self.store.temp_folder(self.step)
-            shards = sharding.save_sharded(folder, self.model, self.optimizer)
+            shards = sharding.save_sharded(folder, self.model, self.optimizer, d.rank, d.world)
             path, model, optimizer = folder / checkpoint_store.REST, None, None
         else:
             path, model, optimizer = self.store.path(self.step), self.model, self.optimizer

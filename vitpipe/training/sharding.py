@@ -22,6 +22,7 @@ one full-state file of other runs (their fingerprints differ: `parallel` is ddp 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -78,18 +79,28 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
     return total
 
 
-def save_sharded(folder, model, optimizer) -> set[str]:
+def save_sharded(folder, model, optimizer, rank: int, world: int) -> dict[str, dict | None]:
     """Every process writes its shards of the model and optimizer state (keyed by parameter
-    name) into `folder`, one file each, plus DCP's .metadata. A collective: it returns on rank 0
-    only after every process's writes are done (DCP gathers their results there to write its
-    metadata), so rank 0 may then commit the folder. Returns the names of the files DCP's
-    metadata points into: on a store the nodes do not share, some are missing from `folder`."""
+    name) into `folder`, one file each, plus DCP's .metadata. A collective: it returns only
+    after every process's writes are done, so rank 0 may then commit the folder. Returns each
+    file DCP's metadata points into with its size and sha256 for the manifest, hashed by the
+    processes in turn (each a 1/world share, not rank 0 alone); None for one its hasher could
+    not see (a store the nodes do not share: rank 0 finds it missing and says so)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from vitpipe.checkpoints.mirror import sha256_file
+
     model_state, optim_state = get_state_dict(model, optimizer)  # sharded (DTensor) state, nothing gathered
     metadata = dcp.save({"model": model_state, "optimizer": optim_state}, storage_writer=dcp.FileSystemWriter(folder))
-    return {info.relative_path for info in metadata.storage_data.values()}
+    names = sorted({info.relative_path for info in metadata.storage_data.values()})  # the same list on every rank
+    mine = {}
+    for name in names[rank::world]:
+        path = Path(folder) / name
+        mine[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)} if path.is_file() else None
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, mine)
+    return {name: digest for share in shares for name, digest in share.items()}
 
 
 def load_sharded(folder, model, optimizer) -> None:
