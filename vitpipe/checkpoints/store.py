@@ -234,6 +234,15 @@ class CheckpointStore:
         """The mirror's URL without credentials (None without a mirror)."""
         return self.mirror.shown if self.mirror is not None else None
 
+    def _ask_mirror(self, what: str, call, default=None):
+        """call(mirror)'s result; when the mirror fails, one warning (training goes on with the
+        local store) and `default`."""
+        try:
+            return call(self.mirror)
+        except Exception as e:
+            self.mirror_failed(what, e)
+            return default
+
     def mirror_failed(self, what: str, e: Exception) -> None:
         if not self._mirror_warned:
             self._mirror_warned = True
@@ -281,11 +290,7 @@ class CheckpointStore:
         best = Found(self._where(local[-1]), local[-1], f"local store {self.dir}") if local else None
         if self.mirror is None:
             return best
-        try:
-            remote = self.mirror.checkpoints(self.fingerprint)
-        except Exception as e:
-            self.mirror_failed("listing", e)
-            return best
+        remote = self._ask_mirror("listing", lambda mirror: mirror.checkpoints(self.fingerprint), {})
         for step in sorted(remote, reverse=True):
             if best is not None and step <= best.step:
                 break
@@ -377,10 +382,7 @@ class CheckpointStore:
         self.close(discard_waiting=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         if self.mirror is not None:
-            try:
-                self.mirror.remove(self.fingerprint)
-            except Exception as e:
-                self.mirror_failed("removing a run", e)
+            self._ask_mirror("removing a run", lambda mirror: mirror.remove(self.fingerprint))
         if had_uploader:
             self.uploader = self._new_uploader()
 
@@ -393,13 +395,13 @@ class CheckpointStore:
         manifest = self._write_record(outputs, config)
         self.close(discard_waiting=not self.keep)
         if self.mirror is not None:
-            try:
-                files = {name: self.dir / RECORD / name for name in manifest["files"]}
-                self.mirror.put_record(self.fingerprint, files, manifest)
-                if not self.keep:
-                    self.mirror.drop_checkpoints(self.fingerprint)
-            except Exception as e:
-                self.mirror_failed("uploading the finished run", e)
+            def upload(mirror):
+                mirror.put_record(self.fingerprint, {name: self.dir / RECORD / name for name in manifest["files"]},
+                                  manifest)
+                if not self.keep:  # its checkpoints go only once the record is there, verified
+                    mirror.drop_checkpoints(self.fingerprint)
+
+            self._ask_mirror("uploading the finished run", upload)
         if not self.keep:
             for step in self.local_steps():
                 self.drop_local(step)
@@ -430,11 +432,7 @@ class CheckpointStore:
                 self._refuse(f"local store {self.dir}", e)
         if self.mirror is None:
             return None
-        try:
-            man = self.mirror.record(self.fingerprint)
-        except Exception as e:
-            self.mirror_failed("looking for a finished run", e)
-            return None
+        man = self._ask_mirror("looking for a finished run", lambda mirror: mirror.record(self.fingerprint))
         if man is None:
             return None
         folder = self.dir / f".{RECORD}.download"
