@@ -1,6 +1,6 @@
-"""Through real `dvc` commands: the run-cache covers every training stage, a lost machine's
-finished runs come back from the mirror in a fresh clone and the one in flight resumes, and a
-killed --temp experiment resumes."""
+"""Through real `dvc` commands: the run-cache covers every training stage, pushed results come
+back in a fresh clone with `dvc repro --pull`, a lost machine's finished runs come back from the
+mirror in a fresh clone and the one in flight resumes, and a killed --temp experiment resumes."""
 
 import json
 import os
@@ -53,6 +53,24 @@ def test_returning_to_old_params_restores_every_training_stage_from_the_run_cach
     assert [int(r.split("\t")[0]) for r in rows] == list(range(1, MICRO["train"]["steps"] + 1))  # A's log, restored
     assert store_steps(checkpoint_store) == []  # and nothing trained: no checkpoint written
     assert run(DVC + ["status"], project).stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_pushed_results_come_back_in_a_fresh_clone_with_repro_pull(reproduced, tmp_path):
+    """`dvc push` on one machine, `dvc repro --pull` in a fresh clone on another: every stage's
+    outputs are pulled, none runs, and the clone's report is the very one pushed."""
+    project = reproduced
+    run(DVC + ["remote", "add", "-d", "shared", str(tmp_path / "remote")], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "results"], project)
+    dvc(["push"], project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "models/scratch/seed-0/model.pt").exists()  # outputs live in DVC's cache, not in git
+    out = dvc(["repro", "--pull"], clone, env={"VITPIPE_CHECKPOINT_DIR": str(tmp_path / "empty-store")})
+    assert ran(out) == set(), out[-3000:]
+    for output in ("reports/report.md", "models/scratch/seed-0/model.pt"):
+        assert (clone / output).read_bytes() == (project / output).read_bytes()
+    assert run(DVC + ["status"], clone).stdout.strip() == "Data and pipelines are up to date."
 
 
 def _origin(project: Path, mirror_remote: str | None) -> Path:
