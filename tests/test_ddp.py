@@ -1,6 +1,6 @@
 """DistributedDataParallel on CPU: `train.nproc: 2` re-runs the stage under torchrun with the
 gloo backend. Two processes with the same global batch match one process (float
-tolerance), and a SIGTERM to torchrun (a preempted job) checkpoints and resumes under DDP."""
+tolerance), and a SIGTERM to the agent (a preempted job) checkpoints and resumes under DDP."""
 
 import signal
 
@@ -20,7 +20,7 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path, prepared, ch
 
     ddp = stage_dir(tmp_path / "ddp", prepared, **RECIPE, nproc=2)
     ckpt = checkpoint_store
-    p = start_stage(ddp)  # the stage execs torchrun: p.pid is torchrun's
+    p = start_stage(ddp)  # the stage becomes torchrun's agent: p.pid is the agent
     assert wait_for(lambda: checkpoint_step(ckpt) >= 10, p), p.communicate()[1][-3000:]
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
@@ -43,3 +43,35 @@ def test_two_processes_match_one_and_resume_after_sigterm(tmp_path, prepared, ch
 
     m = json.loads((ddp / "metrics/train_scratch/seed-0.json").read_text())
     assert m["devices"] == 2 and m["img_per_s_per_device"] == pytest.approx(m["img_per_s"] / 2, rel=0.01)
+
+
+WORKER = """
+import os, signal, sys, time
+rank = int(os.environ["RANK"])
+if rank == 1:
+    if sys.argv[1] == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, say
+    print("vitpipe: error: what went wrong and the fix", file=sys.stderr)
+    sys.exit(2)
+time.sleep(30)  # rank 0 is still training when rank 1 goes: torchrun stops it
+"""
+
+
+@pytest.mark.parametrize("how", ["crash", "error"])
+def test_a_failed_worker_is_one_line_not_torchruns_traceback(tmp_path, how):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    agent = ("import sys; from vitpipe.training.distributed import torchrun; "
+             f"sys.exit(torchrun(['--standalone', '--nproc_per_node=2', {str(script)!r}, {how!r}]))")
+    p = subprocess.run([sys.executable, "-c", agent], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # as relaunch sets it
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    if how == "error":  # the worker's own line, and nothing after it
+        assert (p.returncode, lines) == (2, ["vitpipe: error: what went wrong and the fix"]), p.stderr
+    else:
+        assert (p.returncode, lines) == (137, ["vitpipe: error: training process 1 was killed by SIGKILL; "
+                                               "its output is above"]), p.stderr

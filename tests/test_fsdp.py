@@ -100,7 +100,7 @@ def killed(tmp_path_factory, prepared):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VITPIPE_CHECKPOINT_DIR", str(store))
         for past in (10, 120):
-            p = start_stage(run)  # execs torchrun
+            p = start_stage(run)  # becomes torchrun's agent
             assert wait_for(lambda past=past: checkpoint_step(store) >= past, p), p.communicate()[1][-3000:]
             sigkill(p)
             at.append(checkpoint_step(store))
@@ -165,9 +165,9 @@ def test_a_damaged_shard_is_one_clear_error(killed, prepared, tmp_path, monkeypa
     assert (f"vitpipe: error: checkpoint {shard} is damaged: its content does not match the sha256 its manifest holds "
             f"(changed after it was written); remove it with `vitpipe checkpoints rm {fp}` or set train.resume: fresh"
             in err), err[-3000:]
-    # rank 1 stops quietly (told by rank 0, not left waiting); torchrun then reports the failed
-    # workers with a traceback of its own (ChildFailedError): none comes from a worker
-    assert err.count("Traceback") == err.count("errors.ChildFailedError:") == 1, err[-3000:]
+    # rank 1 stops quietly (told by rank 0, not left waiting), and torchrun's agent adds
+    # nothing: no ChildFailedError traceback, no error log burying the line
+    assert "Traceback" not in err and "ChildFailedError" not in err and p.returncode == 2, err[-3000:]
 
 
 def free_port() -> int:

@@ -103,10 +103,10 @@ def torchrun_args(nproc: int, nnodes: int) -> list[str]:
 
 
 def relaunch(nproc: int, nnodes: int = 1) -> None:
-    """With nproc x nnodes > 1, re-exec this very stage under torchrun (one process per device,
-    on each of nnodes machines); the stage command in dvc.yaml stays the same for any number
-    of processes and machines. Already under torchrun (LOCAL_RANK set), it only prepares the
-    process.
+    """With nproc x nnodes > 1, run this very stage under torchrun (one process per device, on
+    each of nnodes machines; this process becomes their agent and exits with the job); the
+    stage command in dvc.yaml stays the same for any number of processes and machines. Already
+    under torchrun (LOCAL_RANK set), it only prepares the process.
 
     Either way it seeds every RNG first: this torch seeds itself randomly at import, and the
     model a stage builds next must be the same in every run, or a killed run could never be
@@ -118,11 +118,36 @@ def relaunch(nproc: int, nnodes: int = 1) -> None:
         raise UserError(f"nproc={nproc} processes, but this machine has {torch.cuda.device_count()} GPU(s); "
                         f"lower the section's nproc")
     # torchrun would set 1 thread per process, with a warning; on CPU share the cores instead
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // nproc))
-    args = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, nnodes), sys.argv[0], *sys.argv[1:]]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, args, {**os.environ, "OMP_NUM_THREADS": threads})
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // nproc))
+    sys.exit(torchrun([*torchrun_args(nproc, nnodes), sys.argv[0], *sys.argv[1:]]))
+
+
+def torchrun(args: list[str]) -> int:
+    """torchrun's launcher in this process, which becomes the job's agent; the job's exit code.
+    A failed worker has said why itself: one `vitpipe: error:` line (exit code 2), or its own
+    traceback. torchrun's ChildFailedError traceback and error log would only bury that line,
+    so they are left out; for a worker that crashed (a signal, another exit code) one line says
+    which rank and how. A SIGTERM or SIGINT is passed to the workers, which checkpoint and say
+    so; the agent then exits 128 + the signal, as a killed process does."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code != 2:
+            how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
+            print(f"vitpipe: error: training process {rank} {how}; its output is above", file=sys.stderr)
+        return code if code > 0 else 128 - code
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
 
 
 def seed_everything(seed: int) -> None:
