@@ -33,28 +33,19 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from gpu_proof.common import MODES  # the GPU proof's dry run
+from gpu_proof.common import MODES, call_fit, read_tsv, synthetic_split  # the GPU proof's dry run and helpers
 from gpu_proof.step_throughput import BareLoop
 
 from vitpipe import model_specs, params
-from vitpipe.data.prepared_store import Split
 from vitpipe.models import build_model
 from vitpipe.params import TrainParams
-from vitpipe.training.loop import RunPaths, TrainingJob, fit
 
 DEFAULT_SPEC = {"arch": "vit", "patch": 4, "dim": 96, "depth": 4, "heads": 3, "mlp_ratio": 2.0}
 # gpu_proof's CPU dry run: its throughput step's model and batch
 DRY_RUN = MODES["dry"]["throughput"]
 DRY_RUN_SPEC, DRY_RUN_SIZE, DRY_RUN_BATCH = DRY_RUN["spec"], DRY_RUN["size"], DRY_RUN["batch"]
 CLASSES = 10
-
-
-def synthetic_split(n: int, size: int, seed: int = 0) -> Split:
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    return Split(x, rng.integers(0, CLASSES, n), [0.5] * 3, [0.25] * 3, hflip=True)
 
 
 def bare_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: int, device) -> float:
@@ -65,20 +56,16 @@ def bare_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: int, d
 
 
 def pipeline_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: int) -> tuple[float, dict]:
-    """fit() as the stages call it (no validation split: the bare loop has none either)."""
+    """fit() as the stages call it, its progress bar running (no validation split: the bare
+    loop has none either)."""
     torch.manual_seed(0)
     model = build_model(spec, CLASSES, size)
-    data = synthetic_split(max(2048, 4 * r.batch_size), size)
+    data = synthetic_split(max(2048, 4 * r.batch_size), size, CLASSES)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        paths = RunPaths(tmp / "model.pt", tmp / "metrics.json", tmp / "plots")
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar runs, its terminal output is dropped
-            metrics = fit(TrainingJob(model, data, replace(r, steps=warmup + steps, resume="fresh"), paths, val=None,
-                          run_config={"spec": spec, "image_size": size}, fresh_key="train.resume",
-                          weights_meta={"spec": spec, "num_classes": CLASSES, "image_size": size},
-                          desc="benchmark", quiet=False, store_dir=tmp / "store"))
-        lines = (paths.plots / "train.tsv").read_text().splitlines()
-        rows = [dict(zip(lines[0].split("\t"), line.split("\t"))) for line in lines[1:]]
+            metrics = call_fit(model, data, replace(r, steps=warmup + steps, resume="fresh"), Path(tmp), spec, size,
+                               CLASSES, "benchmark", quiet=False)
+        rows = read_tsv(Path(tmp) / "plots" / "train.tsv")
     elapsed = {int(row["step"]): float(row["elapsed_s"]) for row in rows}
     timed = [row for row in rows if int(row["step"]) > warmup]
     metrics["data_ms"] = statistics.median(float(row["data_ms"]) for row in timed)

@@ -2,7 +2,10 @@
 gloo backend. Two processes with the same global batch match one process (float
 tolerance), and a SIGTERM to the agent (a preempted job) checkpoints and resumes under DDP."""
 
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -59,10 +62,6 @@ time.sleep(30)  # rank 0 is still training when rank 1 goes: torchrun stops it
 
 @pytest.mark.parametrize("how", ["crash", "error"])
 def test_a_failed_worker_is_one_line_not_torchruns_traceback(tmp_path, how):
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     agent = ("import sys; from vitpipe.training.distributed import torchrun; "

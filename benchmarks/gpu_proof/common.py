@@ -181,14 +181,16 @@ def run_paths(folder: Path):
     return RunPaths(weights=folder / "model.pt", metrics=folder / "metrics.json", plots=folder / "plots")
 
 
-def call_fit(model, data, recipe, folder: Path, spec: dict, size: int, classes: int, desc: str, val=None) -> dict:
-    """vitpipe.training.loop.fit as the stages call it, with its checkpoints in a store under `folder`."""
+def call_fit(model, data, recipe, folder: Path, spec: dict, size: int, classes: int, desc: str, val=None,
+             quiet: bool = True) -> dict:
+    """vitpipe.training.loop.fit as the stages call it, with its checkpoints in a store under
+    `folder` (`quiet=False`: with its progress bar)."""
     from vitpipe.training.loop import TrainingJob, fit
 
     folder.mkdir(parents=True, exist_ok=True)
     return fit(TrainingJob(model, data, recipe, run_paths(folder), val=val, run_config={"spec": spec, "image_size": size},
                            fresh_key="train.resume", weights_meta={"spec": spec, "num_classes": classes, "image_size": size},
-                           desc=desc, quiet=True, store_dir=folder / "checkpoint-store"))
+                           desc=desc, quiet=quiet, store_dir=folder / "checkpoint-store"))
 
 
 def synthetic_split(n: int, size: int, classes: int, seed: int = 0):

@@ -276,7 +276,7 @@ class Mirror:
                 files = {name: opened.enter_context(open(folder / name, "rb")) for name in manifest["files"]}
             except FileNotFoundError:
                 return  # superseded before it could start
-            if self.fs.exists(f"{remote}.json"):  # this step again (a resumed run re-saved it): old manifest out first
+            if self.fs.exists(f"{remote}.json"):  # this step again (another run of this fingerprint): old manifest out first
                 self.fs.rm_file(f"{remote}.json")
             if self.fs.exists(f"{remote}{FOLDER}"):
                 self.fs.rm(f"{remote}{FOLDER}", recursive=True)

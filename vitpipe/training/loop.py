@@ -39,7 +39,7 @@ from vitpipe.hardware.core_share import CoreShare
 from vitpipe.hardware.telemetry import Sampler, now
 from vitpipe.params import TrainParams
 from vitpipe.training import sharding
-from vitpipe.training.distributed import Dist, pick_device, setup_distributed
+from vitpipe.training.distributed import Dist, pick_device, seed_everything, setup_distributed
 from vitpipe.training.input_pipeline import InputPipeline
 from vitpipe.training.oom import oom_message
 from vitpipe.training.recipe import autocast_dtype, lr_at, make_optimizer, prepare_model
@@ -330,10 +330,7 @@ class Run:
         if rank < len(ckpt["rng"]):
             checkpoint.set_rng_state(ckpt["rng"][rank], self.device)
             return
-        seed = hash((self.recipe.seed, rank, step)) % 2**32
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
+        seed_everything(hash((self.recipe.seed, rank, step)) % 2**32)
 
     def open_logs(self, rows: dict):
         self.log = self.eval_log = self.bar = None
