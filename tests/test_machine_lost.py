@@ -2,6 +2,7 @@
 back in a fresh clone with `dvc repro --pull`, a lost machine's finished runs come back from the
 mirror in a fresh clone and the one in flight resumes, and a killed --temp experiment resumes."""
 
+import contextlib
 import json
 import os
 import re
@@ -126,6 +127,26 @@ def _outputs(repo: Path, name: str) -> dict[str, bytes]:
     return {str(f.relative_to(repo)): f.read_bytes() for f in files}
 
 
+def _stop_mid_run_with_a_mirrored_step(p, store: Path, kind: str, where, endpoint) -> None:
+    """SIGSTOP the job's processes once train_scratch@0 has a local checkpoint past its first few
+    steps, then let them on in 10 ms slices until the mirror holds a verified step of it (its
+    second upload or later). The 150 steps take about a second and one look into the
+    mirror up to one (S3), so a job left running while the test looks could finish first."""
+    mid_way = wait_for(lambda: max(store_steps(store), default=0) >= 30, p)  # the pretrains have ≤ 4 steps
+    if not mid_way:
+        with contextlib.suppress(ProcessLookupError):  # still running: the wait timed out
+            os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"train_scratch@0 never seen mid-way: {p.communicate()[0][-3000:]}")
+    os.killpg(p.pid, signal.SIGSTOP)
+    for _ in range(60):  # a slice trains a step or two: 60 should not reach the end from step 30
+        if max(_mirror_steps(kind, where, endpoint), default=0) >= 6:
+            return
+        os.killpg(p.pid, signal.SIGCONT)
+        time.sleep(0.01)
+        os.killpg(p.pid, signal.SIGSTOP)
+    raise AssertionError(f"the mirror held no step of train_scratch@0 after 60 slices; local {store_steps(store)}")
+
+
 @pytest.mark.parametrize("kind", ["folder", "s3"])
 def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_path, project, reference, kind, request):
     if kind == "s3":
@@ -150,14 +171,12 @@ def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_pa
                          start_new_session=True,
                          env={**os.environ, **env, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # two verified uploads in: early, so that a slow mirror (S3) cannot let the run finish first
-    in_flight = wait_for(lambda: max(_mirror_steps(kind, where, endpoint), default=0) >= 6, p, poll=0.05)
-    assert in_flight, "train_scratch@0 finished before the mirror held a step of it: nothing was in flight"
+    _stop_mid_run_with_a_mirrored_step(p, store_x, kind, where, endpoint)
     os.killpg(p.pid, signal.SIGKILL)  # the runtime disconnects: dvc, the stage, its upload thread
     out_x = p.communicate()[0]
-    assert _finished_stages(kind, where, endpoint) == set(PRETRAINS), out_x[-3000:]
     in_mirror = max(_mirror_steps(kind, where, endpoint))
-    assert 6 <= in_mirror < LONG["steps"]
+    assert 6 <= in_mirror < LONG["steps"], out_x[-3000:]
+    assert _finished_stages(kind, where, endpoint) == set(PRETRAINS), out_x[-3000:]
     finished_x = {name: _outputs(x, name.split("@")[1]) for name in PRETRAINS}
     shutil.rmtree(x)  # the workspace and its DVC cache
     shutil.rmtree(store_x)
@@ -190,9 +209,12 @@ def test_killed_temp_experiment_resumes_when_run_again(project, reference, check
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     p = subprocess.Popen(DVC + ["exp", "run", "--temp", "train_scratch@0"], cwd=project, env=env, start_new_session=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: max(store_steps(checkpoint_store), default=0) >= 30, p, poll=0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.communicate()
+    # the 150 steps take about a second: look often
+    mid_way = wait_for(lambda: max(store_steps(checkpoint_store), default=0) >= 30, p)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    killed = p.communicate()[0]
+    assert mid_way, killed[-3000:]
     step = max(store_steps(checkpoint_store))
     time.sleep(0.5)
     again = run(DVC + ["exp", "run", "--temp", "train_scratch@0"], project, env={"OMP_NUM_THREADS": "1"})
