@@ -14,11 +14,7 @@ USAGE = "usage: python stages/evaluate.py scratch|<variant> <seed>"
 
 
 def main(argv):
-    if len(argv) != 2:
-        raise UserError(USAGE)
-    name = argv[0]
-    doc = params.read_yaml()
-    seed = params.seed_arg(doc, argv[1], USAGE)
+    doc, (name, seed) = params.stage_args(argv, USAGE)
     data = params.data_params(doc)
     cfg = params.evaluate_params(doc)
     if name != "scratch":

@@ -11,11 +11,7 @@ USAGE = "usage: python stages/finetune.py <variant> <seed>"
 
 
 def main(argv):
-    if len(argv) != 2:
-        raise UserError(USAGE)
-    name = argv[0]
-    doc = params.read_yaml()
-    seed = params.seed_arg(doc, argv[1], USAGE)
+    doc, (name, seed) = params.stage_args(argv, USAGE)
     data = params.data_params(doc)
     spec = model_specs.variant_spec(doc, name, data.image_size)
     recipe = params.train_params(doc, "finetune", variant=name, seed=seed)

@@ -6,14 +6,12 @@ source timm / npz / file: imported from the hub cache or a local file and conver
 from pathlib import Path
 
 from vitpipe import model_specs, params, stage
-from vitpipe.errors import UserError
+
+USAGE = "usage: python stages/pretrain.py <variant>"
 
 
 def main(argv):
-    if len(argv) != 1:
-        raise UserError("usage: python stages/pretrain.py <variant>")
-    name = argv[0]
-    doc = params.read_yaml()
+    doc, (name,) = params.stage_args(argv, USAGE)
     data = params.data_params(doc)
     spec = model_specs.variant_spec(doc, name, data.image_size)
     recipe = params.train_params(doc, "pretrain", variant=name)

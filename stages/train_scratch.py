@@ -4,16 +4,12 @@ with the `train:` recipe on the prepared data, for one of the `seeds`."""
 from pathlib import Path
 
 from vitpipe import model_specs, params, stage
-from vitpipe.errors import UserError
 
 USAGE = "usage: python stages/train_scratch.py <seed>"
 
 
 def main(argv):
-    if len(argv) != 1:
-        raise UserError(USAGE)
-    doc = params.read_yaml()
-    seed = params.seed_arg(doc, argv[0], USAGE)
+    doc, (seed,) = params.stage_args(argv, USAGE)
     data = params.data_params(doc)
     spec = model_specs.model_spec(doc, data.image_size)
     recipe = params.train_params(doc, "train", seed=seed)

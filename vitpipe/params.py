@@ -356,7 +356,18 @@ def seeds(doc: dict) -> list[int]:
     return out
 
 
-def seed_arg(doc: dict, arg: str, usage: str) -> int:
+def stage_args(argv: list[str], usage: str) -> tuple[dict, list]:
+    """params.yaml and a stage's arguments, as many as its usage line names ("usage: python
+    stages/finetune.py <variant> <seed>"); the one named <seed> must be one of `seeds` and
+    comes back as an int."""
+    names = usage.split()[3:]
+    if len(argv) != len(names):
+        raise UserError(usage)
+    doc = read_yaml()
+    return doc, [_seed_arg(doc, arg, usage) if name == "<seed>" else arg for name, arg in zip(names, argv)]
+
+
+def _seed_arg(doc: dict, arg: str, usage: str) -> int:
     """The seed a training stage was started with (its argv), which must be one of `seeds`."""
     allowed = seeds(doc)
     try:
