@@ -86,20 +86,27 @@ def batches(pipe: InputPipeline, steps, mine):
 
 
 def test_prefetching_gives_the_same_numbers_for_every_seed_step_and_micro_batch():
+    """...and for every split of the batch: a micro-batch's images are augmented as they are
+    in the whole batch (the batch's draws, each image the one of its place in the sorted batch)."""
     data = synthetic()
     bs, mb, steps = 32, 8, 9  # 4 micro-batches a step; 9 steps pass an epoch boundary (96 images)
     for seed in (0, 3):
-        def pipeline(prefetch, start=0, mine=(0, 1, 2, 3), seed=seed):
+        def pipeline(prefetch, start=0, mine=(0, 1, 2, 3), seed=seed, mb=mb):
             return InputPipeline(data, seed, bs, mb, list(mine), True, torch.device("cpu"), start, steps,
                                  prefetch=prefetch)
 
         on_demand = batches(pipeline(0), range(steps), range(4))
         ahead = batches(pipeline(4), range(steps), range(4))
         resumed = batches(pipeline(3, start=5), range(5, steps), range(4))  # a run resumed at step 5
+        whole = batches(pipeline(0, mine=(0,), mb=bs), range(steps), (0,))  # the same batches unsplit
         for (s, m), (x, y) in on_demand.items():
-            idx = data_order(data, seed, s, bs)[m * mb:(m + 1) * mb]
-            ref = reference_batch(data, idx, True, augmentation_generator(seed, s, m))
-            assert torch.equal(x, ref[0]) and torch.equal(y, ref[1]), (seed, s, m)
+            batch = data_order(data, seed, s, bs)
+            ref = reference_batch(data, batch, True, augmentation_generator(seed, s))
+            assert torch.equal(whole[s, 0][0], ref[0]) and torch.equal(whole[s, 0][1], ref[1]), (seed, s)
+            place = np.argsort(np.argsort(batch, kind="stable"), kind="stable")  # each image's row in ref
+            mine = batch[m * mb:(m + 1) * mb]
+            rows = torch.from_numpy(place[m * mb:(m + 1) * mb][np.argsort(mine, kind="stable")])
+            assert torch.equal(x, ref[0][rows]) and torch.equal(y, ref[1][rows]), (seed, s, m)
             assert torch.equal(ahead[s, m][0], x) and torch.equal(ahead[s, m][1], y), (seed, s, m)
             if s >= 5:
                 assert torch.equal(resumed[s, m][0], x), (seed, s, m)

@@ -74,14 +74,17 @@ class Split:
         return self.normalise(x), y
 
     def images(self, idx: np.ndarray, augment: bool = False, generator: torch.Generator | None = None,
-               out: torch.Tensor | None = None):
+               out: torch.Tensor | None = None, draws: tuple[np.ndarray, int] | None = None):
         """(images uint8 NCHW, labels int64) for sample indices `idx`, augmented in uint8 (a
-        quarter of float32's bytes to move); into `out` (a pinned buffer, say) when given."""
-        idx = np.sort(np.asarray(idx))  # sorted: sequential reads from a memmap; order within a batch is irrelevant
+        quarter of float32's bytes to move); into `out` (a pinned buffer, say) when given.
+        `draws`: (which of its batch's random draws each image of `idx` takes, the batch's size),
+        for a micro-batch whose augmentation must not depend on how its batch is split."""
+        order = np.argsort(np.asarray(idx), kind="stable")
+        idx = np.asarray(idx)[order]  # sorted: sequential reads from a memmap; order within a batch is irrelevant
         x = torch.from_numpy(np.ascontiguousarray(self.x[idx])).permute(0, 3, 1, 2)
         y = self.y[torch.from_numpy(idx)]
         if augment:
-            x = shift_and_flip(x, generator, self.hflip, out=out)
+            x = shift_and_flip(x, generator, self.hflip, out=out, draws=None if draws is None else (draws[0][order], draws[1]))
         elif out is not None:
             x = out[:len(idx)].copy_(x)
         return x, y
@@ -94,16 +97,19 @@ class Split:
 
 
 def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bool,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, draws: tuple[np.ndarray, int] | None = None) -> torch.Tensor:
     """Random translation by up to 1/8 of the side (zero-padded crop), and a random
     horizontal flip where the dataset allows it; into `out` when given. Small images: one
     numpy gather from a strided view of all windows of a padded copy; large ones: one window
-    copy per image (no padded copy). The same draws, the same numbers."""
+    copy per image (no padded copy). The same draws, the same numbers. `draws` (which, total):
+    the draws are made for `total` images and image i takes draw which[i] (a micro-batch's
+    share of its whole batch's draws); None: n draws, in order."""
     n, c, h, w = x.shape
     pad = max(1, h // 8)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)  # row offset into the padded image
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    total, which = (n, slice(None)) if draws is None else (draws[1], torch.from_numpy(np.asarray(draws[0])))
+    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[which]  # row offset into the padded image
+    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator)[which]
+    flip = (torch.rand(total, generator=generator) < 0.5)[which] if hflip else torch.zeros(n, dtype=torch.bool)
     if h * w <= SMALL_IMAGE:
         # numpy, not torch: its fancy index copies each window as a block, where torch's index
         # kernel goes element by element, and a flip is a negative stride, not a torch.where

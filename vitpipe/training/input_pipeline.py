@@ -7,8 +7,9 @@ steps before. The loop gets uint8 images on its device and converts and normalis
 there: a quarter of float32's bytes cross the bus, and the float work runs on the GPU.
 
 Which images and which augmentation a micro-batch gets is a pure function of
-(seed, step, micro-batch): SampleStream for the order, a generator seeded from the three
-for the random draws. Prefetching changes only *when* a batch is made, never its numbers,
+(seed, step, micro-batch): SampleStream for the order, a generator seeded from (seed, step)
+for the random draws, made for the whole batch, each image taking the draw of its place in
+the sorted batch: how the batch is split into micro-batches changes no image. Prefetching changes only *when* a batch is made, never its numbers,
 so a run resumed at step k (whose pipeline starts at k) trains on the same batches as an
 uninterrupted one, and `prefetch=0` (made on demand, in the loop's thread) gives the same
 numbers as any depth. On the CPU the thread runs only where torch leaves a core free.
@@ -21,6 +22,7 @@ import threading
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from vitpipe.data.prepared_store import SampleStream, Split
@@ -37,9 +39,10 @@ def spare_core() -> bool:
     return torch.get_num_threads() < cpu_count()
 
 
-def augmentation_generator(seed: int, step: int, m: int) -> torch.Generator:
-    """The random draws of micro-batch m of `step`: a function of the three, nothing else."""
-    return torch.Generator().manual_seed(seed * 7_919 + step * 131 + m)
+def augmentation_generator(seed: int, step: int) -> torch.Generator:
+    """The random draws of the batch of `step` (all its micro-batches): a function of the two,
+    nothing else."""
+    return torch.Generator().manual_seed(seed * 7_919 + step * 131)
 
 
 class MicroBatch(NamedTuple):
@@ -80,21 +83,26 @@ class InputPipeline:
 
     # -- the producer side: pure functions of (seed, step, m), then the move to the device
 
-    def indices(self, step: int, m: int):
+    def indices(self, step: int, m: int) -> tuple[np.ndarray, tuple[np.ndarray, int]]:
+        """Micro-batch m's sample indices and their draws: each image's place in its sorted batch."""
         idx = self.stream.take(step * self.batch_size, self.batch_size)
-        return idx[m * self.micro_batch:(m + 1) * self.micro_batch]
+        place = np.empty(len(idx), dtype=np.int64)
+        place[np.argsort(idx, kind="stable")] = np.arange(len(idx))
+        mine = slice(m * self.micro_batch, (m + 1) * self.micro_batch)
+        return idx[mine], (place[mine], len(idx))
 
     def make(self, step: int, m: int) -> MicroBatch:
         t = time.perf_counter()
-        gen = augmentation_generator(self.seed, step, m)
+        gen = augmentation_generator(self.seed, step)
+        idx, draws = self.indices(step, m)
         if not self.cuda:
-            x, y = self.data.images(self.indices(step, m), self.augment, gen)
+            x, y = self.data.images(idx, self.augment, gen, draws=draws)
             return MicroBatch(step, m, self.data.normalise(x), y, time.perf_counter() - t)
         slot = self.slot
         self.slot = (slot + 1) % len(self.pinned)
         if self.pinned_free[slot] is not None:
             self.pinned_free[slot].synchronize()  # its last copy to the device has finished
-        x, y = self.data.images(self.indices(step, m), self.augment, gen, out=self.pinned[slot])
+        x, y = self.data.images(idx, self.augment, gen, out=self.pinned[slot], draws=draws)
         with torch.cuda.stream(self.copy_stream):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)  # pageable and tiny: a synchronous copy of a few bytes

@@ -50,6 +50,11 @@ from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS, StepLog
 # for a sharded run (see Run.__init__).
 NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile", "nnodes")
 
+# How the batch is split (micro_batch x accumulation) is not in it either where the split
+# changes only float rounding (see split_changes_result): a run resumes or is restored on a
+# GPU that fits another micro-batch. A variant's own recipe keys are in the recipe, merged.
+RECIPE_IN_SPEC = ("pretrain", "finetune")
+
 LOG_EVERY = 10  # steps between host syncs (loss read-back, log rows, NaN check, stop agreement)
 
 
@@ -126,6 +131,20 @@ ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALI
                        "CUDA out of memory")
 
 
+def split_changes_result(model: torch.nn.Module) -> bool:
+    """Whether splitting a batch into other micro-batches changes a run's numbers beyond float
+    rounding. Accumulating micro-batch gradients, each loss scaled by its share, is the same
+    update as the whole batch's, and the data and augmentation are drawn per batch; but
+    BatchNorm normalises by each micro-batch's own statistics (and updates its running ones
+    per micro-batch), and dropout / drop-path draw their masks per micro-batch forward."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            return True
+        if (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0) or getattr(m, "drop_prob", 0) > 0:
+            return True
+    return False
+
+
 def is_allocation_failure(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or any(k in str(e) for k in ALLOCATION_FAILURES)
 
@@ -187,7 +206,11 @@ class Run:
         # on it, and DCP reshards its checkpoint for another count (see build).
         self.sharded = recipe.parallel == "fsdp"
         skip = NOT_IN_FINGERPRINT + (("nproc",) if self.sharded else ())
-        self.config = ({k: v for k, v in asdict(recipe).items() if k not in skip} | job.run_config
+        skip += () if split_changes_result(model) else ("micro_batch",)
+        spec = job.run_config.get("spec")
+        identity = job.run_config | ({"spec": {k: v for k, v in spec.items() if k not in RECIPE_IN_SPEC}}
+                                     if isinstance(spec, dict) else {})
+        self.config = ({k: v for k, v in asdict(recipe).items() if k not in skip} | identity
                        | ({} if self.sharded else {"world": d.world})
                        | {"init_weights": checkpoint.tensors_digest(model.state_dict().values()),
                           "train_labels": checkpoint.tensors_digest([data.y]), "train_images": list(data.x.shape)})
