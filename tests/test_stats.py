@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats as st
 
@@ -104,3 +105,71 @@ def test_paired_bootstrap_of_a_signed_sum():
     assert mean == pytest.approx((25 - 9) / 359)
     assert lo < mean < hi and lo > 0            # the same evidence McNemar finds (p = 0.009)
     assert stats.bootstrap_sum([a, a], [1, -1]) == (0.0, 0.0, 0.0)   # a model against itself: exactly zero
+
+
+# ---------------------------------------------------------------------------------------
+# The hierarchical bootstrap against a brute-force one, and Holm's correction
+
+
+def _brute_force(a, b, resamples, seed):
+    """The same resampling written as plain loops: images once per resample for both arms,
+    then per arm pretraining runs with replacement and, within each, seeds with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(a[0][0])
+    diffs = []
+    for _ in range(resamples):
+        images = rng.integers(0, n, n)
+        means = []
+        for arm in (a, b):
+            runs = []
+            for _ in range(len(arm)):
+                group = arm[rng.integers(0, len(arm))]
+                seeds = [group[rng.integers(0, len(group))] for _ in range(len(group))]
+                runs.append(np.mean([np.mean([s[i] for i in images]) for s in seeds]))
+            means.append(np.mean(runs))
+        diffs.append(means[0] - means[1])
+    return np.quantile(diffs, 0.025), np.quantile(diffs, 0.975)
+
+
+def _constructed(rng, pretrain_means, seed_sd, n_images, seeds):
+    """0/1 correctness: per pretraining run a mean accuracy, per seed a shift, per image a draw."""
+    return [[(rng.random(n_images) < np.clip(m + rng.normal(0, seed_sd), 0, 1)).astype(int).tolist()
+             for _ in range(seeds)] for m in pretrain_means]
+
+
+def test_hierarchical_bootstrap_matches_brute_force():
+    rng = np.random.default_rng(1)
+    a = _constructed(rng, [0.55, 0.75, 0.65], 0.05, 120, 3)
+    b = _constructed(rng, [0.5], 0.02, 120, 3)
+    diff, lo, hi, p = stats.hierarchical_bootstrap(a, b, resamples=3000, seed=0)
+    blo, bhi = _brute_force(a, b, 3000, seed=7)
+    observed = np.mean([np.mean(g) for g in a]) - np.mean(b)
+    assert diff == pytest.approx(observed)
+    assert lo == pytest.approx(blo, abs=0.015) and hi == pytest.approx(bhi, abs=0.015)
+    assert lo < diff < hi
+
+
+def test_hierarchical_bootstrap_widens_with_pretraining_noise():
+    """The same seeds and images, once from one pretraining run and once spread over three
+    runs of different quality: only the second interval holds the pretraining spread."""
+    rng = np.random.default_rng(2)
+    b = _constructed(rng, [0.5], 0.0, 300, 3)
+    one = _constructed(rng, [0.65], 0.0, 300, 3)
+    three = _constructed(rng, [0.5, 0.65, 0.8], 0.0, 300, 3)
+    _, lo1, hi1, _ = stats.hierarchical_bootstrap([one[0]], b, resamples=2000)
+    _, lo3, hi3, p3 = stats.hierarchical_bootstrap(three, b, resamples=2000)
+    assert hi3 - lo3 > 1.5 * (hi1 - lo1)
+    assert lo3 < 0.1 < hi3
+
+
+def test_holm_adjusts_in_steps_and_stays_monotone():
+    adjusted = stats.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": math.nan})
+    assert adjusted["a"] == pytest.approx(0.03)          # 3 x 0.01
+    assert adjusted["c"] == pytest.approx(0.06)          # 2 x 0.03
+    assert adjusted["b"] == pytest.approx(0.06)          # 1 x 0.04, raised to stay monotone
+    assert math.isnan(adjusted["d"])
+
+
+def test_t_p_value_matches_scipy():
+    xs = [0.1, 0.3, 0.25]
+    assert stats.t_p_value(stats.over_seeds(xs)) == pytest.approx(st.ttest_1samp(xs, 0).pvalue)

@@ -210,3 +210,64 @@ def bootstrap_sum(vectors, signs, resamples: int = 2000, seed: int = 0,
     sums = per_image[idx].mean(axis=1)
     tail = (1 - confidence) / 2
     return float(per_image.mean()), float(np.quantile(sums, tail)), float(np.quantile(sums, 1 - tail))
+
+
+# ---------------------------------------------------------------------------------------
+# Several sources of noise at once, and many comparisons
+
+
+def hierarchical_bootstrap(a, b, resamples: int = 4000, seed: int = 0,
+                           confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """Accuracy of arm a minus arm b, with an interval that holds every level of noise the runs
+    have: `a` and `b` are nested lists [pretraining run][training seed][test image] of 0/1
+    (an arm without pretraining is one group). Each resample draws the test images once, with
+    replacement, for both arms (the same images score both: paired), then per arm the
+    pretraining runs with replacement and, within each drawn run, its seeds with replacement.
+    Returns (observed difference, lo, hi, two-sided bootstrap p of 'no difference')."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arms = [[np.asarray(g, dtype=np.float64) for g in arm] for arm in (a, b)]   # per group: seeds x images
+    n_images = arms[0][0].shape[1]
+    images = rng.integers(0, n_images, size=(resamples, n_images))
+    # per group and resample, each seed's accuracy on the drawn images: seeds x resamples
+    per_seed = [[g[:, images].mean(axis=2) for g in arm] for arm in arms]
+    means = []
+    for arm in per_seed:
+        groups = rng.integers(0, len(arm), size=(resamples, len(arm)))
+        total = np.zeros(resamples)
+        for j in range(len(arm)):
+            acc = np.zeros(resamples)
+            for k, g in enumerate(arm):          # the drawn group's seeds, drawn with replacement
+                rows = rng.integers(0, g.shape[0], size=(resamples, g.shape[0]))
+                pick = np.take_along_axis(g.T, rows, axis=1).mean(axis=1)
+                acc = np.where(groups[:, j] == k, pick, acc)
+            total += acc
+        means.append(total / len(arm))
+    diffs = means[0] - means[1]
+    observed = float(np.mean([g.mean() for g in arms[0]]) - np.mean([g.mean() for g in arms[1]]))
+    tail = (1 - confidence) / 2
+    p = float(min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
+    return observed, float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail)), p
+
+
+def t_p_value(diff: Interval) -> float:
+    """Two-sided p of a one-sample t-test of 'mean difference 0' over seeds (nan for one seed)."""
+    if diff.n < 2 or math.isnan(diff.sd):
+        return math.nan
+    if diff.sd == 0:
+        return 0.0 if diff.mean else 1.0
+    t = diff.mean / (diff.sd / math.sqrt(diff.n))
+    return float(2 * st.t.sf(abs(t), diff.n - 1))
+
+
+def holm(ps: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment: each p multiplied by the number of hypotheses not yet
+    rejected, kept monotone, capped at 1. A family of comparisons then keeps its chance of any
+    false 'holds' or 'does not hold' at alpha. nan p-values are left out and come back nan."""
+    known = sorted(((p, k) for k, p in ps.items() if not math.isnan(p)))
+    out, running = {k: math.nan for k in ps}, 0.0
+    for i, (p, k) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - i) * p))
+        out[k] = running
+    return out
