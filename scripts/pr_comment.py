@@ -11,82 +11,23 @@ Results (accuracy, loss) come first. A change of an accuracy that its run's own 
 seeds already covers (the 95% interval in metrics/summary.json) is marked *within noise*; a
 verdict that changes (`<comparison>.verdict`, e.g. holds -> inconclusive) and McNemar's p-value
 of a one-seed comparison are results too.
-Machine metrics (img/s, latency, wall time, memory) sit apart: they measure the runner."""
+Machine metrics (img/s, latency, wall time, memory) sit apart: they measure the runner.
+Which metric is which, and the noise, come from vitpipe.report.compare: `vitpipe compare REV`
+prints the same comparison as one table in a terminal."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 from pathlib import Path
+
+from vitpipe.report.compare import SUMMARY, dvc, metrics_diff, split_diff, table
 
 MARKER = "<!-- vitpipe-pr-report -->"    # lets the workflow find and update its own comment
 GITHUB_LIMIT = 65_536                    # characters in one issue comment
 HEADLINE = "Headline"
 FOLD_ROWS = 40                           # longer diff tables go in a collapsed <details>
-SUMMARY = "metrics/summary.json"         # mean, sd and 95% interval over seeds (report stage)
-# keys that measure the machine, not the method
-MACHINE = re.compile(r"img_per_s|latency|wall_time|_mb$|memory|rss|cuda|gpu|power|mfu|local_|_s$")
-RESULT = re.compile(r"top1|top5|acc|loss|verdict|mcnemar")   # a verdict that flips is a result too
-
-
-def metrics_diff(base: str, cwd: Path | str = ".") -> tuple[dict, str | None]:
-    """{file: {key: {old, new, diff}}} of `dvc metrics diff --json <base>`, or an error."""
-    p = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", "--json", base], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
-    if p.returncode != 0:
-        return {}, (p.stderr or p.stdout).strip() or f"dvc metrics diff exited {p.returncode}"
-    return (json.loads(p.stdout) if p.stdout.strip() else {}), None
-
-
-def run_of(path: str, key: str) -> str | None:
-    """The run a metric belongs to: metrics/evaluate/<run>/seed-0.json, or summary's `<run>.top1_…`."""
-    m = re.match(r"metrics/(?:evaluate|finetune)/([^/]+)/", path) or re.match(r"metrics/(train)_scratch/", path)
-    if m:
-        return "scratch" if m.group(1) == "train" else m.group(1)
-    m = re.match(r"([^.]+)\.top1", key) if path.endswith("summary.json") else None
-    return m.group(1) if m else None
-
-
-def noise(summary: dict, run: str | None) -> float | None:
-    """Half-width of that run's 95% interval of test top-1 over seeds."""
-    lo, hi = summary.get(f"{run}.top1_ci95_lo"), summary.get(f"{run}.top1_ci95_hi")
-    return None if lo is None or hi is None else (hi - lo) / 2
-
-
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def split_diff(diff: dict, summary: dict) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
-    """(result rows, machine rows, other rows) of the changed metrics; a result row says whether
-    its change is within the seeds' noise."""
-    results, machine, other = [], [], []
-    for path, keys in sorted(diff.items()):
-        for key, d in sorted(keys.items()):
-            old, new, change = d.get("old"), d.get("new"), d.get("diff")
-            if old == new:
-                continue
-            row = [path, key, _fmt(old), _fmt(new), _fmt(change)]
-            if MACHINE.search(key):
-                machine.append(row)
-            elif RESULT.search(key):
-                half = noise(summary, run_of(path, key)) if "_sd" not in key and "_half" not in key else None
-                if half is None or not isinstance(change, (int, float)):
-                    row.append("")
-                else:
-                    row.append(f"within noise (±{half:.3g})" if abs(change) <= half else f"**beyond noise** (±{half:.3g})")
-                results.append(row)
-            else:
-                other.append(row)
-    return results, machine, other
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def metrics_sections(base: str, diff: dict, error: str | None, summary: dict) -> list[str]:
@@ -114,11 +55,10 @@ def metrics_sections(base: str, diff: dict, error: str | None, summary: dict) ->
 
 def dvc_diff(kind: str, base: str, cwd: Path | str = ".") -> tuple[str, str | None]:
     """(markdown table, error) of `dvc <kind> diff --md <base>`; an empty table means no change."""
-    p = subprocess.run([sys.executable, "-m", "dvc", kind, "diff", "--md", base], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
-    if p.returncode != 0:
-        return "", (p.stderr or p.stdout).strip() or f"dvc {kind} diff exited {p.returncode}"
-    table = p.stdout.strip()
+    out, error = dvc([kind, "diff", "--md", base], cwd)
+    if error:
+        return "", error
+    table = out.strip()
     return ("" if len(table.splitlines()) <= 2 else table), None   # a header alone: nothing changed
 
 

@@ -1,5 +1,6 @@
-"""scripts/pr_comment.py against a real git + DVC repository with two commits: the base
-branch's metrics and a pull request's, as the PR workflow sees them after `dvc repro`."""
+"""scripts/pr_comment.py and `vitpipe compare` (the same library, vitpipe.report.compare)
+against a real git + DVC repository with two commits: the base branch's metrics and a pull
+request's, as the PR workflow sees them after `dvc repro`."""
 
 import importlib.util
 import json
@@ -8,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +119,9 @@ def test_a_real_change_is_beyond_noise():
 
 
 def test_comment_when_nothing_changed_or_dvc_fails(two_commits):
-    same = pr_comment.metrics_diff("pr", two_commits)
+    same = pr_comment.metrics_diff("pr", cwd=two_commits)
     assert same == ({}, None)
-    _, error = pr_comment.metrics_diff("no-such-branch", two_commits)
+    _, error = pr_comment.metrics_diff("no-such-branch", cwd=two_commits)
     assert error
     body = pr_comment.comment_body("main", same, ("", error), None)
     assert "No accuracy or loss changed." in body
@@ -135,3 +135,42 @@ def test_headline_section_and_size_limit():
     huge = "| a | b |\n|--|--|\n" + "| x | y |\n" * 20_000
     body = pr_comment.comment_body("main", ({}, None), (huge, None), "headline")
     assert len(body) <= pr_comment.GITHUB_LIMIT and body.startswith(pr_comment.MARKER)
+
+
+def vitpipe(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitpipe", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_vitpipe_compare_prints_one_table(two_commits):
+    """`vitpipe compare HEAD~1`: the commit before against the workspace (HEAD's results), one
+    table, results first with their noise, the machine's img/s last; two revisions the same."""
+    p = vitpipe("compare", "HEAD~1", cwd=two_commits)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["file", "metric", "HEAD~1"])
+    assert lines[header + 1].startswith("-")                        # tabulate's rule: one table, one header
+    rows = lines[header + 2:lines.index("")]
+    assert sum(1 for line in lines if line.split()[:2] == ["file", "metric"]) == 1
+    cells = {tuple(r.split()[1:3]): r.split() for r in rows}
+    assert cells["metrics/evaluate.json", "top1"][:6] == ["result", "metrics/evaluate.json", "top1", "0.5", "0.75",
+                                                          "0.25"]
+    assert "within noise (±" in " ".join(cells["metrics/evaluate/vit_tiny/seed-0.json", "top1"])
+    assert [r.split()[0] for r in rows][-1] == "machine" and "infer_img_per_s" in rows[-1]
+    assert [r.split()[0] for r in rows] == sorted((r.split()[0] for r in rows), key=["result", "other", "machine"].index)
+    assert "top5" not in p.stdout                                   # unchanged: left out
+    assert "only a change beyond noise says the method changed" in p.stdout
+    both = vitpipe("compare", "main", "pr", cwd=two_commits)          # two revisions: the same rows
+    assert both.returncode == 0 and both.stdout.splitlines()[0].split()[:5] == ["file", "metric", "main", "pr", "change"]
+    assert [line.split() for line in both.stdout.splitlines()[2:]] == [line.split() for line in lines[header + 2:]]
+    md = vitpipe("compare", "main", "pr", "--md", cwd=two_commits).stdout
+    assert "|  | file | metric | main | pr | change | noise |" in md and "| result | metrics/evaluate.json | top1 |" in md
+
+
+def test_vitpipe_compare_of_an_unknown_revision_is_one_line(two_commits):
+    p = vitpipe("compare", "no-such-rev", cwd=two_commits)
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("vitpipe: error: cannot compare no-such-rev with workspace: ")
+    same = vitpipe("compare", "pr", cwd=two_commits)
+    assert same.returncode == 0 and same.stdout.strip() == "no metric changed between pr and workspace"

@@ -1,7 +1,8 @@
 """`vitpipe plan MODEL ...`: will it fit, how should it be batched, how long will it take.
 `vitpipe plan --params FILE`: the same for every training stage of a params file (a preset),
 with the `dvc exp run -S` overrides that make it fit the device.
-`vitpipe info`: what this machine has."""
+`vitpipe info`: what this machine has.
+`vitpipe compare OLD [NEW]`: what changed between two revisions' results, noise-aware."""
 
 from __future__ import annotations
 
@@ -67,10 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
+    compare = sub.add_parser("compare", help="what changed between two revisions' results, within the seeds' noise or not",
+                             description="One table of the metrics that changed from OLD to NEW (default: the "
+                                         "workspace): results first, a change inside the seeds' 95%% interval marked "
+                                         "within noise; machine metrics (img/s, memory, wall time) last, apart.")
+    compare.add_argument("old", metavar="OLD", help="git revision (commit, branch, tag, dvc experiment), e.g. HEAD~1")
+    compare.add_argument("new", metavar="NEW", nargs="?", default=None, help="another revision (default: the workspace)")
+    compare.add_argument("--md", action="store_true", help="a markdown table")
+    compare.set_defaults(func=cmd_compare)
+
     from vitpipe.checkpoints import cli as checkpoints_cli
 
     checkpoints_cli.add_parser(sub)
     return p
+
+
+def cmd_compare(args) -> int:
+    from vitpipe.report.compare import compare
+
+    print(compare(args.old, args.new, markdown=args.md))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
