@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from vitpipe.errors import ParamError, UserError
+from vitpipe.models.registry import FAMILIES
 
 PARAMS_FILE = "params.yaml"
 DATASETS = ("digits", "cifar10", "cifar100", "pets", "imagefolder")
@@ -103,6 +104,13 @@ RECIPE = {
                     "(FSDP2); auto: fsdp only where the cost model says ddp does not fit the device",
                     choices=("ddp", "fsdp", "auto")),
     "augment": Key("bool", "random shift and flip"),
+    "deterministic": Key("bool", "deterministic kernels only (torch raises for an op without one), cuDNN autotuning "
+                         "off, no flash/cuDNN attention: a resumed GPU run repeats the uninterrupted one bit for bit "
+                         "(docs/training.md); slower"),
+    "rdzv_timeout_s": _int("seconds the processes and nodes wait for each other to join before the run ends in one "
+                           "line", 1, 86400),
+    "collective_timeout_s": _int("seconds a collective may wait for a peer during training (a dead or stuck process) "
+                                 "before the run ends in one line", 1, 86400),
 }
 SEED = {"seed": _int("seed of the starting weights, data order and augmentation", 0, SEED_MAX)}
 FRACTAL = {
@@ -112,12 +120,8 @@ FRACTAL = {
 MODEL = {
     "arch": Key("str", "vit | vit_b16-style short name | resnet18..152 | convnext_atto..large | "
                 "a timm ViT/ResNet/ConvNeXt name; the size keys below are for vit"),
-    "patch": _int("patch size in pixels (vit)", 1, 4096),
-    "dim": _int("embedding width (vit)", 1, 65536),
-    "depth": _int("transformer blocks (vit)", 1, 1024),
-    "heads": _int("attention heads; must divide dim (vit)", 1, 4096),
-    "mlp_ratio": _num("MLP hidden width / dim (vit)", 0, 64, lo_open=True),
-    "pool": Key("choice", "class token or average pooling (vit)", choices=("token", "avg")),
+    # the network keys each family declares (Family.spec_schema, in its own file)
+    **{k: Key(**v) for family in FAMILIES for k, v in family.spec_schema.items()},
 }
 VARIANT = {
     **MODEL,
@@ -215,6 +219,9 @@ class TrainParams:
     parallel: str = "ddp"
     seed: int = 0
     augment: bool = True
+    deterministic: bool = False
+    rdzv_timeout_s: int = 600
+    collective_timeout_s: int = 600
     # fractal pretraining only
     classes: int = 0
     images_per_class: int = 0

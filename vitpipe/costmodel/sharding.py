@@ -18,19 +18,17 @@ from __future__ import annotations
 
 from vitpipe.costmodel import compute
 from vitpipe.costmodel.devices import Device
+from vitpipe.models import family_of_config
 from vitpipe.params import divisors
 
 
 def unit_params(cfg) -> tuple[int, int]:
-    """(parameters of the largest sharded unit, parameters of the root unit). A ViT's unit is
-    one block; a network the model cannot split is counted as one unit (no gain)."""
-    counts = compute.param_counts(cfg)
-    depth = getattr(cfg, "depth", None)
-    if depth and counts.get("blocks"):
-        block = counts["blocks"] // depth
-        return block, counts["total"] - counts["blocks"]
-    biggest = max(v for k, v in counts.items() if k != "total")
-    return biggest, counts["total"] - biggest
+    """(parameters of the largest sharded unit, parameters of the root unit): the units the
+    family shards (Family.shard_unit_params, the same family file that names the modules to
+    training.sharding). A family that names none is one root unit: gathered whole."""
+    units = family_of_config(cfg).shard_unit_params(cfg)
+    total = compute.param_counts(cfg)["total"]
+    return max(units, default=0), total - sum(units)
 
 
 def sharded_memory(cfg, batch: int, world: int, precision="fp32", optimizer="adamw", attention="sdpa",

@@ -12,7 +12,7 @@ from vitpipe.costmodel import compute
 from vitpipe.costmodel import devices
 from vitpipe.costmodel import reference
 from vitpipe.errors import ParamError, UserError
-from vitpipe.models import describe, model_config, validate_spec
+from vitpipe.models import describe, family_of, model_config, validate_spec
 
 GB = 1e9
 DEFAULTS = {"attention": "sdpa", "checkpointing": False, "mfu": None}
@@ -42,8 +42,9 @@ def validate(p: dict) -> dict:
     for i, m in enumerate(models):
         spec = {"arch": m} if isinstance(m, str) else m
         validate_spec(spec, p["image_size"], f"profile.models[{i}]", image_size_key="profile.image_size")
-        if p["checkpointing"] and "resnet" in spec["arch"]:
-            raise ParamError("profile.checkpointing", True, "false while profile.models has a ResNet")
+        family = family_of(spec["arch"])
+        if p["checkpointing"] and not family.checkpointing:
+            raise ParamError("profile.checkpointing", True, f"false while profile.models has a {family.label}")
         specs.append(spec)
     p["specs"] = specs
     return p

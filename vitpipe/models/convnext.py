@@ -61,6 +61,14 @@ def _stages(c: ConvNeXtConfig):
         yield i, dim, hidden, depth, h, prev
 
 
+def _block_params(c: ConvNeXtConfig, d: int, hidden: int) -> int:
+    """One block at `d` channels."""
+    return (c.kernel**2 * d + d                 # depthwise conv
+            + 2 * d                             # LayerNorm
+            + d * hidden + hidden + hidden * d + d   # MLP
+            + (d if c.layer_scale else 0))      # gamma
+
+
 @register_family
 class ConvNeXt(Family):
     name = "convnext"
@@ -106,6 +114,14 @@ class ConvNeXt(Family):
     def cam_layer_names(self, model):
         return [f"stages.{i}" for i in reversed(range(len(model.stages)))]
 
+    def shard_units(self, model):
+        """Each block of each stage (timm's ConvNeXt keeps them under stages[i].blocks); the
+        downsampling layers between stages stay in the root."""
+        return [block for stage in model.stages for block in stage.blocks]
+
+    def shard_unit_params(self, c):
+        return [block for _, d, hidden, depth, _, _ in _stages(c) for block in depth * [_block_params(c, d, hidden)]]
+
     # --- cost -----------------------------------------------------------------------------
     def weight_layers(self, c):
         layers = [dict(part="embed", kind="patch", k=c.patch, cin=c.in_chans, cout=c.dims[0])]
@@ -124,11 +140,7 @@ class ConvNeXt(Family):
         for _, d, hidden, depth, _, prev in _stages(c):
             if prev:
                 p["downsample"] += 2 * prev[0] + 4 * prev[0] * d + d     # LayerNorm + 2 x 2 conv
-            block = (c.kernel**2 * d + d                 # depthwise conv
-                     + 2 * d                             # LayerNorm
-                     + d * hidden + hidden + hidden * d + d   # MLP
-                     + (d if c.layer_scale else 0))      # gamma
-            p["blocks"] += depth * block
+            p["blocks"] += depth * _block_params(c, d, hidden)
         p["head"] = 2 * c.dims[-1] + ((c.dims[-1] + 1) * c.num_classes if c.num_classes else 0)
         return p
 

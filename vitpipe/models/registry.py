@@ -36,6 +36,9 @@ class Family:
     label = ""                        # the family in prose: ViT, ResNet, ConvNeXt
     allowed = ""                      # how its own arch names read in an error message
     spec_keys: frozenset = frozenset()   # network keys besides `arch` a spec may set
+    # those keys as params.py checks and documents them: {key: {kind, help, lo, hi, choices, ...}}
+    # (the fields of params.Key; plain dicts, as models sit below params)
+    spec_schema: dict = {}
     attention = False                 # token attention: the `attention` setting (sdpa/eager) matters
     checkpointing = False             # activation checkpointing is modelled (and supported)
     channels_last = False             # trains faster channels-last on CUDA (convolutions)
@@ -67,6 +70,17 @@ class Family:
 
     def cam_layer_names(self, model) -> list[str]:
         """Grad-CAM's candidate layers (stages with a spatial grid), deepest first."""
+        return []
+
+    # --- how the family is sharded (FSDP2: one unit each, the rest is the root unit) ---------
+    def shard_units(self, model) -> list:
+        """The modules of a built network that become one FSDP unit each, in forward order
+        (training.sharding); [] shards only the root, which saves nothing."""
+        return []
+
+    def shard_unit_params(self, cfg) -> list[int]:
+        """The parameters of each of `shard_units`, read off the config (the cost model's
+        sharded memory, costmodel.sharding); what is not in a unit is in the root."""
         return []
 
     # --- the cost model (per image unless said otherwise) ---------------------------------
@@ -235,6 +249,12 @@ def prefers_channels_last(model) -> bool:
     """Whether `model` trains faster in channels-last memory format on CUDA (a CNN)."""
     f = family_of_model(model)
     return bool(f and f.channels_last)
+
+
+def shard_units(model) -> list:
+    """The FSDP units of `model` its family names ([] for a network no family owns)."""
+    f = family_of_model(model)
+    return f.shard_units(model) if f else []
 
 
 def cam_layer_names(model) -> list[str]:

@@ -76,7 +76,7 @@ def resnet_convs(c: ResNetConfig) -> list[dict]:
     for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), c.layers)):
         for i in range(n):
             stride = 2 if stage > 0 and i == 0 else 1
-            h_block, out = h, planes * expansion
+            h_block, out, first = h, planes * expansion, len(convs)
             if c.block == "basic":
                 conv("blocks", inplanes, planes, 3, stride)
                 conv("blocks", planes, planes, 3, 1)
@@ -95,6 +95,8 @@ def resnet_convs(c: ResNetConfig) -> list[dict]:
                     h = h_block
                     conv("blocks", inplanes, out, 1, stride, bn_saved=False)
                 h = h_after
+            for x in convs[first:]:
+                x["unit"] = (stage, i)            # one residual block: one FSDP unit
             inplanes = out
     return convs
 
@@ -148,6 +150,16 @@ class ResNet(Family):
 
     def cam_layer_names(self, model):
         return [n for n in STAGES if hasattr(model, n)]
+
+    def shard_units(self, model):
+        return [block for stage in reversed(STAGES) for block in getattr(model, stage, [])]
+
+    def shard_unit_params(self, c):
+        units = {}
+        for conv in resnet_convs(c):
+            if conv["part"] == "blocks":
+                units[conv["unit"]] = units.get(conv["unit"], 0) + _conv_weights(conv) + 2 * conv["cout"]
+        return list(units.values())
 
     # --- cost -----------------------------------------------------------------------------
     def param_counts(self, c):

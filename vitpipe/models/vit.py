@@ -190,7 +190,15 @@ class ViT(Family):
     label = "ViT"
     config_type = ViTConfig
     allowed = "vit, vit_b16-style (vit_{ti,s,m,b,l,h}<patch>)"
-    spec_keys = frozenset({*VIT_KEYS, "pool"})
+    spec_schema = {
+        "patch": {"kind": "int", "help": "patch size in pixels (vit)", "lo": 1, "hi": 4096},
+        "dim": {"kind": "int", "help": "embedding width (vit)", "lo": 1, "hi": 65536},
+        "depth": {"kind": "int", "help": "transformer blocks (vit)", "lo": 1, "hi": 1024},
+        "heads": {"kind": "int", "help": "attention heads; must divide dim (vit)", "lo": 1, "hi": 4096},
+        "mlp_ratio": {"kind": "float", "help": "MLP hidden width / dim (vit)", "lo": 0, "hi": 64, "lo_open": True},
+        "pool": {"kind": "choice", "help": "class token or average pooling (vit)", "choices": ("token", "avg")},
+    }
+    spec_keys = frozenset(spec_schema)
     attention = True
     checkpointing = True
     channels_last = False
@@ -207,6 +215,12 @@ class ViT(Family):
         from timm.models.vision_transformer import VisionTransformer
 
         return isinstance(model, VisionTransformer)
+
+    def shard_units(self, model):
+        return list(model.blocks)
+
+    def shard_unit_params(self, c):
+        return c.depth * [self.param_counts(c)["blocks"] // c.depth]
 
     def _timm(self, arch):
         return arch != "vit" and not SHORT_VIT.match(arch)

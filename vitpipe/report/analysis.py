@@ -11,7 +11,7 @@ import pandas as pd
 
 from vitpipe.costmodel import compute, reference, sharding
 from vitpipe.costmodel.devices import LOCAL, get_device
-from vitpipe.models import describe, model_config
+from vitpipe.models import describe, model_config, spec_keys
 from vitpipe.report import stats
 from vitpipe.report.inputs import Inputs, Run
 
@@ -301,7 +301,7 @@ def time_claims(inputs: Inputs, eta: pd.DataFrame) -> list[Claim]:
 
 
 def same_network(a: dict, b: dict) -> bool:
-    keys = ("arch", "patch", "dim", "depth", "heads", "mlp_ratio", "pool")
+    keys = ("arch", *sorted(spec_keys(a.get("arch"))))  # the network keys its family declares
     return all(a.get(k) == b.get(k) for k in keys)
 
 

@@ -42,13 +42,15 @@ from vitpipe.training import sharding
 from vitpipe.training.distributed import Dist, pick_device, seed_everything, setup_distributed
 from vitpipe.training.input_pipeline import InputPipeline
 from vitpipe.training.oom import oom_message
-from vitpipe.training.recipe import autocast_dtype, lr_at, make_optimizer, prepare_model
+from vitpipe.training.recipe import (autocast_dtype, lr_at, make_optimizer, nondeterministic_op, prepare_model,
+                                    use_deterministic_kernels)
 from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS, StepLog
 
 # Keys of a recipe that do not change the numbers a run produces: a checkpoint written
 # under other values of these is still the same run. The number of processes is in it, but
 # for a sharded run (see Run.__init__).
-NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile", "nnodes")
+NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile", "nnodes", "rdzv_timeout_s",
+                      "collective_timeout_s")
 
 # How the batch is split (micro_batch x accumulation) is not in it either where the split
 # changes only float rounding (see split_changes_result): a run resumes or is restored on a
@@ -131,6 +133,14 @@ ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALI
                        "CUDA out of memory")
 
 
+def channels_last_for(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the run feeds `model` channels-last images (and, replicated, keeps its weights so):
+    a CNN on CUDA."""
+    from vitpipe.models import prefers_channels_last
+
+    return device.type == "cuda" and prefers_channels_last(model)
+
+
 def split_changes_result(model: torch.nn.Module) -> bool:
     """Whether splitting a batch into other micro-batches changes a run's numbers beyond float
     rounding. Accumulating micro-batch gradients, each loss scaled by its share, is the same
@@ -166,6 +176,9 @@ def fit(job: TrainingJob) -> dict:
                         run.sync()
                 return run.finish()
             except RuntimeError as e:  # torch.OutOfMemoryError is one
+                if op := nondeterministic_op(e):
+                    raise ParamError(f"{run.section}.deterministic", True, f"false: {op} has no deterministic "
+                                     f"kernel on {run.device.type} in this torch") from None
                 if not is_allocation_failure(e):
                     raise
                 raise UserError(oom_message(run.recipe, run.section, job.run_config, job.weights_meta.get("num_classes"),
@@ -189,6 +202,7 @@ class Run:
         self.run_config, self.weights_meta, self.desc, self.quiet = job.run_config, job.weights_meta, desc, job.quiet
         self.section, self.fresh_key = job.fresh_key.split(".")[0], job.fresh_key
         self.device = pick_device(d)
+        use_deterministic_kernels(recipe.deterministic, self.device)
         # auto -> the precision this device runs natively; bf16 on a card without it is a param error
         recipe = self.recipe = replace(recipe, precision=precision.resolve(recipe.precision, self.device,
                                                                            f"{self.section}.precision"))
@@ -205,7 +219,8 @@ class Run:
         # for a sharded run: its global batch, data order (self.mine) and LR schedule do not depend
         # on it, and DCP reshards its checkpoint for another count (see build).
         self.sharded = recipe.parallel == "fsdp"
-        skip = NOT_IN_FINGERPRINT + (("nproc",) if self.sharded else ())
+        # deterministic: false is every run before the key existed (their checkpoints still resume)
+        skip = NOT_IN_FINGERPRINT + (("nproc",) if self.sharded else ()) + (() if recipe.deterministic else ("deterministic",))
         skip += () if split_changes_result(model) else ("micro_batch",)
         spec = job.run_config.get("spec")
         identity = job.run_config | ({"spec": {k: v for k, v in spec.items() if k not in RECIPE_IN_SPEC}}
@@ -256,10 +271,11 @@ class Run:
         if d.main:
             if self.recipe.resume == "fresh":
                 self.store.discard()
-            record = self.store.finished_record()
+            # verified before any output is replaced: its weights must load into this model's shapes
+            record = self.store.finished_record({k: v.shape for k, v in self.model.state_dict().items()})
             if record is not None:
                 self.store.restore(record, self.outputs())
-                self.store.close()
+                self.store.release()
                 metrics = json.loads(self.paths.metrics.read_text())
                 print(f"[{self.desc}] restored the finished run {self.store.fingerprint} from {record.where}",
                       file=sys.stderr, flush=True)
@@ -312,18 +328,20 @@ class Run:
         """Model on the device, optimizer, precision; the checkpoint's states when resuming."""
         model, recipe, device = self.model, self.recipe, self.device
         self.attention = prepare_model(model, recipe, self.section)
-        model.to(device)
-        from vitpipe.models import prefers_channels_last
-
-        self.channels_last = device.type == "cuda" and prefers_channels_last(model)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)  # CNNs run faster channels-last on tensor cores
-            torch.backends.cudnn.benchmark = True
-        self.state_bytes = None
-        if self.sharded:
-            sharding.shard(model, device, self.d.world)  # before the optimizer: it holds the shards
-        self.optimizer = make_optimizer(model, recipe)
         self.amp_dtype = autocast_dtype(recipe.precision)
+        # CNNs run faster channels-last on tensor cores: the input always, the weights where
+        # replicated (FSDP2 shards contiguous weights only; cuDNN follows the input's layout)
+        self.channels_last = channels_last_for(model, device)
+        torch.backends.cudnn.benchmark = self.channels_last and not recipe.deterministic  # autotuning picks per process
+        self.state_bytes = None
+        compiled = False
+        if self.sharded:  # before the optimizer (it holds the shards); moves the model to the device unit by unit
+            compiled = sharding.shard(model, device, self.d.world, param_dtype=self.amp_dtype, compile_units=recipe.compile)
+        else:
+            model.to(device)
+            if self.channels_last:
+                model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(model, recipe)
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")  # a no-op unless fp16
         if ckpt is not None:
             path = self.checkpoint_path(ckpt["step"])
@@ -342,7 +360,7 @@ class Run:
         if self.d.world > 1 and not self.sharded:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-        if recipe.compile:
+        if recipe.compile and not compiled:
             self.net = torch.compile(self.net)
 
     def restore_rng(self, ckpt: dict):

@@ -1,10 +1,11 @@
 """A recipe's arithmetic: the learning-rate schedule, the optimizer (and which parameters
-decay), autocast's dtype, and the model switches a recipe turns on (fused attention,
-activation checkpointing)."""
+decay), autocast's dtype, the model switches a recipe turns on (fused attention,
+activation checkpointing), and the kernels it allows (`deterministic`)."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -49,3 +50,31 @@ def prepare_model(model: torch.nn.Module, recipe: TrainParams, section: str) -> 
                              f"false for this model ({type(model).__name__} has no activation checkpointing)")
         model.set_grad_checkpointing(True)
     return "sdpa" if attention else "none"
+
+
+# cuBLAS is deterministic only with a fixed workspace per stream; read when its handle is made
+CUBLAS_WORKSPACE = ":4096:8"
+NOT_DETERMINISTIC = "does not have a deterministic implementation"  # what torch raises for such an op
+
+
+def use_deterministic_kernels(on: bool, device: torch.device) -> None:
+    """`deterministic: true`: every op runs a deterministic kernel or torch raises (not warn-only:
+    in warn-only mode the memory-efficient attention backward keeps its non-deterministic
+    split-keys path), cuDNN neither autotunes nor picks non-deterministic algorithms, cuBLAS
+    gets its fixed workspace, and the flash and cuDNN attention kernels (non-deterministic
+    backward) are off, leaving SDPA the memory-efficient kernel's deterministic path or the math
+    one. Call before the first CUDA matmul of the process. `false`: torch's defaults."""
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    if device.type == "cuda":
+        torch.backends.cuda.enable_flash_sdp(not on)
+        torch.backends.cuda.enable_cudnn_sdp(not on)
+
+
+def nondeterministic_op(e: BaseException) -> str | None:
+    """The op torch names when it refuses one without a deterministic kernel ("adaptive_avg_pool2d_backward_cuda
+    does not have a deterministic implementation, but you set ..."), else None."""
+    before, found, _ = str(e).partition(NOT_DETERMINISTIC)
+    return (before.split() or ["an op"])[-1] if found else None

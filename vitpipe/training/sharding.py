@@ -2,8 +2,8 @@
 
 `parallel: ddp` keeps the whole training state (weights, gradients, optimizer state) on every
 process and all-reduces gradients. `parallel: fsdp` shards that state over the processes with
-PyTorch's `fully_shard` (one unit per transformer block / residual block, plus the root), so
-each process holds about 1/world of it and gathers a block's weights only while it runs.
+PyTorch's `fully_shard` (one unit per block its model family names, plus the root), so each
+process holds about 1/world of it and gathers a block's weights only while it runs.
 `auto` asks the cost model (vitpipe.costmodel.sharding) at run time: DDP where it fits the
 device, FSDP where only sharding does.
 
@@ -29,24 +29,42 @@ import torch
 from vitpipe.errors import ParamError
 
 
-def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules that become one FSDP unit each: a ViT's blocks, a ResNet's residual blocks."""
-    if hasattr(model, "blocks"):
-        return list(model.blocks)
-    return [b for name in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model, name, [])]
-
-
-def shard(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device, world: int, param_dtype: torch.dtype | None = None,
+          compile_units: bool = False) -> bool:
     """fully_shard `model` in place over all `world` processes (one flat device mesh: CPU+gloo
-    or CUDA+NCCL). Call before the optimizer is built: its parameters become DTensor shards."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    or CUDA+NCCL), as torchtitan does. Call before the optimizer is built: its parameters
+    become DTensor shards. Returns whether the units were compiled (else compile the whole).
 
+    - The units are the family's (Family.shard_units: ViT blocks, ResNet residual blocks,
+      ConvNeXt stage blocks), then the root holds the rest.
+    - `model` may still be on the host: fully_shard moves each unit's parameters to `device`
+      as it shards them, so the device never holds more than one whole unit besides the shards
+      (a model too large for one device starts).
+    - Parameters are made contiguous first: FSDP2 shards dim 0 of a contiguous tensor and
+      refuses channels-last weights; a CNN's input stays channels-last, and cuDNN picks the
+      layout from its input or weight, so the convolutions still run NHWC.
+    - MixedPrecisionPolicy: weights all-gathered in the run's precision (`param_dtype`; half
+      the bytes of fp32 under bf16/fp16), gradients reduce-scattered in fp32.
+    - compile_units: each unit compiled before it is sharded (FSDP's hooks stay outside the
+      graphs); compiling the sharded whole breaks the graph at every all-gather."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from vitpipe.models import shard_units
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     mesh = init_device_mesh(device.type, (world,))
-    for unit in shard_units(model):
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    units = shard_units(model)
+    for unit in units:
+        if compile_units:
+            unit.compile()  # in place: the module (and its state-dict names) stay
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return compile_units and bool(units)
 
 
 def gradient_sync(net, sync: bool):
