@@ -51,22 +51,28 @@ def exp_run(sets: list[str]) -> subprocess.CompletedProcess:
 
 def read_run(name: str, seeds: list[int]) -> dict:
     """Per seed: test top-1 and per-image correctness of one run as the workspace holds it."""
+    from vitpipe import pipeline
+
     top1, correct = [], []
     for s in seeds:
-        m = ROOT / f"metrics/evaluate/{name}/seed-{s}.json"
+        m = ROOT / pipeline.eval_metrics(name, s)
         top1.append(json.loads(m.read_text())["top1"] if m.exists() else None)
-        pred = ROOT / f"eval/{name}/seed-{s}/predictions.csv"
+        pred = ROOT / pipeline.eval_dir(name, s) / pipeline.PREDICTIONS
         rows = pred.read_text().splitlines()[1:] if pred.exists() else []
         correct.append("".join("1" if a == b else "0" for a, b in (r.split(",") for r in rows)))
     return {"top1_by_seed": top1, "correct_by_seed": correct}
 
 
-def train_images() -> dict:
+def train_images(doc: dict) -> dict:
+    """Training images per run (scratch, each variant), from its first seed's metrics."""
+    from vitpipe import pipeline
+
     images = {}
-    for f in (ROOT / "metrics").glob("*/**/seed-*.json"):
-        m = json.loads(f.read_text())
+    for run in pipeline.run_names(doc):
+        f = ROOT / pipeline.train_metrics(run, (doc.get("seeds") or [0])[0])
+        m = json.loads(f.read_text()) if f.exists() else {}
         if "train_images" in m:
-            images[f.parent.name if f.parent.name != "train_scratch" else "scratch"] = m["train_images"]
+            images[run] = m["train_images"]
     return images
 
 
@@ -77,7 +83,7 @@ def run_fraction(fraction: float, doc: dict, cnn: str, twin: str, original: str)
     frac = f"data.train_fraction={fraction:g}"
     PARAMS.write_text(original)
     p = exp_run([frac])
-    point = {"fraction": fraction, "train_images": train_images(),
+    point = {"fraction": fraction, "train_images": train_images(doc),
              "stages_run": sorted(set(re.findall(r"Running stage '([^']+)'", p.stdout))),
              "experiments": [m.group(1) for m in [re.search(r"Ran experiment\(s\): (\S+)", p.stdout + p.stderr)] if m],
              "runs": {"vit_scratch": read_run("scratch", seeds), "vit_finetuned": read_run(twin, seeds),

@@ -51,7 +51,7 @@ class Sweep:
     def __init__(self, seed: int, work: Path):
         import torch
 
-        from vitpipe import model_specs, params
+        from vitpipe import model_specs, params, pipeline
         from vitpipe.data.prepared_store import PreparedStore
         from vitpipe.errors import UserError
 
@@ -65,7 +65,7 @@ class Sweep:
         self.twin_spec = model_specs.variant_spec(self.doc, self.twin, self.data.image_size)
         if not self.data.prepared_dir.exists():
             raise UserError(f"{self.data.prepared_dir} not found: run `dvc repro preprocess` first")
-        pretrained = ROOT / f"models/pretrained/{self.twin}.pt"
+        pretrained = ROOT / pipeline.pretrained_weights(self.twin)
         if not pretrained.exists():
             raise UserError(f"{pretrained.relative_to(ROOT)} not found: run `dvc repro pretrain@{self.twin}` first")
         self.pretrained = torch.load(pretrained, map_location="cpu", weights_only=True)["state_dict"]
@@ -74,7 +74,7 @@ class Sweep:
         self.scratch_recipe = params.train_params(self.doc, "train", seed=seed)
         self.finetune_recipe = params.train_params(self.doc, "finetune", variant=self.twin, seed=seed)
         self.pretrain_recipe = params.train_params(self.doc, "pretrain", variant=self.twin)
-        self.pretrain_metrics = params_json(ROOT / f"metrics/pretrain/{self.twin}.json")
+        self.pretrain_metrics = params_json(ROOT / pipeline.pretrain_metrics(self.twin))
 
     def fit(self, name: str, finetune: bool, recipe):
         """Train one run into the work folder; returns (the trained model, its metrics)."""

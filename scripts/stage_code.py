@@ -8,15 +8,20 @@ listed only where the stage imports most of it (at least FOLDER_SHARE of its mod
 edit to report code never marks a training stage changed.
 
     python scripts/stage_code.py           # per stage: what is missing or too broad (exit 1 if any)
-    python scripts/stage_code.py --deps    # per stage: the code deps to paste into dvc.yaml
+    python scripts/stage_code.py --deps    # per stage: the code deps it should declare
+    python scripts/stage_code.py --write   # rewrite dvc.yaml's code deps and plots (nothing else)
 
-tests/test_architecture.py runs the same check.
+`--write` writes each stage's code deps (from the import graph) and its `plots:` (from the
+pipeline manifest, vitpipe/pipeline.py) into dvc.yaml and keeps every other line as it is
+(comments, params, outs, the data deps). tests/test_architecture.py fails when the committed
+dvc.yaml differs from what `--write` makes of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +129,7 @@ def check(root: Path = ROOT, dvc_yaml: dict | None = None) -> list[StageCode]:
     for stage, (script, deps) in stage_scripts(dvc_yaml).items():
         modules = closure(script_imports(root / script, graph), graph, root)
         files = {module_file(m, root) for m in modules} | {script}
-        code_deps = [d for d in deps if d.startswith((f"{PACKAGE}/", f"{PACKAGE}.", "stages/"))]
+        code_deps = [d for d in deps if is_code(d)]
         missing = sorted(f for f in files if not any(covered(f, d) for d in code_deps))
         too_broad = []
         for d in code_deps:
@@ -154,10 +159,119 @@ def suggested_deps(sc: StageCode, root: Path = ROOT) -> list[str]:
     return sorted(deps, key=lambda d: (not d.startswith("stages/"), d))
 
 
+def is_code(dep: str) -> bool:
+    return dep.startswith((f"{PACKAGE}/", f"{PACKAGE}.", "stages/"))
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _block_end(lines: list[str], start: int, indent: int) -> int:
+    """The index after the block that starts below lines[start]: the lines indented deeper than
+    `indent` (blank lines and comments inside it included, trailing ones not)."""
+    end, i = start + 1, start + 1
+    while i < len(lines):
+        text = lines[i].strip()
+        if text and not text.startswith("#"):
+            if _indent(lines[i]) <= indent:
+                break
+            end = i + 1
+        i += 1
+    return end
+
+
+def _stage_spans(lines: list[str]) -> dict[str, tuple[int, int, int]]:
+    """stage name -> (first line of its body, end, the body's key indent) in dvc.yaml's lines;
+    a foreach stage's body is its `do:` block."""
+    top = next(i for i, line in enumerate(lines) if line.rstrip() == "stages:")
+    spans = {}
+    for i in range(top + 1, _block_end(lines, top, 0)):
+        line = lines[i]
+        if line.strip() and not line.lstrip().startswith("#") and _indent(line) == 2:
+            name = line.strip().split(":")[0]
+            end = _block_end(lines, i, 2)
+            body, key_indent = i + 1, 4
+            for j in range(i + 1, end):
+                if lines[j].strip().startswith("do:") and _indent(lines[j]) == 4:
+                    body, key_indent = j + 1, 6
+            spans[name] = (body, end, key_indent)
+    return spans
+
+
+def _key_line(lines: list[str], start: int, end: int, indent: int, key: str) -> int | None:
+    return next((i for i in range(start, end) if _indent(lines[i]) == indent
+                 and lines[i].strip().split("#")[0].strip() == f"{key}:"), None)
+
+
+def _with_code_deps(lines: list[str], start: int, end: int, indent: int, code: list[str]) -> list[str]:
+    """The stage's lines with the code entries of its `deps:` replaced by `code`, in the place
+    of the first one; its data deps (and their comments) stay where they are."""
+    at = _key_line(lines, start, end, indent, "deps")
+    if at is None:
+        raise SystemExit(f"dvc.yaml: a stage at line {start} has no deps: list")
+    stop = _block_end(lines, at, indent)
+    items = lines[at + 1:stop]
+    entry = " " * (indent + 2) + "- "
+    first = next((k for k, line in enumerate(items) if line.startswith(entry) and is_code(line[len(entry):].split()[0])),
+                 len(items))
+    kept = [line for line in items if not (line.startswith(entry) and is_code(line[len(entry):].split()[0]))]
+    before = sum(1 for line in items[:first] if line in kept)
+    new = kept[:before] + [entry + d for d in code] + kept[before:]
+    return lines[:at + 1] + new + lines[stop:]
+
+
+def plots_lines(plots, indent: int) -> list[str]:
+    """A stage's `plots:` block: each series kept in git (cache: false, a few KiB)."""
+    if not plots:
+        return []
+    out = [" " * indent + "plots:"]
+    for p in plots:
+        out.append(" " * (indent + 2) + f"- {p.path}:")
+        out += [" " * (indent + 6) + f"{k}: {v}" for k, v in {"cache": "false", **p.props}.items()]
+    return out
+
+
+def _with_plots(lines: list[str], start: int, end: int, indent: int, plots) -> list[str]:
+    at = _key_line(lines, start, end, indent, "plots")
+    new = plots_lines(plots, indent)
+    if at is None:
+        return lines[:end] + new + lines[end:]
+    return lines[:at] + new + lines[_block_end(lines, at, indent):]
+
+
+def render(text: str, code: dict[str, list[str]], plots: dict[str, tuple]) -> str:
+    """dvc.yaml's text with each stage's code deps and plots replaced (stages from the last
+    one up, so the line numbers of those above stay put)."""
+    lines = text.split("\n")
+    for name, (start, end, indent) in sorted(_stage_spans(lines).items(), key=lambda kv: -kv[1][0]):
+        lines = _with_plots(lines, start, end, indent, plots.get(name, ()))
+        start, end, indent = _stage_spans(lines)[name]
+        lines = _with_code_deps(lines, start, end, indent, code[name])
+    return "\n".join(lines)
+
+
+def written(root: Path = ROOT) -> str:
+    """What `--write` makes of root/dvc.yaml."""
+    spec = importlib.util.spec_from_file_location("vitpipe_manifest", root / PACKAGE / "pipeline.py")
+    pipeline = sys.modules["vitpipe_manifest"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(pipeline)
+    code = {sc.stage: suggested_deps(sc, root) for sc in check(root)}
+    plots = {s.name: s.plots for s in pipeline.stages()}
+    return render((root / "dvc.yaml").read_text(), code, plots)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--deps", action="store_true", help="print the code deps each stage should declare")
+    ap.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps and plots")
     args = ap.parse_args(argv)
+    if args.write:
+        before, after = (ROOT / "dvc.yaml").read_text(), written()
+        if after != before:
+            (ROOT / "dvc.yaml").write_text(after)
+        print("dvc.yaml: " + ("rewritten" if after != before else "already as written"))
+        return 0
     bad = 0
     for sc in check():
         if args.deps:

@@ -5,9 +5,7 @@ the confusion matrix (JSON), and predictions.csv: one row per test image in the 
 store's order (actual, predicted), for `dvc plots` confusion charts and for the report's
 per-image paired test (McNemar) between two models of the same seed."""
 
-from pathlib import Path
-
-from vitpipe import model_specs, params, stage
+from vitpipe import model_specs, params, pipeline, stage
 from vitpipe.errors import UserError
 
 USAGE = "usage: python stages/evaluate.py scratch|<variant> <seed>"
@@ -31,8 +29,7 @@ def main(argv):
     )
     from vitpipe.models import build_model
 
-    run = f"seed-{seed}"
-    weights = Path(f"models/scratch/{run}/model.pt" if name == "scratch" else f"models/finetune/{name}/{run}/model.pt")
+    weights = pipeline.trained_weights(name, seed)
     if not weights.exists():
         raise UserError(f"{weights} not found: run `dvc repro` for its training stage first")
     saved = torch.load(weights, map_location="cpu", weights_only=True)
@@ -46,8 +43,8 @@ def main(argv):
     report = classification_report(logits, labels, store.classes)
     speed = inference_speed(model, test, device, cfg.batch_size, cfg.latency_batches)
 
-    out = Path("eval") / name / run
-    write_json(Path("metrics/evaluate") / name / f"{run}.json", {
+    out = pipeline.eval_dir(name, seed)
+    write_json(pipeline.eval_metrics(name, seed), {
         "top1": round(report["top1"], 5),
         "top5": round(report["top5"], 5),
         "loss": round(report["loss"], 5),
@@ -64,7 +61,7 @@ def main(argv):
     shown = attention_maps.pick_images(test.y.numpy(), per_class=1)
     attention_maps.write_maps(out / "attention.npz", attention_maps.explain_split(model, test, shown, device))
     pred = logits.argmax(1)
-    write_text(out / "predictions.csv", "actual,predicted\n" + "".join(
+    write_text(out / pipeline.PREDICTIONS, "actual,predicted\n" + "".join(
         f"{store.classes[a]},{store.classes[p]}\n" for a, p in zip(labels.tolist(), pred.tolist())))
     print(f"evaluate {name} seed {seed}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%} on {len(labels)} test images, "
           f"{speed['infer_img_per_s']:.0f} img/s")

@@ -2,9 +2,7 @@
 for this dataset, fine-tuned with the `finetune:` recipe (SGD 0.9, warmup + cosine, clip 1),
 for one of the `seeds`."""
 
-from pathlib import Path
-
-from vitpipe import model_specs, params, stage
+from vitpipe import model_specs, params, pipeline, stage
 from vitpipe.errors import UserError
 
 USAGE = "usage: python stages/finetune.py <variant> <seed>"
@@ -27,16 +25,15 @@ def main(argv):
     from vitpipe.models.weights import load_backbone
     from vitpipe.training.loop import RunPaths, TrainingJob, fit
 
-    pretrained_path = Path(f"models/pretrained/{name}.pt")
+    pretrained_path = pipeline.pretrained_weights(name)
     if not pretrained_path.exists():
         raise UserError(f"{pretrained_path} not found: run `dvc repro pretrain@{name}` first")
     pretrained = torch.load(pretrained_path, map_location="cpu", weights_only=True)
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
     load_backbone(model, pretrained["state_dict"])
-    paths = RunPaths(weights=Path(f"models/finetune/{name}/seed-{seed}/model.pt"),
-                     metrics=Path(f"metrics/finetune/{name}/seed-{seed}.json"),
-                     plots=Path(f"plots/finetune/{name}/seed-{seed}"))
+    paths = RunPaths(weights=pipeline.finetune_weights(name, seed), metrics=pipeline.train_metrics(name, seed),
+                     plots=pipeline.steplog(name, seed))
     train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
     fit(TrainingJob(model, train, recipe, paths, val=store.split("val"), desc=f"finetune@{name}-{seed}",
         fresh_key="finetune.resume",

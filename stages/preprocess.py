@@ -1,7 +1,7 @@
 """Stage preprocess: data/raw/<dataset>/ -> data/prepared/<dataset>/ (uint8 arrays per split,
 meta.json with classes and mean/std, samples.png)."""
 
-from vitpipe import params, stage
+from vitpipe import params, pipeline, stage
 from vitpipe.atomic import write_json
 from vitpipe.data.prepare import prepare, sanity_metrics
 
@@ -9,7 +9,7 @@ from vitpipe.data.prepare import prepare, sanity_metrics
 def main(argv):
     cfg = params.data_params(params.read_yaml())
     meta = prepare(cfg)
-    write_json("metrics/preprocess.json", {"dataset": cfg.dataset, "image_size": cfg.image_size,
+    write_json(pipeline.PREPROCESS_METRICS, {"dataset": cfg.dataset, "image_size": cfg.image_size,
                                            "num_classes": meta["num_classes"],
                                            **{f"{k}_images": v for k, v in meta["sizes"].items()},
                                            "skipped_images": meta["skipped_total"], **sanity_metrics(meta)})

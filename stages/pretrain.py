@@ -3,9 +3,7 @@
 source fractal: pretrained here, offline, on formula-driven images (pretrain: recipe);
 source timm / npz / file: imported from the hub cache or a local file and converted."""
 
-from pathlib import Path
-
-from vitpipe import model_specs, params, stage
+from vitpipe import model_specs, params, pipeline, stage
 
 USAGE = "usage: python stages/pretrain.py <variant>"
 
@@ -15,9 +13,9 @@ def main(argv):
     data = params.data_params(doc)
     spec = model_specs.variant_spec(doc, name, data.image_size)
     recipe = params.train_params(doc, "pretrain", variant=name)
-    weights_path = Path(f"models/pretrained/{name}.pt")
-    metrics_path = Path(f"metrics/pretrain/{name}.json")
-    plots = Path(f"plots/pretrain/{name}")
+    weights_path = pipeline.pretrained_weights(name)
+    metrics_path = pipeline.pretrain_metrics(name)
+    plots = pipeline.pretrain_steplog(name)
 
     if spec["source"] != "fractal":
         import time
@@ -32,7 +30,7 @@ def main(argv):
         state = import_weights(spec, spec["source"], spec["weights"], data.image_size)
         torch_save(weights_path, {"state_dict": state, "spec": spec, "image_size": data.image_size,
                                   "source": spec["source"], "weights": spec["weights"]})
-        for f, cols in (("train.tsv", TRAIN_COLUMNS), ("eval.tsv", EVAL_COLUMNS)):
+        for f, cols in ((pipeline.TRAIN_LOG, TRAIN_COLUMNS), (pipeline.EVAL_LOG, EVAL_COLUMNS)):
             write_text(plots / f, "\t".join(cols) + "\n")  # no training happened: empty series
         write_json(metrics_path, {"source": spec["source"], "steps": 0, "wall_time_s": round(time.perf_counter() - t, 2),
                                   "params": int(sum(v.numel() for v in state.values() if torch.is_floating_point(v)))})

@@ -3,7 +3,7 @@
 Writes metrics/profile.json (flat keys), profile/compute.csv (one row per model) and
 profile/devices.csv (one row per model x device profile)."""
 
-from vitpipe import params, stage
+from vitpipe import params, pipeline, stage
 from vitpipe.atomic import write_json, write_text
 from vitpipe.costmodel.table import run, to_csv, validate
 from vitpipe.hardware import probe
@@ -13,9 +13,9 @@ def main(argv):
     p = validate(params.read_yaml().get("profile") or {})
     local = probe.local_device()
     metrics, rows, device_rows = run(p, local, probe.calibrate_mfu(peak_flops=local.peak("fp32")))
-    write_json("metrics/profile.json", metrics)
-    write_text("profile/compute.csv", to_csv(rows))
-    write_text("profile/devices.csv", to_csv(device_rows))
+    write_json(pipeline.PROFILE_METRICS, metrics)
+    write_text(pipeline.PROFILE_COMPUTE, to_csv(rows))
+    write_text(pipeline.PROFILE_DEVICES, to_csv(device_rows))
     for r in rows:
         plan = f"{r['micro_batch']} x {r['accum_steps']}" if r["micro_batch"] else "does not fit"
         print(f"{r['model']:<10} {r['params'] / 1e6:8.1f} M  {r['train_gflops']:8.1f} GFLOP/img  "

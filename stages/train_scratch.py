@@ -1,9 +1,7 @@
 """Stage train_scratch@<seed> (Algorithm 1): the network of `model:` trained from random init
 with the `train:` recipe on the prepared data, for one of the `seeds`."""
 
-from pathlib import Path
-
-from vitpipe import model_specs, params, stage
+from vitpipe import model_specs, params, pipeline, stage
 
 USAGE = "usage: python stages/train_scratch.py <seed>"
 
@@ -24,8 +22,9 @@ def main(argv):
 
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
-    paths = RunPaths(weights=Path(f"models/scratch/seed-{seed}/model.pt"),
-                     metrics=Path(f"metrics/train_scratch/seed-{seed}.json"), plots=Path(f"plots/train_scratch/seed-{seed}"))
+    run = pipeline.SCRATCH
+    paths = RunPaths(weights=pipeline.scratch_weights(seed), metrics=pipeline.train_metrics(run, seed),
+                     plots=pipeline.steplog(run, seed))
     train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
     fit(TrainingJob(model, train, recipe, paths, val=store.split("val"),
         run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},

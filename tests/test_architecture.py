@@ -138,3 +138,67 @@ def test_a_module_loaded_by_name_counts(tmp_path):
 def test_every_stage_script_is_a_stage(script):
     """A script under stages/ that dvc.yaml does not run would escape the check above."""
     assert f"stages/{script}" in (ROOT / "dvc.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# dvc.yaml's code deps and plots are written by `scripts/stage_code.py --write`
+
+
+def test_dvc_yaml_is_what_write_makes_of_it():
+    """Fails when a stage's imports changed and `python scripts/stage_code.py --write` was not
+    run (or a generated line was edited by hand)."""
+    stage_code = load_stage_code()
+    assert stage_code.written(ROOT) == (ROOT / "dvc.yaml").read_text(), \
+        "dvc.yaml is stale: run `python scripts/stage_code.py --write` and commit it"
+
+
+def copy_tree(dst: Path) -> Path:
+    for folder in ("vitpipe", "stages"):
+        shutil.copytree(ROOT / folder, dst / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "stage_code.py", dst / "scripts")
+    shutil.copy(ROOT / "dvc.yaml", dst)
+    return dst
+
+
+def stage_code_cli(root: Path, *args) -> subprocess.CompletedProcess:
+    """scripts/stage_code.py of the tree at `root`, on that tree (a process of its own: this
+    one has imported the vitpipe of the repository)."""
+    return subprocess.run([sys.executable, str(root / "scripts" / "stage_code.py"), *args], cwd=root,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+
+
+def test_write_after_a_new_import_updates_exactly_the_stages_that_run_it(tmp_path):
+    """A training module that imports one more module: --write adds it to the deps of the three
+    training stages and to no other stage, and keeps every line that is not a code dep."""
+    root = copy_tree(tmp_path)
+    loop = root / "vitpipe" / "training" / "loop.py"
+    loop.write_text(loop.read_text() + "\n\ndef _reference():\n    from vitpipe.costmodel import reference\n")
+    before = (root / "dvc.yaml").read_text()
+    assert stage_code_cli(root).returncode == 1           # the check sees the stale deps
+    r = stage_code_cli(root, "--write")
+    assert r.returncode == 0 and "rewritten" in r.stdout, r.stdout + r.stderr
+    after = (root / "dvc.yaml").read_text()
+    old, new = yaml.safe_load(before)["stages"], yaml.safe_load(after)["stages"]
+
+    def deps(stage):
+        return stage.get("do", stage)["deps"]
+
+    assert {name for name in old if deps(old[name]) != deps(new[name])} == {"pretrain", "train_scratch", "finetune"}
+    for name in ("pretrain", "train_scratch", "finetune"):
+        assert any(d in ("vitpipe/costmodel/reference.py", "vitpipe/costmodel") for d in deps(new[name])), name
+    # every other line as it was: the only lines added or removed are code deps
+    removed, added = set(before.splitlines()) - set(after.splitlines()), set(after.splitlines()) - set(before.splitlines())
+    assert all(line.strip().removeprefix("- ").startswith("vitpipe/") for line in removed | added), removed | added
+    assert stage_code_cli(root).returncode == 0           # every stage declares what it runs
+    assert "already as written" in stage_code_cli(root, "--write").stdout   # a second --write changes nothing
+
+
+def test_write_puts_back_a_plot_edited_by_hand(tmp_path):
+    root = copy_tree(tmp_path)
+    text = (root / "dvc.yaml").read_text()
+    edited = text.replace("          y: val_acc\n", "          y: val_loss\n", 1)
+    assert edited != text
+    (root / "dvc.yaml").write_text(edited)
+    assert "rewritten" in stage_code_cli(root, "--write").stdout
+    assert (root / "dvc.yaml").read_text() == text

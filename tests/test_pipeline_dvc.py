@@ -189,3 +189,34 @@ def test_a_convnext_variant_runs_end_to_end(project):
     maps = np.load(repo / "eval/cnx/seed-0/attention.npz")
     assert str(maps["method"]).startswith("Grad-CAM") and float(maps["maps"].max()) > 0
     assert "cnx" in (repo / "reports/report.md").read_text()
+
+
+def test_run_cache_restores_a_stage_whose_step_log_is_kept_in_git(tmp_path):
+    """dvc.yaml keeps the training stages' step logs out of DVC's cache (`cache: false` plots, in
+    git): the run-cache must still cover those stages. Params back to a value already run: the
+    stage is not run again, and its uncached step log comes back with the cached weights."""
+    run(["git", "init", "-q"], tmp_path)
+    run(DVC + ["init", "-q"], tmp_path)
+    (tmp_path / "params.yaml").write_text("lr: 1\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  train:\n"
+        "    cmd: python -c \"import yaml, time; lr = yaml.safe_load(open('params.yaml'))['lr']; "
+        "open('model.txt', 'w').write(f'{lr} {time.time()}'); open('train.tsv', 'w').write(f'step\\tloss\\n1\\t{lr}\\n')\"\n"
+        "    params: [lr]\n"
+        "    outs: [model.txt]\n"
+        "    plots:\n"
+        "      - train.tsv:\n"
+        "          cache: false\n"
+        "          x: step\n"
+        "          y: loss\n")
+    first = run(DVC + ["repro"], tmp_path)
+    assert ran_stages(first.stdout) == {"train"}
+    weights, log = (tmp_path / "model.txt").read_text(), (tmp_path / "train.tsv").read_text()
+    (tmp_path / "params.yaml").write_text("lr: 2\n")
+    assert ran_stages(run(DVC + ["repro"], tmp_path).stdout) == {"train"}
+    assert (tmp_path / "train.tsv").read_text() != log
+    (tmp_path / "params.yaml").write_text("lr: 1\n")
+    back = run(DVC + ["repro"], tmp_path)
+    assert ran_stages(back.stdout) == set() and "skipping run" in back.stdout, back.stdout
+    assert (tmp_path / "model.txt").read_text() == weights and (tmp_path / "train.tsv").read_text() == log

@@ -352,22 +352,6 @@ def test_report_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
-def test_dvc_plots_cover_every_run():
-    """dvc.yaml's top-level plots (per-step curves for `dvc plots show/diff`) draw every
-    training stage, by column names the training loop writes."""
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
-    plots = {k: v for p in dvc.get("plots", []) for k, v in p.items()}
-    wanted = ({f"plots/train_scratch/seed-{s}" for s in doc["seeds"]}
-              | {f"plots/finetune/{v}/seed-{s}" for v in doc["variants"] for s in doc["seeds"]})
-    for name, columns in (("loss", {"loss"}), ("lr", {"lr"}), ("img_per_s", {"img_per_s"}),
-                          ("val_acc", {"val_acc"})):
-        ys = plots[name]["y"]
-        assert {str(Path(f).parent) for f in ys} >= wanted, name
-        assert {c for f, c in ys.items() for c in ([c] if isinstance(c, str) else c)} == columns
-        assert plots[name]["x"] == "step" and plots[name].get("title") and plots[name].get("y_label")
-
-
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 # Appended to a copy of the report: after load, what the browser made of each image and table
 PROBE = """<script>
