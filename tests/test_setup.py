@@ -8,6 +8,7 @@ would run, and runs none (no network, no minutes of installing). The slow test r
 real in a venv that already holds a torch."""
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -86,7 +87,8 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 def setup(repo: Path, dry=True, **env) -> subprocess.CompletedProcess:
     """Run the checkout's setup.sh as a user would, outside any activated venv."""
     base = {k: v for k, v in os.environ.items()
-            if k not in ("VIRTUAL_ENV", "PYTHON", "VITPIPE_NO_VENV", "VITPIPE_UPGRADE_TORCH", "VITPIPE_TORCH_INDEX")
+            if k not in ("VIRTUAL_ENV", "PYTHON", "VITPIPE_NO_VENV", "VITPIPE_UPGRADE_TORCH", "VITPIPE_TORCH_INDEX",
+                         "VITPIPE_EXTRAS")
             and not (env.get("PIP_CONFIG_FILE") and k.startswith("PIP_"))}   # that pip config only
     return subprocess.run(["bash", str(repo / "scripts/setup.sh")], check=False, capture_output=True, text=True, timeout=900,
                           env={**base, "VITPIPE_SETUP_DRY_RUN": "1" if dry else "0", **env})
@@ -136,7 +138,7 @@ def test_an_old_torch_is_replaced_only_when_asked(tmp_path):
     p = setup(repo, VITPIPE_UPGRADE_TORCH="1")
     assert p.returncode == 0, p.stderr
     assert f"replacing it by torch=={PINNED}" in p.stdout
-    assert f"install torch=={PINNED} torchvision==" in p.stdout
+    assert re.search(rf"install torch=={PINNED}(\+cpu)? torchvision==", p.stdout)   # +cpu: no GPU here
 
 
 def test_a_python_without_torch_gets_the_pinned_build(tmp_path):
@@ -147,7 +149,7 @@ def test_a_python_without_torch_gets_the_pinned_build(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "no torch in this Python" in p.stdout
     install = [line for line in p.stdout.splitlines() if "would run" in line]
-    assert f"install torch=={PINNED} torchvision==" in install[0]
+    assert re.search(rf"install torch=={PINNED}(\+cpu)? torchvision==", install[0])
     assert install[1].endswith("install -e .[test]")                    # no constraint on a new torch
 
 
@@ -169,14 +171,111 @@ def torch_install(p: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+# the CPU index labels its Linux x86-64 wheels +cpu; setup pins the label there
+CPU = "+cpu" if (platform.system(), platform.machine()) == ("Linux", "x86_64") else ""
+
+
 def test_a_cpu_machine_gets_the_cpu_build(tmp_path):
     """No GPU and pip with no index of its own: PyTorch's CPU index, not PyPI's CUDA wheels;
     also where nvidia-smi exists but finds no card."""
     repo = project(tmp_path)
     for path in (os.environ["PATH"], machine(tmp_path, gpu=False)):
         p = setup(repo, PATH=path, **PLAIN_PIP)
-        assert torch_install(p).endswith(f"install torch=={PINNED} torchvision==0.29.1 --index-url {CPU_INDEX}")
+        assert torch_install(p).endswith(f"install torch=={PINNED}{CPU} torchvision==0.29.1{CPU} --index-url {CPU_INDEX}")
         assert f"the CPU build from {CPU_INDEX}: no GPU here" in p.stdout
+
+
+def extra_index_pip(tmp_path) -> dict:
+    """A pip config that adds indexes beside PyPI (this machine's kind: a local wheel house as
+    extra-index-url and find-links) and replaces none."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nextra-index-url = file:///srv/wheels/simple\nfind-links = /srv/wheels/files\n")
+    return {"PIP_CONFIG_FILE": str(conf)}
+
+
+def test_a_cpu_machine_whose_pip_adds_indexes_gets_the_cpu_build(tmp_path):
+    """Indexes pip adds beside PyPI are not a site's own wheel house: without a GPU the CPU
+    build, pinned by its label so that an extra index's CUDA wheel of that version cannot win."""
+    repo = project(tmp_path)
+    p = setup(repo, PATH=machine(tmp_path, gpu=False), **extra_index_pip(tmp_path))
+    assert torch_install(p).endswith(f"install torch=={PINNED}{CPU} torchvision==0.29.1{CPU} --index-url {CPU_INDEX}")
+    assert f"the CPU build from {CPU_INDEX}: no GPU here" in p.stdout
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# A venv's python that installs nothing: it logs each call, fails `pip install` from PyPI's CPU
+# index unless FAKE_CPU_INDEX=up, and reports the build the last install would have given.
+echo "$*" >>"$FAKE_LOG"
+here=$(dirname "$0")
+case "$1 $2 $3" in
+  "- "*) script=$(cat)
+         case "$script" in *"vitpipe ready"*)
+           if [ -e "$here/cpu-installed" ]; then echo "vitpipe ready: torch 2.14.1+cpu (CPU build), timm 1.0"
+           else echo "vitpipe ready: torch 2.14.1+cu130 (CUDA 13.0 build), timm 1.0"; fi ;;
+         esac ;;
+  "-m pip config") printf '%s
+' "$FAKE_PIP_CONFIG" ;;
+  "-m pip install") case "$*" in
+                      *whl/cpu*) [ "${FAKE_CPU_INDEX:-down}" = up ] || exit 1; touch "$here/cpu-installed" ;;
+                      *torch==*) rm -f "$here/cpu-installed" ;;
+                    esac ;;
+esac
+exit 0
+"""
+
+
+def fake_venv(repo: Path) -> Path:
+    python = repo / ".venv/bin/python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    return repo / "pip.log"
+
+
+@pytest.mark.parametrize("cpu_index", ["up", "down"])
+def test_without_a_gpu_setup_ends_with_the_cpu_build_or_a_warning(tmp_path, cpu_index):
+    """Not a dry run: a fake venv python stands in for pip. The pip config adds an index and
+    there is no GPU. With PyTorch's CPU index reachable the CPU build is installed, no
+    warning; where it is not (this machine: PyPI and a local wheel house only) the pinned
+    version comes from pip's own indexes, and setup says twice that the build is not the
+    machine's: when it falls back, and after the final check."""
+    repo = project(tmp_path)
+    log = fake_venv(repo)
+    p = setup(repo, dry=False, PATH=machine(tmp_path, gpu=False), FAKE_LOG=str(log), FAKE_CPU_INDEX=cpu_index,
+              FAKE_PIP_CONFIG="global.extra-index-url='file:///srv/wheels/simple'\n:env:.find-links='/srv/wheels'",
+              **extra_index_pip(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    installs = [line for line in log.read_text().splitlines() if line.startswith("-m pip install -q torch")]
+    assert installs[0] == f"-m pip install -q torch=={PINNED}{CPU} torchvision==0.29.1{CPU} --index-url {CPU_INDEX}"
+    last = p.stdout.strip().splitlines()
+    if cpu_index == "up":
+        assert len(installs) == 1 and last[-1] == "vitpipe ready: torch 2.14.1+cpu (CPU build), timm 1.0"
+        assert "warning" not in p.stdout
+    else:
+        assert installs[1] == f"-m pip install -q torch=={PINNED} torchvision==0.29.1"     # pip's own indexes
+        assert f"setup: warning: could not install torch=={PINNED}{CPU} from {CPU_INDEX}" in p.stdout
+        assert last[-2] == "vitpipe ready: torch 2.14.1+cu130 (CUDA 13.0 build), timm 1.0"
+        assert last[-1].startswith("setup: warning: torch is a GPU build and this machine has no GPU")
+        assert f"VITPIPE_TORCH_INDEX={CPU_INDEX}" in last[-1]
+
+
+def test_a_gpu_machine_with_a_cpu_build_is_warned(tmp_path):
+    """The CPU index asked for by name on a machine with a GPU: installed as asked, and said."""
+    repo = project(tmp_path)
+    log = fake_venv(repo)
+    p = setup(repo, dry=False, PATH=machine(tmp_path, gpu=True), FAKE_LOG=str(log), FAKE_PIP_CONFIG="",
+              FAKE_CPU_INDEX="up", VITPIPE_TORCH_INDEX=CPU_INDEX, **PLAIN_PIP)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("setup: warning: this machine has a GPU but torch is a CPU build")
+
+
+def test_extras_choose_what_is_installed_with_vitpipe(tmp_path):
+    """The notebook installs the package alone (VITPIPE_EXTRAS=): no test tools in Colab's Python."""
+    repo = project(tmp_path)
+    runs = setup(repo, VITPIPE_EXTRAS="", **PLAIN_PIP).stdout.splitlines()
+    assert [line for line in runs if "would run" in line][-1].endswith("-m pip install -e .")
+    runs = setup(repo, VITPIPE_EXTRAS="gs", **PLAIN_PIP).stdout.splitlines()
+    assert [line for line in runs if "would run" in line][-1].endswith("-m pip install -e .[gs]")
 
 
 def test_a_cpu_machine_whose_pip_has_an_index_uses_it_and_says_so(tmp_path):
