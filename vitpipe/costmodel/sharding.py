@@ -5,9 +5,12 @@ Under DDP every device holds the whole state: fp32 weights, gradients and optimi
 (`compute.memory`). Under FSDP (vitpipe.training.sharding: one unit per transformer block,
 plus the root) each of `world` devices holds 1/world of that state, and on top:
 
-- the unsharded weights of the root unit (embeddings, head) and of two blocks (the one that
-  runs and the one prefetched), all-gathered in fp32 for forward and again for backward;
-- the unsharded gradients of one block while they are reduce-scattered.
+- the unsharded weights of the root unit (embeddings, head) and of two units (the one that
+  runs and the one prefetched), all-gathered in the run's precision (MixedPrecisionPolicy's
+  param_dtype) for forward and again for backward; autocast then has no copies to make;
+- the unsharded gradients of one unit while they are reduce-scattered (in fp32).
+
+The units are the model family's (Family.shard_unit_params: the modules training shards).
 
 Gradients are reduce-scattered after every micro-batch (the loop never defers the sync under
 FSDP), so accumulation keeps only sharded gradients. Activations, the backward transient
@@ -19,6 +22,7 @@ from __future__ import annotations
 from vitpipe.costmodel import compute
 from vitpipe.costmodel.devices import Device
 from vitpipe.models import family_of_config
+from vitpipe.models.registry import element_bytes
 from vitpipe.params import divisors
 
 
@@ -41,7 +45,13 @@ def sharded_memory(cfg, batch: int, world: int, precision="fp32", optimizer="ada
     s["weights"] = -(-4 * n // world) + compute.buffer_bytes(cfg)  # buffers are not sharded
     s["grads"] = -(-4 * n // world)
     s["optimizer"] = -(-m["optimizer"] // world)
-    s["gathered"] = 4 * (root + 2 * block) + 4 * block   # all-gathered weights + one unit's full grads
+    # MixedPrecisionPolicy: weights all-gathered in the run's precision, one unit's full gradients
+    # in it too and again in fp32 for the reduce-scatter; the gathered half weights are what the
+    # matmuls read, so autocast keeps no copies of its own
+    a = element_bytes(precision)
+    s["gathered"] = a * (root + 2 * block) + (a + 4 if a < 4 else 4) * block
+    if a < 4:
+        s["autocast_weights"] = 0
     s["state"] = s["weights"] + s["grads"] + s["optimizer"]
     parts = ("weights", "grads", "optimizer", "gathered", "autocast_weights", "activations", "transient")
     backward_peak = sum(s[k] for k in parts)
