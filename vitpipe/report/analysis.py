@@ -45,6 +45,9 @@ class Claim:
     verdict: str
     evidence: str = COMPUTED
     why: str = ""
+    test: str = ""           # the threshold or tolerance the verdict applies, printed beside it
+    kind: str = "reference"  # "reference": a claim the reference makes; "question": one vitpipe asks
+    key: str = ""            # what the row compares; no two rows of the report share one
 
     def __post_init__(self):
         if self.verdict == UNTESTED:

@@ -281,3 +281,31 @@ def _by_patch(patches: dict[str, int]) -> dict[int, list[str]]:
     for name, p in patches.items():
         out.setdefault(int(p), []).append(name)
     return out
+
+
+def budget_curves(f: Figures, st) -> str | None:
+    """Test top-1 against training steps per arm (studies/results/budget): mean and every seed."""
+    import matplotlib.pyplot as plt
+
+    if not st.budgets:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    arms = sorted({arm for arm, _ in st.budgets})
+    for arm in arms:
+        pts = sorted((steps, s.record["runs"]) for (a, steps), s in st.budgets.items() if a == arm)
+        xs = [x for x, _ in pts]
+        means = [sum(r["test_top1"] for r in runs) / len(runs) for _, runs in pts]
+        line, = ax.plot(xs, means, marker="o", label=arm)
+        for x, runs in pts:
+            ax.scatter([x] * len(runs), [r["test_top1"] for r in runs], color=line.get_color(), alpha=0.35, s=12)
+    if st.equal_compute:
+        r = st.equal_compute.record
+        ax.scatter([r["steps"]] * len(r["runs"]), [x["test_top1"] for x in r["runs"]], marker="s", color="k",
+                   label="scratch at equal compute")
+    ax.set_xscale("log")
+    ax.set_xlabel("training steps (log)")
+    ax.set_ylabel("test top-1")
+    ax.set_title("Test accuracy against budget (studies pipeline)")
+    _grid(ax)
+    ax.legend(fontsize=8)
+    return f.save(fig, "budgets.png")

@@ -14,6 +14,8 @@ import pandas as pd
 import yaml
 
 from vitpipe import params
+from vitpipe.report import studies as studies_results
+from vitpipe.report.studies import Studies
 
 SCRATCH = "scratch"
 LR_SWEEP = "params.lr_sweep.json"     # scripts/lr_sweep.py: the recipes' learning rates and the equal-compute run
@@ -133,6 +135,7 @@ class Inputs:
     devices: pd.DataFrame           # profile/devices.csv: one row per model x device profile
     missing: list[str] = field(default_factory=list)   # expected files that were not there
     lr_sweep: dict = field(default_factory=dict)   # params.lr_sweep.json (scripts/lr_sweep.py), {} if absent
+    studies: Studies = field(default_factory=Studies)   # studies/results/ (studies/dvc.yaml), with staleness
 
     @property
     def image_size(self) -> int:
@@ -188,7 +191,7 @@ def _recipe(doc: dict, section: str, variant: str | None) -> params.TrainParams 
         return None
 
 
-def load(root: Path | str = ".") -> Inputs:
+def load(root: Path | str = ".", check_stale: bool = True) -> Inputs:
     root = Path(root)
     doc = yaml.safe_load((root / params.PARAMS_FILE).read_text())
     read = _Reader(root)
@@ -212,4 +215,5 @@ def load(root: Path | str = ".") -> Inputs:
     return Inputs(doc=doc, meta=meta, prepared=root / prepared, runs=runs,
                   profile=read.json("metrics/profile.json"), compute=read.table("profile/compute.csv"),
                   devices=read.table("profile/devices.csv"), missing=read.missing,
-                  lr_sweep=json.loads((root / LR_SWEEP).read_text()) if (root / LR_SWEEP).exists() else {})
+                  lr_sweep=json.loads((root / LR_SWEEP).read_text()) if (root / LR_SWEEP).exists() else {},
+                  studies=studies_results.load(root, check_stale))

@@ -35,14 +35,14 @@ class Studies:
     budgets: dict[tuple[str, int], Study] = field(default_factory=dict)    # (arm, steps) -> its study
     equal_compute: Study | None = None
     crossed: Study | None = None
-    data_sweep: Study | None = None
+    data_sweep: list[Study] = field(default_factory=list)   # one per share of the training split
     pretraining: list[Study] = field(default_factory=list)
     stale_check: str = ""      # how staleness was decided, or why it could not be
 
     @property
     def all(self) -> list[Study]:
-        return [*self.budgets.values(), *(s for s in (self.equal_compute, self.crossed, self.data_sweep) if s),
-                *self.pretraining]
+        return [*self.budgets.values(), *(s for s in (self.equal_compute, self.crossed) if s),
+                *self.data_sweep, *self.pretraining]
 
     @property
     def any_stale(self) -> bool:
@@ -104,11 +104,13 @@ def load(root: Path | str = ".", check_stale: bool = True) -> Studies:
     for p in sorted((root / RESULTS / "budget").glob("*.json")):
         s = study(p)
         out.budgets[(s.record["arm"], int(s.record["steps"]))] = s
-    for attr in ("equal_compute", "crossed", "data_sweep"):
+    for attr in ("equal_compute", "crossed"):
         p = root / RESULTS / f"{attr}.json"
         if p.exists():
             setattr(out, attr, study(p))
     out.pretraining = [study(p) for p in sorted((root / RESULTS / "pretrain").glob("*.json"))]
+    shares = [study(p) for p in (root / RESULTS / "data_sweep").glob("*.json")]
+    out.data_sweep = sorted(shares, key=lambda s: s.record["fraction"])
     return out
 
 

@@ -233,12 +233,10 @@ def data_efficiency(st: Studies) -> dict | None:
     ViT (both from scratch, each tuned at every share) is larger on the smallest share than on
     the whole training split. The difference of the two leads gets the paired bootstrap (the
     same test images score every run; seeds resampled within each)."""
-    if st.data_sweep is None:
+    if len(st.data_sweep) < 2:
         return None
-    points = st.data_sweep.record["points"]
+    points = [s.record for s in st.data_sweep]
     small, full = points[0], points[-1]
-    if small is full:
-        return None
 
     def arm(point, kind):
         return [correct(r) for r in point[kind]["runs"]]
@@ -253,7 +251,7 @@ def data_efficiency(st: Studies) -> dict | None:
     leads = {pt["fraction"]: sum(r["test_top1"] for r in pt["cnn"]["runs"]) / len(pt["cnn"]["runs"])
              - sum(r["test_top1"] for r in pt["vit"]["runs"]) / len(pt["vit"]["runs"]) for pt in points}
     return {"points": points, "leads": leads, "interaction": diff, "lo": lo, "hi": hi, "p": p,
-            "study": st.data_sweep, "small": small, "full": full}
+            "studies": st.data_sweep, "cnn": small["cnn"], "small": small, "full": full}
 
 
 def holm_family(ps: dict[str, float]) -> dict[str, float]:
