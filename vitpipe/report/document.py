@@ -655,11 +655,15 @@ def section_headline(inputs: Inputs, findings: cl.Findings) -> list[str]:
                                                     f"{cl.comparison_text(c)}" for c in budget) + ").", ""]
     else:
         c = an.finetune_comparison(inputs)
-        if c is not None and twin is not None:
+        if c is not None and twin is not None and twin.top1 is not None and scratch.top1 is not None:
+            p = findings.holm.get("finetune_minus_scratch", float("nan"))
+            seeds = c.method == an.SEEDS_TEST
+            word = cl.word_by_p(c.seeds.mean, p) if seeds else c.verdict.word
             lines += [f"**Fine-tuned against scratch** at {scratch.train.get('steps')} steps each: "
                       f"{ci_text(stats.over_seeds(twin.top1s))} against {ci_text(stats.over_seeds(scratch.top1s))}; "
-                      f"{an._diff_text(c)}, conditional on 1 pretraining run. The budget curves are missing: "
-                      "`dvc repro studies/dvc.yaml`.", ""]
+                      f"{an._diff_text(c)} (**{word}**, by {c.method_text}"
+                      + (f"; Holm p {cl.p_text(p)}" if seeds else "") + "), conditional on 1 pretraining run. The "
+                      "budget curves are missing: `dvc repro studies/dvc.yaml`.", ""]
     eq = next((c for c in findings.comparisons if c.key.startswith("equal_compute")), None)
     if eq is not None:
         lines += [f"**At equal total training FLOPs**, pretraining counted ({eq.label}): {cl.comparison_text(eq)}: "
