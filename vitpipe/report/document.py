@@ -764,8 +764,9 @@ def build(inputs: Inputs, report_dir: Path, findings: cl.Findings | None = None)
     intro = ["# vitpipe report: what a Vision Transformer costs, from scratch and fine-tuned", "",
              "Numbers come from two DVC pipelines: the default one (`dvc repro`, minutes on a CPU: every run with 3 "
              "seeds and one pretraining run) and the studies (`dvc repro studies/dvc.yaml`, about 20 minutes: "
-             "budgets, tuned learning rates, more pretraining runs, less data). A number from the studies names "
-             "its stage, and one whose stage is stale says so. Each section re-derives a result of "
+             "budgets, tuned learning rates, more pretraining runs, less data; then `dvc repro -f -s report` rebuilds "
+             "this report from their records). A number from the studies names its stage, and one whose stage is "
+             "stale says so. Each section re-derives a result of "
              f"{REFERENCE_NAME}, and says whether it holds here and what that verdict rests on: *measured in this "
              "run*, *measured by the studies pipeline*, *computed by the compute model* (the same on any machine), "
              "or *not tested*. Terms are explained in the glossary at the end.", ""]
