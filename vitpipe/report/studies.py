@@ -38,6 +38,7 @@ class Studies:
     data_sweep: list[Study] = field(default_factory=list)   # one per share of the training split
     pretraining: list[Study] = field(default_factory=list)
     stale_check: str = ""      # how staleness was decided, or why it could not be
+    data_cnn: str = "CNN"      # the data sweep's CNN (studies/params.yaml `data_sweep.cnn`)
 
     @property
     def all(self) -> list[Study]:
@@ -111,6 +112,11 @@ def load(root: Path | str = ".", check_stale: bool = True) -> Studies:
     out.pretraining = [study(p) for p in sorted((root / RESULTS / "pretrain").glob("*.json"))]
     shares = [study(p) for p in (root / RESULTS / "data_sweep").glob("*.json")]
     out.data_sweep = sorted(shares, key=lambda s: s.record["fraction"])
+    knobs = root / STUDIES / "params.yaml"
+    if knobs.exists():
+        import yaml
+
+        out.data_cnn = str(((yaml.safe_load(knobs.read_text()) or {}).get("data_sweep") or {}).get("cnn", "CNN"))
     return out
 
 

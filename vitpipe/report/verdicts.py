@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from vitpipe.costmodel import compute, reference
 from vitpipe.costmodel.devices import get_device
+from vitpipe.errors import UserError
 from vitpipe.models import model_config
 from vitpipe.report import stats
 from vitpipe.report.studies import Studies, Study, correct
@@ -251,8 +252,14 @@ def data_efficiency(st: Studies) -> dict | None:
     leads = {pt["fraction"]: sum(r["test_top1"] for r in pt["cnn"]["runs"]) / len(pt["cnn"]["runs"])
              - sum(r["test_top1"] for r in pt["vit"]["runs"]) / len(pt["vit"]["runs"]) for pt in points}
     return {"points": points, "leads": leads, "interaction": diff, "lo": lo, "hi": hi, "p": p,
-            "studies": st.data_sweep, "cnn": small["cnn"], "small": small, "full": full}
+            "studies": st.data_sweep, "cnn": st.data_cnn, "small": small, "full": full}
 
 
-def holm_family(ps: dict[str, float]) -> dict[str, float]:
-    return stats.holm(ps)
+def params_ratio(cnn: str, vit_spec: dict, num_classes: int, image_size: int) -> float | None:
+    """Parameters of the CNN variant's network over the ViT's (None when either cannot be built)."""
+    try:
+        c = compute.param_counts(model_config({"arch": cnn}, num_classes, image_size))["total"]
+        v = compute.param_counts(model_config(vit_spec, num_classes, image_size))["total"]
+    except (UserError, KeyError, ValueError):   # a name outside the registry: the size is unknown
+        return None
+    return c / v
