@@ -1,6 +1,6 @@
 """notebooks/colab.ipynb: stored without outputs, and it runs headless here (nbclient) on the
-micro config, outside Colab, on a CPU: opened in a checkout, or cloning REPO_URL on two
-"machines" in turn that share only the checkpoint mirror."""
+micro config, outside Colab, on a CPU: opened in a checkout, or cloning REPO_URL on three
+"machines" in turn that share only the checkpoint mirror (the third with other micro-batches)."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import MICRO, ROOT, make_project, write_params
 
 NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
@@ -43,6 +44,10 @@ def test_notebook_cells_are_short_steps():
     text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     assert "runtime disconnected" in text and "colab.research.google.com/github/" in text
     assert "session limit" in text and "restored the finished run" in text
+    # what a real session needs: the package alone, the quota and what happens at it, another GPU later
+    assert '"VITPIPE_EXTRAS": ""' in code and "VITPIPE_EXTRAS=" in text
+    assert "30 GPU hours a week" in text and "not guaranteed" in text and "GPU quota ran out" in text
+    assert "A later session on another GPU" in text and "notebook-study.json" in code
 
 
 def test_the_repository_url_is_one_field_at_the_top():
@@ -261,3 +266,25 @@ def test_a_new_runtime_continues_the_study_from_the_mirror(tmp_path, monkeypatch
     exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=clone,
                           capture_output=True, text=True, check=True).stdout.split()
     assert len(exps) == 1
+
+    # A third runtime on another GPU class: the same study, its ViT runs split into other
+    # micro-batches (what the planner gives a card with other memory). The fingerprint holds
+    # what changes a run's numbers, not the split: every run is restored, none trained again.
+    # (The ResNet keeps its micro-batches: BatchNorm makes the split part of its numbers.)
+    every = sorted(m.parent.name for m in mirror.glob("*/finished.json"))
+    assert len(every) == 5
+    doc = yaml.safe_load((origin / "params.yaml").read_text())
+    doc["train"]["micro_batch"] = 4
+    doc["variants"]["vit_micro"] |= {"pretrain": {"micro_batch": 4}, "finetune": {"micro_batch": 16}}
+    write_params(origin / "params.yaml", doc)
+    subprocess.run(["git", "commit", "-qam", "micro-batches of another GPU"], cwd=origin, check=True)
+    third = tmp_path / "machine-3"
+    third.mkdir()
+    monkeypatch.setenv("VITPIPE_CHECKPOINT_DIR", str(third / "store"))
+    code, _ = execute(third, monkeypatch)
+    run = text(code[4])
+    restored = dict(re.findall(r"\[(\S+)\] restored the finished run (\w+) from ", run))
+    assert sorted(restored.values()) == every, run[-3000:]
+    assert not re.search(r"(?:^|[\r\n])(\S+@\S+|train_scratch@\d+): +\d+%\|", run)   # no training bar at all
+    assert "micro_batch: 4" in (third / "vitpipe" / "params.yaml").read_text()
+    assert sorted(m.parent.name for m in mirror.glob("*/finished.json")) == every

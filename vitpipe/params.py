@@ -429,7 +429,9 @@ def train_params(doc: dict, section: str, variant: str | None = None, seed: int 
     if section == "pretrain":
         for k in FRACTAL:
             if getattr(p, k) < 2:
-                raise ParamError(key(k), getattr(p, k), SCHEMA["pretrain"][k].allowed())
+                written = k in base or k in override
+                raise ParamError(key(k), getattr(p, k) if written else None, SCHEMA["pretrain"][k].allowed()
+                                 + ("" if written else " (the key is missing: the fractal source needs it)"))
     return p
 
 
@@ -468,8 +470,8 @@ def reference_markdown() -> str:
                 "evaluate": EvaluateParams()}
     out = ["# params.yaml reference", "",
            "Generated from `vitpipe/params.py` (`python -m vitpipe.params > docs/params.md`); the same table",
-           "checks params.yaml before any stage runs. Defaults are what a missing key means; `params.yaml`",
-           "sets most keys explicitly.", ""]
+           "checks params.yaml before any stage runs. Defaults are what a missing key means (—: no default,",
+           "the key must be set where it is used); `params.yaml` sets most keys explicitly.", ""]
     sections = [(s, SCHEMA[s]) for s in SCHEMA if s not in ("variants", "seeds")]
     sections.insert(5, ("variants.<name>", VARIANT))
     out += ["## `seeds`", "", "A list of distinct training seeds (integers 0 to 4294967295), default `[0]`. Each seed",
@@ -484,6 +486,10 @@ def reference_markdown() -> str:
         out += [f"## `{name}`", "", "| key | allowed | default | what it is |", "| --- | --- | --- | --- |"]
         for k, key in keys.items():
             d = getattr(defaults.get(name), k, dataclasses.MISSING) if name in defaults else dataclasses.MISSING
+            try:   # a placeholder the key does not allow (pretrain.classes: 0) is no default
+                d = d if d is dataclasses.MISSING else check_value(f"{name}.{k}", d, key)
+            except ParamError:
+                d = dataclasses.MISSING
             shown = "—" if d is dataclasses.MISSING else (
                 f"`{yaml.safe_dump(d, default_flow_style=True, sort_keys=False).strip().removesuffix('...').strip()}`")
             out.append(f"| `{k}` | {key.allowed()} | {shown} | {key.help.replace('|', chr(92) + '|')} |")
