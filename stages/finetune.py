@@ -15,7 +15,7 @@ def main(argv):
     recipe = params.train_params(doc, "finetune", variant=name, seed=seed)
     from vitpipe.training import distributed
 
-    distributed.relaunch(recipe.nproc, recipe.nnodes)
+    distributed.relaunch(recipe.nproc, recipe.nnodes, recipe.rdzv_timeout_s)
     distributed.seed_everything(recipe.seed)  # the starting weights follow the seed param
 
     import torch

@@ -39,7 +39,7 @@ def main(argv):
 
     from vitpipe.training import distributed
 
-    distributed.relaunch(recipe.nproc, recipe.nnodes)
+    distributed.relaunch(recipe.nproc, recipe.nnodes, recipe.rdzv_timeout_s)
     distributed.seed_everything(recipe.seed)  # the starting weights follow the seed param
     from vitpipe.data.fractal import make_dataset
     from vitpipe.data.prepare import stratified_split

@@ -13,7 +13,7 @@ def main(argv):
     recipe = params.train_params(doc, "train", seed=seed)
     from vitpipe.training import distributed
 
-    distributed.relaunch(recipe.nproc, recipe.nnodes)
+    distributed.relaunch(recipe.nproc, recipe.nnodes, recipe.rdzv_timeout_s)
     distributed.seed_everything(recipe.seed)  # the starting weights follow the seed
 
     from vitpipe.data.prepared_store import PreparedStore

@@ -25,16 +25,28 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
+def setup_distributed(collective_timeout_s: float = 600) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process. The process's
+    GPU is set, and named (device_id), before the group starts: NCCL then binds each process to
+    its own GPU at once instead of guessing. A collective that waits longer than
+    `collective_timeout_s` for a peer (dead, stuck, or never there) fails the run
+    (`lost_peer_message`) instead of hanging it."""
+    from datetime import timedelta
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     import torch.distributed as dist
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = timedelta(seconds=collective_timeout_s)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return Dist(dist.get_rank(), world, local_rank)
 
 
 def pick_device(d: Dist) -> torch.device:
@@ -44,6 +56,23 @@ def pick_device(d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
+def is_lost_peer(e: BaseException) -> bool:
+    """A collective that failed because another process of the job is gone or stuck: the
+    backend's own error (NCCL), a closed or reset connection (gloo), or the timeout."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return (isinstance(e, dist.DistError) or "Connection closed by peer" in text or "Connection reset by peer" in text
+            or ("Timed out" in text and "gloo" in text.lower()))
+
+
+def lost_peer_message(rank: int, section: str, timeout_s: float, e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return (f"training process {rank}: another process of the run stopped answering during training (dead, "
+            f"stuck, or its node lost: {first}); every process stops. Run the stage again on every node to resume "
+            f"from the last checkpoint (a collective waits at most {section}.collective_timeout_s={timeout_s:g} s)")
+
+
 ENV_RDZV = "VITPIPE_RDZV_ENDPOINT"   # host:port of the c10d rendezvous: a property of the cluster, not of the run
 ENV_RDZV_ID = "VITPIPE_RDZV_ID"     # the job's name at that endpoint (default: the launcher's job id, or the stage)
 RDZV_PORT = 29500
@@ -51,17 +80,24 @@ RDZV_PORT = 29500
 
 def rendezvous_endpoint() -> str | None:
     """host:port where the nodes of a multi-node run meet: VITPIPE_RDZV_ENDPOINT, else what the
-    common launchers set: SkyPilot (SKYPILOT_NODE_IPS: the first node), Kubernetes PyTorchJob
-    (MASTER_ADDR/MASTER_PORT: the master pod), SLURM (the first host of SLURM_JOB_NODELIST)."""
+    common launchers set: SkyPilot (SKYPILOT_NODE_IPS: the first node), SLURM (the first host of
+    SLURM_JOB_NODELIST, a port taken from the job id, so two jobs sharing a first node do not
+    collide), Kubernetes PyTorchJob (MASTER_ADDR/MASTER_PORT: the master pod). SLURM before
+    MASTER_ADDR: a SLURM job may inherit a MASTER_ADDR that is not its own."""
     if os.environ.get(ENV_RDZV):
         return os.environ[ENV_RDZV]
     if os.environ.get("SKYPILOT_NODE_IPS"):
         return f"{os.environ['SKYPILOT_NODE_IPS'].split()[0]}:{RDZV_PORT}"
+    if os.environ.get("SLURM_JOB_NODELIST"):
+        return f"{first_slurm_host(os.environ['SLURM_JOB_NODELIST'])}:{slurm_port(os.environ.get('SLURM_JOB_ID', ''))}"
     if os.environ.get("MASTER_ADDR"):
         return f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', RDZV_PORT)}"
-    if os.environ.get("SLURM_JOB_NODELIST"):
-        return f"{first_slurm_host(os.environ['SLURM_JOB_NODELIST'])}:{RDZV_PORT}"
     return None
+
+
+def slurm_port(job_id: str) -> int:
+    """A port in 15000..34999 from the SLURM job id (RDZV_PORT without one)."""
+    return 15000 + int(job_id) % 20000 if job_id.isdigit() else RDZV_PORT
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -76,19 +112,31 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
+def checked_endpoint(endpoint: str) -> str:
+    """host:port, or one line naming what is wrong with it (before any process starts)."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"rendezvous endpoint {endpoint!r} (from {ENV_RDZV} or the launcher's variables) is not "
+                        f"host:port with a port in 1..65535; set {ENV_RDZV}=host:port, e.g. 10.0.0.1:{RDZV_PORT}")
+    return endpoint
+
+
 def rendezvous_id() -> str:
-    """The same on every node of one job: the launcher's job id, else the stage command."""
+    """The same on every node of one job: the launcher's job id, else the stage and its arguments
+    (the script's name, not its path: nodes may spell the command differently)."""
     import hashlib
 
     for var in (ENV_RDZV_ID, "SLURM_JOB_ID", "SKYPILOT_TASK_ID", "PET_RDZV_ID"):
         if os.environ.get(var):
             return os.environ[var]
-    return "vitpipe-" + hashlib.sha256(" ".join(sys.argv).encode()).hexdigest()[:12]
+    stage = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    return "vitpipe-" + hashlib.sha256(stage.encode()).hexdigest()[:12]
 
 
-def torchrun_args(nproc: int, nnodes: int) -> list[str]:
+def torchrun_args(nproc: int, nnodes: int, rdzv_timeout_s: float = 600) -> list[str]:
     """One node: --standalone. Several: every node runs the same command and they meet at the
-    c10d rendezvous (no node ranks to hand out; torchrun numbers the nodes as they join)."""
+    c10d rendezvous (no node ranks to hand out; torchrun numbers the nodes as they join),
+    waiting at most `rdzv_timeout_s` for all of them."""
     if nnodes == 1:
         return ["--standalone", f"--nproc_per_node={nproc}"]
     endpoint = rendezvous_endpoint()
@@ -96,17 +144,17 @@ def torchrun_args(nproc: int, nnodes: int) -> list[str]:
         raise UserError(f"nnodes={nnodes}: the nodes need a place to meet; set {ENV_RDZV}=host:port (the first "
                         f"node's address and a free port) on every node, or launch under SLURM, SkyPilot or a "
                         f"Kubernetes PyTorchJob")
-    if ":" not in endpoint:
-        raise UserError(f"{ENV_RDZV}={endpoint!r}: expected host:port, e.g. 10.0.0.1:{RDZV_PORT}")
-    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-            f"--rdzv-id={rendezvous_id()}"]
+    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={checked_endpoint(endpoint)}", f"--rdzv-id={rendezvous_id()}",
+            f"--rdzv-conf=join_timeout={int(rdzv_timeout_s)}", "--max-restarts=0"]
 
 
-def relaunch(nproc: int, nnodes: int = 1) -> None:
+def relaunch(nproc: int, nnodes: int = 1, rdzv_timeout_s: float = 600) -> None:
     """With nproc x nnodes > 1, run this very stage under torchrun (one process per device, on
     each of nnodes machines; this process becomes their agent and exits with the job); the
     stage command in dvc.yaml stays the same for any number of processes and machines. Already
-    under torchrun (LOCAL_RANK set), it only prepares the process.
+    under torchrun (LOCAL_RANK set), it only prepares the process. Nodes that have not all
+    joined within `rdzv_timeout_s` end the job in one line.
 
     Either way it seeds every RNG first: this torch seeds itself randomly at import, and the
     model a stage builds next must be the same in every run, or a killed run could never be
@@ -117,22 +165,28 @@ def relaunch(nproc: int, nnodes: int = 1) -> None:
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise UserError(f"nproc={nproc} processes, but this machine has {torch.cuda.device_count()} GPU(s); "
                         f"lower the section's nproc")
+    args = torchrun_args(nproc, nnodes, rdzv_timeout_s)  # a bad endpoint: one line before anything starts
     # torchrun would set 1 thread per process, with a warning; on CPU share the cores instead
     os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // nproc))
-    sys.exit(torchrun([*torchrun_args(nproc, nnodes), sys.argv[0], *sys.argv[1:]]))
+    if nnodes > 1:
+        print(f"vitpipe: waiting at {rendezvous_endpoint()} (rendezvous {rendezvous_id()}) for all {nnodes} nodes "
+              f"to join, at most {rdzv_timeout_s:g} s", file=sys.stderr, flush=True)
+    sys.exit(torchrun([*args, sys.argv[0], *sys.argv[1:]], rdzv_timeout_s))
 
 
-def torchrun(args: list[str]) -> int:
+def torchrun(args: list[str], rdzv_timeout_s: float = 600) -> int:
     """torchrun's launcher in this process, which becomes the job's agent; the job's exit code.
     A failed worker has said why itself: one `vitpipe: error:` line (exit code 2), or its own
     traceback. torchrun's ChildFailedError traceback and error log would only bury that line,
     so they are left out; for a worker that crashed (a signal, another exit code) one line says
-    which rank and how. A SIGTERM or SIGINT is passed to the workers, which checkpoint and say
-    so; the agent then exits 128 + the signal, as a killed process does."""
+    which rank and how. Nodes that never all join (RendezvousTimeoutError, or any other
+    rendezvous failure) are one line and exit 2. A SIGTERM or SIGINT is passed to the workers,
+    which checkpoint and say so; the agent then exits 128 + the signal, as a killed process does."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -147,6 +201,15 @@ def torchrun(args: list[str]) -> int:
         return code if code > 0 else 128 - code
     except SignalException as e:
         return 128 + int(e.sigval)
+    except RendezvousTimeoutError:
+        print(f"vitpipe: error: not every node joined within {rdzv_timeout_s:g} s (the section's rdzv_timeout_s): "
+              f"start the same stage on every node, with the same {ENV_RDZV}, or raise the timeout", file=sys.stderr)
+        return 2
+    except RendezvousError as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"vitpipe: error: the nodes could not meet ({why}); check {ENV_RDZV} (the first node's address and "
+              f"a free port) on every node", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -39,7 +39,8 @@ from vitpipe.hardware.core_share import CoreShare
 from vitpipe.hardware.telemetry import Sampler, now
 from vitpipe.params import TrainParams
 from vitpipe.training import sharding
-from vitpipe.training.distributed import Dist, pick_device, seed_everything, setup_distributed
+from vitpipe.training.distributed import (Dist, is_lost_peer, lost_peer_message, pick_device, seed_everything,
+                                         setup_distributed)
 from vitpipe.training.input_pipeline import InputPipeline
 from vitpipe.training.oom import oom_message
 from vitpipe.training.recipe import (autocast_dtype, lr_at, make_optimizer, nondeterministic_op, prepare_model,
@@ -163,7 +164,7 @@ def fit(job: TrainingJob) -> dict:
     """Train `job.model` on `job.data` for recipe.steps optimizer steps; returns the metrics it
     wrote. Checkpoints go to the machine's checkpoint store (vitpipe.checkpoints.store),
     keyed by the run's fingerprint."""
-    d = setup_distributed()
+    d = setup_distributed(job.recipe.collective_timeout_s)
     try:
         run = Run(d, job)
         if run.restored is not None:  # finished on some machine sharing the store or its mirror
@@ -176,6 +177,8 @@ def fit(job: TrainingJob) -> dict:
                         run.sync()
                 return run.finish()
             except RuntimeError as e:  # torch.OutOfMemoryError is one
+                if d.world > 1 and is_lost_peer(e):
+                    raise UserError(lost_peer_message(d.rank, run.section, run.recipe.collective_timeout_s, e)) from None
                 if op := nondeterministic_op(e):
                     raise ParamError(f"{run.section}.deterministic", True, f"false: {op} has no deterministic "
                                      f"kernel on {run.device.type} in this torch") from None
