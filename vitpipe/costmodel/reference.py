@@ -1,4 +1,4 @@
-"""The reference report's figures (../shared/seed, a 2022 course report that trained
+"""The reference report's figures (Dittakavi, "Exploring the Computational Power of ViTs", ECE 629, Purdue, 2022: a course report that trained
 vit_jax on a Colab T4) and its parameter formulas evaluated on the real layer shapes, so
 the report can set them beside the exact counts."""
 

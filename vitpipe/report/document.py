@@ -1,7 +1,7 @@
 """The report stage's work: the pipeline's outputs -> reports/report.md (+ figures) and the
 same report as one self-contained HTML file.
 
-Each section re-derives a result of the reference report (../shared/seed: a 2022 course
+Each section re-derives a result of the reference report (Dittakavi, "Exploring the Computational Power of ViTs", ECE 629, Purdue, 2022: a course
 report that trained vit_jax on a Colab T4) with this run's data, puts the reference's number
 next to ours and says whether it holds. Numbers come from analysis, figures from
 figures; this module only words and lays them out. Every sentence that states a
