@@ -46,7 +46,7 @@ def test_readme_and_docs_state_the_schemas_defaults():
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
         claims += [(path.name, k, v) for k, v in re.findall(r"`([a-z_][a-z_.]*)` \(default `([^`;]+)`", text)]
-        claims += [(path.name, k, v) for k, v in re.findall(r"^\s*(\w+): \S+\s+#\s*(\w+) \(default\)", text, re.M)]
+        claims += [(path.name, k, v) for k, v in re.findall(r"^\s*(\w+): \S+\s+#\s*(\w+) \(default\)", text, re.MULTILINE)]
     assert ("README.md", "seeds", "[0]") in claims
     for where, key, value in claims:
         assert yaml.safe_load(value) == schema_default(key), (where, key, value)
