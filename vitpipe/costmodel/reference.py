@@ -27,9 +27,9 @@ MEMORY = {
     "vit_b8": {"fits": False, "needed_gb": 22.4, "fraction_of_gpu": 1.4},
 }
 # ViT-B/32 from scratch, batch 512, 10000 steps: ~38-39 img/s (per core; one T4),
-# 0.074 steps/s, ETA printed between 32.9 h and 37.4 h; "36 GPU hours" in the text.
+# 0.074 steps/s, ETA printed between 32.9 h and 1d13h39m (37.65 h, the log's highest); "36 GPU hours" in the text.
 TIME = {"model": "vit_b32", "batch": 512, "steps": 10000, "img_per_s": 38.5,
-        "steps_per_s": 0.074, "eta_h_low": 32.9, "eta_h_high": 37.4, "eta_h_text": 36.0}
+        "steps_per_s": 0.074, "eta_h_low": 32.9, "eta_h_high": 37.65, "eta_h_text": 36.0}
 # Fine-tuning (Algorithm 2): batch 512, 64 accumulation steps, SGD momentum 0.9, cosine,
 # grad clip 1; ViT-B/16 reached 91.94% on CIFAR-100 test in 4.35 h.
 FINETUNE = {"batch": 512, "accum_steps": 64, "momentum": 0.9, "grad_clip": 1.0,
