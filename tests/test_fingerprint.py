@@ -6,8 +6,16 @@ import re
 
 import pytest
 import torch
+from test_train import (
+    SPEC,
+    _interrupted,
+    assert_identical,
+    recipe,
+    stored,
+    train,
+    weights,
+)
 
-from test_train import SPEC, _interrupted, assert_identical, recipe, stored, train, weights
 from vitpipe.models import build_model
 from vitpipe.training.loop import split_changes_result
 
