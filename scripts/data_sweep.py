@@ -89,7 +89,8 @@ def run_fraction(fraction: float, doc: dict, cnn: str, twin: str, original: str)
              "runs": {"vit_scratch": read_run("scratch", seeds), "vit_finetuned": read_run(twin, seeds),
                       "cnn_finetuned": read_run(cnn, seeds)}}
     cnn_spec = {k: v for k, v in doc["variants"][cnn].items() if k not in ("source", "weights", "pretrain", "finetune")}
-    swap = [f"model.{k}={v}" for k, v in cnn_spec.items()] + [f"~model.{k}" for k in VIT_ONLY if k in doc["model"]]
+    swap = ([f"model.{k}={v}" for k, v in cnn_spec.items()] + [f"~model.{k}" for k in VIT_ONLY if k in doc["model"]]
+            + [f"++model.twin={cnn}"])    # the CNN from scratch is the CNN variant's twin
     PARAMS.write_text(original)
     p = exp_run([frac, *swap])
     point["runs"]["cnn_scratch"] = read_run("scratch", seeds)
@@ -180,11 +181,11 @@ def figure(points: list[dict], out: Path) -> None:
 
 
 def twin_and_cnn(doc: dict) -> tuple[str | None, str | None]:
+    from vitpipe import model_specs
+
     variants = doc.get("variants") or {}
     cnn = next((v for v, s in variants.items() if str(s.get("arch", "")).startswith("resnet")), None)
-    model = doc.get("model") or {}
-    twin = next((v for v, s in variants.items() if all(s.get(k) == model.get(k) for k in ("arch", *VIT_ONLY))), None)
-    return twin, cnn
+    return model_specs.twin_name(doc), cnn
 
 
 def markdown(points: list[dict]) -> list[str]:

@@ -37,14 +37,6 @@ FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3)       # SGD 0.9: around the reference's 0.
 PARTS = ("sweep", "equal_compute", "second_pretraining")
 
 
-def twin_name(doc: dict) -> str | None:
-    """The variant with the scratch network's architecture: fine-tuning's like-for-like."""
-    keys = ("arch", "patch", "dim", "depth", "heads", "mlp_ratio", "pool")
-    model = doc.get("model") or {}
-    return next((n for n, s in (doc.get("variants") or {}).items()
-                 if all(s.get(k) == model.get(k) for k in keys)), None)
-
-
 class Sweep:
     """The data, networks and recipes the sweep trains, read once from params.yaml."""
 
@@ -58,7 +50,7 @@ class Sweep:
         self.doc = params.read_yaml()
         self.data = params.data_params(self.doc)
         self.seed, self.work = seed, work
-        self.twin = twin_name(self.doc)
+        self.twin = model_specs.twin_name(self.doc)
         if self.twin is None:
             raise UserError("no variant in params.yaml has the `model:` network: nothing to fine-tune like for like")
         self.scratch_spec = model_specs.model_spec(self.doc, self.data.image_size)

@@ -3,11 +3,13 @@ meta.json with classes and mean/std, samples.png)."""
 
 from vitpipe import params, pipeline, stage
 from vitpipe.atomic import write_json
+from vitpipe.data import sources
 from vitpipe.data.prepare import prepare, sanity_metrics
 
 
 def main(argv):
     cfg = params.data_params(params.read_yaml())
+    sources.check_split(cfg)
     meta = prepare(cfg)
     write_json(pipeline.PREPROCESS_METRICS, {"dataset": cfg.dataset, "image_size": cfg.image_size,
                                            "num_classes": meta["num_classes"],

@@ -76,3 +76,55 @@ def test_missing_params_file(tmp_path):
 def test_params_reference_is_generated_from_the_schema():
     """docs/params.md is what `python -m vitpipe.params` prints: the docs cannot drift."""
     assert (ROOT / "docs" / "params.md").read_text() == params.reference_markdown()
+
+
+# ---------------------------------------------------------------------------------------
+# The scratch network and its fine-tuned twin (`model.twin`): the headline compares them
+
+
+def default_params() -> dict:
+    return params.read_yaml(ROOT / "params.yaml")
+
+
+def test_the_default_twin_is_the_scratch_network_fine_tuned():
+    from vitpipe import check_params
+
+    doc = default_params()
+    check_params.check_all(doc)
+    assert model_specs.twin_name(doc) == "vit_tiny"
+    assert model_specs.same_network(model_specs.model_spec(doc, 32), model_specs.variant_spec(doc, "vit_tiny", 32))
+
+
+def test_changing_one_side_of_the_twin_stops_validate_saying_how_to_change_both():
+    """`dvc exp run -S model.patch=8` alone would leave the headline 'not tested': validate
+    stops on one line that gives the command changing both; with both changed it passes."""
+    from vitpipe import check_params
+
+    doc = default_params()
+    doc["model"]["patch"] = 8
+    with pytest.raises(ParamError) as e:
+        check_params.check_all(doc)
+    assert str(e.value) == (
+        "params.yaml: model.patch = 8 is not allowed: variants.vit_tiny.patch is 4 and vit_tiny is this network "
+        "fine-tuned (model.twin): change both (dvc exp run -S model.patch=8 -S variants.vit_tiny.patch=8), or set "
+        "model.twin to null to compare unlike networks")
+    doc["variants"]["vit_tiny"]["patch"] = 8
+    check_params.check_all(doc)
+    assert model_specs.twin_name(doc) == "vit_tiny"
+
+
+def test_a_twin_must_be_a_variant_and_null_means_none():
+    from vitpipe import check_params
+
+    doc = default_params()
+    doc["model"]["twin"] = "vit_tinny"
+    with pytest.raises(ParamError, match=r"model.twin = 'vit_tinny' is not allowed: a variant of params.yaml "
+                                         r"\(vit_tiny, resnet18\) or null"):
+        check_params.check_all(doc)
+    doc["model"]["twin"], doc["model"]["patch"] = None, 8      # unlike networks, on purpose
+    check_params.check_all(doc)
+    assert model_specs.twin_name(doc) is None
+    del doc["model"]["twin"]                                     # no key: the variant with the same network
+    doc["model"]["patch"] = 4
+    assert model_specs.twin_name(doc) == "vit_tiny"
+    assert "twin" not in model_specs.model_spec(doc, 32)        # not a network key: builders never see it

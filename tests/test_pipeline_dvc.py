@@ -79,9 +79,20 @@ def test_repro_exp_metrics_plots(reproduced_template, reproduced):
     run(["git", "commit", "-qm", "baseline"], repo)
     assert_code_changes_rerun_what_runs_them(repo)
 
-    # A patch change re-runs the scratch network, its evaluation and the report; nothing upstream.
-    exp = run(DVC + ["exp", "run", "-S", "model.patch=8"], repo)
-    assert ran_stages(exp.stdout) == {"validate", "train_scratch@0", "evaluate_scratch@0", "report"}
+    # The scratch network's patch alone, with vit_micro named its fine-tuned twin: validate stops
+    # on one line saying how to change both (the headline would be "not tested" otherwise).
+    twin = "++model.twin=vit_micro"
+    alone = run(DVC + ["exp", "run", "-S", twin, "-S", "model.patch=8"], repo, check=False)
+    assert alone.returncode != 0 and ran_stages(alone.stdout) == {"validate"}
+    assert ("dvc exp run -S model.patch=8 -S variants.vit_micro.patch=8" in alone.stdout + alone.stderr)
+    run(["git", "checkout", "--", "params.yaml"], repo)
+    # Both changed: the scratch network, the twin's pretraining and fine-tuning, their evaluations
+    # and the report re-run, nothing upstream and nothing of resnet18; the headline stays tested.
+    exp = run(DVC + ["exp", "run", "-S", twin, "-S", "model.patch=8", "-S", "variants.vit_micro.patch=8"], repo)
+    assert ran_stages(exp.stdout) == {"validate", "train_scratch@0", "evaluate_scratch@0", "pretrain@vit_micro",
+                                      "finetune@vit_micro-0", "evaluate@vit_micro-0", "report"}
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert summary.get("finetune_minus_scratch.verdict") not in (None, "not tested"), summary
     diff = run(DVC + ["metrics", "diff", "--json"], repo)
     changed = json.loads(diff.stdout)
     m = "metrics/train_scratch/seed-0.json"

@@ -30,6 +30,8 @@ def test_preset_is_a_valid_params_file(path):
     ft = params.train_params(doc, "finetune")
     assert (ft.batch_size, ft.optimizer, ft.momentum, ft.grad_clip) == (512, "sgd", 0.9, 1.0)
     assert {"vit_b8", "vit_b16", "vit_b32", "vit_l16"} <= set(params.variant_names(doc))
+    assert model_specs.twin_name(doc) == "vit_b32"     # the scratch ViT-B/32 and its fine-tuned twin
+    model_specs.check_twin(doc, 224)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from vitpipe import model_specs, params
 from vitpipe.costmodel.table import validate
+from vitpipe.data import sources
 from vitpipe.errors import ParamError
 
 
@@ -17,6 +18,7 @@ def profile_params(doc: dict) -> dict:
 def check_all(doc: dict) -> None:
     """Every section and key of params.yaml, as every stage will read it."""
     data = params.data_params(doc)
+    sources.check_split(data)
     params.seeds(doc)
     model_specs.model_spec(doc, data.image_size)
     for section in ("train", "pretrain", "finetune"):
@@ -28,5 +30,6 @@ def check_all(doc: dict) -> None:
         model_specs.variant_spec(doc, name, data.image_size)
         for section in ("pretrain", "finetune"):
             params.train_params(doc, section, name)
+    model_specs.check_twin(doc, data.image_size)
     params.evaluate_params(doc)
     profile_params(doc)

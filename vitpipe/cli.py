@@ -234,21 +234,13 @@ def format_plan(r: dict) -> str:
 # ---------------------------------------------------------------------------------------
 # plan --params: every training stage of a params file on one device
 
-DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "pets": 37}
-
-
 def dataset_classes(dataset: str) -> int:
-    """Classes of the dataset's head: known ones by name, an image folder from its prepared
+    """Classes of the dataset's head: the source's count, an image folder's from its prepared
     meta.json if there is one, else 1000 (the head is a small part of the memory anyway)."""
-    if dataset in DATASET_CLASSES:
-        return DATASET_CLASSES[dataset]
-    from pathlib import Path
+    from vitpipe import pipeline
+    from vitpipe.data import sources
 
-    meta = Path("data/prepared") / dataset / "meta.json"
-    try:
-        return len(json.loads(meta.read_text())["classes"])
-    except (OSError, ValueError, KeyError):
-        return 1000
+    return sources.class_count(dataset, pipeline.prepared_dir(dataset)) or 1000
 
 
 def _recipe(doc: dict, section: str, variant: str | None):

@@ -9,7 +9,7 @@ from typing import Any
 
 from vitpipe import params
 from vitpipe.errors import ParamError
-from vitpipe.models import family_of, validate_spec
+from vitpipe.models import family_of, spec_keys, validate_spec
 
 
 def _spec(prefix: str, spec: Any, keys: dict[str, params.Key], image_size: int) -> dict:
@@ -32,10 +32,50 @@ def _spec(prefix: str, spec: Any, keys: dict[str, params.Key], image_size: int) 
 
 
 def model_spec(doc: dict, image_size: int) -> dict:
+    """The scratch network (`model:` less `twin`, which names its fine-tuned variant)."""
     spec = doc.get("model")
     if spec is None:
         raise ParamError("model", spec, "a mapping with at least `arch`")
+    if isinstance(spec, dict):
+        spec = {k: v for k, v in spec.items() if k != "twin"}
     return _spec("model", spec, params.MODEL, image_size)
+
+
+def same_network(a: dict, b: dict) -> bool:
+    """The same architecture: arch and the size keys its family declares."""
+    keys = ("arch", *sorted(spec_keys(a.get("arch")) | spec_keys(b.get("arch"))))
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def twin_name(doc: dict) -> str | None:
+    """The variant fine-tuned from the scratch network, the headline's like-for-like:
+    `model.twin` (null: none); a params file without the key: the first variant with the
+    same network."""
+    model = doc.get("model") or {}
+    if "twin" in model:
+        return model["twin"]
+    return next((n for n, s in (doc.get("variants") or {}).items() if same_network(s or {}, model)), None)
+
+
+def check_twin(doc: dict, image_size: int) -> None:
+    """`model.twin` names a variant with the scratch network, or validate stops here, in one
+    line that says how to change both (`-S model.patch=8` alone would leave the headline's
+    comparison untested)."""
+    twin = (doc.get("model") or {}).get("twin")
+    if twin is None:
+        return
+    variants = doc.get("variants") or {}
+    if twin not in variants:
+        raise ParamError("model.twin", twin, f"a variant of params.yaml ({', '.join(map(str, variants))}) or null")
+    scratch, tuned = model_spec(doc, image_size), variant_spec(doc, twin, image_size)
+    keys = ("arch", *sorted(spec_keys(scratch["arch"]) | spec_keys(tuned["arch"])))
+    for k in keys:
+        if scratch.get(k) != tuned.get(k):
+            v = scratch.get(k)
+            both = f"-S ~variants.{twin}.{k}" if v is None else f"-S model.{k}={v} -S variants.{twin}.{k}={v}"
+            raise ParamError(f"model.{k}", v, f"variants.{twin}.{k} is {tuned.get(k)!r} and {twin} is this network "
+                             f"fine-tuned (model.twin): change both (dvc exp run {both}), or set model.twin to "
+                             "null to compare unlike networks")
 
 
 def variant_spec(doc: dict, name: str, image_size: int) -> dict:

@@ -20,13 +20,14 @@ from typing import Any
 
 import yaml
 
+from vitpipe import pipeline, precisions
 from vitpipe.errors import ParamError, UserError
 from vitpipe.models.registry import FAMILIES
 
 PARAMS_FILE = "params.yaml"
 DATASETS = ("digits", "cifar10", "cifar100", "pets", "imagefolder")
 OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = precisions.TRAINING
 SOURCES = ("fractal", "timm", "npz", "file")
 RESUME = ("auto", "fresh")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
@@ -144,7 +145,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workers": _int("parallel decode processes in preprocess", 1, 256),
     },
     "seeds": {},  # a list, checked by seeds()
-    "model": MODEL,
+    "model": {**MODEL, "twin": Key("str", "the variant fine-tuned from this same network, the headline's like-for-like "
+                                   "(validate stops when their networks differ); null: none", nullable=True)},
     "train": RECIPE,              # its seeds are the top-level `seeds`
     "pretrain": {**RECIPE, **SEED, **FRACTAL},
     "finetune": RECIPE,
@@ -159,7 +161,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": _int("images per optimizer step", 1, 10**9),
         "num_classes": _int("classes of the head", 1, 10**7),
         "device": Key("str", "device profile (t4, a100-80, h100-80, ..., local)"),
-        "precision": Key("choice", "precision of the memory and time model", choices=("fp32", "bf16", "fp16", "tf32")),
+        "precision": Key("choice", "precision of the memory and time model", choices=precisions.MODELLED),
         "optimizer": Key("choice", "optimizer state in the memory model", choices=("adamw", "sgd")),
         "schedule_steps": _int("steps of the schedule for the ETA", 1, 10**10),
         "attention": Key("choice", "how activation memory is modelled", choices=("sdpa", "eager")),
@@ -187,11 +189,11 @@ class DataParams:
 
     @property
     def raw_dir(self) -> Path:
-        return Path("data/raw") / self.dataset
+        return pipeline.raw_dir(self.dataset)
 
     @property
     def prepared_dir(self) -> Path:
-        return Path("data/prepared") / self.dataset
+        return pipeline.prepared_dir(self.dataset)
 
 
 @dataclass(frozen=True)
@@ -389,9 +391,8 @@ def _seed_arg(doc: dict, arg: str, usage: str) -> int:
 def data_params(doc: dict) -> DataParams:
     p = DataParams(**check_section("data", doc.get("data"), SCHEMA["data"]))
     split = p.split
-    official_test = p.dataset in ("cifar10", "cifar100", "pets")  # these keep their own test split
-    if split["train"] <= 0 or (split["test"] <= 0 and not official_test):
-        raise ParamError("data.split", split, "train and test fractions must be > 0")
+    if split["train"] <= 0:   # the test share: vitpipe.data.sources.check_split (the source knows its own)
+        raise ParamError("data.split", split, "a train fraction > 0")
     if abs(sum(split.values()) - 1.0) > 1e-6:
         raise ParamError("data.split", split, f"fractions that sum to 1 (these sum to {sum(split.values()):g})")
     if p.md5 is not None and p.md5 != "default":

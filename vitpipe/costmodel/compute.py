@@ -24,9 +24,9 @@ Conventions (the ones the tests hold it to):
 
 from __future__ import annotations
 
+from vitpipe import precisions
 from vitpipe.costmodel.devices import Device, get_device
 from vitpipe.errors import UserError
-from vitpipe.models import registry
 from vitpipe.models.registry import family_of_config
 
 # ViT-only readings the scaling section and the planner use (they live with the family)
@@ -35,7 +35,7 @@ from vitpipe.models.vit import attention_split as _attention_split
 from vitpipe.params import divisors
 
 # bytes of an activation element: 4, or 2 under autocast (the families count with the same rule)
-PRECISIONS = {p: registry.element_bytes(p) for p in ("fp32", "tf32", "bf16", "fp16")}
+PRECISIONS = {p.name: p.bytes for p in precisions.TABLE}
 OPTIMIZERS = {"sgd": 1, "adamw": 2}    # fp32 state tensors per parameter (momentum; m and v)
 ATTENTION = ("sdpa", "eager")          # timm's fused F.scaled_dot_product_attention, or not
 FRAGMENTATION = 0.05                   # caching-allocator slack on top of the peak, for `fits`
@@ -147,7 +147,7 @@ def measure_saved_bytes(model, x, precision="fp32") -> int:
             seen[s.data_ptr()] = s.nbytes()
         return t
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    half = precisions.get(precision).torch_dtype()
     y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast(x.device.type, dtype=half or torch.bfloat16, enabled=half is not None):

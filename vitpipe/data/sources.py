@@ -82,18 +82,52 @@ class Source(Protocol):
     def open(self, cfg: "DataParams", raw_dir: Path) -> RawDataset: ...
 
 
-# name -> "module:Class"; imported on demand so the embedded default never imports the rest.
+@dataclass(frozen=True)
+class SourceFacts:
+    """What a source is, known before anything is downloaded: its code ("module:Class",
+    imported on demand so the embedded default never imports the rest), its class count
+    (None: read from the data, an image folder) and whether it ships its own test split
+    (kept whatever `data.split.test` says)."""
+    loader: str
+    classes: int | None
+    official_test: bool
+
+
 SOURCES = {
-    "digits": "vitpipe.data.digits:DigitsSource",
-    "cifar10": "vitpipe.data.cifar:Cifar10Source",
-    "cifar100": "vitpipe.data.cifar:Cifar100Source",
-    "pets": "vitpipe.data.pets:PetsSource",
-    "imagefolder": "vitpipe.data.imagefolder:ImageFolderSource",
+    "digits": SourceFacts("vitpipe.data.digits:DigitsSource", 10, official_test=False),
+    "cifar10": SourceFacts("vitpipe.data.cifar:Cifar10Source", 10, official_test=True),
+    "cifar100": SourceFacts("vitpipe.data.cifar:Cifar100Source", 100, official_test=True),
+    "pets": SourceFacts("vitpipe.data.pets:PetsSource", 37, official_test=True),
+    "imagefolder": SourceFacts("vitpipe.data.imagefolder:ImageFolderSource", None, official_test=False),
 }
 
 
-def get_source(name: str) -> Source:
+def facts(name: str) -> SourceFacts:
     if name not in SOURCES:
         raise ParamError("data.dataset", name, "one of: " + ", ".join(SOURCES))
-    module, cls = SOURCES[name].split(":")
+    return SOURCES[name]
+
+
+def get_source(name: str) -> Source:
+    module, cls = facts(name).loader.split(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+def check_split(cfg: "DataParams") -> None:
+    """A test split to score on: the source's own, or a `data.split.test` share of its images."""
+    if cfg.split["test"] <= 0 and not facts(cfg.dataset).official_test:
+        raise ParamError("data.split", cfg.split, f"a test fraction > 0 ({cfg.dataset} has no official test split)")
+
+
+def class_count(dataset: str, prepared_dir: Path | None = None) -> int | None:
+    """Classes of the dataset's head: the source's own count, else (an image folder) its
+    prepared meta.json's if there is one, else None."""
+    known = facts(dataset).classes
+    if known is not None or prepared_dir is None:
+        return known
+    import json
+
+    try:
+        return len(json.loads((Path(prepared_dir) / "meta.json").read_text())["classes"])
+    except (OSError, ValueError, KeyError):
+        return None

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from vitpipe.costmodel.devices import NATIVE_BF16, Device
 from vitpipe.errors import ParamError
-
-CHOICES = ("fp32", "bf16", "fp16", "auto")
+from vitpipe.precisions import TRAINING as CHOICES
 
 
 def _device(device):

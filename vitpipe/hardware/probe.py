@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import replace
 
+from vitpipe import precisions
 from vitpipe.costmodel.compute import flops
 from vitpipe.costmodel.devices import ALIASES, Device, MiB, known_profile
 from vitpipe.costmodel.devices import get_device as profile_by_name
@@ -67,7 +68,7 @@ def local_device() -> Device:
         fp32 = measure_matmul_flops("cuda", torch.float32)
         half = measure_matmul_flops("cuda", torch.bfloat16)
         dev = Device("local", f"{props.name} (this machine)", props.total_memory,
-                     {"fp32": fp32, "tf32": fp32, "bf16": half, "fp16": half}, mfu=0.35,
+                     {p.peak: half if p.autocast else fp32 for p in precisions.TABLE}, mfu=0.35,
                      reserve_bytes=600 * MiB, measured={"matmul_fp32": fp32, "matmul_bf16": half},
                      capability=tuple(torch.cuda.get_device_capability(0)))
     else:
@@ -77,7 +78,7 @@ def local_device() -> Device:
         # no autocast speed-up is assumed on a CPU without bf16 matrix units
         dev = Device("local", f"CPU x{torch.get_num_threads()} threads (this machine)",
                      psutil.virtual_memory().available,
-                     {"fp32": fp32, "tf32": fp32, "bf16": fp32, "fp16": fp32}, mfu=0.3,
+                     {p.peak: fp32 for p in precisions.TABLE}, mfu=0.3,
                      reserve_bytes=512 * MiB, measured={"matmul_fp32": fp32})
     _LOCAL_CACHE["dev"] = dev
     return dev

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import functools
 
+from vitpipe import precisions
 from vitpipe.errors import ParamError, UserError
 
-HALF_PRECISIONS = ("bf16", "fp16")   # autocast runs matmuls in these; their elements are 2 bytes
-
-
-def element_bytes(precision: str) -> int:
-    """Bytes of a matmul input/output element at `precision` (half under autocast)."""
-    return 2 if precision in HALF_PRECISIONS else 4
+HALF_PRECISIONS = precisions.HALF   # autocast runs matmuls in these; their elements are 2 bytes
+element_bytes = precisions.element_bytes
 
 
 class Family:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from vitpipe import params
+from vitpipe import params, pipeline
 from vitpipe.report import studies as studies_results
 from vitpipe.report.studies import Studies
 
-SCRATCH = "scratch"
-LR_SWEEP = "params.lr_sweep.json"     # scripts/lr_sweep.py: the recipes' learning rates and the equal-compute run
+SCRATCH = pipeline.SCRATCH
+LR_SWEEP = str(pipeline.LR_SWEEP)    # scripts/lr_sweep.py: the recipes' learning rates and the equal-compute run
 
 
 @dataclass
@@ -195,25 +195,23 @@ def load(root: Path | str = ".", check_stale: bool = True) -> Inputs:
     root = Path(root)
     doc = yaml.safe_load((root / params.PARAMS_FILE).read_text())
     read = _Reader(root)
-    prepared = Path("data/prepared") / doc["data"]["dataset"]
+    prepared = pipeline.prepared_dir(doc["data"]["dataset"])
     meta = read.json(prepared / "meta.json")
     seeds = list(doc.get("seeds") or [0])
 
-    def run(name, spec, recipe, train_dir, pretrain):
-        seed_dirs = [f"seed-{s}" for s in seeds]
+    def run(name, spec, recipe, pretrain):
         return Run(name, dict(spec), recipe, seeds,
-                   [read.json(f"metrics/{train_dir}/{d}.json") for d in seed_dirs],
-                   [read.json(f"metrics/evaluate/{name}/{d}.json") for d in seed_dirs], pretrain,
-                   [read.table(f"plots/{train_dir}/{d}/train.tsv", "\t") for d in seed_dirs],
-                   [read.table(f"plots/{train_dir}/{d}/eval.tsv", "\t") for d in seed_dirs],
-                   [read.correct(f"eval/{name}/{d}/predictions.csv") for d in seed_dirs])
+                   [read.json(pipeline.train_metrics(name, s)) for s in seeds],
+                   [read.json(pipeline.eval_metrics(name, s)) for s in seeds], pretrain,
+                   [read.table(pipeline.steplog(name, s) / pipeline.TRAIN_LOG, "\t") for s in seeds],
+                   [read.table(pipeline.steplog(name, s) / pipeline.EVAL_LOG, "\t") for s in seeds],
+                   [read.correct(pipeline.eval_dir(name, s) / pipeline.PREDICTIONS) for s in seeds])
 
-    runs = [run(SCRATCH, doc["model"], _recipe(doc, "train", None), "train_scratch", {})]
+    runs = [run(SCRATCH, doc["model"], _recipe(doc, "train", None), {})]
     for name, spec in (doc.get("variants") or {}).items():
-        runs.append(run(name, spec, _recipe(doc, "finetune", name), f"finetune/{name}",
-                        read.json(f"metrics/pretrain/{name}.json")))
+        runs.append(run(name, spec, _recipe(doc, "finetune", name), read.json(pipeline.pretrain_metrics(name))))
     return Inputs(doc=doc, meta=meta, prepared=root / prepared, runs=runs,
-                  profile=read.json("metrics/profile.json"), compute=read.table("profile/compute.csv"),
-                  devices=read.table("profile/devices.csv"), missing=read.missing,
+                  profile=read.json(pipeline.PROFILE_METRICS), compute=read.table(pipeline.PROFILE_COMPUTE),
+                  devices=read.table(pipeline.PROFILE_DEVICES), missing=read.missing,
                   lr_sweep=json.loads((root / LR_SWEEP).read_text()) if (root / LR_SWEEP).exists() else {},
                   studies=studies_results.load(root, check_stale))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitpipe import precisions
 from vitpipe.atomic import torch_save, write_json
 from vitpipe.checkpoints import format as checkpoint
 from vitpipe.checkpoints import store as checkpoint_store
@@ -345,7 +346,8 @@ class Run:
             if self.channels_last:
                 model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, recipe)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")  # a no-op unless fp16
+        # a no-op unless the precision scales its loss (fp16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precisions.get(recipe.precision).grad_scaler)
         if ckpt is not None:
             path = self.checkpoint_path(ckpt["step"])
             try:

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from vitpipe import precisions
 from vitpipe.errors import ParamError
 from vitpipe.params import TrainParams
 
@@ -36,7 +37,7 @@ def make_optimizer(model: torch.nn.Module, recipe: TrainParams) -> torch.optim.O
 
 
 def autocast_dtype(precision: str):
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return precisions.get(precision).torch_dtype()
 
 
 def prepare_model(model: torch.nn.Module, recipe: TrainParams, section: str) -> str:
