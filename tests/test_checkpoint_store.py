@@ -62,12 +62,13 @@ def test_settings_env_then_local_config_then_default(tmp_path, monkeypatch):
     nested = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpabc"  # where DVC's temp experiments run
     nested.mkdir(parents=True)
     monkeypatch.chdir(nested)
-    assert checkpoint_store.settings()["dir"] == tmp_path / "cache" / "vitpipe" / "checkpoints"
+    assert checkpoint_store.settings().checkpoint_dir == tmp_path / "cache" / "vitpipe" / "checkpoints"
     (tmp_path / "project" / "vitpipe.local.yaml").write_text(f"checkpoint_dir: {tmp_path / 'conf'}\n"
                                                              f"checkpoint_mirror: {tmp_path / 'm'}\n")
-    assert checkpoint_store.settings() == {"dir": tmp_path / "conf", "mirror": str(tmp_path / "m"), "keep": False}
+    conf = checkpoint_store.settings()
+    assert (conf.checkpoint_dir, conf.checkpoint_mirror, conf.checkpoint_keep) == (tmp_path / "conf", str(tmp_path / "m"), False)
     monkeypatch.setenv("VITPIPE_CHECKPOINT_DIR", str(tmp_path / "env"))
-    assert checkpoint_store.settings()["dir"] == tmp_path / "env"
+    assert checkpoint_store.settings().checkpoint_dir == tmp_path / "env"
     (tmp_path / "project" / "vitpipe.local.yaml").write_text("checkpoint_dri: x\n")
     with pytest.raises(UserError, match="vitpipe.local.yaml: unknown key.*checkpoint_dri.*checkpoint_dir"):
         checkpoint_store.settings()
@@ -155,6 +156,7 @@ def test_a_process_killed_mid_upload_leaves_the_previous_checkpoint_in_force(tmp
     store = CheckpointStore(FP, "s", 9, directory=tmp_path / "a", mirror=str(mirror))
     data = fake_checkpoint(store, 3)
     store.wait_for_upload()
+    store.release()  # one writer per run: the process below writes it now
     p = subprocess.Popen([sys.executable, "-c", UPLOAD_KILLED.format(fp=FP), str(tmp_path / "a"), str(mirror)],
                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert p.stdout.readline().strip() == "uploading"
@@ -507,7 +509,7 @@ def test_no_secret_in_a_listing_a_failing_upload_or_an_error(tmp_path, monkeypat
     monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", "s3://AKIAFAKEKEY0007:fakeSecretKey0008@nowhere/c?token=fakeToken0003")
     assert main(["checkpoints"]) == 0
     out, err = capsys.readouterr()
-    assert "checkpoint mirror s3://***@nowhere/c?*** cannot be listed" in out
+    assert "checkpoint mirror s3://***@nowhere/c?*** cannot be listed" in err  # warnings: stderr
     _assert_no_secret(out, err)
 
     # errors: a missing filesystem, an unknown protocol

@@ -1,21 +1,26 @@
 """`vitpipe checkpoints`: what the checkpoint store holds, and removing it.
 
-    vitpipe checkpoints                      # stage, fingerprint, kind, step/total, age, size, where
+    vitpipe checkpoints                      # stage, fingerprint, kind, step/total, age, size, clone, where
     vitpipe checkpoints rm 3f2a9c01d4e5b6a7  # one run (a unique prefix is enough), local and mirror
-    vitpipe checkpoints rm --older-than 7d   # every run whose newest checkpoint or record is older
+    vitpipe checkpoints rm --older-than 7d   # every run of this clone whose newest checkpoint or record is older
+    vitpipe checkpoints rm --older-than 7d --all   # of every clone sharing the store
 
-A row's kind is `checkpoint` (an unfinished run: its newest checkpoint) or `finished` (a
-finished run's record: its outputs, which a new machine restores instead of training). A
-mirror's URL is shown without its credentials.
+A row's kind is `checkpoint` (an unfinished run: its newest checkpoint), `finished` (a
+finished run's record: its outputs, which a new machine restores instead of training) or
+`damaged` (a manifest that cannot be used, or a run folder that is a symbolic link: listed
+with a warning that names the file and the field, and removed by `rm` like any run). `clone`
+is host:folder of the project that wrote the run. Warnings go to stderr, so `--json` stays
+JSON. A mirror's URL is shown without its credentials.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
+import sys
 
 from vitpipe.checkpoints import store as checkpoint_store
+from vitpipe.checkpoints.lock import this_clone
 from vitpipe.checkpoints.mirror import Mirror
 from vitpipe.errors import UserError
 
@@ -26,7 +31,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("checkpoints", help="list or remove stored training checkpoints (local store and mirror)")
     p.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
     p.add_argument("fingerprints", nargs="*", help="runs to remove (a unique prefix of the fingerprint)")
-    p.add_argument("--older-than", help="with rm: every run older than this age (30m, 12h, 7d, 2w)")
+    p.add_argument("--older-than", help="with rm: every run of this clone older than this age (30m, 12h, 7d, 2w)")
+    p.add_argument("--all", action="store_true", help="with rm --older-than: the runs of every clone, not only this one's")
     p.add_argument("--json", action="store_true", help="print the runs as JSON")
     p.set_defaults(func=cmd_checkpoints)
 
@@ -39,9 +45,15 @@ def parse_age(text: str) -> float:
 
 
 def mirror_runs(mirror: Mirror) -> list[dict]:
-    """Rows for the runs in the mirror: each run's newest verified step and finished record."""
-    return [checkpoint_store.run_row(man, fp, size, mirror.where(fp), kind=kind)
-            for fp, kind, man, size in mirror.runs()]
+    """Rows for the runs in the mirror: each run's newest verified step and finished record,
+    and a `damaged` row for each manifest that cannot be used."""
+    return [checkpoint_store.run_row(man, fp, size, mirror.where(fp), kind=kind) if problem is None
+            else checkpoint_store.damaged_row(fp, mirror.where(fp), problem, None)
+            for fp, kind, man, size, problem in mirror.runs()]
+
+
+def warn(msg: str) -> None:
+    print(f"vitpipe: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _human(n: float) -> str:
@@ -61,50 +73,78 @@ def _age(s: float) -> str:
 
 def cmd_checkpoints(args) -> int:
     conf = checkpoint_store.settings()
-    rows = checkpoint_store.list_runs(conf["dir"])
-    mirror = Mirror(conf["mirror"]) if conf["mirror"] else None
+    if args.action == "ls" and (args.fingerprints or args.older_than or args.all):
+        raise UserError("`vitpipe checkpoints` lists everything; to remove, use `vitpipe checkpoints rm …`")
+    rows = checkpoint_store.list_runs(conf.checkpoint_dir)
+    mirror = Mirror(conf.checkpoint_mirror, conf.mirror_timeout_s) if conf.checkpoint_mirror else None
+    unlisted = None  # why the mirror could not be listed
     if mirror is not None:
         try:
-            rows += mirror_runs(mirror)
+            if mirror.exists():
+                rows += mirror_runs(mirror)
+            else:
+                warn(f"checkpoint mirror {mirror.shown} does not exist (not mounted, or nothing stored there yet)")
         except Exception as e:
-            print(f"vitpipe: warning: checkpoint mirror {mirror.shown} cannot be listed ({mirror.error(e)})")
-    if args.action == "ls":
-        if args.fingerprints or args.older_than:
-            raise UserError("`vitpipe checkpoints` lists everything; to remove, use `vitpipe checkpoints rm …`")
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        elif not rows:
-            print(f"no checkpoints in {conf['dir']}" + (f" or {mirror.shown}" if mirror else ""))
-        else:
-            from tabulate import tabulate
+            unlisted = mirror.error(e)
+            warn(f"checkpoint mirror {mirror.shown} cannot be listed ({unlisted})")
+    for r in rows:
+        if r["kind"] == checkpoint_store.DAMAGED:
+            warn(f"{r['problem']}; `vitpipe checkpoints rm {r['fingerprint']}` removes the run")
+    if args.action == "rm":
+        return remove(args, rows, conf, mirror, unlisted)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no checkpoints in {conf.checkpoint_dir}" + (f" or {mirror.shown}" if mirror else ""))
+    else:
+        from tabulate import tabulate
 
-            print(tabulate([[r["stage"], r["fingerprint"], r["kind"], f"{r['step']}/{r['total_steps']}", _age(r["age_s"]),
-                             _human(r["size_bytes"]), r["where"]] for r in rows],
-                           headers=["stage", "fingerprint", "kind", "step", "age", "size", "where"]))
-        return 0
-    return remove(args, rows, conf, mirror)
+        print(tabulate([[r["stage"] or "?", r["fingerprint"], r["kind"],
+                         "?" if r["step"] is None else f"{r['step']}/{r['total_steps']}",
+                         "?" if r["age_s"] is None else _age(r["age_s"]), _human(r["size_bytes"]), r["clone"] or "?",
+                         r["where"]] for r in rows],
+                       headers=["stage", "fingerprint", "kind", "step", "age", "size", "clone", "where"]))
+    return 0
 
 
-def remove(args, rows, conf, mirror: Mirror | None) -> int:
+def old_runs(rows: list[dict], cutoff: float, everyone: bool) -> set[str]:
+    """The runs everything stored of which is older than `cutoff` seconds: this clone's, or
+    every clone's with `everyone`. A run of unknown age (a damaged mirror manifest) stays."""
+    here, newest, theirs = this_clone(), {}, set()
+    for r in rows:
+        fp = r["fingerprint"]
+        if r["clone"] not in (None, here) and not everyone:
+            theirs.add(fp)
+        age = r["age_s"] if r["age_s"] is not None else -1.0
+        newest[fp] = min(newest.get(fp, age), age)
+    old = {fp for fp, age in newest.items() if age > cutoff}
+    if old & theirs:
+        warn(f"left {len(old & theirs)} old run(s) of other clones ({', '.join(sorted(old & theirs))}); "
+             "`vitpipe checkpoints rm --older-than AGE --all` removes them too")
+    return old - theirs
+
+
+def remove(args, rows, conf, mirror: Mirror | None, unlisted: str | None) -> int:
     if bool(args.fingerprints) == bool(args.older_than):
         raise UserError("`vitpipe checkpoints rm` needs either fingerprints or --older-than AGE (not both)")
     if args.older_than:
         cutoff = parse_age(args.older_than)
-        newest = {}
-        for r in rows:  # a run goes when everything stored of it is older than that
-            newest[r["fingerprint"]] = min(newest.get(r["fingerprint"], r["age_s"]), r["age_s"])
-        chosen = {fp for fp, age in newest.items() if age > cutoff}
+        if unlisted is not None:  # its old runs are unknown: removing only the local ones would say too little
+            raise UserError(f"checkpoint mirror {mirror.shown} cannot be listed ({unlisted}); nothing removed: "
+                            "try again when it answers, or unset VITPIPE_CHECKPOINT_MIRROR to clean the local store only")
+        chosen = old_runs(rows, cutoff, args.all)
     else:
         known = {r["fingerprint"] for r in rows}
         chosen = set()
         for prefix in args.fingerprints:
             match = {fp for fp in known if fp.startswith(prefix)}
             if len(match) != 1:
+                also = f"; the mirror could not be listed ({unlisted})" if unlisted else ""
                 raise UserError(f"{prefix!r} matches {len(match)} stored runs "
-                                f"({', '.join(sorted(match)) or 'none'}); `vitpipe checkpoints` lists them")
+                                f"({', '.join(sorted(match)) or 'none'}){also}; `vitpipe checkpoints` lists them")
             chosen |= match
     for fp in sorted(chosen):
-        shutil.rmtree(conf["dir"] / fp, ignore_errors=True)
+        checkpoint_store.remove_local(conf.checkpoint_dir, fp)
         if mirror is not None:
             try:
                 mirror.remove(fp)

@@ -21,17 +21,17 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from vitpipe.checkpoints.manifest import Damaged, check_name, confined, parse_record, parse_step, read_json
 from vitpipe.errors import UserError
+from vitpipe.settings import check_address, redact  # noqa: F401  (redact: this module's helper too)
 
 ENV_MIRROR = "VITPIPE_CHECKPOINT_MIRROR"
-MIRROR_TIMEOUT_S = float(os.environ.get("VITPIPE_MIRROR_TIMEOUT_S", "30"))
 DVC_REMOTE_SUBDIR = "vitpipe-checkpoints"
 RECORD = "finished"  # <fp>/finished.json and <fp>/finished/<name>
 FOLDER = ".dcp"  # <fp>/step-00001200.dcp/: a sharded checkpoint, one folder of files
@@ -42,20 +42,6 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": 
           "adl": "az", "ssh": "ssh", "sftp": "ssh"}
 # DVC remote settings that are credentials (never shown), and the s3fs options they become
 DVC_S3_CREDENTIALS = {"access_key_id": "key", "secret_access_key": "secret", "session_token": "token"}
-
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]*@")
-_QUERY = re.compile(r"(?P<url>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]*)\?[^\s#'\"]*")
-
-
-def redact(text: str, secrets=()) -> str:
-    """`text` with credentials removed: a URL's `user:password@` becomes `***@`, its query
-    string `?***`, and every known secret value `***`. The one helper for anything that shows
-    a mirror's URL or an error of its filesystem."""
-    text = str(text)
-    for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return _QUERY.sub(r"\g<url>?***", _USERINFO.sub(r"\g<scheme>***@", text))
-
 
 def url_secrets(url: str) -> list[str]:
     """The credentials a URL carries: its password, user name and query values, raw and decoded."""
@@ -152,10 +138,14 @@ class Mirror:
     """A durable copy of the checkpoint store. `shown` is its URL without credentials; every
     error this class raises or warns with is already redacted."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout_s: float = 30.0):
         import fsspec
 
-        given = url.rstrip("/")
+        given, self.timeout_s = url.rstrip("/"), timeout_s
+        try:
+            url = check_address(url)
+        except ValueError as e:
+            raise UserError(f"checkpoint mirror: {e}; or unset {ENV_MIRROR}") from None
         url, options, self.secrets = resolve(url)
         self.secrets += [str(v) for k, v in options.items() if k in ("key", "secret", "token")]
         self.shown = self.scrub(url if given == "dvc" else given)  # the user's URL, without credentials
@@ -189,14 +179,19 @@ class Mirror:
         """fn() or TimeoutError: a hung network call must not hang the stage."""
         pool = ThreadPoolExecutor(1)
         try:
-            return pool.submit(fn).result(timeout=MIRROR_TIMEOUT_S)
+            return pool.submit(fn).result(timeout=self.timeout_s)
         except FutureTimeout:
-            raise TimeoutError(f"no answer in {MIRROR_TIMEOUT_S:g} s") from None
+            raise TimeoutError(f"no answer in {self.timeout_s:g} s (VITPIPE_MIRROR_TIMEOUT_S)") from None
         finally:
             pool.shutdown(wait=False)
 
+    def shown_path(self, path: str) -> str:
+        """A path in the mirror as the user's URL shows it."""
+        return f"{self.shown}/{path[len(self.root) + 1:]}"
+
     def _read_json(self, path: str):
-        return json.loads(self.timed(lambda: self.fs.cat_file(path)))
+        """A manifest's JSON (Damaged, naming it, when it is not JSON)."""
+        return read_json(self.timed(lambda: self.fs.cat_file(path)), self.shown_path(path))
 
     def _put_verified(self, src: Path | object, dst: str) -> tuple[int, str]:
         """Upload a file (a path or an open binary file), read it back, compare; (size, sha256)."""
@@ -225,12 +220,12 @@ class Mirror:
         with a warning."""
         found = {}
         for f in self.timed(lambda: self.fs.glob(f"{self.root}/{fp}/step-*.json")):
-            shown = f"{self.shown}/{f[len(self.root) + 1:]}"
+            shown = self.shown_path(f)
             try:
-                man = self._read_json(f)
-                step = int(man["step"])
-            except (ValueError, KeyError, TypeError):
-                warn(f"ignoring {shown} in the checkpoint mirror: not a vitpipe manifest")
+                man = parse_step(self._read_json(f), shown, mirrored=True)
+                step = man["step"]
+            except Damaged as e:
+                warn(f"ignoring {shown} in the checkpoint mirror: not a vitpipe manifest ({e})")
                 continue
             if man.get("fingerprint") != fp:
                 warn(f"ignoring {shown} in the checkpoint mirror: it belongs to another run "
@@ -246,10 +241,11 @@ class Mirror:
             self._get_verified(f"{self.root}/{fp}/{step_name(step)}.pt", dst, manifest["size"], manifest["sha256"])
             return
         dst.mkdir(parents=True, exist_ok=True)
+        where = f"{self.where(fp)}/{step_name(step)}.json"
         for name, meta in manifest["files"].items():
-            if Path(name).name != name or name in ("", ".", ".."):  # a manifest never writes outside dst
-                raise ValueError(f"{self.where(fp)}/{step_name(step)}.json names a file outside its folder: {name!r}")
-            self._get_verified(f"{self.root}/{fp}/{step_name(step)}{FOLDER}/{name}", dst / name, meta["size"],
+            target = confined(dst, name, where)  # a manifest never writes outside dst
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._get_verified(f"{self.root}/{fp}/{step_name(step)}{FOLDER}/{name}", target, meta["size"],
                                meta["sha256"])
 
     def put_checkpoint(self, fp: str, path: Path, step: int, manifest: dict) -> None:
@@ -273,7 +269,8 @@ class Mirror:
         remote = f"{self.root}/{fp}/{step_name(step)}"
         with contextlib.ExitStack() as opened:
             try:
-                files = {name: opened.enter_context(open(folder / name, "rb")) for name in manifest["files"]}
+                files = {name: opened.enter_context(open(confined(folder, name, f"{folder}.json"), "rb"))
+                         for name in manifest["files"]}
             except FileNotFoundError:
                 return  # superseded before it could start
             if self.fs.exists(f"{remote}.json"):  # this step again (another run of this fingerprint): old manifest out first
@@ -309,46 +306,63 @@ class Mirror:
         """Upload a finished run's files, each verified against the manifest's digests, then
         the manifest: only then does the record exist."""
         for name, path in files.items():
+            check_name(name, f"the record of {fp}")
             size, digest = self._put_verified(path, f"{self.root}/{fp}/{RECORD}/{name}")
             want = manifest["files"][name]
             if (size, digest) != (want["size"], want["sha256"]):
                 raise OSError(f"{path} changed while it was uploaded")
         self.fs.pipe_file(f"{self.root}/{fp}/{RECORD}.json", json.dumps(manifest).encode())
 
+    def record_file(self, fp: str) -> str:
+        return f"{self.where(fp)}/{RECORD}.json"
+
     def record(self, fp: str) -> dict | None:
-        """The finished record's manifest of run `fp`, or None."""
+        """The finished record's manifest of run `fp`, parsed (Damaged naming the file), or None."""
         path = f"{self.root}/{fp}/{RECORD}.json"
         if not self.timed(lambda: self.fs.exists(path)):
             return None
-        return self._read_json(path)
+        return parse_record(self._read_json(path), self.record_file(fp))
 
     def get_record(self, fp: str, manifest: dict, folder: Path) -> None:
         """Download a record's files into `folder`, each verified (ValueError otherwise)."""
         for name, meta in manifest["files"].items():
-            self._get_verified(f"{self.root}/{fp}/{RECORD}/{name}", folder / name, meta["size"], meta["sha256"])
+            target = confined(folder, name, self.record_file(fp))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._get_verified(f"{self.root}/{fp}/{RECORD}/{name}", target, meta["size"], meta["sha256"])
 
     # -- every run (`vitpipe checkpoints`) -------------------------------------------------------
 
-    def runs(self) -> list[tuple[str, str, dict, int]]:
-        """(fingerprint, kind, manifest, bytes): each run's newest verified checkpoint and its
-        finished record, if any."""
+    def exists(self) -> bool:
+        return bool(self.timed(lambda: self.fs.exists(self.root)))
+
+    def runs(self) -> list[tuple[str, str, dict | None, int, str | None]]:
+        """(fingerprint, kind, manifest, bytes, problem): each run's newest verified checkpoint
+        and its finished record, if any; a damaged manifest is a row of kind `damaged` with
+        its problem (manifest None), never a reason to leave the other runs out."""
         newest: dict[str, dict] = {}
         rows = []
         for f in self.timed(lambda: self.fs.glob(f"{self.root}/*/step-*.json")):
-            try:
-                man = self._read_json(f)
-            except (OSError, ValueError):
-                continue
             fp = f.rsplit("/", 2)[-2]
-            if fp not in newest or man.get("step", -1) > newest[fp].get("step", -1):
-                newest[fp] = man
-        rows += [(fp, "checkpoint", m, m.get("size", 0)) for fp, m in newest.items()]
-        for f in self.timed(lambda: self.fs.glob(f"{self.root}/*/{RECORD}.json")):
             try:
-                man = self._read_json(f)
-            except (OSError, ValueError):
+                man = parse_step(self._read_json(f), self.shown_path(f), mirrored=True)
+            except FileNotFoundError:
+                continue  # dropped by a newer upload between the listing and the read
+            except Damaged as e:
+                rows.append((fp, "damaged", None, 0, str(e)))
                 continue
-            rows.append((f.rsplit("/", 2)[-2], "finished", man, record_size(man)))
+            if fp not in newest or man["step"] > newest[fp]["step"]:
+                newest[fp] = man
+        rows += [(fp, "checkpoint", m, m["size"], None) for fp, m in newest.items()]
+        for f in self.timed(lambda: self.fs.glob(f"{self.root}/*/{RECORD}.json")):
+            fp = f.rsplit("/", 2)[-2]
+            try:
+                man = parse_record(self._read_json(f), self.shown_path(f))
+            except FileNotFoundError:
+                continue
+            except Damaged as e:
+                rows.append((fp, "damaged", None, 0, str(e)))
+                continue
+            rows.append((fp, "finished", man, record_size(man), None))
         return sorted(rows, key=lambda r: (r[0], r[1]))
 
     def remove(self, fp: str) -> None:
@@ -358,4 +372,5 @@ class Mirror:
 
 
 def record_size(manifest: dict) -> int:
-    return sum(int(f.get("size", 0)) for f in manifest.get("files", {}).values())
+    """Bytes of a parsed record's files."""
+    return sum(f["size"] for f in manifest["files"].values())

@@ -50,7 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitpipe.atomic import atomic_path, write_json
+from vitpipe import settings as machine_settings
 from vitpipe.checkpoints import format as checkpoint_format
+from vitpipe.checkpoints.lock import RunLock, held_by_other, this_clone
+from vitpipe.checkpoints.manifest import Damaged, confined, parse_record, parse_step, read_file
 from vitpipe.checkpoints.mirror import (
     ENV_MIRROR,
     FOLDER,
@@ -68,40 +71,13 @@ from vitpipe.errors import UserError
 ENV_DIR = "VITPIPE_CHECKPOINT_DIR"
 ENV_KEEP = "VITPIPE_CHECKPOINT_KEEP"
 REST = "rest.pt"  # in a sharded checkpoint's folder: everything but the model and optimizer state
-LOCAL_CONFIG = "vitpipe.local.yaml"
+DAMAGED = "damaged"  # a listing row's kind for a run whose manifest is damaged
 
 
-def default_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitpipe" / "checkpoints"
-
-
-def local_config(start: Path | None = None) -> tuple[dict, Path | None]:
-    """The nearest vitpipe.local.yaml at or above `start` (keys: checkpoint_dir, checkpoint_mirror)."""
-    import yaml
-
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        f = folder / LOCAL_CONFIG
-        if f.is_file():
-            try:
-                doc = yaml.safe_load(f.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise UserError(f"{f} is not valid YAML: {' '.join(str(e).split())}") from None
-            unknown = set(doc) - {"checkpoint_dir", "checkpoint_mirror", "checkpoint_keep"} if isinstance(doc, dict) else {"?"}
-            if unknown:
-                raise UserError(f"{f}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; allowed: "
-                                "checkpoint_dir, checkpoint_mirror, checkpoint_keep")
-            return doc, f
-    return {}, None
-
-
-def settings() -> dict:
-    """{dir, mirror, keep} from the environment, else vitpipe.local.yaml, else the defaults."""
-    conf, _ = local_config()
-    directory = os.environ.get(ENV_DIR) or conf.get("checkpoint_dir") or default_dir()
-    mirror = os.environ.get(ENV_MIRROR, conf.get("checkpoint_mirror")) or None
-    keep = os.environ.get(ENV_KEEP, str(conf.get("checkpoint_keep", ""))).lower() in ("1", "true", "yes")
-    return {"dir": Path(directory).expanduser(), "mirror": mirror, "keep": keep}
+def settings() -> machine_settings.Settings:
+    """The machine's settings (vitpipe.settings): the environment, else vitpipe.local.yaml,
+    else the defaults, each checked."""
+    return machine_settings.load()
 
 
 @dataclass
@@ -188,24 +164,31 @@ class CheckpointStore:
                  mirror: str | None = None, keep: bool | None = None, main: bool = True):
         conf = settings()
         self.fingerprint, self.stage, self.total = fingerprint, stage, total_steps
-        self.root = Path(directory or conf["dir"]).expanduser()
+        self.root = Path(directory or conf.checkpoint_dir).expanduser()
         self.dir = self.root / fingerprint
-        self.keep = conf["keep"] if keep is None else keep
-        self.main = main
-        url = mirror if mirror is not None else conf["mirror"]
+        self.keep = conf.checkpoint_keep if keep is None else keep
+        self.main, self.clone = main, this_clone()
+        url = mirror if mirror is not None else conf.checkpoint_mirror
         self.mirror: Mirror | None = None
-        self._mirror_warned = False
+        self._mirror_warned: set[str] = set()  # the kinds of mirror failure already reported
         self.uploader = None
+        self.lock = RunLock(self.root, fingerprint, stage)
         if main:
-            self._check_writable()
             if url:
-                self.mirror = Mirror(url)
+                self.mirror = Mirror(url, conf.mirror_timeout_s)
+            self._check_writable()
+            self.lock.acquire(wait=conf.checkpoint_wait)  # one writer per run: the store is ours from here
+            self._clean()
+            if self.mirror is not None:
                 self.uploader = self._new_uploader()
 
     def _new_uploader(self) -> Uploader:
         return Uploader(self.mirror, self.fingerprint, self.mirror_failed)
 
     def _check_writable(self) -> None:
+        if self.dir.is_symlink():
+            raise UserError(f"checkpoint store {self.dir} is a symbolic link (to {os.readlink(self.dir)!r}), which "
+                            f"the store never makes; remove it with `vitpipe checkpoints rm {self.fingerprint}`")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".write-test-{os.getpid()}"
@@ -214,6 +197,8 @@ class CheckpointStore:
         except OSError as e:
             raise UserError(f"checkpoint store {self.root} is not writable ({e.strerror or type(e).__name__}); "
                             f"set {ENV_DIR} to a writable folder") from None
+
+    def _clean(self) -> None:
         for tmp in [*self.dir.glob(".step-*"), *self.dir.glob(".*.download")]:  # left by a kill mid-write
             _remove(tmp)
         shutil.rmtree(self.dir / f".{RECORD}.download", ignore_errors=True)
@@ -244,29 +229,39 @@ class CheckpointStore:
             return default
 
     def mirror_failed(self, what: str, e: Exception) -> None:
-        if not self._mirror_warned:
-            self._mirror_warned = True
+        """One warning per kind of failure (the mirror not answering; what it holds being
+        damaged), so that one kind never hides the other."""
+        kind = "damaged" if isinstance(e, ValueError) else "failing"
+        if kind not in self._mirror_warned:
+            self._mirror_warned.add(kind)
             warn(f"checkpoint mirror {self.mirror.shown} failed ({what}: {self.mirror.error(e)}); "
                  f"training goes on with local checkpoints in {self.dir}")
 
     # -- reading --------------------------------------------------------------------------
 
-    def local_steps(self) -> list[int]:
-        """Steps with a local checkpoint and its manifest (written after the file, atomically)."""
+    def local_steps(self, fix: str | None = None) -> list[int]:
+        """Steps with a local checkpoint and its manifest (written after the file, atomically).
+        Given `fix`, a damaged manifest is a UserError ending with it; else it is passed over."""
         steps = []
         for m in self.dir.glob("step-*.json"):
             try:
-                man = json.loads(m.read_text())
-                if man["fingerprint"] == self.fingerprint:
-                    steps.append(int(man["step"]))
-            except (OSError, ValueError, KeyError, TypeError):
+                man = parse_step(read_file(m), str(m))
+            except (OSError, Damaged) as e:
+                if fix is not None and not isinstance(e, FileNotFoundError):
+                    raise UserError(f"checkpoint manifest {_one_line(e)}; {fix}") from None
                 continue
+            if man["fingerprint"] == self.fingerprint:
+                steps.append(man["step"])
         return sorted(steps)
 
     def check_local(self, step: int, fix: str) -> None:
         """A local checkpoint whose size is not its manifest's was damaged after it was written.
         A folder's files are checked for size and sha256 too (DCP's files carry no digest)."""
-        man = json.loads((self.dir / f"{_name(step)}.json").read_text())
+        where = self.dir / f"{_name(step)}.json"
+        try:
+            man = parse_step(read_file(where), str(where))
+        except (OSError, Damaged) as e:
+            raise UserError(f"checkpoint manifest {_one_line(e)}; {fix}") from None
         if "files" in man:
             return self._check_folder(step, man["files"], fix)
         size = self.path(step).stat().st_size if self.path(step).exists() else None
@@ -276,7 +271,10 @@ class CheckpointStore:
 
     def _check_folder(self, step: int, files: dict, fix: str) -> None:
         for name, meta in files.items():
-            path = self.folder(step) / name
+            try:
+                path = confined(self.folder(step), name, str(self.dir / f"{_name(step)}.json"))
+            except Damaged as e:
+                raise UserError(f"{e}; {fix}") from None
             why = mismatch(path, meta["size"], meta["sha256"])
             if why:
                 raise UserError(f"checkpoint {path} is damaged: {why}; {fix}")
@@ -284,7 +282,7 @@ class CheckpointStore:
     def latest(self, fix: str) -> Found | None:
         """The newest checkpoint of this run, local or in the mirror (downloaded and verified).
         A damaged local one is an error that ends with `fix`, never silently skipped."""
-        local = self.local_steps()
+        local = self.local_steps(fix)
         if local:
             self.check_local(local[-1], fix)
         best = Found(self._where(local[-1]), local[-1], f"local store {self.dir}") if local else None
@@ -319,7 +317,7 @@ class CheckpointStore:
 
     def _manifest(self, step: int, **more) -> dict:
         return {"stage": self.stage, "fingerprint": self.fingerprint, "step": step, "total_steps": self.total,
-                "written": time.time(), **more}
+                "written": time.time(), "clone": self.clone, **more}
 
     def _write_manifest(self, step: int, size: int) -> None:
         write_json(self.dir / f"{_name(step)}.json", self._manifest(step, size=size))
@@ -375,6 +373,11 @@ class CheckpointStore:
             self.uploader.thread.join(timeout=120)  # a hung upload must not hang the stage (daemon thread)
             self.uploader = None
 
+    def release(self) -> None:
+        """Close, and let another process write this run (the process's end does it too)."""
+        self.close()
+        self.lock.release()
+
     def discard(self) -> None:
         """Remove everything of this run, checkpoints and finished record, locally and in the
         mirror; the store stays open for the run's next checkpoints."""
@@ -405,6 +408,7 @@ class CheckpointStore:
         if not self.keep:
             for step in self.local_steps():
                 self.drop_local(step)
+        self.lock.release()  # recorded: a run of this fingerprint waiting for us restores it now
 
     def _write_record(self, outputs: dict[str, Path], config: dict) -> dict:
         """Copy the outputs into <dir>/finished/, hashing them; the manifest last, atomically."""
@@ -415,24 +419,35 @@ class CheckpointStore:
                 size, digest = copy_hashing(f, out)
             files[name] = {"size": size, "sha256": digest}
         manifest = {"kind": RECORD, "stage": self.stage, "fingerprint": self.fingerprint, "total_steps": self.total,
-                    "config": json.loads(json.dumps(config, default=str)), "written": time.time(), "files": files}
+                    "config": json.loads(json.dumps(config, default=str)), "written": time.time(), "clone": self.clone,
+                    "files": files}
         write_json(self.dir / f"{RECORD}.json", manifest)
         return manifest
 
-    def finished_record(self) -> Record | None:
+    def finished_record(self, shapes: dict[str, tuple] | None = None) -> Record | None:
         """This run's finished record, verified: the local one, else the mirror's (downloaded).
-        One that fails verification is refused with one line; None when none verifies."""
+        Verified means: a parsed manifest of this run, every name confined to its folder, every
+        file matching its size and sha256, and the files being what they claim (`check_outputs`:
+        weights that load with weights_only=True into `shapes`, metrics and step logs that
+        parse). One that fails is refused with one line naming its manifest; None: train."""
         local = self.dir / f"{RECORD}.json"
-        if local.is_file():
+        if local.is_file() or local.is_symlink():
             try:
-                man = json.loads(local.read_text())
-                self._verify_record(man, self.dir / RECORD)
+                man = parse_record(read_file(local), str(local))
+                self._verify_record(man, self.dir / RECORD, str(local), shapes)
                 return Record(self.dir / RECORD, man, f"local store {self.dir}")
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (OSError, ValueError) as e:
                 self._refuse(f"local store {self.dir}", e)
         if self.mirror is None:
             return None
-        man = self._ask_mirror("looking for a finished run", lambda mirror: mirror.record(self.fingerprint))
+        try:
+            man = self.mirror.record(self.fingerprint)
+        except Damaged as e:
+            self._refuse(f"mirror {self.mirror.shown}", e)
+            return None
+        except Exception as e:
+            self.mirror_failed("looking for a finished run", e)
+            return None
         if man is None:
             return None
         folder = self.dir / f".{RECORD}.download"
@@ -440,45 +455,106 @@ class CheckpointStore:
         folder.mkdir(parents=True)
         where = f"mirror {self.mirror.shown}"
         try:
-            self._verify_record(man, None)
+            self._verify_record(man, None, self.mirror.record_file(self.fingerprint), None)
             self.mirror.get_record(self.fingerprint, man, folder)
+            self._verify_record(man, folder, self.mirror.record_file(self.fingerprint), shapes)
         except Exception as e:
             shutil.rmtree(folder, ignore_errors=True)
-            self._refuse(where, ValueError(self.mirror.error(e)) if not isinstance(e, ValueError) else e)
+            self._refuse(where, e if isinstance(e, ValueError) else ValueError(self.mirror.error(e)))
             return None
         (self.dir / f"{RECORD}.json").unlink(missing_ok=True)  # keep it locally too: verified, manifest last
-        shutil.rmtree(self.dir / RECORD, ignore_errors=True)
+        _remove(self.dir / RECORD)
         os.replace(folder, self.dir / RECORD)
         write_json(self.dir / f"{RECORD}.json", man)
         return Record(self.dir / RECORD, man, where)
 
-    def _verify_record(self, man: dict, folder: Path | None) -> None:
-        """ValueError unless `man` is this run's record (its config gives this fingerprint) and,
-        given `folder`, every file there matches the manifest's size and sha256."""
-        if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or "config" not in man:
-            raise ValueError("not a vitpipe finished record")
-        if man.get("fingerprint") != self.fingerprint or checkpoint_format.fingerprint(man["config"]) != self.fingerprint:
+    def _verify_record(self, man: dict, folder: Path | None, where: str, shapes: dict | None) -> None:
+        """ValueError unless `man` (parsed) is this run's record (its config gives this
+        fingerprint) and, given `folder`, every file there is confined, matches the manifest's
+        size and sha256, and is what it claims to be."""
+        if man["fingerprint"] != self.fingerprint or checkpoint_format.fingerprint(man["config"]) != self.fingerprint:
             raise ValueError(f"it belongs to another run (fingerprint {checkpoint_format.fingerprint(man['config'])}, "
                              f"this run is {self.fingerprint})")
-        for name, meta in (man["files"].items() if folder is not None else ()):
-            why = mismatch(folder / name, meta["size"], meta["sha256"])
+        if folder is None:
+            return
+        for name, meta in man["files"].items():
+            path = confined(folder, name, where)
+            why = mismatch(path, meta["size"], meta["sha256"])
             if why:
-                raise ValueError(f"{folder / name} does not match its manifest: {why}")
+                raise ValueError(f"{path} does not match its manifest: {why}")
+        check_outputs(folder, man, where, shapes)
 
     def _refuse(self, where: str, e: Exception) -> None:
-        warn(f"[{self.stage}] refusing the finished run {self.fingerprint} in {where}: {e}; training it instead")
+        warn(f"[{self.stage}] refusing the finished run {self.fingerprint} in {where}: {_one_line(e)}; "
+             "training it instead")
 
     def restore(self, record: Record, outputs: dict[str, Path]) -> None:
-        """Put a record's files back as the run's outputs, each atomically."""
+        """Put a record's files back as the run's outputs, each atomically (all verified by
+        finished_record before the first is replaced)."""
         for name in record.manifest["files"]:
             if name in outputs:
-                with open(record.folder / name, "rb") as f, atomic_path(outputs[name]) as tmp, open(tmp, "wb") as out:
+                source = confined(record.folder, name, str(record.folder.parent / f"{RECORD}.json"))
+                with open(source, "rb") as f, atomic_path(outputs[name]) as tmp, open(tmp, "wb") as out:
                     shutil.copyfileobj(f, out)
 
 
+def check_outputs(folder: Path, manifest: dict, where: str, shapes: dict | None) -> None:
+    """A record's files are what their names say (Damaged otherwise): `weights` loads with
+    weights_only=True and holds a state dict of exactly `shapes` (the run's model), `metrics`
+    is a JSON mapping, each `*.tsv` step log a header and rows of as many numbers."""
+    import torch
+
+    for name in manifest["files"]:
+        path = confined(folder, name, where)
+        if name == "weights":
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # refused pickle, truncated zip: all one to the user
+                raise Damaged(f"{where}: its weights do not load with weights_only=True "
+                              f"({type(e).__name__}: {_one_line(e)[:120]})") from None
+            state = payload.get("state_dict") if isinstance(payload, dict) else None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise Damaged(f"{where}: its weights hold no state dict")
+            got = {k: tuple(v.shape) for k, v in state.items()}
+            if shapes is not None and got != {k: tuple(v) for k, v in shapes.items()}:
+                wrong = sorted(set(got) ^ set(shapes)) or sorted(k for k in got if got[k] != tuple(shapes[k]))
+                raise Damaged(f"{where}: its weights do not fit this run's model ({', '.join(wrong[:3])})")
+        elif name == "metrics":
+            if not isinstance(read_file(path), dict):
+                raise Damaged(f"{where}: its metrics are not a JSON mapping")
+        elif name.endswith(".tsv"):
+            _check_tsv(path, where)
+
+
+def _check_tsv(path: Path, where: str) -> None:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise Damaged(f"{where}: step log {path.name} is not text") from None
+    if not lines or not lines[0].strip():
+        raise Damaged(f"{where}: step log {path.name} has no header")
+    width = len(lines[0].split("\t"))
+    for i, line in enumerate(lines[1:], start=2):
+        cells = line.split("\t")
+        if len(cells) != width or not all(_number(c) for c in cells):
+            raise Damaged(f"{where}: step log {path.name} line {i} is not {width} numbers")
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == ""  # an empty cell: a value a step did not have
+    return True
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())
+
+
 def _remove(path: Path) -> None:
-    """A file or a folder, if it is there."""
-    if path.is_dir():
+    """A file or a folder, if it is there (a symbolic link: the link only)."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
@@ -490,32 +566,69 @@ def _remove(path: Path) -> None:
 
 def list_runs(root: Path) -> list[dict]:
     """One row per stored run and kind (its newest checkpoint; its finished record): stage,
-    fingerprint, step/total, age, size, where."""
+    fingerprint, step/total, age, size, clone, where. A run whose manifest is damaged, or whose
+    folder is a symbolic link, is a row of kind `damaged` with its problem: listed, so that
+    `rm` can remove it, never a reason to leave the other runs out."""
     rows = []
     root = Path(root)
-    for run in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")):
-        mans = []
+    for run in sorted(p for p in root.glob("*") if not p.name.startswith(".") and (p.is_dir() or p.is_symlink())):
+        if run.is_symlink():
+            rows.append(damaged_row(run.name, str(run), f"{run} is a symbolic link (to {os.readlink(run)!r}), which "
+                                    "the store never makes", run.lstat().st_mtime))
+            continue
+        newest, problems = None, []
         for m in run.glob("step-*.json"):
             try:
-                mans.append(json.loads(m.read_text()))
-            except (OSError, ValueError):
+                man = parse_step(read_file(m), str(m))
+            except FileNotFoundError:
                 continue
-        if mans:
-            man = max(mans, key=lambda m: m.get("step", -1))
+            except (OSError, Damaged) as e:
+                problems.append((_one_line(e), m))
+                continue
+            if newest is None or man["step"] > newest["step"]:
+                newest = man
+        if newest is not None:
             files = [*run.glob("step-*.pt"), *run.glob(f"step-*{FOLDER}/*")]  # a sharded run's: folders
-            rows.append(run_row(man, run.name, sum(f.stat().st_size for f in files if f.is_file()), str(run)))
-        try:
-            record = json.loads((run / f"{RECORD}.json").read_text())
-        except (OSError, ValueError):
-            continue
-        rows.append(run_row(record, run.name, record_size(record), str(run), kind=RECORD))
+            rows.append(run_row(newest, run.name, sum(f.stat().st_size for f in files if f.is_file()), str(run)))
+        record = run / f"{RECORD}.json"
+        if record.exists() or record.is_symlink():
+            try:
+                man = parse_record(read_file(record), str(record))
+                rows.append(run_row(man, run.name, record_size(man), str(run), kind=RECORD))
+            except (OSError, Damaged) as e:
+                problems.append((_one_line(e), record))
+        rows += [damaged_row(run.name, str(run), why, _mtime(path)) for why, path in problems]
     return rows
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return time.time()
+
+
 def run_row(manifest: dict, fingerprint: str, size: int, where: str, kind: str = "checkpoint") -> dict:
-    """One `vitpipe checkpoints` row: a run's newest manifest (or its record's), its size and
-    where it is (a mirror's URL without credentials)."""
-    step = manifest.get("total_steps") if kind == RECORD else manifest.get("step")
+    """One `vitpipe checkpoints` row: a run's newest manifest (or its record's), parsed, its
+    size and where it is (a mirror's URL without credentials)."""
+    step = manifest.get("total_steps") if kind == RECORD else manifest["step"]
     return {"stage": manifest.get("stage"), "fingerprint": fingerprint, "kind": kind, "step": step,
             "total_steps": manifest.get("total_steps"), "age_s": time.time() - manifest.get("written", time.time()),
-            "size_bytes": size, "where": where}
+            "size_bytes": size, "clone": manifest.get("clone"), "where": where, "problem": None}
+
+
+def damaged_row(fingerprint: str, where: str, problem: str, written: float | None) -> dict:
+    """A row for a run whose manifest cannot be used: `rm` removes it; `written` (a file's
+    mtime, None when unknown) dates it for `rm --older-than`."""
+    return {"stage": None, "fingerprint": fingerprint, "kind": DAMAGED, "step": None, "total_steps": None,
+            "age_s": None if written is None else time.time() - written, "size_bytes": 0, "clone": None,
+            "where": where, "problem": problem}
+
+
+def remove_local(root: Path, fingerprint: str) -> None:
+    """Everything of run `fingerprint` in the local store (a symbolic link itself, never what it
+    points to); a UserError while another process trains it."""
+    holder = held_by_other(root, fingerprint)
+    if holder:
+        raise UserError(f"run {fingerprint} is being trained by {holder}; stop it first, or wait for it to finish")
+    _remove(Path(root) / fingerprint)

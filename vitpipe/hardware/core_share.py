@@ -5,7 +5,8 @@ Each torch process starts as many threads as there are cores; two of them on one
 process therefore leaves a lease (a file named by its pid) in a machine-local folder next
 to the checkpoint store, and at every host sync takes cores // (live leases) threads.
 
-It stays out of the way when the user chose: OMP_NUM_THREADS set, VITPIPE_CORE_SHARE=0, or
+It stays out of the way when the user chose: OMP_NUM_THREADS set, VITPIPE_CORE_SHARE=0 (or
+`core_share: false` in vitpipe.local.yaml), or
 torch's thread count already changed from the default; and on a GPU run, or under DDP
 (torchrun's processes get their share from vitpipe.training.distributed.relaunch).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from vitpipe import settings
 from vitpipe.hardware.probe import cpu_count
 
 
@@ -36,7 +38,7 @@ class CoreShare:
         beside its checkpoint store, which every training on the machine shares)."""
         self.cores = cpu_count()
         self.active = (device.type == "cpu" and world == 1 and "OMP_NUM_THREADS" not in os.environ
-                       and os.environ.get("VITPIPE_CORE_SHARE", "1") != "0"
+                       and settings.load().core_share
                        and torch.get_num_threads() == self.cores and self.cores > 1)
         self.folder, self.lease, self.threads = folder, None, torch.get_num_threads()
 
