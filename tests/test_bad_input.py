@@ -326,7 +326,7 @@ def test_cli_bad_option_is_one_line(tmp_path, argv, words):
 
 
 def test_plan_is_fast_for_any_batch():
-    from vitpipe.cli import plan_model
+    from vitpipe.plan import plan_model
 
     t = time.perf_counter()
     r = plan_model("vit_b16", batch=10**12, device="t4")

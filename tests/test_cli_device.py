@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from vitpipe import cli
+from vitpipe import cli, plan
 from vitpipe.costmodel import devices
 from vitpipe.errors import ParamError
 from vitpipe.hardware import precision as precision_of
@@ -50,7 +50,7 @@ def test_auto_is_the_gpus_known_profile_with_its_real_memory(monkeypatch, gpu, p
     assert dev.name == profile
     assert dev.label == f"{gpu[0]} (this GPU)"
     assert dev.memory_bytes == gpu[1]                 # torch's number, not the profile's
-    assert dev.peak_flops == known.peak_flops and dev.mfu == known.mfu
+    assert dev.peak_flops == known.peak_flops and dev.bandwidth == known.bandwidth
     assert dev.capability == gpu[2]
     assert precision_of.native(dev) == precision
 
@@ -62,7 +62,7 @@ def test_plan_auto_on_a_faked_t4(monkeypatch, capsys):
     assert r["device"] == "t4" and r["device_label"] == "Tesla T4 (this GPU)"
     assert r["capacity_bytes"] == T4[1]
     assert r["peak_flops"] == devices.DEVICES["t4"].peak("fp16")
-    assert r["mfu_source"] == "device default"        # a known card: no calibration run
+    assert r["mfu_source"] == "time model"            # a known card: its datasheet, no run here
     assert cli.main(["plan", "vit_b16", "--device", "auto", "--precision", "fp16"]) == 0
     assert "ViT-B/16" in capsys.readouterr().out
 
@@ -96,14 +96,15 @@ def test_params_plan_auto_on_a_faked_t4(monkeypatch, capsys, tmp_path):
 
 def test_params_plan_on_a_faked_a100_keeps_bf16(monkeypatch):
     fake_gpu(monkeypatch, *A100_40)
-    r = cli.plan_params(ROOT / "presets/reference-cifar100.yaml", "auto")
+    r = plan.plan_params(ROOT / "presets/reference-cifar100.yaml", "auto")
     assert r["overrides"] == [] and {s["precision"] for s in r["stages"]} == {"bf16"}
 
 
 def test_an_unknown_gpu_is_not_matched_to_a_profile():
     assert devices.known_profile("NVIDIA L40S", 48 * GiB) is None       # not an L4
     assert devices.known_profile("NVIDIA GH200 480GB", 96 * GiB) is None
-    assert devices.known_profile("Tesla P100-PCIE-16GB", 16 * GiB) is None
+    assert devices.known_profile("Tesla P100-PCIE-16GB", 16 * GiB).name == "p100"
+    assert devices.known_profile("NVIDIA GeForce RTX 3090", 24 * GiB).name == "rtx3090"
     assert devices.known_profile("NVIDIA A100 80GB PCIe", 80 * GiB).name == "a100-80"
 
 
@@ -115,14 +116,14 @@ def test_auto_without_a_gpu_is_the_local_cpu(monkeypatch, capsys):
     assert dev.label.startswith("CPU")
     assert cli.main(["plan", "vit_b16", "--batch", "64", "--device", "auto", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["device"] == "local" and r["mfu_source"] == "calibrated here"
+    assert r["device"] == "local" and r["mfu_source"] == "time model"
     assert r["capacity_bytes"] == dev.memory_bytes
 
 
 def test_params_plan_of_the_default_on_cpu(monkeypatch, capsys):
     """The embedded default fits this CPU as written; fractal variants get a pretrain stage."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    r = cli.plan_params(ROOT / "params.yaml", "auto")
+    r = plan.plan_params(ROOT / "params.yaml", "auto")
     stages = [s["stage"] for s in r["stages"]]
     assert stages[0] == "train_scratch" and "pretrain@resnet18" in stages and "finetune@resnet18" in stages
     assert r["fits"] and r["overrides"] == [] and r["device"] == "local"
@@ -155,7 +156,7 @@ def test_a_section_override_does_not_reach_variants_with_their_own_key(capsys):
     out = capsys.readouterr().out
     assert ("to run it here: dvc exp run -S 'finetune.micro_batch=32' -S 'variants.vit_b16.finetune.micro_batch=128'"
             " -S 'variants.resnet50.finetune.micro_batch=256'\n") in out
-    r = cli.plan_params(preset, "t4", sets=["finetune.micro_batch=32"])
+    r = plan.plan_params(preset, "t4", sets=["finetune.micro_batch=32"])
     written = {s["stage"]: s["micro_batch_written"] for s in r["stages"]}
     assert written["finetune@vit_b8"] == written["finetune@vit_l16"] == 32
     assert written["finetune@vit_b16"] == written["finetune@resnet50"] == 512
@@ -163,7 +164,7 @@ def test_a_section_override_does_not_reach_variants_with_their_own_key(capsys):
 
 def test_plan_sets_change_the_file_like_dvc_exp_run():
     doc = {"data": {"image_size": 224}, "variants": {"a": {"finetune": {"micro_batch": 8}}, "b": {}}}
-    out = cli.apply_sets(doc, ["data.image_size=384", "++variants.b.finetune.micro_batch=16", "~variants.a",
+    out = plan.apply_sets(doc, ["data.image_size=384", "++variants.b.finetune.micro_batch=16", "~variants.a",
                                "+seeds=[0, 1]"])
     assert out == {"data": {"image_size": 384}, "variants": {"b": {"finetune": {"micro_batch": 16}}}, "seeds": [0, 1]}
     assert doc["data"]["image_size"] == 224 and "a" in doc["variants"]     # the file's own doc is untouched
@@ -188,8 +189,54 @@ def test_plan_argument_errors_are_one_line(args, fragment, capsys, monkeypatch):
 @pytest.mark.parametrize("card, expected", [("t4", "fp16"), ("v100-16", "fp16"), ("a100-40", "bf16"), ("l4", "bf16")])
 def test_params_plan_resolves_precision_auto(card, expected):
     """The presets' `precision: auto` runs natively on every card without an override."""
-    r = cli.plan_params(ROOT / "presets/reference-pets.yaml", card)
+    r = plan.plan_params(ROOT / "presets/reference-pets.yaml", card)
     assert {s["precision_requested"] for s in r["stages"]} == {"auto"}
     assert {s["precision"] for s in r["stages"]} == {expected}
     assert not [o for o in r["overrides"] if "precision" in o]
     assert r["fits"]
+
+
+def test_several_models_one_table(capsys):
+    assert cli.main(["plan", "vit_b16", "resnet50", "convnext_tiny", "--device", "t4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("on Tesla T4") and "train img/s" in out[1]
+    assert [line.split()[0] for line in out[2:5]] == ["ViT-B/16", "ResNet-50", "ConvNeXt-Tiny"]
+
+
+def test_json_gives_train_and_inference_speed_and_the_split_even_when_it_does_not_fit(capsys):
+    assert cli.main(["plan", "vit_h14", "--device", "t4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fits"] is False and r["train_img_per_s"] > 0 and r["infer_img_per_s"] > r["train_img_per_s"]
+    assert sum(r["time_split"].values()) == pytest.approx(1)
+
+
+def test_three_seeds_take_three_times_one(capsys):
+    preset = str(ROOT / "presets/reference-pets-t4.yaml")
+    one = plan.plan_params(preset, "t4")
+    three = plan.plan_params(preset, "t4", sets=["seeds=[0,1,2]"])
+    assert one["seeds"] == 1 and three["seeds"] == 3
+    assert three["eta_s"] == pytest.approx(3 * one["eta_s"]) and three["eta_one_seed_s"] == pytest.approx(one["eta_s"])
+    assert cli.main(["plan", "--params", preset, "--device", "t4", "-S", "seeds=[0,1,2]"]) == 0
+    out = capsys.readouterr().out
+    assert "x 3 seeds" in out and "times: the time model" in out
+
+
+def test_devices_split_the_batch_and_shorten_the_eta(capsys):
+    one = plan.plan_model("vit_b16", batch=512, device="a100-80", precision="bf16")
+    four = plan.plan_model("vit_b16", batch=512, device="a100-80", precision="bf16", devices=4)
+    assert four["batch_per_device"] == 128 and four["allreduce_s"] > 0
+    assert one["eta_s"] / 4 < four["eta_s"] < one["eta_s"] / 2
+    assert cli.main(["plan", "vit_b16", "--batch", "64", "--devices", "1024"]) == 2
+    assert "--devices 1024 is more than --batch 64" in capsys.readouterr().err
+
+
+def test_a_card_from_a_file(tmp_path, capsys):
+    f = tmp_path / "card.yaml"
+    f.write_text(yaml.safe_dump({"name": "my-card", "memory_gib": 24, "memory_bandwidth_gbs": 900, "sm_count": 80,
+                                 "l2_mib": 40, "peak_tflops": {"fp32": 30, "tf32": 60, "bf16": 120, "fp16": 120}}))
+    assert cli.main(["plan", "vit_b16", "--device", str(f), "--precision", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "my-card"
+    f.write_text("name: x\nmemory_gib: 24\n")
+    assert cli.main(["plan", "vit_b16", "--device", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitpipe: error:") and "missing peak_tflops" in err and "missing sm_count" in err

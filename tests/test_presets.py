@@ -38,7 +38,7 @@ def test_preset_is_a_valid_params_file(path):
 # Every preset runs on every GPU in the device profiles: natively (no emulated bf16), in
 # memory, as the planner (`vitpipe plan --params FILE --device NAME`) says.
 
-from vitpipe.cli import plan_params  # noqa: E402
+from vitpipe.plan import plan_params  # noqa: E402
 from vitpipe.costmodel import devices  # noqa: E402
 from vitpipe.hardware import precision  # noqa: E402
 
@@ -52,7 +52,7 @@ def target_card(path: Path) -> str:
 
 def apply_overrides(doc: dict, overrides: list[str]) -> dict:
     """What `dvc exp run -S key=value` / `-S ++key=value` does to params.yaml (written here
-    apart from vitpipe.cli.apply_sets, so that the two can disagree)."""
+    apart from vitpipe.plan.apply_sets, so that the two can disagree)."""
     doc = yaml.safe_load(yaml.safe_dump(doc, sort_keys=False))
     for o in overrides:
         key, value = o.removeprefix("++").split("=", 1)

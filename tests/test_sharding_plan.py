@@ -3,7 +3,8 @@ over the devices there are, with the overrides to say so (vitpipe.costmodel.shar
 
 import pytest
 
-from vitpipe.cli import format_plan, plan_model
+from vitpipe.cli import format_plan
+from vitpipe.plan import plan_model
 from vitpipe.costmodel import compute, sharding
 from vitpipe.costmodel.devices import get_device
 from vitpipe.models import model_config

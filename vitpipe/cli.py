@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 
-from vitpipe.errors import ParamError, UserError
+from vitpipe.errors import UserError
 
 GiB = 2**30
 
@@ -33,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    plan = sub.add_parser("plan", help="params, FLOPs, memory, fit, micro-batch plan and ETA")
-    plan.add_argument("model", nargs="?",
-                      help="vit_b16-style name, resnet18..152, or a timm ViT/ResNet name (or --params)")
+    plan = sub.add_parser("plan", help="params, FLOPs, memory, fit, micro-batch plan, img/s and ETA",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plan.add_argument("model", nargs="*",
+                      help="vit_b16-style name, resnet18..152, convnext_tiny.., or a timm ViT/ResNet name; "
+                           "several give one table (or --params)")
     plan.add_argument("--params", metavar="FILE", default=None,
                       help="plan every training stage of a params file (params.yaml, presets/*.yaml), each "
                            "with its own batch, steps, optimizer and precision, and print the dvc exp run -S "
@@ -47,21 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pixels (default: a timm name's own, e.g. 384 for vit_small_patch32_384; else 224)")
     plan.add_argument("--batch", type=int, default=512, help="effective batch per optimizer step")
     plan.add_argument("--device", default="t4",
-                      help="t4, v100-16, a100-80, h100-80, l4, local, ..., or auto: this machine's GPU "
-                           "(its known profile with its real memory), else the local CPU")
+                      help="t4, p100, v100-16, l4, a10g, a100-80, h100-80, h200, rtx3090, local, auto (this "
+                           "machine's GPU as its known profile with its real memory, else the local CPU), or "
+                           "FILE.yaml: your own card (keys as in vitpipe/costmodel/devices.yaml)")
     # choices are checked by the library, so an unknown value gets the one-line error
     plan.add_argument("--precision", default="fp32", help="/".join(PRECISIONS))
     plan.add_argument("--optimizer", default="adamw", help="/".join(OPTIMIZERS))
     plan.add_argument("--attention", default="sdpa", help="/".join(ATTENTION))
     plan.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-    plan.add_argument("--num-classes", type=int, default=1000)
+    plan.add_argument("--num-classes", type=int, default=1000, help="classes of the head")
     plan.add_argument("--steps", type=int, default=10000, help="optimizer steps for the ETA")
     plan.add_argument("--devices", type=int, default=1,
-                      help="devices of this kind available (over one or more machines): where the whole training "
-                           "state does not fit one, shard it over them (FSDP)")
-    plan.add_argument("--mfu", type=float, default=None,
-                      help="model FLOPs utilisation; default: the device's, or calibrated for local")
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
+                      help="devices of this kind (over one or more machines): the batch is split over them "
+                           "(data parallel, gradients all-reduced); where the whole training state does not fit "
+                           "one, it is sharded (FSDP)")
+    plan.add_argument("--json", action="store_true", help="print JSON (a list for several models)")
     plan.set_defaults(func=cmd_plan)
 
     info = sub.add_parser("info", help="versions, CPU, RAM, GPU")
@@ -94,72 +95,27 @@ def cmd_compare(args) -> int:
 # plan
 
 
-def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp32",
-               optimizer="adamw", attention="sdpa", checkpointing=False, num_classes=1000,
-               steps=10000, mfu=None, devices=1) -> dict:
-    """The `vitpipe plan` answer as a dict (also what --json prints); `sharding`: replicate (DDP)
-    or shard (FSDP) over `devices` devices (vitpipe.costmodel.sharding.decide)."""
-    from vitpipe.costmodel import compute
-    from vitpipe.hardware import probe
-    from vitpipe.models import describe, model_config, validate_spec
-
-    for what, value in (("--batch", batch), ("--num-classes", num_classes), ("--steps", steps),
-                        ("--image-size", image_size), ("--devices", devices)):
-        if value < 1:
-            raise UserError(f"{what} must be a positive integer, got {value}")
-    spec = {"arch": model}
-    try:
-        validate_spec(spec, image_size, "model", image_size_key="--image-size")
-    except ParamError as e:
-        if e.key.endswith(".arch"):
-            raise UserError(f"unknown model {model!r}; allowed: {e.allowed}") from None
-        raise UserError(f"{model}: {e.allowed}") from None
-    for what, value, allowed in (("precision", precision, compute.PRECISIONS),
-                                 ("optimizer", optimizer, compute.OPTIMIZERS),
-                                 ("attention", attention, compute.ATTENTION)):
-        compute.check_choice(what, value, allowed)
-    if mfu is not None and not 0 < mfu <= 1:
-        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
-    dev = probe.get_device(device)
-    calibration = None
-    if mfu is None and dev.name == "local":
-        calibration = probe.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])
-        mfu = calibration["mfu"]
-    cfg = model_config(spec, num_classes, image_size)
-    est = compute.estimate(cfg, batch, dev, precision, optimizer, attention, checkpointing,
-                           steps=steps, mfu=mfu)
-    if calibration:
-        est["mfu_source"], est["mfu_basis"] = "calibrated here", "measured"
-        est["mfu_note"] = (f"MFU {mfu:.3f} measured on this machine (a small fp32 ViT step against its matmul "
-                           f"peak), applied to the {precision} peak")
-    from vitpipe.costmodel import sharding
-
-    est["sharding"] = sharding.decide(cfg, batch, dev, devices, precision, optimizer, attention, checkpointing)
-    return {"model": model, "name": describe(spec, image_size), "image_size": image_size,
-            "num_classes": num_classes, "devices": devices, **est}
-
-
-def native_image_size(model: str) -> int:
-    """A timm name ends in its resolution (vit_small_patch32_384); short names do not (224)."""
-    m = re.search(r"_(\d+)$", model.split(".")[0])
-    return int(m.group(1)) if m else 224
-
-
 def cmd_plan(args) -> int:
+    from vitpipe import plan
+
     if args.params:
         if args.model:
             raise UserError("give a MODEL or --params FILE, not both")
-        r = plan_params(args.params, args.device, mfu=args.mfu, sets=args.sets)
+        r = plan.plan_params(args.params, args.device, sets=args.sets)
         print(json.dumps(r, indent=2) if args.json else format_params_plan(r))
         return 0
     if not args.model:
-        raise UserError("vitpipe plan needs a MODEL (e.g. vit_b16) or --params FILE")
+        raise UserError("vitpipe plan needs a MODEL (e.g. vit_b16), several, or --params FILE")
     if args.sets:
         raise UserError(f"-S {args.sets[0]} changes a params file: use it with --params FILE")
-    r = plan_model(args.model, native_image_size(args.model) if args.image_size is None else args.image_size, args.batch, args.device, args.precision,
-                   args.optimizer, args.attention, args.checkpointing, args.num_classes,
-                   args.steps, args.mfu, args.devices)
-    print(json.dumps(r, indent=2) if args.json else format_plan(r))
+    rows = plan.plan_models(args.model, args.image_size, batch=args.batch, device=args.device,
+                            precision=args.precision, optimizer=args.optimizer, attention=args.attention,
+                            checkpointing=args.checkpointing, num_classes=args.num_classes, steps=args.steps,
+                            devices=args.devices)
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+    else:
+        print(format_plan(rows[0]) if len(rows) == 1 else format_models_table(rows))
     return 0
 
 
@@ -188,6 +144,31 @@ def sharded_plan(r: dict) -> str:
     fewest = (f"; FSDP fits over {sh['fewest_devices']} x {dev} (--devices {sh['fewest_devices']})"
               if sh["fewest_devices"] else "")
     return f"{short}{fewest}: or try --checkpointing, bf16/fp16, sgd or a bigger device"
+
+
+def _split(split: dict) -> str:
+    return (f"{split['compute_s']:.0%} compute-bound, {split['memory_s']:.0%} memory-bound, "
+            f"{split['overhead_s']:.0%} kernel launches")
+
+
+def format_models_table(rows: list[dict]) -> str:
+    """Several models on one device at one setting: one table."""
+    r0 = rows[0]
+    head = (f"on {r0['device_label']}: {r0['precision']}, {r0['optimizer']}, batch {r0['batch']}, "
+            f"{r0['steps']:,} steps, {r0['num_classes']} classes")
+    table = [("model", "params", "GFLOP/img", "peak GiB", "fits", "micro x accum", "train img/s", "infer img/s",
+              "compute/memory/launch", "ETA")]
+    for r in rows:
+        mb = f"{r['micro_batch']} x {r['accum_steps']}" if r["micro_batch"] else "-"
+        s = r["time_split"]
+        table.append((r["name"], _m(r["params"]), f"{r['forward_flops'] / 1e9:,.1f}", _gb(r["peak_bytes"]),
+                      "yes" if r["fits"] else ("micro" if r["micro_batch"] else "NO"), mb,
+                      f"{r['train_img_per_s']:,.1f}", f"{r['infer_img_per_s']:,.1f}",
+                      f"{s['compute_s']:.0%}/{s['memory_s']:.0%}/{s['overhead_s']:.0%}", _duration(r["eta_s"])))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    lines = [head] + ["  " + "  ".join(f"{str(c):<{w}}" for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines + ["  times: the time model (vitpipe/costmodel/steptime.py); fits: yes whole, "
+                               "micro with accumulation, NO not even at micro-batch 1"])
 
 
 def format_plan(r: dict) -> str:
@@ -219,10 +200,13 @@ def format_plan(r: dict) -> str:
         *([("parallel", f"ddp over {r['devices']} x {r['device']}: the whole state "
                         f"({_gb(r['sharding']['state_bytes_per_device'])} GiB) fits each device")]
           if r["devices"] > 1 and r["sharding"]["parallel"] == "ddp" else []),
-        ("speed", f"{r['img_per_s']:,.1f} img/s (MFU {r['mfu']:.3f} {r['mfu_source']}, peak "
-                  f"{r['peak_flops'] / 1e12:,.1f} TFLOP/s {r['precision']})"),
+        ("speed", f"train {r['train_img_per_s']:,.1f} img/s, inference {r['infer_img_per_s']:,.1f} img/s"
+                  + ("" if r["fits"] or r["micro_batch"] else " (if it fitted)")),
+        ("time split", _split(r["time_split"])
+                       + (f"; + all-reduce {r['allreduce_s'] * 1e3:,.1f} ms per step over {r['devices']} devices"
+                          if r["devices"] > 1 else "")),
         ("ETA", f"{r['steps']:,} steps x {r['batch']} = {_duration(r['eta_s'])}"),
-        ("MFU basis", f"{r['mfu_basis']}: {r['mfu_note']}"),
+        ("basis", r["mfu_note"]),
     ]
     attn = f", {r['attention']} attention" if r["attention_applies"] else ""
     head = (f"{r['name']} on {r['device_label']}: {r['precision']}, {opt}{attn}{ckpt}, "
@@ -234,161 +218,14 @@ def format_plan(r: dict) -> str:
 # ---------------------------------------------------------------------------------------
 # plan --params: every training stage of a params file on one device
 
-def dataset_classes(dataset: str) -> int:
-    """Classes of the dataset's head: the source's count, an image folder's from its prepared
-    meta.json if there is one, else 1000 (the head is a small part of the memory anyway)."""
-    from vitpipe import pipeline
-    from vitpipe.data import sources
-
-    return sources.class_count(dataset, pipeline.prepared_dir(dataset)) or 1000
-
-
-def _recipe(doc: dict, section: str, variant: str | None):
-    """The validated recipe, with `precision` as written (`auto` included, whether or not
-    this version of params.py knows it yet)."""
-    from vitpipe import params
-
-    base = dict(doc.get(section) or {})
-    override = dict(((doc.get("variants") or {}).get(variant) or {}).get(section) or {}) if variant else {}
-    precision = override.get("precision", base.get("precision", "fp32"))
-    if precision == "auto":              # validate the rest; auto itself is resolved below
-        base["precision"] = "fp32"
-        override.pop("precision", None)
-    variants = {**(doc.get("variants") or {})}
-    if variant:
-        variants[variant] = {**variants[variant], section: override}
-    recipe = params.train_params({**doc, section: base, "variants": variants}, section, variant)
-    return recipe, precision, "precision" in (((doc.get("variants") or {}).get(variant) or {}).get(section) or {})
-
-
-def apply_sets(doc: dict, sets) -> dict:
-    """`doc` changed as `dvc exp run -S` changes params.yaml: KEY=VALUE (+KEY=, ++KEY= add a
-    key), ~KEY removes one; VALUE is YAML (`32`, `fp16`, `[0, 1]`)."""
-    import copy
-
-    import yaml
-
-    doc = copy.deepcopy(doc)
-    for s in sets:
-        key, eq, value = s.lstrip("+~").partition("=")
-        if not key or (not eq) != s.startswith("~"):
-            raise UserError(f"-S {s!r}: give KEY=VALUE (e.g. -S finetune.micro_batch=32) or ~KEY to remove one")
-        *parents, last = key.split(".")
-        node = doc
-        for k in parents:
-            node = node.setdefault(k, {}) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                raise UserError(f"-S {s!r}: {key} is not inside a section of the params file")
-        if s.startswith("~"):
-            node.pop(last, None)
-        else:
-            node[last] = yaml.safe_load(value)
-    return doc
-
-
-def plan_params(path, device="auto", mfu=None, sets=()) -> dict:
-    """Plan every training stage of the params file `path` on `device`: per stage the
-    precision it will run with there, the micro-batch x accumulation that fits, the memory it
-    needs and its ETA; and the `dvc exp run -S` overrides that make the file run there as
-    planned (empty when it fits as written).
-
-    A micro-batch that fits as written is kept (the file's author chose it); one that does not
-    fit becomes the largest divisor of the batch that does. `precision: auto` and bf16 on a
-    GPU without bf16 units are resolved by `vitpipe.hardware.precision.resolve`, as training
-    resolves them; where it refuses bf16 (no bf16 units) the plan overrides it with fp16.
-
-    `sets` (`-S KEY=VALUE`, as `dvc exp run -S`) change the file before it is planned; they
-    lead the overrides. An override names the key where it acts: a variant's micro-batch as
-    `variants.<v>.<section>.micro_batch` (added with `++` where the file has none), since a
-    variant's key wins over its section's (`-S finetune.micro_batch=32` leaves a variant that
-    says 512 at 512) and one value does not fit every model; a precision (the same for every
-    stage) as the section's key, or the variant's where it has its own."""
-    from vitpipe import model_specs, params
-    from vitpipe.costmodel import compute
-    from vitpipe.hardware import precision as precisions
-    from vitpipe.hardware import probe
-    from vitpipe.models import describe, family_of_config, model_config
-
-    doc = apply_sets(params.read_yaml(path), sets)
-    data = params.data_params(doc)
-    size = data.image_size
-    classes = dataset_classes(data.dataset)
-    dev = probe.get_device(device)
-    if mfu is None and dev.name == "local":
-        mfu = probe.calibrate_mfu(peak_flops=dev.peak_flops["fp32"])["mfu"]
-
-    jobs = [("train_scratch", "train", None, model_specs.model_spec(doc, size), classes)]
-    for v in params.variant_names(doc):
-        spec = model_specs.variant_spec(doc, v, size)
-        if spec["source"] == "fractal":
-            jobs.append((f"pretrain@{v}", "pretrain", v, spec, params.train_params(doc, "pretrain", v).classes))
-        jobs.append((f"finetune@{v}", "finetune", v, spec, classes))
-
-    stages, overrides = [], list(sets)
-    variants = doc.get("variants") or {}
-
-    def key(section, variant, name):
-        if variant is None:
-            return f"{section}.{name}"
-        own = (variants.get(variant) or {}).get(section) or {}
-        return f"variants.{variant}.{section}.{name}" if name in own else None
-
-    def override(k, value, variant, section, name):
-        # a key the file does not have yet is added with Hydra's `++` (dvc exp run -S)
-        overrides.append(f"{k}={value}" if k else f"++variants.{variant}.{section}.{name}={value}")
-
-    precision_done = set()
-    for stage, section, variant, spec, n_classes in jobs:
-        recipe, requested, own_precision = _recipe(doc, section, variant)
-        try:
-            precision = precisions.resolve(requested, dev, f"{section}.precision")
-            why = f"auto = {precision} on {dev.label}" if requested == "auto" else ""
-        except ParamError:   # bf16 on a card without bf16 units: plan it in fp16 and say so
-            precision, why = "fp16", f"{dev.label} has no bf16 units: fp16 with a grad scaler instead of emulated bf16"
-        cfg = model_config({k: v for k, v in spec.items() if k not in ("source", "weights", "pretrain", "finetune")},
-                           n_classes, size)
-        ckpt = bool(recipe.activation_checkpointing) and family_of_config(cfg).checkpointing
-        est = compute.estimate(cfg, recipe.batch_size, dev, precision, recipe.optimizer, "sdpa", ckpt,
-                               steps=recipe.steps, mfu=mfu)
-        need = compute.required_bytes(
-            compute.memory(cfg, recipe.micro_batch, precision, recipe.optimizer, "sdpa", ckpt)["peak"], dev)
-        as_written = need <= dev.memory_bytes
-        micro = recipe.micro_batch if as_written else est["micro_batch"]
-        row = {"stage": stage, "section": section, "variant": variant,
-               "model": describe({k: v for k, v in spec.items() if k not in ("source", "weights")}, size),
-               "num_classes": n_classes, "batch": recipe.batch_size, "steps": recipe.steps,
-               "precision_requested": requested, "precision": precision, "precision_note": why,
-               "checkpointing": ckpt, "optimizer": recipe.optimizer,
-               "micro_batch_written": recipe.micro_batch, "micro_batch": micro,
-               "accum_steps": recipe.batch_size // micro if micro else 0,
-               "largest_micro_batch": est["micro_batch"],
-               "required_bytes": (need if as_written else est["micro_required_bytes"]),
-               "fits": bool(micro), "fits_as_written": as_written,
-               "img_per_s": est["img_per_s"], "eta_s": est["eta_s"]}
-        stages.append(row)
-        if precision != requested and requested != "auto":
-            k = key(section, variant, "precision") if own_precision else f"{section}.precision"
-            if k not in precision_done:
-                precision_done.add(k)
-                overrides.append(f"{k}={precision}")
-        if micro and micro != recipe.micro_batch:
-            override(key(section, variant, "micro_batch"), micro, variant, section, "micro_batch")
-    return {"params_file": str(path), "device": dev.name, "device_label": dev.label,
-            "memory_bytes": dev.memory_bytes, "capability": list(dev.capability) if dev.capability else None,
-            "peak_flops": dict(dev.peak_flops), "native_precision": precisions.native(dev),
-            "mfu": mfu if mfu is not None else dev.mfu,
-            "fits": all(r["fits"] for r in stages), "stages": stages, "overrides": overrides,
-            "eta_s": sum(r["eta_s"] for r in stages)}
-
-
 def format_params_plan(r: dict) -> str:
     cap = r["capability"]
     peaks = ", ".join(f"{k} {v / 1e12:,.1f}" for k, v in r["peak_flops"].items())
     head = [f"{r['params_file']} on {r['device_label']}: {_gb(r['memory_bytes'])} GiB"
             + (f", compute capability {cap[0]}.{cap[1]}" if cap else "")
             + f", native precision {r['native_precision']}",
-            f"  peak TFLOP/s: {peaks}; MFU {r['mfu']:.2f}"]
-    rows = [("stage", "model", "precision", "micro x accum = batch", "needs GiB", "ETA")]
+            f"  peak TFLOP/s: {peaks}", f"  {r['basis']}"]
+    rows = [("stage", "model", "precision", "micro x accum = batch", "needs GiB", "train img/s", "ETA")]
     for s in r["stages"]:
         prec = s["precision"] + ("*" if s["precision"] != s["precision_requested"] else "")
         if s["fits"]:
@@ -397,12 +234,13 @@ def format_params_plan(r: dict) -> str:
             needs = _gb(s["required_bytes"])
         else:
             mb, needs = "does not fit at micro-batch 1", "-"
-        rows.append((s["stage"], s["model"], prec, mb, needs, _duration(s["eta_s"])))
+        rows.append((s["stage"], s["model"], prec, mb, needs, f"{s['img_per_s']:,.1f}", _duration(s["eta_s"])))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = head + ["  " + "  ".join(f"{str(c):<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows]
     notes = sorted({s["precision_note"] for s in r["stages"] if s["precision_note"]})
     lines += [f"  * {n}" for n in notes]
-    lines.append(f"  total ETA {_duration(r['eta_s'])} (the compute model's estimate; evaluation not included)")
+    seeds = (f" = {_duration(r['eta_one_seed_s'])} x {r['seeds']} seeds" if r["seeds"] > 1 else " (1 seed)")
+    lines.append(f"  total ETA {_duration(r['eta_s'])}{seeds} (the time model's estimate; evaluation not included)")
     if not r["fits"]:
         lines.append("  NOT everything fits: set activation_checkpointing: true, or use a bigger GPU")
     elif r["overrides"]:

@@ -25,6 +25,7 @@ Conventions (the ones the tests hold it to):
 from __future__ import annotations
 
 from vitpipe import precisions
+from vitpipe.costmodel import steptime
 from vitpipe.costmodel.devices import Device, get_device
 from vitpipe.errors import UserError
 from vitpipe.models.registry import family_of_config
@@ -40,13 +41,6 @@ OPTIMIZERS = {"sgd": 1, "adamw": 2}    # fp32 state tensors per parameter (momen
 ATTENTION = ("sdpa", "eager")          # timm's fused F.scaled_dot_product_attention, or not
 FRAGMENTATION = 0.05                   # caching-allocator slack on top of the peak, for `fits`
 LOSS_SCALAR = 4                        # the loss, saved once per step
-# The profile MFUs that were measured rather than assumed: device -> (the precision it was
-# measured in, by whom). The T4's: ViT-B/32 from scratch, fp32, 38.5 img/s x 26.3 GFLOP/img
-# of 8.1 TFLOP/s (`reference.TIME`).
-MFU_MEASURED = {"t4": ("fp32", "the reference (a 2022 course report: ViT-B/32 from scratch on a Colab T4, "
-                               "38.5 img/s)")}
-
-
 def check_choice(what: str, value, allowed) -> None:
     if value not in allowed:
         raise UserError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
@@ -230,30 +224,22 @@ def plan(cfg, batch: int, device: Device, precision="fp32", optimizer="adamw",
 # Time
 
 
-def throughput(train_flops_per_image: float, device: Device, precision: str, mfu: float) -> float:
-    """Images per second = achieved FLOP/s / FLOPs per image."""
-    return mfu * device.peak(precision) / train_flops_per_image
-
-
-def mfu_provenance(device: Device, precision: str, mfu: float | None = None,
-                   family: str = "vit") -> tuple[str, str]:
-    """Which MFU an ETA at `precision` for a `family` network assumes and where it comes
-    from: ("measured" | "assumed" | "given", a sentence). Only the T4's profile MFU was
-    measured (by the reference, a ViT in fp32); applying it at another precision's peak, or
-    to another family, is an assumption."""
-    peak = f"the {precision} peak ({device.peak(precision) / 1e12:,.1f} TFLOP/s)"
-    if mfu is not None:
-        return "given", f"MFU {mfu:.3f} given (--mfu, profile.mfu or calibrated on this machine), applied to {peak}"
-    measured_in, who = MFU_MEASURED.get(device.name, (None, None))
-    if measured_in is None:
-        return "assumed", (f"MFU {device.mfu:.3f} assumed (a typical ViT training step on {device.label}; "
-                           f"not measured), applied to {peak}")
-    measured = f"MFU {device.mfu:.3f} measured in {measured_in} by {who}"
-    same_peak = PRECISIONS[precision] == PRECISIONS[measured_in] and device.peak(precision) == device.peak(measured_in)
-    if same_peak and family == "vit":
-        return "measured", measured
-    untested = ([f"at {peak}"] if not same_peak else []) + ([f"for a {family} network"] if family != "vit" else [])
-    return "assumed", f"{measured}; assumed to hold {' and '.join(untested)}, which nothing measured"
+def timing(cfg, batch: int, micro_batch: int, device: Device, precision="fp32", optimizer="adamw",
+           attention="sdpa", checkpointing=False) -> dict:
+    """Training and inference img/s from the time model (`costmodel.steptime`): one optimizer
+    step of `batch` images is batch / micro_batch micro-steps (forward + backward) and one
+    update; inference runs forward passes of `micro_batch`. The split says where a training
+    step's time goes (compute-bound, memory-bound, kernel launches)."""
+    micro = micro_batch or batch            # does not fit anywhere: timed as if it did
+    accum = max(1, batch // micro)
+    step = steptime.step_time(cfg, micro, device, precision, attention, optimizer, train=True,
+                              checkpointing=checkpointing)
+    update = steptime.update_time(cfg, device, precision, optimizer)
+    seconds = accum * (step["seconds"] - update["seconds"]) + update["seconds"]
+    infer = steptime.step_time(cfg, micro, device, precision, attention, optimizer, train=False)
+    split = {k: accum * (step[k] - update[k]) + update[k] for k in ("compute_s", "memory_s", "overhead_s")}
+    return {"train_img_per_s": batch / seconds, "infer_img_per_s": infer["img_per_s"], "step_s": seconds,
+            "time_split": {k: v / seconds for k, v in split.items()}, "time_split_s": split}
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,9 +248,9 @@ def mfu_provenance(device: Device, precision: str, mfu: float | None = None,
 
 def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp32",
              optimizer: str = "adamw", attention: str = "sdpa", checkpointing: bool = False,
-             steps: int | None = None, mfu: float | None = None) -> dict:
-    """One flat dict: params (per component), FLOPs, memory, fits/plan, img/s and ETA.
-    `mfu`: a calibrated value; None uses the device profile's assumption."""
+             steps: int | None = None) -> dict:
+    """One flat dict: params (per component), FLOPs, memory, fits/plan, training and
+    inference img/s (the time model, at the planned micro-batch), the time split and ETA."""
     check_choice("precision", precision, PRECISIONS)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("attention", attention, ATTENTION)
@@ -277,10 +263,14 @@ def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp3
     f = flops(cfg)
     mem = memory(cfg, batch, precision, optimizer, attention, checkpointing)
     pl = plan(cfg, batch, device, precision, optimizer, attention, checkpointing)
-    mfu_used = device.mfu if mfu is None else mfu
-    basis, note = mfu_provenance(device, precision, mfu, family.name)
+    t = timing(cfg, batch, pl["micro_batch"], device, precision, optimizer, attention, checkpointing)
     executed = f["train"] + (f["recompute"] if checkpointing else 0)
-    img_s = throughput(executed, device, precision, mfu_used)
+    img_s = t["train_img_per_s"]
+    achieved = img_s * f["train"] / device.peak(precision)
+    note = (f"time model (costmodel.steptime) on {device.label}'s datasheet: "
+            f"{t['time_split']['compute_s']:.0%} compute-bound, {t['time_split']['memory_s']:.0%} memory-bound, "
+            f"{t['time_split']['overhead_s']:.0%} kernel launches; MFU {achieved:.3f} of the {precision} peak "
+            f"({device.peak(precision) / 1e12:,.1f} TFLOP/s) follows from it")
     out = {"params": p["total"], **{f"params_{k}": v for k, v in p.items() if k != "total"},
            "forward_flops": f["forward"], "train_flops": f["train"], "executed_flops": executed,
            "activation_bytes": activation_bytes(cfg, precision, attention, checkpointing),
@@ -289,8 +279,9 @@ def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp3
            "activations_bytes": mem["activations"], "transient_bytes": mem["transient"],
            "peak_bytes": mem["peak"], "required_bytes": required_bytes(mem["peak"], device),
            "capacity_bytes": device.memory_bytes, **pl,
-           "img_per_s": img_s, "mfu": mfu_used, "mfu_source": "device default" if mfu is None else "given",
-           "mfu_basis": basis, "mfu_note": note,
+           "img_per_s": img_s, "train_img_per_s": img_s, "infer_img_per_s": t["infer_img_per_s"],
+           "time_split": t["time_split"], "step_s": t["step_s"],
+           "mfu": achieved, "mfu_source": "time model", "mfu_basis": "predicted", "mfu_note": note,
            "peak_flops": device.peak(precision), "device": device.name, "device_label": device.label,
            "precision": precision, "optimizer": optimizer, "attention": attention,
            "checkpointing": checkpointing, "family": family.name, "attention_applies": family.attention}

@@ -149,15 +149,30 @@ def step_time(cfg, batch: int, device, precision: str = "fp16", attention: str =
                 _forward(clock, op, batch, attention)           # the recompute
             (_backward if backward else _forward)(clock, op, batch, attention)
     if train:
-        n = registry_params(cfg)
-        half = clock.a < 4
-        cast = (6 + 6) * plan["cast_params"] if half else 0   # weight casts forward, their grads back
-        clock.memory(OPTIMIZER_BYTES[optimizer] * n + cast + (8 * n if half else 0),
-                     kernels=OPTIMIZER_KERNELS * plan["tensors"])
+        _update(clock, cfg, plan, optimizer)
     clock.split["overhead"] = clock.kernels * LAUNCH_S
     seconds = sum(clock.split.values())
     return {"seconds": seconds, "img_per_s": batch / seconds, "compute_s": clock.split["compute"],
             "memory_s": clock.split["memory"], "overhead_s": clock.split["overhead"], "kernels": clock.kernels}
+
+
+def _update(clock, cfg, plan, optimizer):
+    """Once per optimizer step: the update over every parameter and, under autocast, the
+    weights' half copies (made in forward, their gradients cast back) and the scaler's unscale."""
+    n = registry_params(cfg)
+    half = clock.a < 4
+    cast = (6 + 6) * plan["cast_params"] if half else 0
+    clock.memory(OPTIMIZER_BYTES[optimizer] * n + cast + (8 * n if half else 0),
+                 kernels=OPTIMIZER_KERNELS * plan["tensors"])
+
+
+def update_time(cfg, device, precision: str = "fp16", optimizer: str = "sgd") -> dict:
+    """The part of `step_time` spent once per optimizer step, not per micro-batch."""
+    clock = _Clock(device, precision)
+    _update(clock, cfg, step_ops(cfg, clock.a), optimizer)
+    clock.split["overhead"] = clock.kernels * LAUNCH_S
+    return {"seconds": sum(clock.split.values()), "compute_s": 0.0, "memory_s": clock.split["memory"],
+            "overhead_s": clock.split["overhead"]}
 
 
 def registry_params(cfg) -> int:

@@ -1,7 +1,8 @@
 """The profile stage's work: the analytic compute model (vitpipe.costmodel.compute) evaluated for the
 full-size models of params.yaml `profile:` at the reference's setting, on every device
 profile, next to the reference report's own figures and formulas. Analytic only: no
-full-size forward pass, seconds on a laptop CPU (plus a ~2 s calibration run here)."""
+full-size forward pass, seconds on a laptop CPU (plus a ~2 s check of the time model here:
+a small ViT trained on this machine, measured and predicted). Memory in GiB (2^30 bytes)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from vitpipe.costmodel import reference
 from vitpipe.errors import ParamError, UserError
 from vitpipe.models import describe, family_of, model_config, validate_spec
 
-GB = 1e9
+GiB = 2**30
 DEFAULTS = {"attention": "sdpa", "checkpointing": False, "mfu": None}
 
 
@@ -33,8 +34,9 @@ def validate(p: dict) -> dict:
         devices.get_device(p["device"]) if p["device"] not in devices.LOCAL else None
     except UserError:
         raise ParamError("profile.device", p["device"], "one of: " + ", ".join(devices.device_names())) from None
-    if p["mfu"] is not None and not (isinstance(p["mfu"], (int, float)) and 0 < p["mfu"] <= 1):
-        raise ParamError("profile.mfu", p["mfu"], "null (device default) or a number in (0, 1]")
+    if p["mfu"] is not None:     # times come from the time model now; the key stays readable as null
+        raise ParamError("profile.mfu", p["mfu"], "null (times come from the time model, "
+                         "vitpipe/costmodel/steptime.py, not from an assumed MFU)")
     models = p.get("models")
     if not isinstance(models, list) or not models:
         raise ParamError("profile.models", models, "a non-empty list of model names or specs")
@@ -55,12 +57,16 @@ def model_key(spec: dict) -> str:
 
 
 def run(p: dict, local: devices.Device, calib: dict) -> tuple[dict, list[dict], list[dict]]:
-    """The table for validated `p`. `local` is this machine's profile and `calib` its MFU
-    calibration (`vitpipe.hardware.probe`): measuring is the caller's job, not the model's."""
-    metrics = {"calibrated_mfu": round(calib["mfu"], 4),
-               "local_img_per_s": round(calib["img_per_s"], 2),
-               "local_peak_gflops": round(calib["peak_flops"] / 1e9, 1)}
-    mfu_for = {"local": calib["mfu"]}
+    """The table for validated `p`. `local` is this machine's profile (measured peak and
+    bandwidth) and `calib` a small ViT's measured training speed here
+    (`vitpipe.hardware.probe.calibrate_mfu`): measuring is the caller's job, not the model's;
+    the time model's prediction for the same run stands beside it."""
+    predicted = local_prediction(local, calib)
+    metrics = {"local_img_per_s": round(calib["img_per_s"], 2),
+               "local_predicted_img_per_s": round(predicted, 2),
+               "local_prediction_error": round(predicted / calib["img_per_s"] - 1, 3),
+               "local_peak_gflops": round(local.peak("fp32") / 1e9, 1),
+               "local_bandwidth_gbs": round(local.bandwidth / 1e9, 1)}
     table1 = {r["model"]: r for r in reference.reference_table(p["image_size"], p["num_classes"])}
     profiles = [devices.get_device(n) for n in devices.DEVICES] + [local]
     rows, device_rows = [], []
@@ -70,8 +76,7 @@ def run(p: dict, local: devices.Device, calib: dict) -> tuple[dict, list[dict], 
         common = dict(precision=p["precision"], optimizer=p["optimizer"], attention=p["attention"],
                       checkpointing=p["checkpointing"], steps=p["schedule_steps"])
         target = local if p["device"] in devices.LOCAL else devices.get_device(p["device"])
-        e = compute.estimate(cfg, p["batch_size"], target,
-                             mfu=p["mfu"] or mfu_for.get(target.name), **common)
+        e = compute.estimate(cfg, p["batch_size"], target, **common)
         seed = reference.seed_params(cfg)
         ref = table1.get(spec["arch"], {})
         ref_mem = reference.MEMORY.get(spec["arch"], {})
@@ -85,14 +90,16 @@ def run(p: dict, local: devices.Device, calib: dict) -> tuple[dict, list[dict], 
                "ref_table_calculated_m": ref.get("ref_calculated_m"),
                "forward_gflops": e["forward_flops"] / 1e9, "train_gflops": e["train_flops"] / 1e9,
                "activation_mb_per_image": e["activation_bytes"] / 1e6,
-               "weights_gb": e["weights_bytes"] / GB, "grads_gb": e["grads_bytes"] / GB,
-               "optimizer_gb": e["optimizer_bytes"] / GB,
-               "autocast_weights_gb": e["autocast_weights_bytes"] / GB,
-               "activations_gb": e["activations_bytes"] / GB, "transient_gb": e["transient_bytes"] / GB,
-               "peak_gb": e["peak_bytes"] / GB, "required_gb": e["required_bytes"] / GB,
-               "capacity_gb": e["capacity_bytes"] / GB, "fits": e["fits"],
+               "weights_gib": e["weights_bytes"] / GiB, "grads_gib": e["grads_bytes"] / GiB,
+               "optimizer_gib": e["optimizer_bytes"] / GiB,
+               "autocast_weights_gib": e["autocast_weights_bytes"] / GiB,
+               "activations_gib": e["activations_bytes"] / GiB, "transient_gib": e["transient_bytes"] / GiB,
+               "peak_gib": e["peak_bytes"] / GiB, "required_gib": e["required_bytes"] / GiB,
+               "capacity_gib": e["capacity_bytes"] / GiB, "fits": e["fits"],
                "micro_batch": e["micro_batch"], "accum_steps": e["accum_steps"],
-               "headroom_gb": e["headroom_bytes"] / GB, "img_per_s": e["img_per_s"],
+               "headroom_gib": e["headroom_bytes"] / GiB, "img_per_s": e["img_per_s"],
+               "infer_img_per_s": e["infer_img_per_s"],
+               **{f"time_{k}": round(v, 4) for k, v in e["time_split"].items()},
                "mfu": e["mfu"], "mfu_basis": e["mfu_basis"], "mfu_source": e["mfu_note"], "eta_h": e["eta_s"] / 3600,
                "ref_memory_gb": ref_mem.get("used_gb") or ref_mem.get("needed_gb"),
                "ref_fits": ref_mem.get("fits")}
@@ -101,21 +108,30 @@ def run(p: dict, local: devices.Device, calib: dict) -> tuple[dict, list[dict], 
                         f"{key}.forward_gflops": round(row["forward_gflops"], 3),
                         f"{key}.train_gflops": round(row["train_gflops"], 3),
                         f"{key}.activation_mb": round(row["activation_mb_per_image"], 3),
-                        f"{key}.peak_gb": round(row["peak_gb"], 3),
+                        f"{key}.peak_gib": round(row["peak_gib"], 3),
                         f"{key}.fits": e["fits"], f"{key}.micro_batch": e["micro_batch"],
                         f"{key}.accum_steps": e["accum_steps"],
                         f"{key}.img_per_s": round(e["img_per_s"], 2),
                         f"{key}.eta_h": round(row["eta_h"], 2)})
         for dev in profiles:
-            d = compute.estimate(cfg, p["batch_size"], dev, mfu=p["mfu"] or mfu_for.get(dev.name), **common)
+            d = compute.estimate(cfg, p["batch_size"], dev, **common)
             device_rows.append({"model": key, "device": dev.name, "device_label": dev.label,
-                                "capacity_gb": d["capacity_bytes"] / GB, "peak_gb": d["peak_bytes"] / GB,
-                                "required_gb": d["required_bytes"] / GB, "fits": d["fits"],
+                                "capacity_gib": d["capacity_bytes"] / GiB, "peak_gib": d["peak_bytes"] / GiB,
+                                "required_gib": d["required_bytes"] / GiB, "fits": d["fits"],
                                 "micro_batch": d["micro_batch"], "accum_steps": d["accum_steps"],
-                                "headroom_gb": d["headroom_bytes"] / GB, "mfu": d["mfu"],
+                                "headroom_gib": d["headroom_bytes"] / GiB, "infer_img_per_s": d["infer_img_per_s"], "mfu": d["mfu"],
                                 "mfu_basis": d["mfu_basis"], "mfu_source": d["mfu_note"],
                                 "img_per_s": d["img_per_s"], "eta_h": d["eta_s"] / 3600})
     return metrics, rows, device_rows
+
+
+def local_prediction(local: devices.Device, calib: dict) -> float:
+    """The time model's img/s for the run `calib` measured on this machine (fp32, AdamW)."""
+    from vitpipe.costmodel import steptime
+    from vitpipe.models import model_config
+
+    cfg = model_config(calib["spec"], calib["num_classes"], calib["image_size"])
+    return steptime.step_time(cfg, calib["batch"], local, "fp32", "sdpa", "adamw")["img_per_s"]
 
 
 def to_csv(rows: list[dict]) -> str:

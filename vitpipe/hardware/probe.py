@@ -14,14 +14,14 @@ from vitpipe.costmodel.devices import ALIASES, Device, MiB, known_profile
 from vitpipe.costmodel.devices import get_device as profile_by_name
 
 
-def get_device(name: str, mfu: float | None = None) -> Device:
-    """A profile by name: a listed card ('t4', 'a100-80', ...), 'local' (this machine,
-    measured) or 'auto' (this machine's GPU as its listed profile, see `current_device`)."""
+def get_device(name: str) -> Device:
+    """A profile by name: a listed card ('t4', 'a100-80', ...), a YAML file of a card,
+    'local' (this machine, measured) or 'auto' (this machine's GPU as its listed profile,
+    see `current_device`)."""
     key = ALIASES.get(str(name).lower(), str(name).lower())
     if key not in ("auto", "local"):
-        return profile_by_name(name, mfu)
-    dev = current_device() if key == "auto" else local_device()
-    return replace(dev, mfu=mfu) if mfu is not None else dev
+        return profile_by_name(name)
+    return current_device() if key == "auto" else local_device()
 
 
 def profile_of(device) -> Device:
@@ -67,19 +67,23 @@ def local_device() -> Device:
         props = torch.cuda.get_device_properties(0)
         fp32 = measure_matmul_flops("cuda", torch.float32)
         half = measure_matmul_flops("cuda", torch.bfloat16)
+        bandwidth = measure_bandwidth("cuda")
         dev = Device("local", f"{props.name} (this machine)", props.total_memory,
-                     {p.peak: half if p.autocast else fp32 for p in precisions.TABLE}, mfu=0.35,
-                     reserve_bytes=600 * MiB, measured={"matmul_fp32": fp32, "matmul_bf16": half},
+                     {p.peak: half if p.autocast else fp32 for p in precisions.TABLE}, bandwidth=bandwidth,
+                     sm_count=props.multi_processor_count, reserve_bytes=600 * MiB,
+                     measured={"matmul_fp32": fp32, "matmul_bf16": half, "bandwidth": bandwidth},
                      capability=tuple(torch.cuda.get_device_capability(0)))
     else:
         import psutil
 
         fp32 = measure_matmul_flops("cpu", torch.float32)
-        # no autocast speed-up is assumed on a CPU without bf16 matrix units
+        bandwidth = measure_bandwidth("cpu")
+        # no autocast speed-up is assumed on a CPU without bf16 matrix units; its cores are the SMs
         dev = Device("local", f"CPU x{torch.get_num_threads()} threads (this machine)",
                      psutil.virtual_memory().available,
-                     {p.peak: fp32 for p in precisions.TABLE}, mfu=0.3,
-                     reserve_bytes=512 * MiB, measured={"matmul_fp32": fp32})
+                     {p.peak: fp32 for p in precisions.TABLE}, bandwidth=bandwidth,
+                     sm_count=torch.get_num_threads(), reserve_bytes=512 * MiB,
+                     measured={"matmul_fp32": fp32, "bandwidth": bandwidth})
     _LOCAL_CACHE["dev"] = dev
     return dev
 
@@ -103,6 +107,26 @@ def measure_matmul_flops(device: str = "cpu", dtype=None, n: int = 1024, seconds
         sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def measure_bandwidth(device: str = "cpu", mib: int = 64, seconds: float = 0.3) -> float:
+    """Best bytes/s of a large tensor copy (read + write) over ~`seconds`: the memory
+    bandwidth elementwise work gets here (the buffers are far bigger than the caches)."""
+    import torch
+
+    n = mib * MiB // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    dst.copy_(src)
+    sync()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4 * n / best
 
 
 # A small ViT that trains in ~0.1-0.5 s per step on two CPU cores
@@ -151,7 +175,7 @@ def calibrate_mfu(spec: dict | None = None, image_size: int = 32, batch: int = 3
             "peak_flops": peak, "train_flops_per_image": train_flops, "batch": batch,
             "steps": done, "seconds": seconds, "device": device,
             "threads": torch.get_num_threads() if device == "cpu" else None,
-            "spec": dict(spec), "image_size": image_size}
+            "spec": dict(spec), "image_size": image_size, "num_classes": num_classes}
 
 
 def cpu_count() -> int:

@@ -160,10 +160,10 @@ def memory_table(inputs: Inputs) -> pd.DataFrame:
                                     s["attention"], checkpointing=True)
         ref = reference.MEMORY.get(model, {})
         rows.append({
-            # profile/compute.csv is in GB (1e9 bytes); the report speaks GiB throughout
-            "model": model, "network": r["name"], "peak_gib": r.peak_gb * 1e9 / GIB,
-            "required_gib": r.required_gb * 1e9 / GIB, "capacity_gib": r.capacity_gb * 1e9 / GIB,
-            "need_ratio": r.required_gb / r.capacity_gb, "fits": _bool(r.fits),
+            # profile/compute.csv is in GiB, as the report
+            "model": model, "network": r["name"], "peak_gib": r.peak_gib,
+            "required_gib": r.required_gib, "capacity_gib": r.capacity_gib,
+            "need_ratio": r.required_gib / r.capacity_gib, "fits": _bool(r.fits),
             "micro_batch": int(r.micro_batch) if r.micro_batch == r.micro_batch and r.micro_batch else None,
             "accum_steps": int(r.accum_steps) if r.accum_steps == r.accum_steps and r.accum_steps else None,
             "checkpointing_required_gib": ckpt["required_bytes"] / GIB, "checkpointing_fits": ckpt["fits"],
