@@ -82,15 +82,15 @@ def add_imports_by_name(graph, root: Path = ROOT) -> None:
 
 def closure(modules: set[str], graph, root: Path = ROOT) -> set[str]:
     """The modules, what they import transitively, and every package __init__ that runs code."""
-    out = set(modules)
-    for m in modules:
-        out |= graph.find_upstream_modules(m)
-    for m in list(out):
+    out, todo = set(), set(modules)
+    while todo:     # a package __init__ that runs code imports modules of its own: follow them too
+        m = todo.pop()
+        out.add(m)
+        found = set(graph.find_upstream_modules(m))
         parts = m.split(".")
-        for i in range(1, len(parts)):
-            parent = ".".join(parts[:i])
-            if runs_code(root / Path(*parts[:i]) / "__init__.py"):
-                out.add(parent)
+        found |= {".".join(parts[:i]) for i in range(1, len(parts))
+                  if runs_code(root / Path(*parts[:i]) / "__init__.py")}
+        todo |= found - out
     # a package whose __init__ is only a docstring runs nothing of its own
     return {m for m in out if not ((root / Path(*m.split("."))).is_dir()
                                    and not runs_code(root / Path(*m.split(".")) / "__init__.py"))}

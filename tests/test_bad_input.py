@@ -312,7 +312,7 @@ CLI = [
     (["plan", "vit_b16", "--image-size", "100"], ["--image-size", "divisible"]),
     (["plan", "vit_b16", "--steps", "0"], ["--steps"]),
     (["plan", "vit_b16", "--num-classes", "0"], ["--num-classes"]),
-    (["plan", "vit_b16", "--mfu", "2"], ["--mfu"]),
+    (["plan", "vit_b16", "--mfu", "0.3"], ["--mfu", "--help"]),   # an option of an older vitpipe
     (["plan", "vit_b16", "--device", "tpu"], ["tpu"]),
     (["plan", "vit_b16", "--precision", "fp8"], ["fp8"]),
     (["plan", "vit_nope99"], ["vit_nope99"]),

@@ -33,3 +33,7 @@ def check_all(doc: dict) -> None:
     model_specs.check_twin(doc, data.image_size)
     params.evaluate_params(doc)
     profile_params(doc)
+
+
+if __name__ == "__main__":   # python -m vitpipe.check_params > docs/params.md
+    print(params.reference_markdown(model_specs.MODEL, model_specs.VARIANT), end="")

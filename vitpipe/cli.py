@@ -26,10 +26,17 @@ def main(argv=None) -> int:
         return 2
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors in the one-line form of every other error (no usage block above it)."""
+
+    def error(self, message):
+        self.exit(2, f"vitpipe: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vitpipe.costmodel.compute import ATTENTION, OPTIMIZERS, PRECISIONS
 
-    p = argparse.ArgumentParser(prog="vitpipe", description=__doc__)
+    p = OneLineParser(prog="vitpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="params, FLOPs, memory, fit, micro-batch plan, img/s and ETA",

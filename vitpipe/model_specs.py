@@ -9,7 +9,15 @@ from typing import Any
 
 from vitpipe import params
 from vitpipe.errors import ParamError
-from vitpipe.models import family_of, spec_keys, validate_spec
+from vitpipe.models import FAMILIES, family_of, spec_keys, validate_spec
+
+MODEL = {
+    "arch": params.Key("str", "vit | vit_b16-style short name | resnet18..152 | convnext_atto..large | "
+                       "a timm ViT/ResNet/ConvNeXt name; the size keys below are for vit"),
+    # the network keys each family declares (Family.spec_schema, in its own file)
+    **{k: params.Key(**v) for family in FAMILIES for k, v in family.spec_schema.items()},
+}
+VARIANT = {**MODEL, **params.VARIANT_KEYS}
 
 
 def _spec(prefix: str, spec: Any, keys: dict[str, params.Key], image_size: int) -> dict:
@@ -20,7 +28,7 @@ def _spec(prefix: str, spec: Any, keys: dict[str, params.Key], image_size: int) 
         raise ParamError(f"{prefix}.arch", None, "the network: " + keys["arch"].help)
     family = family_of(checked["arch"])
     if family is not None:     # an unknown arch is named by validate_spec below
-        network_keys = set(params.MODEL) - {"arch"}
+        network_keys = set(MODEL) - {"arch"}
         extra = sorted((network_keys & set(checked)) - family.spec_keys)
         if extra:
             takes = (f"it takes {', '.join(sorted(family.spec_keys))}" if family.spec_keys
@@ -38,7 +46,7 @@ def model_spec(doc: dict, image_size: int) -> dict:
         raise ParamError("model", spec, "a mapping with at least `arch`")
     if isinstance(spec, dict):
         spec = {k: v for k, v in spec.items() if k != "twin"}
-    return _spec("model", spec, params.MODEL, image_size)
+    return _spec("model", spec, MODEL, image_size)
 
 
 def same_network(a: dict, b: dict) -> bool:
@@ -83,7 +91,7 @@ def variant_spec(doc: dict, name: str, image_size: int) -> dict:
     if name not in variants:
         raise ParamError("variants", name, "a variant defined in params.yaml: " + ", ".join(map(str, variants)))
     params.check_variant_name(name)
-    spec = _spec(f"variants.{name}", variants[name], params.VARIANT, image_size)
+    spec = _spec(f"variants.{name}", variants[name], VARIANT, image_size)
     spec.setdefault("source", "fractal")
     spec.setdefault("weights", None)
     if spec["source"] != "fractal" and not spec["weights"]:

@@ -2,7 +2,7 @@
 
 `SCHEMA` names every key at every depth, its type, its range and what it does. The same
 table checks params.yaml (`vitpipe.check_params.check_all`, the `validate` stage that runs first),
-writes the params reference (`python -m vitpipe.params > docs/params.md`) and words the
+writes the params reference (`python -m vitpipe.check_params > docs/params.md`) and words the
 errors: one line naming the key, the value and what is allowed, with a did-you-mean for an
 unknown key. Numbers may be written as strings (`lr: 2e-3`, which YAML 1.1 reads as a
 string); every number that reaches numpy or torch is range-checked.
@@ -22,7 +22,6 @@ import yaml
 
 from vitpipe import pipeline, precisions
 from vitpipe.errors import ParamError, UserError
-from vitpipe.models.registry import FAMILIES
 
 PARAMS_FILE = "params.yaml"
 DATASETS = ("digits", "cifar10", "cifar100", "pets", "imagefolder")
@@ -118,19 +117,17 @@ FRACTAL = {
     "classes": _int("fractal classes (one random iterated function system each)", 2, 100_000),
     "images_per_class": _int("fractal images per class", 2, 100_000),
 }
-MODEL = {
-    "arch": Key("str", "vit | vit_b16-style short name | resnet18..152 | convnext_atto..large | "
-                "a timm ViT/ResNet/ConvNeXt name; the size keys below are for vit"),
-    # the network keys each family declares (Family.spec_schema, in its own file)
-    **{k: Key(**v) for family in FAMILIES for k, v in family.spec_schema.items()},
-}
-VARIANT = {
-    **MODEL,
+# The network sections (`model:`, `variants.<name>`) take the keys each model family
+# declares: vitpipe.model_specs builds their schema, so that the data stages, which read
+# params but never build a network, do not run the model code.
+VARIANT_KEYS = {
     "source": Key("choice", "where the pretrained weights come from", choices=SOURCES),
     "weights": Key("str", "timm model name, or a path to .npz / .pt / .safetensors", nullable=True),
     "pretrain": Key("section", "overrides of pretrain: keys for this variant"),
     "finetune": Key("section", "overrides of finetune: keys for this variant"),
 }
+TWIN = Key("str", "the variant fine-tuned from this same network, the headline's like-for-like "
+           "(validate stops when their networks differ); null: none", nullable=True)
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
         "dataset": Key("choice", "the dataset", choices=DATASETS),
@@ -145,8 +142,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workers": _int("parallel decode processes in preprocess", 1, 256),
     },
     "seeds": {},  # a list, checked by seeds()
-    "model": {**MODEL, "twin": Key("str", "the variant fine-tuned from this same network, the headline's like-for-like "
-                                   "(validate stops when their networks differ); null: none", nullable=True)},
+    "model": {},     # the network keys: vitpipe.model_specs.MODEL (and `twin`)
     "train": RECIPE,              # its seeds are the top-level `seeds`
     "pretrain": {**RECIPE, **SEED, **FRACTAL},
     "finetune": RECIPE,
@@ -466,15 +462,16 @@ def variant_names(doc: dict) -> list[str]:
 # The params reference (docs/params.md is this, generated)
 
 
-def reference_markdown() -> str:
+def reference_markdown(model: dict[str, Key], variant: dict[str, Key]) -> str:
+    """docs/params.md; the network sections' keys come from the model families (vitpipe.model_specs)."""
     defaults = {"data": DataParams(), "train": TrainParams(), "pretrain": TrainParams(), "finetune": TrainParams(),
                 "evaluate": EvaluateParams()}
     out = ["# params.yaml reference", "",
-           "Generated from `vitpipe/params.py` (`python -m vitpipe.params > docs/params.md`); the same table",
+           "Generated from `vitpipe/params.py` (`python -m vitpipe.check_params > docs/params.md`); the same table",
            "checks params.yaml before any stage runs. Defaults are what a missing key means (—: no default,",
            "the key must be set where it is used); `params.yaml` sets most keys explicitly.", ""]
-    sections = [(s, SCHEMA[s]) for s in SCHEMA if s not in ("variants", "seeds")]
-    sections.insert(5, ("variants.<name>", VARIANT))
+    sections = [(s, {**model, "twin": TWIN} if s == "model" else SCHEMA[s]) for s in SCHEMA if s not in ("variants", "seeds")]
+    sections.insert(5, ("variants.<name>", variant))
     out += ["## `seeds`", "", "A list of distinct training seeds (integers 0 to 4294967295), default `[0]`. Each seed",
             "is its own `train_scratch@<seed>` and `finetune@<variant>-<seed>` stage: its own run, cached and",
             "resumed on its own. Each seed fixes that run's starting weights, data order and augmentation;",
@@ -499,6 +496,3 @@ def reference_markdown() -> str:
             "(`finetune@<name>`), a file name and a command argument.", ""]
     return "\n".join(out)
 
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vitpipe import precisions
 from vitpipe.errors import ParamError
 
 
@@ -165,6 +166,6 @@ def replicated_fits(job, recipe, device: torch.device) -> bool:
     spec, size, classes = job.run_config.get("spec"), job.run_config.get("image_size"), job.weights_meta.get("num_classes")
     if not (spec and size and classes):
         return True
-    precision = recipe.precision if recipe.precision in ("bf16", "fp16") else "fp32"
+    precision = recipe.precision if precisions.get(recipe.precision).autocast else "fp32"
     return cost.fits_replicated(model_config(spec, classes, size), recipe.micro_batch, profile_of(device), precision,
                                 recipe.optimizer, checkpointing=recipe.activation_checkpointing)
