@@ -148,7 +148,7 @@ def _stop_mid_run_with_a_mirrored_step(p, store: Path, kind: str, where, endpoin
 
 
 @pytest.mark.parametrize("kind", ["folder", "s3"])
-def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_path, project, reference, kind, request):
+def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_path, project, reference, kind, request):  # noqa: F811  (a fixture)
     if kind == "s3":
         bucket = request.getfixturevalue("s3_bucket")
         endpoint = os.environ["AWS_ENDPOINT_URL"]
@@ -199,7 +199,7 @@ def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_pa
     assert "changed" not in run(DVC + ["status", *FIRST], y, env=env).stdout
 
 
-def test_killed_temp_experiment_resumes_when_run_again(project, reference, checkpoint_store):
+def test_killed_temp_experiment_resumes_when_run_again(project, reference, checkpoint_store):  # noqa: F811  (a fixture)
     doc = yaml.safe_load((project / "params.yaml").read_text())
     doc["train"].update(LONG)
     write_params(project / "params.yaml", doc)

@@ -9,6 +9,6 @@ for p in (str(HERE.parents[1]), str(HERE.parent)):  # the checkout (vitpipe) and
         sys.path.insert(0, p)
 sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != HERE]  # its modules are gpu_proof.<name>
 
-from gpu_proof.orchestrator import main
+from gpu_proof.orchestrator import main  # noqa: E402  (after the sys.path fix above)
 
 sys.exit(main())
