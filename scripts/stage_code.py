@@ -9,7 +9,10 @@ edit to report code never marks a training stage changed.
 
     python scripts/stage_code.py           # per stage: what is missing or too broad (exit 1 if any)
     python scripts/stage_code.py --deps    # per stage: the code deps it should declare
-    python scripts/stage_code.py --write   # rewrite dvc.yaml's code deps and plots (nothing else)
+    python scripts/stage_code.py --write   # rewrite the code deps (and dvc.yaml's plots), nothing else
+
+It reads both pipelines: dvc.yaml (scripts in stages/) and studies/dvc.yaml (scripts in
+studies/, run from the root: `wdir: ..`).
 
 `--write` writes each stage's code deps (from the import graph) and its `plots:` (from the
 pipeline manifest, vitpipe/pipeline.py) into dvc.yaml and keeps every other line as it is
@@ -32,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vitpipe"
 FOLDER_SHARE = 2 / 3
+PIPELINES = ("dvc.yaml", "studies/dvc.yaml")   # their stages' scripts: stages/*.py, studies/*.py
+SCRIPT_DIRS = ("stages/", "studies/")
 
 
 @dataclass
@@ -101,7 +106,7 @@ def stage_scripts(dvc_yaml: dict) -> dict[str, tuple[str, list[str]]]:
     out = {}
     for name, st in dvc_yaml["stages"].items():
         body = st.get("do", st)
-        script = next(w for w in body["cmd"].split() if w.startswith("stages/") and w.endswith(".py"))
+        script = next(w for w in body["cmd"].split() if w.startswith(SCRIPT_DIRS) and w.endswith(".py"))
         out[name] = (script, [str(d) for d in body.get("deps", [])])
     return out
 
@@ -117,8 +122,8 @@ def package_files(folder: str, root: Path = ROOT) -> set[str]:
             if p.name != "__init__.py" or runs_code(p)}
 
 
-def check(root: Path = ROOT, dvc_yaml: dict | None = None) -> list[StageCode]:
-    dvc_yaml = dvc_yaml or yaml.safe_load((root / "dvc.yaml").read_text())
+def check(root: Path = ROOT, dvc_yaml: dict | None = None, pipeline: str = "dvc.yaml") -> list[StageCode]:
+    dvc_yaml = dvc_yaml or yaml.safe_load((root / pipeline).read_text())
     sys.path.insert(0, str(root))
     try:
         graph = grimp.build_graph(PACKAGE, exclude_type_checking_imports=True, cache_dir=None)
@@ -156,11 +161,13 @@ def suggested_deps(sc: StageCode, root: Path = ROOT) -> list[str]:
             deps.append(folder)
         else:
             deps.extend(files)
-    return sorted(deps, key=lambda d: (not d.startswith("stages/"), d))
+    return sorted(deps, key=lambda d: (not d.startswith(SCRIPT_DIRS), d))
 
 
 def is_code(dep: str) -> bool:
-    return dep.startswith((f"{PACKAGE}/", f"{PACKAGE}.", "stages/"))
+    """A code dep: vitpipe's modules and the stage scripts (not studies/results, studies/models)."""
+    return dep.startswith((f"{PACKAGE}/", f"{PACKAGE}.", "stages/")) or (dep.startswith("studies/")
+                                                                        and dep.endswith(".py"))
 
 
 def _indent(line: str) -> int:
@@ -200,8 +207,11 @@ def _stage_spans(lines: list[str]) -> dict[str, tuple[int, int, int]]:
 
 
 def _key_line(lines: list[str], start: int, end: int, indent: int, key: str) -> int | None:
+    def is_key(text: str) -> bool:   # `deps:`, or `deps: &name` (a YAML anchor other stages reuse)
+        return text == f"{key}:" or text.startswith(f"{key}: &")
+
     return next((i for i in range(start, end) if _indent(lines[i]) == indent
-                 and lines[i].strip().split("#")[0].strip() == f"{key}:"), None)
+                 and is_key(lines[i].strip().split("#")[0].strip())), None)
 
 
 def _with_code_deps(lines: list[str], start: int, end: int, indent: int, code: list[str]) -> list[str]:
@@ -251,14 +261,22 @@ def render(text: str, code: dict[str, list[str]], plots: dict[str, tuple]) -> st
     return "\n".join(lines)
 
 
-def written(root: Path = ROOT) -> str:
-    """What `--write` makes of root/dvc.yaml."""
+def written(root: Path = ROOT, pipeline_file: str = "dvc.yaml") -> str:
+    """What `--write` makes of root/<pipeline_file>: code deps from the imports; dvc.yaml's
+    plots from the pipeline manifest (the studies keep theirs as written)."""
+    code = {sc.stage: suggested_deps(sc, root) for sc in check(root, pipeline=pipeline_file)}
+    text = (root / pipeline_file).read_text()
+    if pipeline_file != "dvc.yaml":
+        lines = text.split("\n")
+        for name, (start, end, indent) in sorted(_stage_spans(lines).items(), key=lambda kv: -kv[1][0]):
+            if not any(lines[i].strip().startswith("deps: *") for i in range(start, end)):  # an alias: written once
+                lines = _with_code_deps(lines, start, end, indent, code[name])
+        return "\n".join(lines)
     spec = importlib.util.spec_from_file_location("vitpipe_manifest", root / PACKAGE / "pipeline.py")
     pipeline = sys.modules["vitpipe_manifest"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(pipeline)
-    code = {sc.stage: suggested_deps(sc, root) for sc in check(root)}
     plots = {s.name: s.plots for s in pipeline.stages()}
-    return render((root / "dvc.yaml").read_text(), code, plots)
+    return render(text, code, plots)
 
 
 def main(argv=None) -> int:
@@ -267,13 +285,14 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps and plots")
     args = ap.parse_args(argv)
     if args.write:
-        before, after = (ROOT / "dvc.yaml").read_text(), written()
-        if after != before:
-            (ROOT / "dvc.yaml").write_text(after)
-        print("dvc.yaml: " + ("rewritten" if after != before else "already as written"))
+        for name in (n for n in PIPELINES if (ROOT / n).exists()):
+            before, after = (ROOT / name).read_text(), written(ROOT, name)
+            if after != before:
+                (ROOT / name).write_text(after)
+            print(f"{name}: " + ("rewritten" if after != before else "already as written"))
         return 0
     bad = 0
-    for sc in check():
+    for sc in [sc for name in PIPELINES if (ROOT / name).exists() for sc in check(pipeline=name)]:
         if args.deps:
             print(f"{sc.stage}:\n" + "".join(f"  - {d}\n" for d in suggested_deps(sc)))
             continue

@@ -173,7 +173,7 @@ def test_write_after_a_new_import_updates_exactly_the_stages_that_run_it(tmp_pat
     training stages and to no other stage, and keeps every line that is not a code dep."""
     root = copy_tree(tmp_path)
     loop = root / "vitpipe" / "training" / "loop.py"
-    loop.write_text(loop.read_text() + "\n\ndef _reference():\n    from vitpipe.costmodel import reference\n")
+    loop.write_text(loop.read_text() + "\n\ndef _maps():\n    from vitpipe.evaluation import attention_maps\n")
     before = (root / "dvc.yaml").read_text()
     assert stage_code_cli(root).returncode == 1           # the check sees the stale deps
     r = stage_code_cli(root, "--write")
@@ -186,7 +186,7 @@ def test_write_after_a_new_import_updates_exactly_the_stages_that_run_it(tmp_pat
 
     assert {name for name in old if deps(old[name]) != deps(new[name])} == {"pretrain", "train_scratch", "finetune"}
     for name in ("pretrain", "train_scratch", "finetune"):
-        assert any(d in ("vitpipe/costmodel/reference.py", "vitpipe/costmodel") for d in deps(new[name])), name
+        assert any(d in ("vitpipe/evaluation/attention_maps.py", "vitpipe/evaluation") for d in deps(new[name])), name
     # every other line as it was: the only lines added or removed are code deps
     removed, added = set(before.splitlines()) - set(after.splitlines()), set(after.splitlines()) - set(before.splitlines())
     assert all(line.strip().removeprefix("- ").startswith("vitpipe/") for line in removed | added), removed | added

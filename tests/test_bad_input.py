@@ -178,6 +178,7 @@ def stage(ws, name, *args, **kw):
     return run([sys.executable, str(ROOT / "stages" / name), *args], ws, check=False, **kw)
 
 
+@pytest.mark.slow   # a stage process per case
 @pytest.mark.parametrize("case", PARAMS, ids=[c[0] for c in PARAMS])
 def test_bad_param_is_one_line_and_touches_nothing(tmp_path, template, case):
     _, edit, _, words = case
@@ -190,6 +191,7 @@ def test_bad_param_is_one_line_and_touches_nothing(tmp_path, template, case):
     assert not SHELL_MARKER.exists()
 
 
+@pytest.mark.slow   # a stage process per case
 def test_numeric_strings_are_numbers(tmp_path, template):
     """`lr: 2e-3` reads as a string in YAML 1.1; it is the number the user wrote."""
     from vitpipe import params
@@ -266,6 +268,7 @@ FILES = [
 ]
 
 
+@pytest.mark.slow   # a stage process per case
 @pytest.mark.parametrize("case", FILES, ids=[c[0] for c in FILES])
 def test_bad_file_is_one_line_and_touches_nothing(tmp_path, template, case):
     _, setup, argv, words = case
@@ -280,6 +283,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))  # a full disk, for this process
 
 
+@pytest.mark.slow   # a stage process per case
 def test_full_disk_is_one_line_and_no_half_written_file(tmp_path, template, checkpoint_store):
     ws = workspace(tmp_path, template)
     edit_params(ws, lambda d: set_key(set_key(d, "model.dim", 256), "model.depth", 2))  # weights > 64 KB
@@ -292,6 +296,7 @@ def test_full_disk_is_one_line_and_no_half_written_file(tmp_path, template, chec
     assert json.loads((ws / "metrics/train_scratch/seed-0.json").read_text())  # the old results, whole
 
 
+@pytest.mark.slow   # a stage process per case
 def test_read_only_output_folder_is_one_line(tmp_path, template):
     ws = workspace(tmp_path, template)
     shutil.rmtree(ws / "plots")
@@ -320,6 +325,7 @@ CLI = [
 ]
 
 
+@pytest.mark.slow   # a stage process per case
 @pytest.mark.parametrize("argv,words", CLI, ids=[" ".join(c[0][1:]) for c in CLI])
 def test_cli_bad_option_is_one_line(tmp_path, argv, words):
     one_line(run([sys.executable, "-m", "vitpipe", *argv], tmp_path, check=False), words)

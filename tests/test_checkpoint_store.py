@@ -491,6 +491,7 @@ def test_redact():
     assert checkpoint_mirror.redact("auth key=abc123 failed", ["abc123"]) == "auth key=*** failed"
 
 
+@pytest.mark.slow   # runs vitpipe in a process of its own
 def test_no_secret_in_a_listing_a_failing_upload_or_an_error(tmp_path, monkeypatch, capsys, s3_bucket):
     from test_train import recipe, train
 

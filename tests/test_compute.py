@@ -339,6 +339,7 @@ def cli(*args):
                           text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow   # runs vitpipe in a process of its own
 def test_cli_plan_table():
     r = cli("plan", "vit_b16", "--image-size", "224", "--batch", "512", "--device", "t4",
             "--precision", "bf16")
@@ -351,6 +352,7 @@ def test_cli_plan_table():
     assert "time model" in basis and "compute-bound" in basis and "bf16 peak" in basis
 
 
+@pytest.mark.slow   # runs vitpipe in a process of its own
 def test_cli_plan_json_keys_and_values():
     r = cli("plan", "vit_small_patch32_384", "--image-size", "384", "--batch", "256", "--device",
             "a100-40", "--num-classes", "10", "--steps", "100", "--json")
@@ -373,6 +375,7 @@ def test_cli_image_size_defaults_to_the_models_own(model, size, capsys):
     assert json.loads(capsys.readouterr().out)["image_size"] == size
 
 
+@pytest.mark.slow   # runs vitpipe in a process of its own
 def test_cli_error_in_a_real_process():
     r = cli("plan", "vit_q16")
     assert r.returncode == 2
@@ -382,6 +385,7 @@ def test_cli_error_in_a_real_process():
         "or a timm ViT/ResNet/ConvNeXt name"]
 
 
+@pytest.mark.slow   # runs vitpipe in a process of its own
 @pytest.mark.parametrize("model,size,classes", [("convnext_tiny", 224, 100), ("convnext_base", 224, 10),
                                                 ("convnext_femto", 288, 37), ("deit_tiny_patch16_224", 224, 100)])
 def test_cli_plans_convnext_and_any_timm_vit(model, size, classes, capsys):

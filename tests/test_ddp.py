@@ -13,6 +13,8 @@ import torch
 from test_train import run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 from test_resume import checkpoint_step, wait_for
 
+pytestmark = pytest.mark.slow   # each test trains under torchrun
+
 # batch 16 = 2 micro-batches of 8: one per process under DDP, accumulated in one process
 RECIPE = {"steps": 120, "batch_size": 16, "micro_batch": 8, "checkpoint_every": 10, "eval_every": 60}
 

@@ -24,6 +24,8 @@ from conftest import MICRO, ROOT
 from test_resume import checkpoint_step, wait_for
 from test_train import ENV, run_stage, stage_dir, start_stage, tsv_steps, weights
 
+pytestmark = pytest.mark.slow   # each test trains under torchrun
+
 # 4 micro-batches of 4 per step: two per process at nproc 2, one at nproc 4 (where the sharded run
 # also resumes); long enough (a few seconds) to be killed mid-way
 RECIPE = {"steps": 150, "batch_size": 16, "micro_batch": 4, "checkpoint_every": 10, "eval_every": 50, "nproc": 2}

@@ -18,6 +18,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_proof  # noqa: E402
 
+pytestmark = pytest.mark.slow   # each test runs the harness's processes
+
 STEP_NAMES = ["gpu_tests", "throughput", "memory", "oom", "telemetry", "resume", "precision"]
 OUTPUTS = {"gpu_proof.json", "gpu_proof.md", "console.log", "logs.tar.gz"}
 

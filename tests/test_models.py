@@ -282,7 +282,7 @@ def test_a_family_is_one_registration():
     import dataclasses
 
     from vitpipe.costmodel import compute
-    from vitpipe.models import registry
+    from vitpipe.models import registry, step_ops
 
     @dataclasses.dataclass(frozen=True)
     class MLPConfig:
@@ -328,6 +328,12 @@ def test_a_family_is_one_registration():
         def transient_bytes(self, c, precision, attention, checkpointing):
             return 4 * c.hidden
 
+        def step_ops(self, c, a):
+            first = step_ops.gemm(1, c.hidden, 3 * c.image_size**2, first=True, what="hidden")
+            relu = step_ops.mem(2 * a * c.hidden, 3 * a * c.hidden, 1, 1, what="relu")
+            head = step_ops.gemm(1, c.num_classes, c.hidden, what="head")
+            return {"ops": [first, relu, head], "tensors": 4, "cast_params": 3 * c.image_size**2 * c.hidden}
+
     registry.register_family(MLP)
     try:
         spec = {"arch": "mlp64"}
@@ -340,6 +346,7 @@ def test_a_family_is_one_registration():
         assert compute.step_saved_total(cfg, 2) == measured
         e = compute.estimate(cfg, 16, "t4", steps=10)
         assert e["family"] == "mlp" and e["fits"] and not e["attention_applies"]
+        assert e["img_per_s"] > 0 and e["infer_img_per_s"] > e["img_per_s"]   # the time model reads its ops
         with pytest.raises(UserError, match="not modelled for mlp models"):
             compute.estimate(cfg, 16, "t4", checkpointing=True)
     finally:

@@ -18,6 +18,8 @@ from test_train import ENV, stage_dir
 
 from vitpipe.training import distributed
 
+pytestmark = pytest.mark.slow   # each test starts torchrun nodes
+
 SCRIPT = ROOT / "stages" / "train_scratch.py"
 LAUNCHERS = ("VITPIPE_RDZV_ENDPOINT", "VITPIPE_RDZV_ID", "SKYPILOT_NODE_IPS", "SKYPILOT_TASK_ID", "MASTER_ADDR",
              "MASTER_PORT", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "PET_RDZV_ID")

@@ -40,6 +40,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow   # a stage process per case
 @pytest.mark.parametrize("argv,key,value,named,allowed", CASES)
 def test_stage_rejects_bad_param(tmp_path, argv, key, value, named, allowed):
     write_params(tmp_path / "params.yaml", doc_with(key, value))

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import run
 
+pytestmark = pytest.mark.slow   # each test runs git and dvc on a made-up history
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "pr_comment.py"
 

@@ -16,6 +16,8 @@ import yaml
 from conftest import run, store_steps
 from test_train import ENV, assert_identical, run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 
+pytestmark = pytest.mark.slow   # each test trains and kills real stage processes
+
 # Long enough to be killed mid-way (~25 ms a step here), with a checkpoint every 3 steps so
 # that kills land during writes too.
 LONG = {"steps": 150, "checkpoint_every": 3, "eval_every": 50}

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow   # each test runs scripts/setup.sh against made-up pythons
+
 ROOT = Path(__file__).resolve().parents[1]
 MIN_TORCH = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
 PINNED = re.search(r'TORCH_VERSION:-([0-9.]+)', (ROOT / "scripts/setup.sh").read_text()).group(1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vitpipe.errors import ParamError
+from vitpipe.models.step_ops import RESIDUAL, cast_bytes, gemm, mem
 from vitpipe.models.registry import (Family, element_bytes, layer_weights, not_plain, register_family,
                                      timm_module)
 
@@ -187,6 +188,41 @@ class ConvNeXt(Family):
         # gradient, at the stage where they are largest
         a = element_bytes(precision)
         return max((4 * d + 2 * a * hidden) * h * h for _, d, hidden, _, h, _ in _stages(c))
+
+    def step_ops(self, c, a: int) -> dict:
+        """What one training step executes per image (the time model's op list; vocabulary in step_ops)."""
+        r, cast = RESIDUAL, cast_bytes(a)
+        ncast = 1 if cast else 0
+        g0 = c.grids()[0]
+        ops = [gemm(g0 * g0, c.dims[0], c.in_chans * c.patch**2, first=True, what="stem conv"),
+               mem((a + r) * c.dims[0] * g0 * g0, 3 * r * c.dims[0] * g0 * g0, 1, 2, what="stem norm")]
+        tensors, cast_params = 4 + 4, c.in_chans * c.patch**2 * c.dims[0] + c.dims[-1] * c.num_classes
+        for _, d, hidden, depth, h, prev in _stages(c):
+            p = h * h
+            if prev:
+                pp = prev[1] ** 2
+                ops += [mem(2 * r * prev[0] * pp, 4 * r * prev[0] * pp, 2, 3, what="downsample norm"),
+                        gemm(p, d, 4 * prev[0], what="downsample conv 2x2")]
+                tensors += 4
+                cast_params += 4 * prev[0] * d
+            ops += [
+                mem(cast * d * p, cast * d * p, ncast, ncast, count=depth, what="cast before depthwise conv"),
+                {"op": "dwconv", "channels": d, "pixels": p, "k": c.kernel, "count": depth},
+                # NHWC permute made contiguous for the LayerNorm, the LayerNorm (fp32 out), the cast
+                # before fc1, GELU, the layer scale (half x fp32 -> fp32), the residual add
+                mem(2 * a * d * p, 2 * a * d * p, 1, 1, count=depth, what="permute to NHWC"),
+                mem((a + r) * d * p, 4 * r * d * p, 1, 2, count=depth, what="layernorm"),
+                mem(cast * d * p, cast * d * p, ncast, ncast, count=depth, what="cast before fc1"),
+                gemm(p, hidden, d, count=depth, what="fc1"),
+                mem(2 * a * hidden * p, 3 * a * hidden * p, 1, 1, count=depth, what="GELU"),
+                gemm(p, d, hidden, count=depth, what="fc2"),
+                mem((a + r) * d * p, (2 * r + a) * d * p, 1, 2, count=depth, what="layer scale"),
+                mem(3 * r * d * p, r * d * p, 1, 1, count=depth, what="residual add"),
+            ]
+            tensors += 9 * depth
+            cast_params += depth * 2 * d * hidden
+        ops.append(gemm(1, c.num_classes, c.dims[-1], what="head"))
+        return {"ops": ops, "tensors": tensors, "cast_params": cast_params}
 
 
 def _read_timm_convnext(m, name, num_classes, image_size) -> ConvNeXtConfig:

@@ -120,6 +120,11 @@ class Family:
         """What backward allocates on top of the saved activations before freeing them."""
         raise NotImplementedError
 
+    def step_ops(self, cfg, element_bytes: int) -> dict:
+        """What one training step executes per image, for the time model: {ops, tensors,
+        cast_params} in the vocabulary of `vitpipe.models.step_ops` (gemm, attention, dwconv, mem)."""
+        raise NotImplementedError
+
     def refuse_checkpointing(self) -> UserError:
         return UserError(f"activation checkpointing is not modelled for {self.name} models "
                          f"(only for: {', '.join(f.name for f in FAMILIES if f.checkpointing)})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vitpipe.models.step_ops import RESIDUAL, cast_bytes, gemm, mem
 from vitpipe.models.registry import (Family, element_bytes, layer_weights, not_plain, register_family,
                                      timm_module)
 
@@ -210,6 +211,31 @@ class ResNet(Family):
     def transient_bytes(self, c, precision, attention, checkpointing):
         convs = resnet_convs(c)
         return 2 * element_bytes(precision) * max(x["cout"] * x["h_out"] ** 2 for x in convs[-3:])
+
+    def step_ops(self, c, a: int) -> dict:
+        """What one training step executes per image (the time model's op list; vocabulary in step_ops)."""
+        ops, tensors, cast_params = [], 2, resnet_features(c) * c.num_classes
+        convs = resnet_convs(c)
+        for i, x in enumerate(convs):
+            e = x["cout"] * x["h_out"] ** 2
+            ops.append({**gemm(x["h_out"] ** 2, x["cout"], x["cin"] // x["groups"] * x["k"] ** 2, first=i == 0,
+                               what=f"conv {x['k']}x{x['k']}"),
+                        "nchw": x["cin"] * x["h_in"] ** 2 + e})
+            # BatchNorm (statistics pass + normalise), ReLU after it (in place)
+            relu = x["bn_saved"]
+            ops.append(mem((3 * a + (2 * a if relu else 0)) * e, (5 * a + (3 * a if relu else 0)) * e,
+                           2 if relu else 1, 2 if relu else 1, what="batchnorm, relu"))
+            tensors += 3
+            cast_params += x["k"] ** 2 * x["cin"] // x["groups"] * x["cout"]
+        outs = [x for x in convs if x["part"] == "blocks" and x["bn_saved"]]
+        block_out = {x["unit"]: x["cout"] * x["h_out"] ** 2 for x in outs}   # the last conv of each block
+        for e in block_out.values():   # residual add + ReLU
+            ops.append(mem(3 * a * e + 2 * a * e, 3 * a * e, 2, 1, what="residual add, relu"))
+        stem = [x for x in convs if x["part"] == "stem"][-1]
+        e = stem["cout"] * stem["h_out"] ** 2
+        ops.append(mem(a * e * 5 // 4, 2 * a * e, 1, 2, what="max pool"))
+        ops.append(gemm(1, c.num_classes, resnet_features(c), what="head"))
+        return {"ops": ops, "tensors": tensors, "cast_params": cast_params}
 
 
 def _read_timm_resnet(m, name, num_classes, image_size) -> ResNetConfig:

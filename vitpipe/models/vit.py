@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from vitpipe.errors import ParamError
+from vitpipe.models.step_ops import RESIDUAL, cast_bytes, gemm, mem
 from vitpipe.models.registry import (Family, element_bytes, not_plain, register_family, short_list,
                                      timm_module)
 
@@ -348,6 +349,34 @@ class ViT(Family):
         if checkpointing:      # the one block being recomputed holds what it saves
             extra += sum(_block_saved(c, a, attention, "cuda").values())
         return extra
+
+    def step_ops(self, c, a: int) -> dict:
+        """What one training step executes per image (the time model's op list; vocabulary in step_ops)."""
+        t, d, hm, L, r, cast = c.tokens, c.dim, c.mlp_hidden, c.depth, RESIDUAL, cast_bytes(a)
+        ncast = 1 if cast else 0
+        norm = mem(2 * r * t * d, 4 * r * t * d, 1, 2, what="layernorm")
+        ops = [
+            gemm(c.num_patches, d, c.in_chans * c.patch**2, first=True, what="patch embed"),
+            mem((a + 2 * r) * t * d, r * t * d, 2, 1, what="cls token, position embedding"),
+            # per block: 2 LayerNorms, the casts before qkv and fc1, q/k/v made contiguous for the
+            # batched matmuls, the heads' output transposed back, GELU, 2 residual adds
+            {**norm, "count": 2 * L},
+            mem(cast * t * d, cast * t * d, ncast, ncast, count=2 * L, what="casts before qkv, fc1"),
+            mem(3 * 2 * a * t * d, 3 * 2 * a * t * d, 3, 3, count=L, what="q, k, v contiguous"),
+            mem(2 * a * t * d, 2 * a * t * d, 1, 1, count=L, what="heads transposed back"),
+            mem(2 * a * t * hm, 3 * a * t * hm, 1, 1, count=L, what="GELU"),
+            mem((2 * r + a) * t * d, (r + a) * t * d, 1, 1, count=2 * L, what="residual adds"),
+            gemm(t, 3 * d, d, count=L, what="qkv"),
+            gemm(t, d, d, count=L, what="attention projection"),
+            gemm(t, hm, d, count=L, what="fc1"),
+            gemm(t, d, hm, count=L, what="fc2"),
+            {"op": "attention", "heads": c.heads, "tokens": t, "head_dim": d // c.heads, "count": L},
+            {**norm, "count": 1, "what": "final norm"},
+            gemm(1, c.num_classes, d, what="head"),
+        ]
+        tensors = 4 + 12 * L + 2 + 2 + (1 if c.class_token else 0)
+        cast_params = c.in_chans * c.patch**2 * d + L * (4 * d * d + 2 * d * hm) + d * c.num_classes
+        return {"ops": ops, "tensors": tensors, "cast_params": cast_params}
 
 
 def _read_timm_vit(m, name, num_classes, image_size) -> ViTConfig:

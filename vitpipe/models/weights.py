@@ -10,6 +10,7 @@ refuse, naming every tensor, a checkpoint of another shape (other patch size, wi
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,14 @@ def import_weights(spec: dict, source: str, weights: str, image_size: int,
                    key: str = "variants.<variant>") -> dict[str, torch.Tensor]:
     """The backbone of a pretrained checkpoint, checked against (and resized for) the network
     `spec` builds at `image_size`. The classifier is left out: fine-tuning makes a new one."""
-    if source == "timm":
-        state = from_timm(weights, key)
-    elif source == "npz":
-        state = from_npz(weights, key)
-    elif source == "file":
-        state = from_file(weights, key)
-    else:
+    if source not in SOURCES:
         raise ParamError(f"{key}.source", source, "one of: " + ", ".join(SOURCES) + " (or fractal)")
+    try:
+        state = {"timm": from_timm, "npz": from_npz, "file": from_file}[source](weights, key)
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # read lazily (a zip's members, an mmap): a cut-off file
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(f"{key}.weights: {weights} cannot be read ({type(e).__name__}: {why}); a download cut "
+                        "short leaves such a file: download it again (or copy it whole), then run the stage again") from None
     from vitpipe.models import build_model
 
     with torch.device("meta"):  # shapes only: no memory, no random init
