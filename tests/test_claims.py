@@ -130,6 +130,29 @@ def test_claim_3_is_scored_on_forward_flops():
     assert f["verdict"] == vd.DEPENDS        # comparable to B/32 (within 2x), not to B/16
 
 
+def test_claim_3_eta_is_scored_on_the_time_model(outputs, monkeypatch):  # noqa: F811
+    """Claim 3 (the T4's ETA of ViT-B/32) is a real test: the time model's img/s at the reference's
+    setting against its 38.5 img/s, within reference.TOLERANCE; no MFU fitted to the reference."""
+    from vitpipe.costmodel import reference
+    from vitpipe.report import analysis as an
+
+    def claim_3():
+        f = cl.build(load(outputs), load(outputs).studies)
+        return next(c for c in f.reference if c.key == "time.vit_b32_t4_eta")
+
+    row = an.scratch_reference_row()
+    c = claim_3()
+    assert c.verdict == (vd.HOLDS if abs(row["predicted"] / reference.TIME["img_per_s"] - 1) <= reference.TOLERANCE
+                         else vd.FAILS)
+    assert c.evidence == an.COMPUTED and not c.why and f"{row['predicted']:.1f} img/s predicted" in c.this_run
+    assert "RTX 3090" in c.this_run and f"±{reference.TOLERANCE:.0%}" in c.test
+    # the verdict follows the reported speed: at the prediction it holds, at twice it does not
+    monkeypatch.setitem(reference.TIME, "img_per_s", row["predicted"] * (1 + reference.TOLERANCE / 2))
+    assert claim_3().verdict == vd.HOLDS
+    monkeypatch.setitem(reference.TIME, "img_per_s", row["predicted"] * 2)
+    assert claim_3().verdict == vd.FAILS
+
+
 def test_a_studies_number_carries_its_stage_and_staleness(with_studies, monkeypatch):
     md = write_report(with_studies)[0].read_text()
     assert "(stage `finetune@150`, stage `scratch@150`)" in md

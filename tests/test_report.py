@@ -246,6 +246,51 @@ def test_equal_compute_run_from_the_sweep_record(outputs):
     assert claims[1].verdict == an.UNTESTED and "train.lr" in claims[1].this_run
 
 
+def test_time_section_is_the_time_model(outputs):
+    """§3: each run's predicted img/s is the time model's for that run on the profile's measured
+    CPU, the calibration run is the profile stage's, the split sums to 1, and the reference's
+    rows and claim 3's verdict are reference_rows()'s, as the markdown prints them."""
+    from vitpipe.costmodel import reference
+    from vitpipe.costmodel.devices import PRECISION_KEYS, Device, get_device
+
+    inputs = load(outputs)
+    thr = an.throughput_table(inputs).set_index("run")
+    cpu = Device("cpu", "made-up CPU", 0, {k: 60e9 for k in PRECISION_KEYS}, bandwidth=20e9)   # profile_outputs'
+    for run in inputs.runs:
+        r = run.recipe
+        cfg = model_config(run.spec, inputs.num_classes, inputs.image_size)
+        want = compute.timing(cfg, r.batch_size, r.micro_batch, cpu, r.precision, r.optimizer, "sdpa")
+        got = thr.loc[run.name]
+        assert got.predicted_img_per_s == pytest.approx(want["train_img_per_s"], rel=1e-12)
+        assert got.measured_over_predicted == pytest.approx(run.train["img_per_s"] / want["train_img_per_s"])
+        assert sum(got[k] for k in an.SPLIT) == pytest.approx(1.0)
+    profile = json.loads((outputs / "metrics/profile.json").read_text())
+    cal = thr.loc["calibration"]
+    assert (cal.img_per_s, cal.predicted_img_per_s) == (30.0, profile["local_predicted_img_per_s"])
+
+    s = reference.REFERENCE_SETTING
+    eta = an.eta_table(inputs).set_index("device")
+    t4 = compute.timing(model_config({"arch": s["scratch"]["model"]}, s["num_classes"], s["image_size"]), s["batch"],
+                        s["scratch"]["micro_batch"], get_device("t4"), s["precision"], s["optimizer"], s["attention"])
+    assert eta.loc["t4", "img_per_s"] == pytest.approx(t4["train_img_per_s"])
+    assert eta.loc["t4", "eta_h"] == pytest.approx(s["steps"] * s["batch"] / t4["train_img_per_s"] / 3600)
+    assert (eta[list(an.SPLIT)].sum(axis=1) - 1).abs().max() < 1e-9
+    assert "local" in eta.index and eta.loc["local", "eta_h"] > eta.loc["t4", "eta_h"]
+
+    md = write_report(outputs)[0].read_text()
+    sec = md.split("## 3. Time")[1].split("## 4.")[0]
+    rows = reference.reference_rows()
+    for r in rows:
+        line = next(x for x in sec.splitlines() if x.startswith(f"| {r['run']} "))
+        assert f"**{r['verdict']}**" in line and f"{r['ratio']:.2f}x" in line and r["setting"] in line, line
+    scratch = an.scratch_reference_row()
+    word = an.HOLDS if scratch["verdict"] == "matches" else an.FAILS
+    assert f"claim 3 **{word}**" in sec and f"{scratch['predicted']:.1f} img/s" in sec
+    assert s["evidence"] in sec and sec.count(s["evidence"]) == 1       # the setting, stated once with its evidence
+    assert "| V100 SXM2 16GB / V100 SXM2 32GB |" in sec                 # same speed, one row
+    assert "MFU" not in sec and "calibrated MFU" not in md and "not tested (circular)" not in md
+
+
 def test_memory_and_parameter_verdicts(outputs):
     inputs = load(outputs)
     m = an.memory_table(inputs)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from vitpipe.atomic import write_json, write_text
 from vitpipe.costmodel import reference
+from vitpipe.costmodel.devices import get_device
 from vitpipe.report import analysis as an
 from vitpipe.report import claims as cl
 from vitpipe.report import figures as figs
@@ -238,79 +239,136 @@ def _measured_memory(inputs: Inputs) -> list[str]:
     return lines + [""]
 
 
+def _share(v) -> str:
+    return DASH if _missing(v) else f"{100 * v:.0f}%"
+
+
 def section_time(inputs: Inputs, f: figs.Figures) -> tuple[list[str], list[an.Claim]]:
+    claims = an.time_claims()
+    eta = an.eta_table(inputs)
     thr = an.throughput_table(inputs)
-    eta = an.eta_table(inputs, thr)
-    claims = an.time_claims(inputs, eta)
-    t = reference.TIME
+    t, s = reference.TIME, reference.REFERENCE_SETTING
     lines = ["## 3. Time (its Fig. 4)", "",
              f"The reference trained ViT-B/32 from scratch on a T4 at {t['img_per_s']:g} img/s and printed an ETA "
-             f"of {t['eta_h_low']:g}–{t['eta_h_high']:g} h for {t['steps']:,} steps at batch {t['batch']}. "
-             "Below: the same schedule predicted on every device profile (training FLOPs per image ÷ "
-             "(MFU × the device's peak FLOP/s)), and on this machine from two measurements: the profile stage's "
-             "calibration run and this run's own scratch training.", ""]
-    if eta.empty:
-        lines += ["The profile stage's `profile/devices.csv` has no ViT-B/32 rows: run `dvc repro profile` with "
-                  "`vit_b32` in `profile.models`.", ""]
-    else:
-        shown = same_speed_rows(eta)
-        lines += [md_table(pd.DataFrame({
-            "device": shown.device_label, "MFU": shown.mfu.map(lambda v: f"{v:.3f}"), "from": shown.source,
-            "img/s": shown.img_per_s.map(lambda v: num(v, ",.2f")),
-            "ETA": shown.eta_h.map(lambda v: f"{v:,.1f} h"), "= days": shown.eta_h.map(lambda v: f"{v / 24:,.1f}")})), ""]
-        t4 = eta[eta.device == "t4"]
-        if not t4.empty:
-            r = t4.iloc[0]
-            c = claims[0]
-            lines.append(f"- On the T4 profile the schedule takes {r.eta_h:.1f} h at {r.img_per_s:.1f} img/s, but the "
-                         f"T4 profile's MFU ({r.mfu:.2f}) was fitted to the reference's own {t['img_per_s']:g} img/s "
-                         f"(`vitpipe/costmodel/devices.py`; {reference.REFERENCE_SETTING['precision']}, as vit_jax trains): the row gives the "
-                         f"reference's ETA back by construction, so the claim is **{c.verdict}**"
-                         + ("" if c.verdict == an.UNTESTED else " on this T4's measured speed") + ". At "
-                         f"{an.profile_setting(inputs)['precision']} every profile applies its one MFU to that "
-                         "precision's peak; an MFU measured in fp32 need not hold in fp16 or bf16. The rows for this "
-                         "machine are its own measurements.")
-        fast = eta.loc[eta.eta_h.idxmin()]
-        lines.append(f"- The fastest profile, {fast.device_label}, would take {fast.eta_h:.1f} h "
-                     f"({t['eta_h_text'] / fast.eta_h:.0f}x less than the reference's {t['eta_h_text']:g} h).")
-        local = eta[eta.device.str.startswith("local")]
-        if not local.empty:
-            lines.append(f"- On this machine it would take {local.eta_h.min() / 24:,.0f} to "
-                         f"{local.eta_h.max() / 24:,.0f} days.")
-    if not thr.empty:
-        peak = inputs.profile.get("local_peak_gflops")
-        lines += ["", f"**This run's training throughput**, against this machine's measured matmul peak of "
-                      f"{num(peak, ',.1f')} GFLOP/s (fp32):", "",
-                  md_table(pd.DataFrame({
-                      "run": thr.run, "measured img/s": thr.img_per_s.map(lambda v: f"{v:,.1f}"),
-                      "train GFLOP/image": thr.train_gflops.map(lambda v: f"{v:.3f}"),
-                      "achieved GFLOP/s": thr.achieved_gflops.map(lambda v: f"{v:,.1f}"),
-                      "MFU": thr.mfu.map(lambda v: num(v, ".3f")),
-                      "predicted img/s (calibrated MFU)": thr.predicted_img_per_s.map(lambda v: num(v, ",.1f")),
-                      "measured ÷ predicted": thr.measured_over_predicted.map(lambda v: num(v, ".2f", "x"))})), ""]
-        cal = inputs.profile.get("calibrated_mfu")
-        lines.append(f"- The profile's calibration run reached MFU {num(cal, '.3f')}; this run's training stages "
-                     f"reached {thr.mfu.min():.3f} to {thr.mfu.max():.3f}; measured img/s is "
-                     f"{thr.measured_over_predicted.min():.2f}x to {thr.measured_over_predicted.max():.2f}x the "
-                     "calibrated prediction.")
-        if (thr.mfu > 1).any():
-            lines.append(f"- An MFU above 1 ({', '.join(thr.run[thr.mfu > 1])}) means the measured peak understates "
-                         "this machine: the peak is one 1024x1024 fp32 matmul timed during the profile stage, and a "
-                         "shared or busy CPU at that moment, or convolution kernels faster than that matmul, "
-                         "push the ratio past 1. Read the MFU column as relative, not absolute, here.")
-        lines.append("")
+             f"of {t['eta_h_low']:g}–{t['eta_h_high']:g} h for {t['steps']:,} steps at batch {t['batch']}. Every "
+             "time below comes from vitpipe's time model (`vitpipe/costmodel/steptime.py`, docs/compute.md): a "
+             "training step built from its operations, matmuls at the tensor-core rate with an efficiency that "
+             "follows their shapes (*compute-bound*), norms, activations, softmax, casts and the optimizer update "
+             "at memory bandwidth (*memory-bound*), and a fixed cost per kernel launched (*launches*). Its few "
+             "constants were fitted once, to timm's RTX 3090 training table; a card enters only through its "
+             "datasheet (`vitpipe/costmodel/devices.yaml`), so nothing here is fitted to the reference.", "",
+             f"**The reference's setting**, as vitpipe reads it: {vd.reference_setting().text}, on the T4 "
+             f"(evidence: {s['evidence']}).", ""]
+    lines += _reference_schedule(inputs, eta, claims[0])
+    lines += _reference_reconciled()
+    lines += _this_machine(thr)
     lines += image("ETA of the reference's schedule per device, and throughput on this machine",
-                   figs.time(f, eta, thr) if not eta.empty and not thr.empty else None)
+                   figs.time(f, same_speed_rows(eta), thr))
     return lines, claims
 
 
+def _reference_schedule(inputs: Inputs, eta: pd.DataFrame, claim: an.Claim) -> list[str]:
+    """The reference's scratch schedule on every device profile, with the split that says why."""
+    t, shown = reference.TIME, same_speed_rows(eta)
+    table = pd.DataFrame({
+        "device": shown.device_label, "img/s": shown.img_per_s.map(lambda v: f"{v:,.1f}"),
+        "ETA": shown.eta_h.map(lambda v: f"{v:,.1f} h"), "= days": shown.eta_h.map(lambda v: f"{v / 24:,.1f}"),
+        "compute-bound": shown.compute_s.map(_share), "memory-bound": shown.memory_s.map(_share),
+        "launches": shown.overhead_s.map(_share)})
+    lines = [f"**The reference's schedule on every device profile** (ViT-B/32, {t['steps']:,} steps x {t['batch']}, "
+             "at the reference's setting; the split is the share of a step's time):", "", md_table(table), ""]
+    t4 = eta[eta.device == "t4"].iloc[0]
+    dev = get_device("t4")
+    lines.append(f"- On the T4 the time model predicts {t4.img_per_s:.1f} img/s and {t4.eta_h:.1f} h against the "
+                 f"reference's {t['img_per_s']:g} img/s and {t['eta_h_low']:g}–{t['eta_h_high']:g} h: claim 3 "
+                 f"**{claim.verdict}** ({claim.test}). It rests on the T4's datasheet ({dev.peak('fp32') / 1e12:g} "
+                 f"TFLOP/s {reference.REFERENCE_SETTING['precision']}, as vit_jax trains; {dev.bandwidth / 1e9:g} GB/s) "
+                 "and on the time model calibrated on the RTX 3090 table only; nothing was fitted to the reference."
+                 + ("" if claim.verdict == an.HOLDS else " A mismatch says the model and the reference's log disagree "
+                    "at this setting; which of them is off, no T4 measured here can tell."))
+    gpus = eta[eta.device != "local"]
+    fast = gpus.loc[gpus.eta_h.idxmin()]
+    lines.append(f"- The fastest profile, {fast.device_label}, would take {fast.eta_h:.1f} h "
+                 f"({t['eta_h_text'] / fast.eta_h:.0f}x less than the reference's {t['eta_h_text']:g} h).")
+    mem = gpus.loc[gpus.memory_s.idxmax()]
+    lines.append(f"- Compute-bound work takes {gpus.compute_s.min():.0%} to {gpus.compute_s.max():.0%} of a step "
+                 f"over the profiles; {mem.device_label} spends the most in memory-bound work ({mem.memory_s:.0%} "
+                 f"of its step, at {get_device(mem.device).bandwidth / 1e9:g} GB/s), kernel launches at most "
+                 f"{gpus.overhead_s.max():.0%}.")
+    merged = [r.device_label for r in shown.itertuples() if " / " in r.device_label]
+    if merged:
+        lines.append(f"- Profiles that differ only in memory give the same time and share a row ({'; '.join(merged)}).")
+    local = eta[eta.device == "local"]
+    if not local.empty:
+        lines.append(f"- On {local.device_label.iloc[0]}, from its measured matmul peak and bandwidth, it would take "
+                     f"{local.eta_h.iloc[0] / 24:,.0f} days.")
+    lines += _assumed_setting_eta(inputs)
+    return lines + [""]
+
+
+def _assumed_setting_eta(inputs: Inputs) -> list[str]:
+    """The T4 row of profile/devices.csv: the same schedule at vitpipe's `profile:` setting."""
+    d, model = inputs.devices, reference.TIME["model"]
+    hit = d[(d.model == model) & (d.device == "t4")] if not d.empty and "eta_h" in d else d
+    if hit.empty:
+        return []
+    r, p = hit.iloc[0], an.profile_setting(inputs)
+    return [f"- At vitpipe's `profile:` setting ({p['image_size']} px, {p['precision']}, {p['optimizer']}, "
+            f"{p['attention']} attention, micro-batch {_count(r.micro_batch)}; "
+            f"`profile/devices.csv`) the T4 would take {r.eta_h:,.1f} h at {r.img_per_s:.1f} img/s."]
+
+
+def _reference_reconciled() -> list[str]:
+    """reference_rows(): each of the reference's timed runs, predicted next to reported."""
+    rows = reference.reference_rows()
+    table = pd.DataFrame({
+        "run": [r["run"] for r in rows], "setting": [r["setting"] for r in rows],
+        "reported": [f"{r['reported']:g} {r['unit']}" for r in rows],
+        "predicted": [f"{r['predicted']:,.1f} {r['unit']}" for r in rows],
+        "predicted ÷ reported": [f"{r['ratio']:.2f}x" for r in rows],
+        "verdict": [f"**{r['verdict']}**" for r in rows]})
+    n = sum(r["verdict"] == "matches" for r in rows)
+    return ["**The reference's times, predicted.** Each of its timed runs at its setting, predicted by the time model "
+            f"on the T4's datasheet; *matches* means within ±{reference.TOLERANCE:.0%} of the reported figure "
+            f"(`vitpipe/costmodel/reference.py`).", "", md_table(table), "",
+            f"- {n} of {len(rows)} match. The reference does not give its fine-tuning steps: the fine-tuning rows "
+            f"assume vit_jax's short schedule of {reference.FINETUNE_STEPS} steps (its README), so they test the "
+            "setting as much as the model.", ""]
+
+
+def _this_machine(thr: pd.DataFrame) -> list[str]:
+    """This machine: each training run's measured img/s next to the time model's prediction for it."""
+    if thr.empty:
+        return ["No run measured its training speed on this machine: run the training stages and "
+                "`dvc repro profile`.", ""]
+    table = pd.DataFrame({
+        "run": thr.run, "micro-batch x accumulation, precision, optimizer": thr.setting.replace("", DASH),
+        "measured img/s": thr.img_per_s.map(lambda v: f"{v:,.1f}"),
+        "predicted img/s": thr.predicted_img_per_s.map(lambda v: num(v, ",.1f")),
+        "measured ÷ predicted": thr.measured_over_predicted.map(lambda v: num(v, ".2f", "x")),
+        "compute-bound": thr.compute_s.map(_share), "memory-bound": thr.memory_s.map(_share),
+        "launches": thr.overhead_s.map(_share)})
+    lines = ["**This machine: measured against predicted.** Each training run's img/s (the training stage's wall "
+             "time, evaluations and checkpoints included) next to the time model's prediction for that run on this "
+             "machine's measured matmul peak and bandwidth (`metrics/profile.json`); the last row is the profile "
+             "stage's own calibration run, measured and predicted by that stage.", "", md_table(table), ""]
+    ratio = thr[thr.kind == "training"].measured_over_predicted.dropna()
+    if not ratio.empty:
+        lines.append(f"- Measured img/s is {ratio.min():.2f}x to {ratio.max():.2f}x the prediction over this run's "
+                     f"{len(ratio)} training run{'s' if len(ratio) > 1 else ''}.")
+    cal = thr[thr.kind == "profile"]
+    if not cal.empty:
+        lines.append(f"- The calibration run: {cal.img_per_s.iloc[0]:,.1f} img/s measured against "
+                     f"{cal.predicted_img_per_s.iloc[0]:,.1f} predicted ({cal.measured_over_predicted.iloc[0]:.2f}x).")
+    return lines + [""]
+
+
 def same_speed_rows(eta: pd.DataFrame) -> pd.DataFrame:
-    """One row per distinct prediction: profiles that differ only in memory (V100 16/32 GB,
-    A100 40/80 GB) give the same speed, and are listed together."""
-    keys = ["mfu", "img_per_s", "eta_h", "source"]
-    out = eta.groupby(keys, sort=False, as_index=False).agg(device_label=("device_label", " / ".join),
-                                                            device=("device", "first"))
-    return out.reset_index(drop=True)
+    """One row per distinct prediction: profiles that differ only in memory (V100 16/32 GB) give
+    the same time and are listed together; the A100 40/80 GB differ in bandwidth too, so they do not."""
+    keys = ["img_per_s", "eta_h", *an.SPLIT]
+    return eta.groupby(keys, sort=False, as_index=False).agg(
+        device_label=("device_label", " / ".join), device=("device", "first")).reset_index(drop=True)
 
 
 def section_finetune(inputs: Inputs, f: figs.Figures, findings: cl.Findings) -> tuple[list[str], list[an.Claim]]:
@@ -732,7 +790,9 @@ def section_budgets(inputs: Inputs, findings: cl.Findings, f: figs.Figures) -> l
 GLOSSARY = (
     ("micro-batch", "the images one forward and backward pass holds in memory; gradients of several are "
                     "summed (gradient accumulation) to make one optimizer step on the whole batch"),
-    ("MFU", "model FLOPs utilisation: the training FLOPs a step needs, per second, over the device's peak FLOP/s"),
+    ("time model", "a step's time built from its operations on a device's datasheet (`vitpipe/costmodel/steptime.py`): "
+                   "*compute-bound* matmuls at the tensor-core rate, *memory-bound* work at memory bandwidth, and a "
+                   "fixed cost per kernel launch, whose shares of the step are its *split*"),
     ("SDPA", "PyTorch's fused scaled_dot_product_attention, which never stores the tokens x tokens attention "
              "matrix; *eager* attention stores it"),
     ("DDP / FSDP", "data parallel: every device holds the whole model / fully sharded: each holds 1/N of it"),

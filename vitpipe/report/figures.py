@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vitpipe.costmodel import reference  # noqa: E402
 from vitpipe.atomic import atomic_path  # noqa: E402
+from vitpipe.costmodel import reference  # noqa: E402
 from vitpipe.report.inputs import Run  # noqa: E402
 
 SUBDIR = "figures"
@@ -102,36 +102,49 @@ def memory(f: Figures, m: pd.DataFrame, setting: dict) -> str:
 # 3. Time
 
 
+SPLIT_COLORS = (("compute_s", "compute-bound", PRED_COLOR), ("memory_s", "memory-bound", "#dd8452"),
+                ("overhead_s", "kernel launches", "#8172b3"))
+
+
 def time(f: Figures, eta: pd.DataFrame, thr: pd.DataFrame) -> str:
+    """Left: the reference's schedule on each GPU profile, its ETA split into compute-bound,
+    memory-bound and launch time, against the reference's printed ETA band. Right: measured
+    against predicted training img/s on this machine."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.3, 1]})
     t = reference.TIME
-    labels = [f"{r.device_label}\n({r.source}, MFU {r.mfu:.2f})" for r in eta.itertuples()]
-    y = np.arange(len(eta))
-    a.barh(y, eta.eta_h, color=[MEAS_COLOR if d.startswith("local") else PRED_COLOR for d in eta.device])
+    gpus = eta[eta.device != "local"].reset_index(drop=True)
+    y = np.arange(len(gpus))
+    left = np.zeros(len(gpus))
+    for col, label, color in SPLIT_COLORS:
+        part = (gpus.eta_h * gpus[col]).to_numpy()
+        a.barh(y, part, left=left, color=color, label=f"{label} (time model)")
+        left += part
     a.axvspan(t["eta_h_low"], t["eta_h_high"], color=REF_COLOR, alpha=0.25,
               label=f"reference's printed ETA on a T4 ({t['eta_h_low']:g}-{t['eta_h_high']:g} h)")
-    for yi, h in zip(y, eta.eta_h):
+    for yi, h in zip(y, gpus.eta_h):
         a.annotate(f"{h:,.1f} h", (h, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
-    a.set_yticks(y, labels, fontsize=7)
+    a.set_yticks(y, gpus.device_label, fontsize=7)
     a.invert_yaxis()
-    a.set_xscale("log")
-    a.set(title=f"ETA of the reference's schedule: ViT-B/32, {t['steps']:,} steps x {t['batch']}",
-          xlabel="predicted time (hours, log scale)")
-    a.margins(x=0.15)
+    a.set_xlim(0, max(float(gpus.eta_h.max()), t["eta_h_high"]) * 1.15)
+    a.set(title=f"The reference's schedule per GPU profile\n(ViT-B/32, {t['steps']:,} steps x {t['batch']}, "
+                "its setting; this machine: §3's table)", xlabel="predicted time (hours)")
     _grid(a)
-    a.legend(fontsize=7, loc="upper right")
+    a.legend(fontsize=7, loc="lower right")
 
     x = np.arange(len(thr))
     w = 0.38
-    b.bar(x - w / 2, thr.img_per_s, width=w, color=MEAS_COLOR, label="measured (training stage)")
-    b.bar(x + w / 2, thr.predicted_img_per_s, width=w, color=PRED_COLOR, label="predicted (calibrated MFU)")
+    b.bar(x - w / 2, thr.img_per_s, width=w, color=MEAS_COLOR, label="measured")
+    b.bar(x + w / 2, thr.predicted_img_per_s.astype(float).fillna(0), width=w, color=PRED_COLOR,
+          label="predicted (time model, this machine's measured peak and bandwidth)")
     for xi, r in zip(x, thr.itertuples()):
-        b.annotate(f"MFU {r.mfu:.2f}", (xi - w / 2, r.img_per_s), ha="center", va="bottom", fontsize=8,
-                   xytext=(0, 2), textcoords="offset points")
-    b.set_xticks(x, thr.run)
-    b.set(title="Training throughput on this machine", ylabel="images per second")
+        if r.measured_over_predicted == r.measured_over_predicted and r.measured_over_predicted is not None:
+            b.annotate(f"{r.measured_over_predicted:.2f}x", (xi, max(r.img_per_s, r.predicted_img_per_s)),
+                       ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    b.set_xticks(x, thr.run, fontsize=8)
+    b.margins(y=0.15)
+    b.set(title="Training throughput on this machine\n(label: measured ÷ predicted)", ylabel="images per second")
     _grid(b)
-    b.legend(fontsize=8)
+    b.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
     return f.save(fig, "time.png")
 
 
