@@ -35,6 +35,10 @@ def start_node(cwd, env, script=SCRIPT) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def listening(port: int) -> bool:
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in psutil.net_connections("tcp"))
+
+
 def errors(err: str) -> list[str]:
     return [line for line in err.splitlines() if "vitpipe: error:" in line]
 
@@ -53,11 +57,19 @@ def test_a_node_that_never_joins_ends_in_one_line_within_the_join_timeout(prepar
 
 
 @pytest.mark.slow
-def test_a_peer_killed_mid_run_ends_the_other_node_in_one_line(prepared, tmp_path):
+@pytest.mark.parametrize("store_host", ["survivor", "killed"])
+def test_a_peer_killed_mid_run_ends_the_other_node_in_one_line(prepared, tmp_path, store_host):
+    """The rendezvous store lives in the agent of the node that bound the endpoint first (the one
+    started first here). When that node is the one killed, the survivor's agent loses its store
+    too: it must leave the report to its worker, not add a line of its own (it did, under load)."""
     train = {"steps": 2000, "batch_size": 16, "micro_batch": 8, "checkpoint_every": 10, "eval_every": 1000,
              "nproc": 1, "nnodes": 2, "collective_timeout_s": 30}
-    env = node_env(tmp_path, f"127.0.0.1:{free_port()}")
-    nodes = [start_node(stage_dir(tmp_path / f"node{i}", prepared, **train), env) for i in (0, 1)]
+    port = free_port()
+    env = node_env(tmp_path, f"127.0.0.1:{port}")
+    first, second = (0, 1) if store_host == "survivor" else (1, 0)
+    nodes = {first: start_node(stage_dir(tmp_path / f"node{first}", prepared, **train), env)}
+    assert wait_for(lambda: listening(port), nodes[first], timeout=120)  # it hosts the store
+    nodes[second] = start_node(stage_dir(tmp_path / f"node{second}", prepared, **train), env)
     assert wait_for(lambda: checkpoint_step(tmp_path / "shared-store") >= 10, nodes[0], timeout=180)
     lost = [psutil.Process(nodes[1].pid), *psutil.Process(nodes[1].pid).children(recursive=True)]
     start = time.monotonic()

@@ -133,6 +133,68 @@ def rendezvous_id() -> str:
     return "vitpipe-" + hashlib.sha256(stage.encode()).hexdigest()[:12]
 
 
+RDZV_BACKEND = "vitpipe-c10d"  # torch's c10d rendezvous, a lost store left to the workers (AgentRendezvous)
+
+
+class AgentRendezvous:
+    """torch's c10d rendezvous handler for torchrun's agent, except for a store it can no longer
+    reach once the workers run. The store lives in the agent of whichever node bound the endpoint
+    first; when that node dies, the other agents' next question to it fails. The agent asks it
+    every monitor interval whether new nodes wait to join (a membership change vitpipe never
+    makes: nnodes is fixed, no restarts), and that failed ask ended the agent in a second error
+    line beside its worker's, before or after it by timing. A lost store is a lost peer, which
+    the workers already report in one line (`lost_peer_message`, within collective_timeout_s):
+    so the agent answers "nobody waits", stops its heartbeats to the dead store (a C++ warning
+    each), and ends with its workers' exit code."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.store_lost = False
+
+    @classmethod
+    def create(cls, params) -> AgentRendezvous:
+        """The registry's creator: torch's own c10d handler, from the same parameters."""
+        from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+        from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+        backend, store = create_backend(params)
+        return cls(create_handler(store, backend, params))
+
+    def num_nodes_waiting(self) -> int:
+        from torch.distributed.elastic.rendezvous import RendezvousError
+
+        if self.store_lost:
+            return 0
+        try:
+            return self.inner.num_nodes_waiting()
+        except RendezvousError:
+            self.store_lost = True
+            getattr(self.inner, "_stop_heartbeats", lambda: None)()
+            return 0
+
+    def shutdown(self) -> bool:
+        return False if self.store_lost else self.inner.shutdown()  # closing the rendezvous needs the store
+
+    def get_backend(self) -> str:
+        return RDZV_BACKEND
+
+    @property
+    def use_agent_store(self) -> bool:
+        return self.inner.use_agent_store
+
+    def next_rendezvous(self):
+        return self.inner.next_rendezvous()
+
+    def is_closed(self) -> bool:
+        return self.inner.is_closed()
+
+    def set_closed(self):
+        return self.inner.set_closed()
+
+    def get_run_id(self) -> str:
+        return self.inner.get_run_id()
+
+
 def torchrun_args(nproc: int, nnodes: int, rdzv_timeout_s: float = 600) -> list[str]:
     """One node: --standalone. Several: every node runs the same command and they meet at the
     c10d rendezvous (no node ranks to hand out; torchrun numbers the nodes as they join),
@@ -144,7 +206,7 @@ def torchrun_args(nproc: int, nnodes: int, rdzv_timeout_s: float = 600) -> list[
         raise UserError(f"nnodes={nnodes}: the nodes need a place to meet; set {ENV_RDZV}=host:port (the first "
                         f"node's address and a free port) on every node, or launch under SLURM, SkyPilot or a "
                         f"Kubernetes PyTorchJob")
-    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--rdzv-backend={RDZV_BACKEND}",
             f"--rdzv-endpoint={checked_endpoint(endpoint)}", f"--rdzv-id={rendezvous_id()}",
             f"--rdzv-conf=join_timeout={int(rdzv_timeout_s)}", "--max-restarts=0"]
 
@@ -186,10 +248,12 @@ def torchrun(args: list[str], rdzv_timeout_s: float = 600) -> int:
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    rendezvous_handler_registry.register(RDZV_BACKEND, AgentRendezvous.create)  # again: the same creator is fine
     try:
         run(parse_args(args))
     except ChildFailedError as e:
