@@ -281,7 +281,7 @@ def _reference_schedule(inputs: Inputs, eta: pd.DataFrame, claim: an.Claim) -> l
     dev = get_device("t4")
     lines.append(f"- On the T4 the time model predicts {t4.img_per_s:.1f} img/s and {t4.eta_h:.1f} h against the "
                  f"reference's {t['img_per_s']:g} img/s and {t['eta_h_low']:g}–{t['eta_h_high']:g} h: claim 3 "
-                 f"**{claim.verdict}** ({claim.test}). It rests on the T4's datasheet ({dev.peak('fp32') / 1e12:g} "
+                 f"**{claim.verdict}** (its test: {claim.test}). It rests on the T4's datasheet ({dev.peak('fp32') / 1e12:g} "
                  f"TFLOP/s {reference.REFERENCE_SETTING['precision']}, as vit_jax trains; {dev.bandwidth / 1e9:g} GB/s) "
                  "and on the time model calibrated on the RTX 3090 table only; nothing was fitted to the reference."
                  + ("" if claim.verdict == an.HOLDS else " A mismatch says the model and the reference's log disagree "
