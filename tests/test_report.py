@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from vitpipe.costmodel import compute
-from vitpipe.report import analysis as an
 from vitpipe.models import model_config
 from vitpipe.report import HEADLINE, write_report
+from vitpipe.report import analysis as an
 from vitpipe.report.html import render_html
 from vitpipe.report.inputs import load
 
