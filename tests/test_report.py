@@ -295,7 +295,7 @@ def test_memory_and_parameter_verdicts(outputs):
     inputs = load(outputs)
     m = an.memory_table(inputs)
     verdicts = {c.claim.split()[0]: c.verdict for c in an.memory_claims(inputs, m)}
-    assert verdicts == {"VIT_B8": an.HOLDS, "VIT_B16": an.HOLDS, "VIT_B32": an.FAILS}   # B/32 does not fit in PyTorch
+    assert verdicts == {"ViT-B/8": an.HOLDS, "ViT-B/16": an.HOLDS, "ViT-B/32": an.FAILS}   # B/32 does not fit in PyTorch
     assert not m.fits.any() and (m.micro_batch > 0).all()
     inputs.doc["profile"]["batch_size"] = 256       # not the reference's setting: nothing to test
     assert {c.verdict for c in an.memory_claims(inputs, m)} == {an.UNTESTED}
