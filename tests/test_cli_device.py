@@ -129,6 +129,8 @@ def test_params_plan_of_the_default_on_cpu(monkeypatch, capsys):
     assert r["fits"] and r["overrides"] == [] and r["device"] == "local"
     assert {s["precision"] for s in r["stages"]} == {"fp32"}
     assert r["eta_s"] > 0
+    # this machine is measured, not a datasheet: the basis says so
+    assert "measured fp32 matmul peak" in r["basis"] and "datasheet" not in r["basis"]
 
 
 @pytest.mark.parametrize("requested, card, expected", [
@@ -240,3 +242,22 @@ def test_a_card_from_a_file(tmp_path, capsys):
     assert cli.main(["plan", "vit_b16", "--device", str(f)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vitpipe: error:") and "missing peak_tflops" in err and "missing sm_count" in err
+
+
+def test_params_json_gives_each_stage_train_and_inference_speed_and_the_split(capsys):
+    assert cli.main(["plan", "--params", str(ROOT / "presets/reference-pets-t4.yaml"), "--device", "t4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "datasheet (40 SMs, 320 GB/s)" in r["basis"]
+    for s in r["stages"]:
+        assert 0 < s["train_img_per_s"] == s["img_per_s"] < s["infer_img_per_s"], s["stage"]
+        assert sum(s["time_split"].values()) == pytest.approx(1) and s["fits"] is True
+
+
+def test_plan_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("--batch BATCH effective batch per optimizer step (default: 512)", "(default: t4)",
+                    "(default: fp32)", "(default: adamw)", "(default: sdpa)", "(default: 1000)", "(default: 10000)"):
+        assert default in out, default

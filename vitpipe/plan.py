@@ -216,7 +216,8 @@ def plan_params(path, device="auto", sets=()) -> dict:
                "largest_micro_batch": est["micro_batch"],
                "required_bytes": (need if as_written else est["micro_required_bytes"]),
                "fits": bool(micro), "fits_as_written": as_written,
-               "img_per_s": est["img_per_s"], "infer_img_per_s": est["infer_img_per_s"],
+               "img_per_s": est["img_per_s"], "train_img_per_s": est["train_img_per_s"],
+               "infer_img_per_s": est["infer_img_per_s"],
                "time_split": est["time_split"], "eta_s": est["eta_s"]}
         stages.append(row)
         if precision != requested and requested != "auto":
@@ -239,7 +240,13 @@ def plan_params(path, device="auto", sets=()) -> dict:
 
 
 def basis_line(dev) -> str:
-    """Where the times come from, in one line (the `--params` table's basis)."""
+    """Where the times come from, in one line (the `--params` table's basis): a listed card's
+    datasheet, or this machine's measured matmul peak and bandwidth."""
     bw = f", {dev.bandwidth / 1e9:,.0f} GB/s" if dev.bandwidth else ""
-    return (f"times: the time model (vitpipe/costmodel/steptime.py, fitted once to timm's RTX 3090 AMP training "
-            f"table) on {dev.label}'s datasheet ({dev.sm_count} SMs{bw})")
+    if dev.measured:
+        source = (f"{dev.label}'s measured fp32 matmul peak ({dev.peak('fp32') / 1e9:,.0f} GFLOP/s{bw}, "
+                  f"{dev.sm_count} {'SMs' if dev.kind == 'cuda' else 'threads'})")
+    else:
+        source = f"{dev.label}'s datasheet ({dev.sm_count} SMs{bw})"
+    return ("times: the time model (vitpipe/costmodel/steptime.py, fitted once to timm's RTX 3090 AMP training "
+            f"table) on {source}")
