@@ -192,3 +192,16 @@ def test_cuda_pipeline_is_the_cpu_batch():
     for k, (x, y) in cpu.items():
         assert gpu[k][0].is_cuda and torch.allclose(gpu[k][0].cpu(), x, rtol=1e-6, atol=1e-6), k
         assert torch.equal(gpu[k][1].cpu(), y), k
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_large_images_shifted_over_threads_are_the_reference_bytes(threads):
+    """augment_threads spreads the per-image window copies of large images over threads: the
+    same bytes as the reference (and one thread), into a pinned-style buffer too."""
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (40, 3, 64, 64), dtype=np.uint8))
+    for seed in range(3):
+        ref = reference_shift_and_flip(x, torch.Generator().manual_seed(seed), True)
+        assert torch.equal(shift_and_flip(x, torch.Generator().manual_seed(seed), True, threads=threads), ref)
+        buffer = torch.full((48, 3, 64, 64), 99, dtype=torch.uint8)
+        shift_and_flip(x, torch.Generator().manual_seed(seed), True, out=buffer, threads=threads)
+        assert torch.equal(buffer[:40], ref) and (buffer[40:] == 99).all()

@@ -1,7 +1,7 @@
 """The batches a run trains on, made ahead of the step that needs them.
 
 A background thread gathers each micro-batch's images from the prepared store (in RAM or
-memory-mapped), shifts and flips them in uint8 and, on a GPU, writes them into pinned
+memory-mapped), shifts and flips them in uint8 (large images in chunks over `augment_threads`) and, on a GPU, writes them into pinned
 buffers and copies them across the bus on a side stream, while the training loop runs the
 steps before. The loop gets uint8 images on its device and converts and normalises them
 there: a quarter of float32's bytes cross the bus, and the float work runs on the GPU.
@@ -29,6 +29,20 @@ from vitpipe.data.prepared_store import SampleStream, Split
 from vitpipe.hardware.probe import cpu_count
 
 PREFETCH = 4  # micro-batches made ahead: enough to hide a slow one, little device memory (uint8)
+AUGMENT_THREADS = 4  # at most, per process on a GPU (2 threads: 1.35x one at 224 px; docs/training.md)
+
+
+def augment_threads(device: torch.device) -> int:
+    """Threads that gather, shift and flip a micro-batch's large images: on a GPU, the cores
+    this process's share of the machine leaves beside its loop thread (torchrun's
+    LOCAL_WORLD_SIZE processes share it), at most AUGMENT_THREADS; on the CPU one, the step
+    has the cores."""
+    import os
+
+    if device.type != "cuda":
+        return 1
+    share = cpu_count() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(AUGMENT_THREADS, share - 1))
 
 
 def spare_core() -> bool:
@@ -60,10 +74,12 @@ class InputPipeline:
     micro-batches ahead by a background thread (0: made on demand)."""
 
     def __init__(self, data: Split, seed: int, batch_size: int, micro_batch: int, mine: list[int], augment: bool,
-                 device: torch.device, start: int, steps: int, channels_last: bool = False, prefetch: int | None = None):
+                 device: torch.device, start: int, steps: int, channels_last: bool = False, prefetch: int | None = None,
+                 threads: int | None = None):
         self.data, self.seed, self.batch_size, self.micro_batch = data, seed, batch_size, micro_batch
         self.mine, self.augment, self.device, self.channels_last = list(mine), augment, device, channels_last
         self.stream = SampleStream(len(data), seed)
+        self.threads = augment_threads(device) if threads is None else threads  # the same bytes for any number
         self.mean, self.std = data.mean.to(device), data.std.to(device)
         self.cuda = device.type == "cuda"
         self.order = ((s, m) for s in range(start, steps) for m in self.mine)  # what the producer makes next
@@ -96,13 +112,13 @@ class InputPipeline:
         gen = augmentation_generator(self.seed, step)
         idx, draws = self.indices(step, m)
         if not self.cuda:
-            x, y = self.data.images(idx, self.augment, gen, draws=draws)
+            x, y = self.data.images(idx, self.augment, gen, draws=draws, threads=self.threads)
             return MicroBatch(step, m, self.data.normalise(x), y, time.perf_counter() - t)
         slot = self.slot
         self.slot = (slot + 1) % len(self.pinned)
         if self.pinned_free[slot] is not None:
             self.pinned_free[slot].synchronize()  # its last copy to the device has finished
-        x, y = self.data.images(idx, self.augment, gen, out=self.pinned[slot], draws=draws)
+        x, y = self.data.images(idx, self.augment, gen, out=self.pinned[slot], draws=draws, threads=self.threads)
         with torch.cuda.stream(self.copy_stream):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)  # pageable and tiny: a synchronous copy of a few bytes
