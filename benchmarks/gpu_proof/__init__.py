@@ -4,6 +4,14 @@ a short lease: about 9 minutes on an H100-class card, at most 8 files brought ba
     python3 benchmarks/gpu_proof --out gpu_proof               # on an NVIDIA GPU: <= 520 s
     python3 benchmarks/gpu_proof --out gpu_proof --cpu-dry-run # the same harness on CPU, tiny models
 
+On a lent GPU machine (its own python3, torch and timm; no DVC, no install), from the
+checkout, with a wall-clock stop of its own around the harness's budget:
+
+    timeout -s INT 600 python3 benchmarks/gpu_proof --out "$OUT/gpu_proof"
+
+(SIGINT at 600 s: the harness kills its steps and still writes its files, every measurement
+already in gpu_proof.json). Work files go to /dev/shm where it has 8 GiB free.
+
 Needs only what a stock PyTorch image has (torch, timm, numpy, pyyaml, pytest; nvidia-ml-py
 if present): no DVC, no network, no install; it finds vitpipe in the checkout. `--out`
 receives gpu_proof.json (every number, rewritten before and after every step),
