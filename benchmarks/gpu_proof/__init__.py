@@ -7,9 +7,9 @@ a short lease: about 9 minutes on an H100-class card, at most 8 files brought ba
 On a lent GPU machine (its own python3, torch and timm; no DVC, no install), from the
 checkout, with a wall-clock stop of its own around the harness's budget:
 
-    timeout -s INT 600 python3 benchmarks/gpu_proof --out "$OUT/gpu_proof"
+    timeout -s INT 570 python3 benchmarks/gpu_proof --out "$OUT/gpu_proof"
 
-(SIGINT at 600 s: the harness kills its steps and still writes its files, every measurement
+(SIGINT at 570 s, inside a 600 s call: the harness kills its steps and still writes its files, every measurement
 already in gpu_proof.json). Work files go to /dev/shm where it has 8 GiB free.
 
 Needs only what a stock PyTorch image has (torch, timm, numpy, pyyaml, pytest; nvidia-ml-py
