@@ -9,8 +9,8 @@ checkout, with a wall-clock stop of its own around the harness's budget:
 
     timeout -s INT 570 python3 benchmarks/gpu_proof --out "$OUT/gpu_proof"
 
-(SIGINT at 570 s, inside a 600 s call: the harness kills its steps and still writes its files, every measurement
-already in gpu_proof.json). Work files go to /dev/shm where it has 8 GiB free.
+(SIGINT at 570 s, inside a 600 s call: the harness kills its steps and still writes its four
+files). Work files go to /dev/shm where it has 8 GiB free.
 
 Needs only what a stock PyTorch image has (torch, timm, numpy, pyyaml, pytest; nvidia-ml-py
 if present): no DVC, no network, no install; it finds vitpipe in the checkout. `--out`
