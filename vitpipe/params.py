@@ -162,7 +162,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "schedule_steps": _int("steps of the schedule for the ETA", 1, 10**10),
         "attention": Key("choice", "how activation memory is modelled", choices=("sdpa", "eager")),
         "checkpointing": Key("bool", "activation checkpointing in the memory model"),
-        "mfu": _num("model FLOPs utilisation (null: each device's default)", 0, 1, lo_open=True, nullable=True),
+        "mfu": _num("no longer read: times come from the time model (docs/compute.md); kept so an old params file "
+                    "still loads, and must be null", 0, 1, lo_open=True, nullable=True),
     },
 }
 

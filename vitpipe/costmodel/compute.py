@@ -267,7 +267,8 @@ def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp3
     executed = f["train"] + (f["recompute"] if checkpointing else 0)
     img_s = t["train_img_per_s"]
     achieved = img_s * f["train"] / device.peak(precision)
-    note = (f"time model (costmodel.steptime) on {device.label}'s datasheet: "
+    basis = "measured peak and bandwidth" if device.measured else "datasheet"
+    note = (f"time model (costmodel.steptime) on {device.label}'s {basis}: "
             f"{t['time_split']['compute_s']:.0%} compute-bound, {t['time_split']['memory_s']:.0%} memory-bound, "
             f"{t['time_split']['overhead_s']:.0%} kernel launches; MFU {achieved:.3f} of the {precision} peak "
             f"({device.peak(precision) / 1e12:,.1f} TFLOP/s) follows from it")
