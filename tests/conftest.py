@@ -34,7 +34,9 @@ MICRO = {
                 "device": "t4", "precision": "fp32", "optimizer": "adamw", "schedule_steps": 10000},
 }
 
-PROJECT_FILES = ("dvc.yaml", "stages", "vitpipe", "pyproject.toml", ".dvcignore", "weights", "params.lr_sweep.json")
+# studies/: what the report stage depends on (the studies pipeline itself is not copied)
+PROJECT_FILES = ("dvc.yaml", "stages", "vitpipe", "pyproject.toml", ".dvcignore", "weights", "studies/params.yaml",
+                 "studies/dvc.lock")
 
 
 def write_params(path: Path, doc: dict) -> None:
@@ -94,6 +96,7 @@ def make_project(repo: Path, params: dict = MICRO, env: dict | None = None) -> P
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, repo / name)
     write_params(repo / "params.yaml", params)
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@example.com"],

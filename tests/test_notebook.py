@@ -116,11 +116,13 @@ def test_notebook_runs_headless_on_the_micro_config(tmp_path, monkeypatch):
     # nothing in it changes (other work may go on in the real one)
     start = tmp_path / "checkout"
     start.mkdir()
-    for name in ("dvc.yaml", "stages", "vitpipe", "weights", "pyproject.toml", ".dvcignore", "params.yaml", "params.lr_sweep.json"):
+    for name in ("dvc.yaml", "stages", "vitpipe", "weights", "pyproject.toml", ".dvcignore", "params.yaml",
+                 "studies/params.yaml", "studies/dvc.lock"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, start / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
+            (start / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, start / name)
 
     def files():

@@ -2,7 +2,6 @@
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,25 +133,6 @@ def test_seeds_each_their_own_run_and_the_report_gives_intervals(reproduced):
     assert "finetune_minus_scratch.top1_ci95_lo" in summary
     report = (repo / "reports/report.md").read_text()
     assert "± " in report and "95% CI of the difference" in report and "seed-paired difference" in report
-
-
-def test_data_sweep_reruns_only_training_and_draws_the_curve(reproduced):
-    """`data.train_fraction` as DVC experiments: never download or preprocess again; the
-    curve and the verdict on the reference's conclusion come out of the sweep."""
-    repo = reproduced
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "results"], repo)
-    run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts/data_sweep.py"), "--fractions", "0.5", "1"],
-        repo)
-    points = json.loads((repo / "reports/data_efficiency.json").read_text())
-    assert [p["fraction"] for p in points] == [0.5, 1.0]
-    half, whole = points
-    assert {"train_scratch@0", "finetune@vit_micro-0", "finetune@resnet18-0", "report"} <= set(half["stages_run"])
-    assert not {"download", "preprocess", "pretrain@vit_micro"} & set(half["stages_run"] + whole["stages_run"])
-    assert half["train_images"]["scratch"] < whole["train_images"]["scratch"]
-    md = (repo / "reports/data_efficiency.md").read_text()
-    assert "figures/data_efficiency.png" in md and (repo / "reports/figures/data_efficiency.png").stat().st_size > 0
-    assert "'a ViT from scratch needs more data than a CNN'" in md and "'pretraining closes the gap'" in md
 
 
 def test_a_local_weights_file_is_a_dependency_of_its_import(project):

@@ -96,7 +96,11 @@ PROFILE_METRICS, PROFILE_COMPUTE, PROFILE_DEVICES = (P("metrics/profile.json"), 
                                                      P("profile/devices.csv"))
 SUMMARY = P("metrics/summary.json")
 REPORT_MD, REPORT_HTML, REPORT_FIGURES = P("reports/report.md"), P("reports/report.html"), P("reports/figures")
-LR_SWEEP = P("params.lr_sweep.json")      # scripts/lr_sweep.py: how the recipes' learning rates were chosen
+# The studies pipeline (studies/dvc.yaml): the report reads its records (studies/results/) and knobs.
+# The report stage depends on its dvc.lock, which changes whenever a study reruns, not on the
+# records: a dep on another stage's output would put every studies stage upstream of the report,
+# and a default `dvc repro` would rerun the stale ones (about 20 minutes).
+STUDIES_PARAMS, STUDIES_LOCK = P("studies/params.yaml"), P("studies/dvc.lock")
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ from vitpipe.report.inputs import Inputs, Run
 
 HOLDS, FAILS, INCONCLUSIVE, UNTESTED = "holds", "does not hold", "inconclusive", "not tested"
 VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, UNTESTED)
-# What a verdict rests on. Only MEASURED and SWEEP could come out otherwise on another
-# machine or run; COMPUTED reads the same anywhere (the compute model or a count of layers).
+# What a verdict rests on. Only MEASURED could come out otherwise on another machine or run;
+# COMPUTED reads the same anywhere (the compute model or a count of layers). The studies
+# pipeline's numbers are claims.STUDY.
 MEASURED = "measured in this run"
-SWEEP = "measured by scripts/lr_sweep.py"
 COMPUTED = "computed by the compute model"
 NOT_TESTED = "not tested"
-EVIDENCE = (MEASURED, SWEEP, COMPUTED, NOT_TESTED)
+EVIDENCE = (MEASURED, COMPUTED, NOT_TESTED)
 # A printed count within this of the exact one "holds": the reference rounds to 0.1M-1M,
 # and the ViT paper's totals count a 1000-class head.
 COUNT_TOLERANCE = 0.05
@@ -73,8 +73,7 @@ def count_sentence(claims: list[Claim]) -> str:
     kinds = [n_of(v[HOLDS], "holds", "hold"), n_of(v[FAILS], "does not hold", "do not hold"),
              n_of(v[INCONCLUSIVE], "is inconclusive", "are inconclusive"),
              n_of(v[UNTESTED], "is not tested", "are not tested")]
-    rest = [f"{e[MEASURED]} on what this run measured", f"{e[SWEEP]} on the learning-rate sweep's run",
-            f"{e[COMPUTED]} on the compute model alone (they read the same on any machine)"]
+    rest = [f"{e[MEASURED]} on what this run measured", f"{e[COMPUTED]} on the compute model alone (they read the same on any machine)"]
     return (f"Of the {len(claims)} claims, {', '.join(kinds[:-1])} and {kinds[-1]}; of the "
             f"{len(claims) - e[NOT_TESTED]} tested, {', '.join(rest[:-1])} and {rest[-1]}.")
 
@@ -474,51 +473,6 @@ def baseline_differences(inputs: Inputs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def equal_compute(inputs: Inputs) -> dict:
-    """Scratch trained at the fine-tuned twin's total training FLOPs (pretraining counted), from
-    scripts/lr_sweep.py's record, against the twin's same-seed test predictions, image by image.
-    {} with a `missing` reason when the record does not belong to this run's data and recipe."""
-    rec, t = inputs.lr_sweep.get("equal_compute"), twin(inputs)
-    if t is None:
-        return {"missing": "no variant has the scratch network"}
-    if not rec:
-        return {"missing": "no equal-compute run recorded: `python scripts/lr_sweep.py` trains one into "
-                           "params.lr_sweep.json (outside the default run: it costs minutes)"}
-    sweep, recipe = inputs.lr_sweep, inputs.scratch.recipe
-    stale = [k for k, ok in (("dataset", sweep.get("dataset") == inputs.dataset),
-                             ("image_size", sweep.get("image_size") == inputs.image_size),
-                             ("variant", sweep.get("twin") == t.name),
-                             ("train.lr", recipe is not None and rec.get("lr") == recipe.lr),
-                             ("seeds", rec.get("seed") in t.seeds)) if not ok]
-    seed = rec.get("seed")
-    mine = t.corrects[t.seeds.index(seed)] if seed in t.seeds else None
-    if not stale and (mine is None or len(mine) != rec.get("test_images")):
-        stale = ["test split"]
-    if stale:
-        return {"missing": f"params.lr_sweep.json was recorded for another {', '.join(stale)}: rerun "
-                           "`python scripts/lr_sweep.py`"}
-    scratch_correct = [c == "1" for c in rec["test_correct"]]
-    images = stats.mcnemar(mine, scratch_correct)
-    verdict = stats.image_verdict(images, f"{t.name} fine-tuned", "scratch at equal compute")
-    return {"record": rec, "twin": t, "seed": seed, "images": images, "verdict": verdict,
-            "twin_top1": sum(mine) / len(mine), "scratch_top1": rec["test_top1"]}
-
-
-def second_pretraining(inputs: Inputs) -> dict:
-    """The twin fine-tuned from a second pretraining run (scripts/lr_sweep.py --parts
-    second_pretraining) against this run's twin of the same seed, image by image: what one
-    pretraining run leaves out of the intervals. {} when there is no matching record."""
-    rec, t = inputs.lr_sweep.get("second_pretraining"), twin(inputs)
-    if not rec or t is None or rec.get("seed") not in t.seeds or inputs.lr_sweep.get("dataset") != inputs.dataset:
-        return {}
-    mine = t.corrects[t.seeds.index(rec["seed"])]
-    if mine is None or len(mine) != rec.get("test_images") or (t.recipe and rec.get("lr") != t.recipe.lr):
-        return {}
-    images = stats.mcnemar([c == "1" for c in rec["test_correct"]], mine)
-    return {"record": rec, "images": images, "first_top1": sum(mine) / len(mine), "second_top1": rec["test_top1"],
-            "first_pretrain_seed": (inputs.doc.get("pretrain") or {}).get("seed", 0)}
-
-
 def summary_metrics(inputs: Inputs) -> dict:
     """Flat keys for `dvc metrics diff`: every test top-1 as mean, sd and 95% interval over
     seeds, the test set's own Wilson half-width, the paired differences with the test that
@@ -554,23 +508,17 @@ def summary_metrics(inputs: Inputs) -> dict:
         put_comparison("finetune_minus_scratch", c)
     for row in baseline_differences(inputs).itertuples():
         put_comparison(f"{row.run}_minus_{row.baseline}", row.comparison)
-    eq = equal_compute(inputs)
-    if "images" in eq:
-        put_images("equal_compute.finetune_minus_scratch", eq["images"])
-        out["equal_compute.verdict"] = eq["verdict"].word
-        out["equal_compute.scratch_steps"] = eq["record"]["steps"]
     return out
 
 
 FINETUNE_CLAIM = "fine-tuning a pretrained ViT beats training it from scratch, at equal training steps"
-EQUAL_COMPUTE_CLAIM = "… and at equal total compute, pretraining counted"
 TIME_CLAIM = "fine-tuning reaches scratch's accuracy in a fraction of the scratch time"
 
 
 def finetune_claims(inputs: Inputs) -> tuple[list[Claim], dict]:
-    """Fine-tuning beats scratch at equal steps and at equal total compute, and reaches scratch's
-    accuracy sooner (without and with pretraining counted). Returns the claims and the facts
-    behind them (for the report's sentences)."""
+    """Fine-tuning beats scratch at equal steps and reaches scratch's accuracy sooner (without and
+    with pretraining counted), in this run. Returns the claims and the facts behind them (for the
+    report's sentences). Equal total compute is the studies pipeline's (claims.question_claims)."""
     f = reference.FINETUNE
     ref_acc = f"{f['cifar100_top1']:.2%} CIFAR-100 top-1 after {f['hours']:g} h of fine-tuning"
     ref_time = (f"{f['hours']:g} h fine-tuning against ~{reference.TIME['eta_h_text']:g} h from scratch "
@@ -587,17 +535,7 @@ def finetune_claims(inputs: Inputs) -> tuple[list[Claim], dict]:
              + (f" (means of {c.seeds.n} seeds)" if c.seeds.n > 1 else ""))
     acc = Claim("4", FINETUNE_CLAIM, ref_acc, f"{means}, {t.train.get('steps')} vs {scratch.train.get('steps')} "
                 f"steps: {_diff_text(c)}", c.verdict.word, MEASURED)
-    eq = equal_compute(inputs)
-    facts["equal_compute"] = eq
-    if "images" in eq:
-        r = eq["record"]
-        eq_claim = Claim("4", EQUAL_COMPUTE_CLAIM, "not measured (its pretrained weights were downloaded)",
-                         f"{eq['twin_top1']:.1%} fine-tuned vs {eq['scratch_top1']:.1%} from scratch trained "
-                         f"{r['steps']:,} steps (seed {eq['seed']}): {eq['verdict'].why}", eq["verdict"].word, SWEEP)
-    else:
-        eq_claim = Claim("4", EQUAL_COMPUTE_CLAIM, "not measured (its pretrained weights were downloaded)",
-                         eq["missing"], UNTESTED, why="no equal-compute run for this data and recipe")
-    return [acc, eq_claim, *time_claims_finetune(inputs, t, ref_time, facts)], facts
+    return [acc, *time_claims_finetune(inputs, t, ref_time, facts)], facts
 
 
 def _diff_text(c: Comparison) -> str:

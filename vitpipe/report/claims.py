@@ -219,7 +219,7 @@ def count_sentence(claims: list[an.Claim], what: str) -> str:
     words = [vd.HOLDS, vd.FAILS, vd.DEPENDS, vd.INCONCLUSIVE, vd.UNTESTED]
     n = {w: sum(c.verdict == w for c in claims) for w in words}
     tested = [c for c in claims if c.verdict != vd.UNTESTED]
-    by = {e: sum(c.evidence == e for c in tested) for e in (an.MEASURED, STUDY, an.COMPUTED, an.SWEEP)}
+    by = {e: sum(c.evidence == e for c in tested) for e in (an.MEASURED, STUDY, an.COMPUTED)}
     parts = ", ".join(f"{w}: {n[w]}" for w in words)
     rest = ", ".join(f"{k} {e}" for e, k in by.items() if k)
     return f"{what}: {len(claims)} rows ({parts}); of the {len(tested)} tested, {rest}."

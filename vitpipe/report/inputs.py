@@ -18,7 +18,6 @@ from vitpipe.report import studies as studies_results
 from vitpipe.report.studies import Studies
 
 SCRATCH = pipeline.SCRATCH
-LR_SWEEP = str(pipeline.LR_SWEEP)    # scripts/lr_sweep.py: the recipes' learning rates and the equal-compute run
 
 
 @dataclass
@@ -134,7 +133,6 @@ class Inputs:
     compute: pd.DataFrame           # profile/compute.csv: one row per model on profile.device
     devices: pd.DataFrame           # profile/devices.csv: one row per model x device profile
     missing: list[str] = field(default_factory=list)   # expected files that were not there
-    lr_sweep: dict = field(default_factory=dict)   # params.lr_sweep.json (scripts/lr_sweep.py), {} if absent
     studies: Studies = field(default_factory=Studies)   # studies/results/ (studies/dvc.yaml), with staleness
 
     @property
@@ -213,5 +211,4 @@ def load(root: Path | str = ".", check_stale: bool = True) -> Inputs:
     return Inputs(doc=doc, meta=meta, prepared=root / prepared, runs=runs,
                   profile=read.json(pipeline.PROFILE_METRICS), compute=read.table(pipeline.PROFILE_COMPUTE),
                   devices=read.table(pipeline.PROFILE_DEVICES), missing=read.missing,
-                  lr_sweep=json.loads((root / LR_SWEEP).read_text()) if (root / LR_SWEEP).exists() else {},
                   studies=studies_results.load(root, check_stale))

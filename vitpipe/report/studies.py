@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitpipe import pipeline
+
 STUDIES = Path("studies")
 RESULTS = STUDIES / "results"
 DVC_YAML = STUDIES / "dvc.yaml"
@@ -112,7 +114,7 @@ def load(root: Path | str = ".", check_stale: bool = True) -> Studies:
     out.pretraining = [study(p) for p in sorted((root / RESULTS / "pretrain").glob("*.json"))]
     shares = [study(p) for p in (root / RESULTS / "data_sweep").glob("*.json")]
     out.data_sweep = sorted(shares, key=lambda s: s.record["fraction"])
-    knobs = root / STUDIES / "params.yaml"
+    knobs = root / pipeline.STUDIES_PARAMS
     if knobs.exists():
         import yaml
 
