@@ -86,7 +86,8 @@ def cmd_checkpoints(args) -> int:
                 warn(f"checkpoint mirror {mirror.shown} does not exist (not mounted, or nothing stored there yet)")
         except Exception as e:
             unlisted = mirror.error(e)
-            warn(f"checkpoint mirror {mirror.shown} cannot be listed ({unlisted})")
+            if not (args.action == "rm" and args.older_than):  # that stops on it, in its own one line
+                warn(f"checkpoint mirror {mirror.shown} cannot be listed ({unlisted})")
     for r in rows:
         if r["kind"] == checkpoint_store.DAMAGED:
             warn(f"{r['problem']}; `vitpipe checkpoints rm {r['fingerprint']}` removes the run")

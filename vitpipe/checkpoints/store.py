@@ -520,7 +520,11 @@ def check_outputs(folder: Path, manifest: dict, where: str, shapes: dict | None)
                 wrong = sorted(set(got) ^ set(shapes)) or sorted(k for k in got if got[k] != tuple(shapes[k]))
                 raise Damaged(f"{where}: its weights do not fit this run's model ({', '.join(wrong[:3])})")
         elif name == "metrics":
-            if not isinstance(read_file(path), dict):
+            try:
+                metrics = read_file(path)
+            except Damaged as e:  # it names the download folder: the user needs the record
+                raise Damaged(f"{where}: its metrics are not JSON ({str(e).rsplit(' (', 1)[-1]}") from None
+            if not isinstance(metrics, dict):
                 raise Damaged(f"{where}: its metrics are not a JSON mapping")
         elif name.endswith(".tsv"):
             _check_tsv(path, where)
