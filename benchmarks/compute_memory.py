@@ -33,10 +33,14 @@ def table(title, header, rows):
 
 
 def bench_saved():
-    cases = [({"arch": "vit", "patch": 4, "dim": 192, "depth": 4, "heads": 3, "mlp_ratio": 4.0}, 32, 8),
-             ({"arch": "vit", "patch": 8, "dim": 256, "depth": 2, "heads": 4, "mlp_ratio": 4.0, "pool": "avg"}, 64, 4),
-             ({"arch": "resnet18"}, 64, 4), ({"arch": "resnet50"}, 64, 2),
-             ({"arch": "convnext_atto"}, 64, 4), ({"arch": "convnext_tiny"}, 64, 2)]
+    cases = [
+        ({"arch": "vit", "patch": 4, "dim": 192, "depth": 4, "heads": 3, "mlp_ratio": 4.0}, 32, 8),
+        ({"arch": "vit", "patch": 8, "dim": 256, "depth": 2, "heads": 4, "mlp_ratio": 4.0, "pool": "avg"}, 64, 4),
+        ({"arch": "resnet18"}, 64, 4),
+        ({"arch": "resnet50"}, 64, 2),
+        ({"arch": "convnext_atto"}, 64, 4),
+        ({"arch": "convnext_tiny"}, 64, 2),
+    ]
     rows = []
     for spec, size, batch in cases:
         torch.manual_seed(0)
@@ -44,18 +48,28 @@ def bench_saved():
         cfg = model_config(spec, 10, size)
         vit = compute.family_of_config(cfg).attention
         for precision in ("fp32", "bf16"):
-            for attention, ckpt in ((("sdpa", False), ("eager", False), ("sdpa", True)) if vit else (("sdpa", False),)):
+            for attention, ckpt in (("sdpa", False), ("eager", False), ("sdpa", True)) if vit else (("sdpa", False),):
                 if vit:
                     model.set_grad_checkpointing(ckpt)
                     for b in model.blocks:
                         b.attn.fused_attn = attention == "sdpa"
                 got = compute.measure_saved_bytes(model, torch.randn(batch, 3, size, size), precision)
                 want = compute.step_saved_total(cfg, batch, precision, attention, ckpt, device_type="cpu")
-                rows.append((spec["arch"] if spec["arch"] != "vit" else f"vit d{spec['dim']}/{spec['patch']}",
-                             size, batch, precision, (attention + (" ckpt" if ckpt else "")) if vit else "-", want, got,
-                             f"{want / got:.4f}"))
-    table("saved tensors (bytes) on CPU", ("model", "px", "batch", "prec", "attn", "predicted",
-                                           "measured", "ratio"), rows)
+                rows.append(
+                    (
+                        spec["arch"] if spec["arch"] != "vit" else f"vit d{spec['dim']}/{spec['patch']}",
+                        size,
+                        batch,
+                        precision,
+                        (attention + (" ckpt" if ckpt else "")) if vit else "-",
+                        want,
+                        got,
+                        f"{want / got:.4f}",
+                    )
+                )
+    table(
+        "saved tensors (bytes) on CPU", ("model", "px", "batch", "prec", "attn", "predicted", "measured", "ratio"), rows
+    )
 
 
 def bench_cuda():
@@ -87,27 +101,45 @@ def bench_cuda():
             want = compute.memory(model_config(spec, 100, 224), batch, precision)["peak"]
             rows.append((arch, batch, precision, f"{want / 2**30:.3f}", f"{got / 2**30:.3f}", f"{want / got:.3f}"))
             del model, opt, x, y, loss
-    table(f"peak GiB on {torch.cuda.get_device_name(0)}",
-          ("model", "batch", "prec", "predicted", "max_allocated", "ratio"), rows)
+    table(
+        f"peak GiB on {torch.cuda.get_device_name(0)}",
+        ("model", "batch", "prec", "predicted", "max_allocated", "ratio"),
+        rows,
+    )
 
 
 def bench_time():
     calib = probe.calibrate_mfu()
-    print(f"\ncalibrated on {calib['spec']['dim']}-dim ViT: MFU {calib['mfu']:.3f} "
-          f"({calib['img_per_s']:.1f} img/s, matmul peak {calib['peak_flops'] / 1e9:.0f} GFLOP/s)")
+    print(
+        f"\ncalibrated on {calib['spec']['dim']}-dim ViT: MFU {calib['mfu']:.3f} "
+        f"({calib['img_per_s']:.1f} img/s, matmul peak {calib['peak_flops'] / 1e9:.0f} GFLOP/s)"
+    )
     rows = []
-    for spec, size, batch in (({"arch": "vit", "patch": 4, "dim": 256, "depth": 6, "heads": 4, "mlp_ratio": 4.0}, 32, 32),
-                              ({"arch": "vit", "patch": 8, "dim": 384, "depth": 4, "heads": 6, "mlp_ratio": 4.0}, 64, 32),
-                              ({"arch": "vit", "patch": 4, "dim": 128, "depth": 8, "heads": 4, "mlp_ratio": 2.0}, 32, 64)):
+    for spec, size, batch in (
+        ({"arch": "vit", "patch": 4, "dim": 256, "depth": 6, "heads": 4, "mlp_ratio": 4.0}, 32, 32),
+        ({"arch": "vit", "patch": 8, "dim": 384, "depth": 4, "heads": 6, "mlp_ratio": 4.0}, 64, 32),
+        ({"arch": "vit", "patch": 4, "dim": 128, "depth": 8, "heads": 4, "mlp_ratio": 2.0}, 32, 64),
+    ):
         r = probe.calibrate_mfu(spec, image_size=size, batch=batch, steps=3, peak_flops=calib["peak_flops"])
         cfg = model_config(spec, 10, size)
         want = compute.throughput(compute.flops(cfg)["train"], probe.local_device(), "fp32", calib["mfu"])
         # local_device's peak is measured again; rescale to the calibration's peak
         want *= calib["peak_flops"] / probe.local_device().peak("fp32")
-        rows.append((f"vit d{spec['dim']} L{spec['depth']} /{spec['patch']}", size, batch,
-                     f"{want:.1f}", f"{r['img_per_s']:.1f}", f"{want / r['img_per_s']:.3f}"))
-    table("training img/s on this machine (MFU calibrated once, then predicted)",
-          ("model", "px", "batch", "predicted", "measured", "ratio"), rows)
+        rows.append(
+            (
+                f"vit d{spec['dim']} L{spec['depth']} /{spec['patch']}",
+                size,
+                batch,
+                f"{want:.1f}",
+                f"{r['img_per_s']:.1f}",
+                f"{want / r['img_per_s']:.3f}",
+            )
+        )
+    table(
+        "training img/s on this machine (MFU calibrated once, then predicted)",
+        ("model", "px", "batch", "predicted", "measured", "ratio"),
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from vitpipe.training.input_pipeline import augmentation_generator
 
 def synthetic_store(n: int, size: int) -> Split:
     rng = np.random.default_rng(0)
-    return Split(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n),
-                 [0.5] * 3, [0.25] * 3)
+    return Split(
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n), [0.5] * 3, [0.25] * 3
+    )
 
 
 def make(data: Split, step: int, micro_batch: int, to_float: bool, threads: int) -> None:
@@ -62,8 +63,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     data = synthetic_store(args.store, args.size)
     step = plan_model(args.model, args.size, args.micro_batch, args.device, args.precision)["train_img_per_s"]
-    print(f"producer at {args.size} px, micro-batch {args.micro_batch}, median of {args.rounds} rounds; planner: "
-          f"{args.model} {args.precision} on {args.device} trains {step:,.0f} img/s")
+    print(
+        f"producer at {args.size} px, micro-batch {args.micro_batch}, median of {args.rounds} rounds; planner: "
+        f"{args.model} {args.precision} on {args.device} trains {step:,.0f} img/s"
+    )
     configs = [(threads, to_float) for to_float in (False, True) for threads in (1, 2)]
     rates = {c: [] for c in configs}
     torch.set_num_threads(1)
@@ -72,8 +75,10 @@ def main(argv=None) -> None:
             rates[threads, to_float].append(images_per_s(data, args.micro_batch, threads, args.batches, to_float))
     for (threads, to_float), r in rates.items():
         med = statistics.median(r)
-        print(f"  {'uint8 (GPU host path)' if not to_float else 'float32 (CPU path)':22} {threads} thread(s): "
-              f"{med:8,.0f} img/s ({med / threads:,.0f} per thread), {med / step:.2f}x the step")
+        print(
+            f"  {'uint8 (GPU host path)' if not to_float else 'float32 (CPU path)':22} {threads} thread(s): "
+            f"{med:8,.0f} img/s ({med / threads:,.0f} per thread), {med / step:.2f}x the step"
+        )
 
 
 if __name__ == "__main__":

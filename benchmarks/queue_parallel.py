@@ -72,8 +72,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=400, help="training steps of each queued experiment")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               "VITPIPE_CHECKPOINT_DIR": str(Path(tmp) / "store"), "PYTHONWARNINGS": "ignore"}
+        env = {
+            **os.environ,
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+            "VITPIPE_CHECKPOINT_DIR": str(Path(tmp) / "store"),
+            "PYTHONWARNINGS": "ignore",
+        }
         env.pop("OMP_NUM_THREADS", None)
         env.pop("VITPIPE_CHECKPOINT_MIRROR", None)
         repo = make_repo(Path(tmp), args.steps, env)
@@ -85,8 +89,10 @@ def main(argv=None) -> int:
                 e = {**env, "VITPIPE_CORE_SHARE": share}
                 results[(share, jobs)] = queue_time(repo, jobs, (seed, seed + 1), e)
                 seed += 2
-                print(f"  core sharing {'on ' if share == '1' else 'off'}  -j {jobs}: {results[(share, jobs)]:6.1f} s",
-                      flush=True)
+                print(
+                    f"  core sharing {'on ' if share == '1' else 'off'}  -j {jobs}: {results[(share, jobs)]:6.1f} s",
+                    flush=True,
+                )
         on = results[("1", 1)] / results[("1", 2)]
         off = results[("0", 1)] / results[("0", 2)]
         print(f"-j 1 / -j 2: {on:.2f} with core sharing (> 1: -j 2 is faster), {off:.2f} without")

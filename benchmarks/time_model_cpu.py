@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))      # gpu_proof, as train_throughput.py imports it
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_proof, as train_throughput.py imports it
 from gpu_proof.step_throughput import BareLoop  # noqa: E402
 
 from vitpipe import model_specs, params  # noqa: E402
@@ -45,9 +45,11 @@ def cases(doc: dict) -> list[tuple[dict, int, object]]:
     as the default recipe; the others with batches that take ~0.1-1 s a step on two cores."""
     size = params.data_params(doc).image_size
     r = replace(params.train_params(doc, "train"), precision="fp32", optimizer="adamw")
-    return [(model_specs.model_spec(doc, size), size, r),
-            ({"arch": "resnet18"}, 32, replace(r, batch_size=64, micro_batch=64)),
-            ({"arch": "vit_s16"}, 224, replace(r, batch_size=8, micro_batch=8))]
+    return [
+        (model_specs.model_spec(doc, size), size, r),
+        ({"arch": "resnet18"}, 32, replace(r, batch_size=64, micro_batch=64)),
+        ({"arch": "vit_s16"}, 224, replace(r, batch_size=8, micro_batch=8)),
+    ]
 
 
 def cpu_name() -> str:
@@ -79,9 +81,11 @@ def main(argv=None) -> int:
 
     dev = probe.local_device()
     m = dev.measured
-    print(f"machine: {cpu_name()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; measured fp32 matmul peak {m['matmul_fp32'] / 1e9:,.0f} GFLOP/s, "
-          f"copy bandwidth {m['bandwidth'] / 1e9:,.1f} GB/s")
+    print(
+        f"machine: {cpu_name()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; measured fp32 matmul peak {m['matmul_fp32'] / 1e9:,.0f} GFLOP/s, "
+        f"copy bandwidth {m['bandwidth'] / 1e9:,.1f} GB/s"
+    )
     head = f"{'model':<34} {'batch':>9} {'measured img/s':>15} {'predicted':>10} {'pred/meas':>9}  predicted split"
     print(head)
     ratios = []
@@ -92,10 +96,12 @@ def main(argv=None) -> int:
         s = p["time_split"]
         ratios.append(p["train_img_per_s"] / measured)
         name = describe(spec, size) + ("" if "px" in describe(spec, size) else f" @{size}px")
-        print(f"{name:<34} {f'{r.micro_batch}x{r.batch_size // r.micro_batch}':>9} "
-              f"{measured:>15,.1f} {p['train_img_per_s']:>10,.1f} {ratios[-1]:>9.2f}  "
-              f"{s['compute_s']:.0%}/{s['memory_s']:.0%}/{s['overhead_s']:.0%} "
-              f"(timings {min(rates):,.1f}..{max(rates):,.1f})")
+        print(
+            f"{name:<34} {f'{r.micro_batch}x{r.batch_size // r.micro_batch}':>9} "
+            f"{measured:>15,.1f} {p['train_img_per_s']:>10,.1f} {ratios[-1]:>9.2f}  "
+            f"{s['compute_s']:.0%}/{s['memory_s']:.0%}/{s['overhead_s']:.0%} "
+            f"(timings {min(rates):,.1f}..{max(rates):,.1f})"
+        )
     print(f"ratio predicted / measured: {', '.join(f'{x:.2f}' for x in ratios)}")
     return 0
 

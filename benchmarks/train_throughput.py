@@ -63,8 +63,17 @@ def pipeline_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: in
     data = synthetic_split(max(2048, 4 * r.batch_size), size, CLASSES)
     with tempfile.TemporaryDirectory() as tmp:
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar runs, its terminal output is dropped
-            metrics = call_fit(model, data, replace(r, steps=warmup + steps, resume="fresh"), Path(tmp), spec, size,
-                               CLASSES, "benchmark", quiet=False)
+            metrics = call_fit(
+                model,
+                data,
+                replace(r, steps=warmup + steps, resume="fresh"),
+                Path(tmp),
+                spec,
+                size,
+                CLASSES,
+                "benchmark",
+                quiet=False,
+            )
         rows = read_tsv(Path(tmp) / "plots" / "train.tsv")
     elapsed = {int(row["step"]): float(row["elapsed_s"]) for row in rows}
     timed = [row for row in rows if int(row["step"]) > warmup]
@@ -83,19 +92,23 @@ def compare(spec, size, r: TrainParams, steps: int, warmup: int, rounds: int, de
         pipe.append(sec)
         data_ms.append(metrics["data_ms"])
         wait_ms.append(metrics["data_wait_ms"])
-        print(f"  round {i + 1}: bare {r.batch_size / bare[-1]:8.1f} img/s   pipeline {r.batch_size / pipe[-1]:8.1f} img/s"
-              f"   ratio {bare[-1] / pipe[-1]:.3f}   data {data_ms[-1]:.2f} ms/step (waited {wait_ms[-1]:.2f})",
-              flush=True)
+        print(
+            f"  round {i + 1}: bare {r.batch_size / bare[-1]:8.1f} img/s   pipeline {r.batch_size / pipe[-1]:8.1f} img/s"
+            f"   ratio {bare[-1] / pipe[-1]:.3f}   data {data_ms[-1]:.2f} ms/step (waited {wait_ms[-1]:.2f})",
+            flush=True,
+        )
     # each round's two loops run back to back: their ratio is immune to the machine's drift
     # between rounds, which the ratio of the two medians is not (it is printed beside it)
     ratios = [b / p for b, p in zip(bare, pipe)]
     ratio = statistics.median(ratios)
-    print(f"  median: bare {r.batch_size / statistics.median(bare):.1f} img/s, pipeline "
-          f"{r.batch_size / statistics.median(pipe):.1f} img/s -> ratio {ratio:.3f}, the median round's (rounds "
-          f"{min(ratios):.3f}-{max(ratios):.3f}; ratio of the medians "
-          f"{statistics.median(bare) / statistics.median(pipe):.3f}); host data time "
-          f"{statistics.median(data_ms):.2f} ms/step, waited {statistics.median(wait_ms):.2f} ms/step "
-          f"({1e3 * statistics.median(pipe):.1f} ms/step in all)")
+    print(
+        f"  median: bare {r.batch_size / statistics.median(bare):.1f} img/s, pipeline "
+        f"{r.batch_size / statistics.median(pipe):.1f} img/s -> ratio {ratio:.3f}, the median round's (rounds "
+        f"{min(ratios):.3f}-{max(ratios):.3f}; ratio of the medians "
+        f"{statistics.median(bare) / statistics.median(pipe):.3f}); host data time "
+        f"{statistics.median(data_ms):.2f} ms/step, waited {statistics.median(wait_ms):.2f} ms/step "
+        f"({1e3 * statistics.median(pipe):.1f} ms/step in all)"
+    )
     return ratio
 
 
@@ -108,9 +121,12 @@ def main(argv=None):
     ap.add_argument("--only", choices=("default", "dry-run"), help="one configuration only")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-gpu-b16", action="store_true", help="skip the ViT-B/16 bf16 GPU measurement")
-    ap.add_argument("--mirror", default="temp",
-                    help="checkpoint mirror during the pipeline runs: 'temp' (a temp folder, the default), "
-                         "'none', or any VITPIPE_CHECKPOINT_MIRROR value")
+    ap.add_argument(
+        "--mirror",
+        default="temp",
+        help="checkpoint mirror during the pipeline runs: 'temp' (a temp folder, the default), "
+        "'none', or any VITPIPE_CHECKPOINT_MIRROR value",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     mirror_tmp = tempfile.TemporaryDirectory()
@@ -133,10 +149,13 @@ def main(argv=None):
         if args.only and name != args.only:
             continue
         torch.set_num_threads(threads)
-        print(f"\n{name}: device {device.type}, {torch.get_num_threads()} threads; model {spec_} at {size_}px; batch "
-              f"{r_.batch_size} (micro {r_.micro_batch}), {r_.precision}, checkpoint every {r_.checkpoint_every} steps; "
-              f"{args.rounds} rounds x {args.steps} steps; checkpoint mirror: "
-              f"{os.environ.get('VITPIPE_CHECKPOINT_MIRROR', 'none')}", flush=True)
+        print(
+            f"\n{name}: device {device.type}, {torch.get_num_threads()} threads; model {spec_} at {size_}px; batch "
+            f"{r_.batch_size} (micro {r_.micro_batch}), {r_.precision}, checkpoint every {r_.checkpoint_every} steps; "
+            f"{args.rounds} rounds x {args.steps} steps; checkpoint mirror: "
+            f"{os.environ.get('VITPIPE_CHECKPOINT_MIRROR', 'none')}",
+            flush=True,
+        )
         results[name] = compare(spec_, size_, r_, args.steps, args.warmup, args.rounds, device)
     print()
     for name, ratio in results.items():
@@ -156,9 +175,15 @@ def main(argv=None):
         profile = device_profile(device)
         flops = compute.flops(model_config(b16, CLASSES, b16_size))["train"]
         peak = profile.peak_flops.get("bf16")
-        mfu = f"{flops * img_s / peak:.3f} of {profile.label}'s {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (unknown peak)"
-        print(f"ViT-B/16 bf16: {img_s:.1f} img/s, {flops * img_s / 1e12:.1f} TFLOP/s achieved, MFU {mfu}; "
-              f"pipeline/bare {ratio_b16:.3f}")
+        mfu = (
+            f"{flops * img_s / peak:.3f} of {profile.label}'s {peak / 1e12:.0f} TFLOP/s bf16"
+            if peak
+            else "n/a (unknown peak)"
+        )
+        print(
+            f"ViT-B/16 bf16: {img_s:.1f} img/s, {flops * img_s / 1e12:.1f} TFLOP/s achieved, MFU {mfu}; "
+            f"pipeline/bare {ratio_b16:.3f}"
+        )
     return 0
 
 

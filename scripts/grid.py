@@ -161,7 +161,7 @@ def parse_share(text: str) -> tuple[int, int]:
 
 
 def share(experiments: list[list[str]], i: int, n: int) -> list[list[str]]:
-    return experiments[i - 1::n]
+    return experiments[i - 1 :: n]
 
 
 def dvc(*args: str) -> None:
@@ -185,8 +185,10 @@ def check_push(remote: str) -> None:
         fail(f"--push {remote}: the git remote does not answer ({why}); nothing was run")
     default = subprocess.run([*DVC, "remote", "default"], capture_output=True, text=True, check=False)
     if default.returncode or not default.stdout.strip():
-        fail(f"--push {remote}: this project has no default DVC remote, so outputs and run-cache would stay on this "
-             "machine; add one with `dvc remote add -d NAME URL` (and commit .dvc/config); nothing was run")
+        fail(
+            f"--push {remote}: this project has no default DVC remote, so outputs and run-cache would stay on this "
+            "machine; add one with `dvc remote add -d NAME URL` (and commit .dvc/config); nothing was run"
+        )
 
 
 def already_run(name: str) -> bool:
@@ -237,20 +239,38 @@ def cmd_gather(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="scripts/grid.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, func, help_ in (("plan", cmd_plan, "print this share's experiments"),
-                              ("run", cmd_run, "run this share (and push it)")):
+    for name, func, help_ in (
+        ("plan", cmd_plan, "print this share's experiments"),
+        ("run", cmd_run, "run this share (and push it)"),
+    ):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--share", default="1/1", help="i/n: this machine's share of n (default 1/1: all)")
-        c.add_argument("-S", "--set", action="append", default=[], metavar="KEY=V1,V2",
-                       help="a param and its values; the grid is the product of all -S")
-        c.add_argument("--push", metavar="GIT_REMOTE", default=None,
-                       help="push each finished experiment there (git refs) and to the default DVC remote")
+        c.add_argument(
+            "-S",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=V1,V2",
+            help="a param and its values; the grid is the product of all -S",
+        )
+        c.add_argument(
+            "--push",
+            metavar="GIT_REMOTE",
+            default=None,
+            help="push each finished experiment there (git refs) and to the default DVC remote",
+        )
         c.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
         c.set_defaults(func=func)
     g = sub.add_parser("gather", help="pull the grid's experiments from a git remote and show them")
     g.add_argument("remote", help="the git remote the machines pushed to")
-    g.add_argument("-S", "--set", action="append", default=[], metavar="KEY=V1,V2",
-                   help="the grid's -S (default: every experiment of every commit)")
+    g.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="the grid's -S (default: every experiment of every commit)",
+    )
     g.add_argument("--json", action="store_true", help="dvc exp show --json")
     g.set_defaults(func=cmd_gather)
     args = p.parse_args(argv)

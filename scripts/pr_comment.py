@@ -24,32 +24,64 @@ from pathlib import Path
 
 from vitpipe.report.compare import SUMMARY, dvc, metrics_diff, split_diff, table
 
-MARKER = "<!-- vitpipe-pr-report -->"    # lets the workflow find and update its own comment
-GITHUB_LIMIT = 65_536                    # characters in one issue comment
+MARKER = "<!-- vitpipe-pr-report -->"  # lets the workflow find and update its own comment
+GITHUB_LIMIT = 65_536  # characters in one issue comment
 HEADLINE = "Headline"
-FOLD_ROWS = 40                           # longer diff tables go in a collapsed <details>
+FOLD_ROWS = 40  # longer diff tables go in a collapsed <details>
 
 
 def metrics_sections(base: str, diff: dict, error: str | None, summary: dict) -> list[str]:
     if error:
-        return [f"### Results against `{base}`", "", f"`dvc metrics diff --json {base}` failed:", "", "```",
-                error[-2000:], "```", ""]
+        return [
+            f"### Results against `{base}`",
+            "",
+            f"`dvc metrics diff --json {base}` failed:",
+            "",
+            "```",
+            error[-2000:],
+            "```",
+            "",
+        ]
     results, machine, other = split_diff(diff, summary)
     out = [f"### Results against `{base}` (accuracy, loss)", ""]
-    out += [table(["file", "metric", base, "this branch", "change", "noise"], results), ""] if results else \
-        ["No accuracy or loss changed.", ""]
+    out += (
+        [table(["file", "metric", base, "this branch", "change", "noise"], results), ""]
+        if results
+        else ["No accuracy or loss changed.", ""]
+    )
     if results and any("noise" in r[-1] for r in results):
-        out += ["*within noise*: the change is inside the 95% interval that this run's seeds give on their own "
-                "(metrics/summary.json); only a change *beyond noise* says the method changed.", ""]
+        out += [
+            "*within noise*: the change is inside the 95% interval that this run's seeds give on their own "
+            "(metrics/summary.json); only a change *beyond noise* says the method changed.",
+            "",
+        ]
     if other:
-        out += fenced("Other metrics (sizes, steps, counts)", table(["file", "metric", base, "this branch", "change"],
-                                                                   other), None, base, "metrics")
-    out += [f"### Machine-dependent metrics against `{base}`", "",
-            "Throughput, latency, wall time and memory measure the runner that ran the job (CI runners differ by "
-            "30-80% from run to run); read them only between runs on the same machine.", ""]
-    out += [f"<details><summary>{len(machine)} changed</summary>", "",
-            table(["file", "metric", base, "this branch", "change"], machine), "", "</details>", ""] if machine else \
-        ["None changed.", ""]
+        out += fenced(
+            "Other metrics (sizes, steps, counts)",
+            table(["file", "metric", base, "this branch", "change"], other),
+            None,
+            base,
+            "metrics",
+        )
+    out += [
+        f"### Machine-dependent metrics against `{base}`",
+        "",
+        "Throughput, latency, wall time and memory measure the runner that ran the job (CI runners differ by "
+        "30-80% from run to run); read them only between runs on the same machine.",
+        "",
+    ]
+    out += (
+        [
+            f"<details><summary>{len(machine)} changed</summary>",
+            "",
+            table(["file", "metric", base, "this branch", "change"], machine),
+            "",
+            "</details>",
+            "",
+        ]
+        if machine
+        else ["None changed.", ""]
+    )
     return out
 
 
@@ -59,7 +91,7 @@ def dvc_diff(kind: str, base: str, cwd: Path | str = ".") -> tuple[str, str | No
     if error:
         return "", error
     table = out.strip()
-    return ("" if len(table.splitlines()) <= 2 else table), None   # a header alone: nothing changed
+    return ("" if len(table.splitlines()) <= 2 else table), None  # a header alone: nothing changed
 
 
 def section(markdown: str, title: str) -> str | None:
@@ -69,7 +101,7 @@ def section(markdown: str, title: str) -> str | None:
     if start is None:
         return None
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "\n".join(lines[start + 1:end]).strip()
+    return "\n".join(lines[start + 1 : end]).strip()
 
 
 def fenced(title: str, table: str, error: str | None, base: str, what: str) -> list[str]:
@@ -78,13 +110,19 @@ def fenced(title: str, table: str, error: str | None, base: str, what: str) -> l
     if not table:
         return [f"### {title}", "", f"No {what} changed against `{base}`.", ""]
     rows = len(table.splitlines()) - 2
-    if rows > FOLD_ROWS:   # a first run against a base without metrics lists every key: fold it
+    if rows > FOLD_ROWS:  # a first run against a base without metrics lists every key: fold it
         return [f"### {title}", "", f"<details><summary>{rows} rows</summary>", "", table, "", "</details>", ""]
     return [f"### {title}", "", table, ""]
 
 
-def comment_body(base: str, metrics: tuple[dict, str | None], params: tuple[str, str | None],
-                 headline: str | None, artifacts: str | None = None, summary: dict | None = None) -> str:
+def comment_body(
+    base: str,
+    metrics: tuple[dict, str | None],
+    params: tuple[str, str | None],
+    headline: str | None,
+    artifacts: str | None = None,
+    summary: dict | None = None,
+) -> str:
     """The whole comment. Results come first: they are what a reviewer came for."""
     lines = [MARKER, "## vitpipe: what this pull request changes", ""]
     lines += metrics_sections(base, *metrics, summary or {})
@@ -92,12 +130,14 @@ def comment_body(base: str, metrics: tuple[dict, str | None], params: tuple[str,
     lines += ["### The report's headline (this branch)", ""]
     lines += [headline, ""] if headline else ["`reports/report.md` has no Headline section.", ""]
     link = f"[the workflow run's artifacts]({artifacts})" if artifacts else "the workflow run's artifacts"
-    lines += [f"The full report (`reports/report.md`, `reports/report.html` with its figures) and the "
-              f"`dvc plots diff {base}` page are in {link}."]
+    lines += [
+        f"The full report (`reports/report.md`, `reports/report.html` with its figures) and the "
+        f"`dvc plots diff {base}` page are in {link}."
+    ]
     body = "\n".join(lines) + "\n"
-    if len(body) > GITHUB_LIMIT:   # keep the marker, the start of the diff and the pointer to the rest
+    if len(body) > GITHUB_LIMIT:  # keep the marker, the start of the diff and the pointer to the rest
         note = "\n\n… (cut to fit a GitHub comment; the full diff is in the job summary's artifacts)\n"
-        body = body[:GITHUB_LIMIT - len(note)] + note
+        body = body[: GITHUB_LIMIT - len(note)] + note
     return body
 
 
@@ -111,8 +151,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     headline = section(args.report.read_text(), HEADLINE) if args.report.exists() else None
     summary = json.loads(Path(SUMMARY).read_text()) if Path(SUMMARY).exists() else {}
-    body = comment_body(args.base, metrics_diff(args.base), dvc_diff("params", args.base), headline,
-                        args.artifacts, summary)
+    body = comment_body(
+        args.base, metrics_diff(args.base), dvc_diff("params", args.base), headline, args.artifacts, summary
+    )
     args.out.write_text(body)
     if args.summary:
         with args.summary.open("a") as f:

@@ -35,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vitpipe"
 FOLDER_SHARE = 2 / 3
-PIPELINES = ("dvc.yaml", "studies/dvc.yaml")   # their stages' scripts: stages/*.py, studies/*.py
+PIPELINES = ("dvc.yaml", "studies/dvc.yaml")  # their stages' scripts: stages/*.py, studies/*.py
 SCRIPT_DIRS = ("stages/", "studies/")
 
 
@@ -43,11 +43,11 @@ SCRIPT_DIRS = ("stages/", "studies/")
 class StageCode:
     stage: str
     script: str
-    modules: set[str]        # every vitpipe module it runs (dotted names)
-    files: set[str]          # their files, relative to the root
-    declared: list[str]      # the vitpipe/ and stages/ paths its deps list
-    missing: list[str]       # files it runs that no dep covers
-    too_broad: list[str]     # deps that cover nothing it runs, or a folder it uses little of
+    modules: set[str]  # every vitpipe module it runs (dotted names)
+    files: set[str]  # their files, relative to the root
+    declared: list[str]  # the vitpipe/ and stages/ paths its deps list
+    missing: list[str]  # files it runs that no dep covers
+    too_broad: list[str]  # deps that cover nothing it runs, or a folder it uses little of
 
 
 def module_file(module: str, root: Path = ROOT) -> str:
@@ -88,17 +88,21 @@ def add_imports_by_name(graph, root: Path = ROOT) -> None:
 def closure(modules: set[str], graph, root: Path = ROOT) -> set[str]:
     """The modules, what they import transitively, and every package __init__ that runs code."""
     out, todo = set(), set(modules)
-    while todo:     # a package __init__ that runs code imports modules of its own: follow them too
+    while todo:  # a package __init__ that runs code imports modules of its own: follow them too
         m = todo.pop()
         out.add(m)
         found = set(graph.find_upstream_modules(m))
         parts = m.split(".")
-        found |= {".".join(parts[:i]) for i in range(1, len(parts))
-                  if runs_code(root / Path(*parts[:i]) / "__init__.py")}
+        found |= {
+            ".".join(parts[:i]) for i in range(1, len(parts)) if runs_code(root / Path(*parts[:i]) / "__init__.py")
+        }
         todo |= found - out
     # a package whose __init__ is only a docstring runs nothing of its own
-    return {m for m in out if not ((root / Path(*m.split("."))).is_dir()
-                                   and not runs_code(root / Path(*m.split(".")) / "__init__.py"))}
+    return {
+        m
+        for m in out
+        if not ((root / Path(*m.split("."))).is_dir() and not runs_code(root / Path(*m.split(".")) / "__init__.py"))
+    }
 
 
 def stage_scripts(dvc_yaml: dict) -> dict[str, tuple[str, list[str]]]:
@@ -118,8 +122,7 @@ def covered(file: str, dep: str) -> bool:
 def package_files(folder: str, root: Path = ROOT) -> set[str]:
     """The modules of a folder that count for FOLDER_SHARE: its .py files, less an
     __init__.py that is only a docstring."""
-    return {str(p.relative_to(root)) for p in (root / folder).rglob("*.py")
-            if p.name != "__init__.py" or runs_code(p)}
+    return {str(p.relative_to(root)) for p in (root / folder).rglob("*.py") if p.name != "__init__.py" or runs_code(p)}
 
 
 def check(root: Path = ROOT, dvc_yaml: dict | None = None, pipeline: str = "dvc.yaml") -> list[StageCode]:
@@ -144,8 +147,10 @@ def check(root: Path = ROOT, dvc_yaml: dict | None = None, pipeline: str = "dvc.
             elif (root / d).is_dir():
                 share = len(used) / max(1, len(package_files(d, root)))
                 if share < FOLDER_SHARE:
-                    too_broad.append(f"{d} (the stage runs {len(used)} of its {len(package_files(d, root))} modules:"
-                                     " list those files)")
+                    too_broad.append(
+                        f"{d} (the stage runs {len(used)} of its {len(package_files(d, root))} modules:"
+                        " list those files)"
+                    )
         out.append(StageCode(stage, script, modules, files, code_deps, missing, too_broad))
     return out
 
@@ -157,7 +162,11 @@ def suggested_deps(sc: StageCode, root: Path = ROOT) -> list[str]:
         by_folder.setdefault(str(Path(f).parent), []).append(f)
     deps = []
     for folder, files in sorted(by_folder.items()):
-        if folder != PACKAGE and folder.startswith(PACKAGE) and len(files) / len(package_files(folder, root)) >= FOLDER_SHARE:
+        if (
+            folder != PACKAGE
+            and folder.startswith(PACKAGE)
+            and len(files) / len(package_files(folder, root)) >= FOLDER_SHARE
+        ):
             deps.append(folder)
         else:
             deps.extend(files)
@@ -166,8 +175,9 @@ def suggested_deps(sc: StageCode, root: Path = ROOT) -> list[str]:
 
 def is_code(dep: str) -> bool:
     """A code dep: vitpipe's modules and the stage scripts (not studies/results, studies/models)."""
-    return dep.startswith((f"{PACKAGE}/", f"{PACKAGE}.", "stages/")) or (dep.startswith("studies/")
-                                                                        and dep.endswith(".py"))
+    return dep.startswith((f"{PACKAGE}/", f"{PACKAGE}.", "stages/")) or (
+        dep.startswith("studies/") and dep.endswith(".py")
+    )
 
 
 def _indent(line: str) -> int:
@@ -207,11 +217,17 @@ def _stage_spans(lines: list[str]) -> dict[str, tuple[int, int, int]]:
 
 
 def _key_line(lines: list[str], start: int, end: int, indent: int, key: str) -> int | None:
-    def is_key(text: str) -> bool:   # `deps:`, or `deps: &name` (a YAML anchor other stages reuse)
+    def is_key(text: str) -> bool:  # `deps:`, or `deps: &name` (a YAML anchor other stages reuse)
         return text == f"{key}:" or text.startswith(f"{key}: &")
 
-    return next((i for i in range(start, end) if _indent(lines[i]) == indent
-                 and is_key(lines[i].strip().split("#")[0].strip())), None)
+    return next(
+        (
+            i
+            for i in range(start, end)
+            if _indent(lines[i]) == indent and is_key(lines[i].strip().split("#")[0].strip())
+        ),
+        None,
+    )
 
 
 def _with_code_deps(lines: list[str], start: int, end: int, indent: int, code: list[str]) -> list[str]:
@@ -221,14 +237,16 @@ def _with_code_deps(lines: list[str], start: int, end: int, indent: int, code: l
     if at is None:
         raise SystemExit(f"dvc.yaml: a stage at line {start} has no deps: list")
     stop = _block_end(lines, at, indent)
-    items = lines[at + 1:stop]
+    items = lines[at + 1 : stop]
     entry = " " * (indent + 2) + "- "
-    first = next((k for k, line in enumerate(items) if line.startswith(entry) and is_code(line[len(entry):].split()[0])),
-                 len(items))
-    kept = [line for line in items if not (line.startswith(entry) and is_code(line[len(entry):].split()[0]))]
+    first = next(
+        (k for k, line in enumerate(items) if line.startswith(entry) and is_code(line[len(entry) :].split()[0])),
+        len(items),
+    )
+    kept = [line for line in items if not (line.startswith(entry) and is_code(line[len(entry) :].split()[0]))]
     before = sum(1 for line in items[:first] if line in kept)
     new = kept[:before] + [entry + d for d in code] + kept[before:]
-    return lines[:at + 1] + new + lines[stop:]
+    return lines[: at + 1] + new + lines[stop:]
 
 
 def plots_lines(plots, indent: int) -> list[str]:
@@ -247,7 +265,7 @@ def _with_plots(lines: list[str], start: int, end: int, indent: int, plots) -> l
     new = plots_lines(plots, indent)
     if at is None:
         return lines[:end] + new + lines[end:]
-    return lines[:at] + new + lines[_block_end(lines, at, indent):]
+    return lines[:at] + new + lines[_block_end(lines, at, indent) :]
 
 
 def render(text: str, code: dict[str, list[str]], plots: dict[str, tuple]) -> str:

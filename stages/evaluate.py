@@ -44,27 +44,42 @@ def main(argv):
     speed = inference_speed(model, test, device, cfg.batch_size, cfg.latency_batches)
 
     out = pipeline.eval_dir(name, seed)
-    write_json(pipeline.eval_metrics(name, seed), {
-        "top1": round(report["top1"], 5),
-        "top5": round(report["top5"], 5),
-        "loss": round(report["loss"], 5),
-        "test_images": len(labels),
-        "params": sum(p.numel() for p in model.parameters()),
-        "infer_img_per_s": round(speed["infer_img_per_s"], 1),
-        "latency_ms": round(speed["latency_ms"], 3),
-    })
-    write_json(out / "classes.json", {"per_class_acc": report["per_class"], "support": report["support"],
-                                      "classes": store.classes, "confusion": report["confusion"]})
+    write_json(
+        pipeline.eval_metrics(name, seed),
+        {
+            "top1": round(report["top1"], 5),
+            "top5": round(report["top5"], 5),
+            "loss": round(report["loss"], 5),
+            "test_images": len(labels),
+            "params": sum(p.numel() for p in model.parameters()),
+            "infer_img_per_s": round(speed["infer_img_per_s"], 1),
+            "latency_ms": round(speed["latency_ms"], 3),
+        },
+    )
+    write_json(
+        out / "classes.json",
+        {
+            "per_class_acc": report["per_class"],
+            "support": report["support"],
+            "classes": store.classes,
+            "confusion": report["confusion"],
+        },
+    )
     # what it looks at: attention rollout (ViT) or Grad-CAM (CNN) on the same test images for every model
     from vitpipe.evaluation import attention_maps
 
     shown = attention_maps.pick_images(test.y.numpy(), per_class=1)
     attention_maps.write_maps(out / "attention.npz", attention_maps.explain_split(model, test, shown, device))
     pred = logits.argmax(1)
-    write_text(out / pipeline.PREDICTIONS, "actual,predicted\n" + "".join(
-        f"{store.classes[a]},{store.classes[p]}\n" for a, p in zip(labels.tolist(), pred.tolist())))
-    print(f"evaluate {name} seed {seed}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%} on {len(labels)} test images, "
-          f"{speed['infer_img_per_s']:.0f} img/s")
+    write_text(
+        out / pipeline.PREDICTIONS,
+        "actual,predicted\n"
+        + "".join(f"{store.classes[a]},{store.classes[p]}\n" for a, p in zip(labels.tolist(), pred.tolist())),
+    )
+    print(
+        f"evaluate {name} seed {seed}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%} on {len(labels)} test images, "
+        f"{speed['infer_img_per_s']:.0f} img/s"
+    )
 
 
 if __name__ == "__main__":

@@ -32,14 +32,38 @@ def main(argv):
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
     load_backbone(model, pretrained["state_dict"])
-    paths = RunPaths(weights=pipeline.finetune_weights(name, seed), metrics=pipeline.train_metrics(name, seed),
-                     plots=pipeline.steplog(name, seed))
+    paths = RunPaths(
+        weights=pipeline.finetune_weights(name, seed),
+        metrics=pipeline.train_metrics(name, seed),
+        plots=pipeline.steplog(name, seed),
+    )
     train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
-    fit(TrainingJob(model, train, recipe, paths, val=store.split("val"), desc=f"finetune@{name}-{seed}",
-        fresh_key="finetune.resume",
-        run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
-        weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,
-                      "classes": store.classes, "algorithm": "finetune", "variant": name, "seed": seed}))
+    fit(
+        TrainingJob(
+            model,
+            train,
+            recipe,
+            paths,
+            val=store.split("val"),
+            desc=f"finetune@{name}-{seed}",
+            fresh_key="finetune.resume",
+            run_config={
+                "spec": spec,
+                "dataset": data.dataset,
+                "image_size": data.image_size,
+                "sizes": store.meta["sizes"],
+            },
+            weights_meta={
+                "spec": spec,
+                "num_classes": store.num_classes,
+                "image_size": data.image_size,
+                "classes": store.classes,
+                "algorithm": "finetune",
+                "variant": name,
+                "seed": seed,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

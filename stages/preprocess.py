@@ -11,12 +11,21 @@ def main(argv):
     cfg = params.data_params(params.read_yaml())
     sources.check_split(cfg)
     meta = prepare(cfg)
-    write_json(pipeline.PREPROCESS_METRICS, {"dataset": cfg.dataset, "image_size": cfg.image_size,
-                                           "num_classes": meta["num_classes"],
-                                           **{f"{k}_images": v for k, v in meta["sizes"].items()},
-                                           "skipped_images": meta["skipped_total"], **sanity_metrics(meta)})
-    print(f"preprocess: {cfg.dataset} at {cfg.image_size}px -> {cfg.prepared_dir}: "
-          f"{meta['sizes']} ({meta['num_classes']} classes, {meta['skipped_total']} images skipped)")
+    write_json(
+        pipeline.PREPROCESS_METRICS,
+        {
+            "dataset": cfg.dataset,
+            "image_size": cfg.image_size,
+            "num_classes": meta["num_classes"],
+            **{f"{k}_images": v for k, v in meta["sizes"].items()},
+            "skipped_images": meta["skipped_total"],
+            **sanity_metrics(meta),
+        },
+    )
+    print(
+        f"preprocess: {cfg.dataset} at {cfg.image_size}px -> {cfg.prepared_dir}: "
+        f"{meta['sizes']} ({meta['num_classes']} classes, {meta['skipped_total']} images skipped)"
+    )
 
 
 if __name__ == "__main__":

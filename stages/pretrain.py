@@ -28,12 +28,27 @@ def main(argv):
 
         t = time.perf_counter()
         state = import_weights(spec, spec["source"], spec["weights"], data.image_size)
-        torch_save(weights_path, {"state_dict": state, "spec": spec, "image_size": data.image_size,
-                                  "source": spec["source"], "weights": spec["weights"]})
+        torch_save(
+            weights_path,
+            {
+                "state_dict": state,
+                "spec": spec,
+                "image_size": data.image_size,
+                "source": spec["source"],
+                "weights": spec["weights"],
+            },
+        )
         for f, cols in ((pipeline.TRAIN_LOG, TRAIN_COLUMNS), (pipeline.EVAL_LOG, EVAL_COLUMNS)):
             write_text(plots / f, "\t".join(cols) + "\n")  # no training happened: empty series
-        write_json(metrics_path, {"source": spec["source"], "steps": 0, "wall_time_s": round(time.perf_counter() - t, 2),
-                                  "params": int(sum(v.numel() for v in state.values() if torch.is_floating_point(v)))})
+        write_json(
+            metrics_path,
+            {
+                "source": spec["source"],
+                "steps": 0,
+                "wall_time_s": round(time.perf_counter() - t, 2),
+                "params": int(sum(v.numel() for v in state.values() if torch.is_floating_point(v))),
+            },
+        )
         print(f"pretrain@{name}: imported {spec['source']} weights {spec['weights']} -> {weights_path}")
         return
 
@@ -54,12 +69,25 @@ def main(argv):
     train = Split(x[parts["train"]], y[parts["train"]], mean, std, hflip=True)
     val = Split(x[parts["val"]], y[parts["val"]], mean, std)
     model = build_model(spec, recipe.classes, data.image_size)
-    paths = RunPaths(weights=weights_path,
-                     metrics=metrics_path, plots=plots)
-    fit(TrainingJob(model, train, recipe, paths, val=val, desc=f"pretrain@{name}", fresh_key="pretrain.resume",
-        run_config={"spec": spec, "image_size": data.image_size},
-        weights_meta={"spec": spec, "image_size": data.image_size, "source": "fractal",
-                      "num_classes": recipe.classes}))
+    paths = RunPaths(weights=weights_path, metrics=metrics_path, plots=plots)
+    fit(
+        TrainingJob(
+            model,
+            train,
+            recipe,
+            paths,
+            val=val,
+            desc=f"pretrain@{name}",
+            fresh_key="pretrain.resume",
+            run_config={"spec": spec, "image_size": data.image_size},
+            weights_meta={
+                "spec": spec,
+                "image_size": data.image_size,
+                "source": "fractal",
+                "num_classes": recipe.classes,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,10 +18,14 @@ def main(argv):
     write_text(pipeline.PROFILE_DEVICES, to_csv(device_rows))
     for r in rows:
         plan = f"{r['micro_batch']} x {r['accum_steps']}" if r["micro_batch"] else "does not fit"
-        print(f"{r['model']:<10} {r['params'] / 1e6:8.1f} M  {r['train_gflops']:8.1f} GFLOP/img  "
-              f"peak {r['peak_gib']:7.1f} GiB  fits {str(r['fits']):5}  plan {plan:<9} ETA {r['eta_h']:7.1f} h")
-    print(f"this machine, a small ViT: {metrics['local_img_per_s']} img/s measured, "
-          f"{metrics['local_predicted_img_per_s']} predicted by the time model")
+        print(
+            f"{r['model']:<10} {r['params'] / 1e6:8.1f} M  {r['train_gflops']:8.1f} GFLOP/img  "
+            f"peak {r['peak_gib']:7.1f} GiB  fits {str(r['fits']):5}  plan {plan:<9} ETA {r['eta_h']:7.1f} h"
+        )
+    print(
+        f"this machine, a small ViT: {metrics['local_img_per_s']} img/s measured, "
+        f"{metrics['local_predicted_img_per_s']} predicted by the time model"
+    )
 
 
 if __name__ == "__main__":

@@ -23,14 +23,37 @@ def main(argv):
     store = PreparedStore(data.prepared_dir)
     model = build_model(spec, store.num_classes, data.image_size)
     run = pipeline.SCRATCH
-    paths = RunPaths(weights=pipeline.scratch_weights(seed), metrics=pipeline.train_metrics(run, seed),
-                     plots=pipeline.steplog(run, seed))
+    paths = RunPaths(
+        weights=pipeline.scratch_weights(seed),
+        metrics=pipeline.train_metrics(run, seed),
+        plots=pipeline.steplog(run, seed),
+    )
     train = store.split("train").fraction(data.train_fraction, data.seed)  # data.train_fraction: data efficiency
-    fit(TrainingJob(model, train, recipe, paths, val=store.split("val"),
-        run_config={"spec": spec, "dataset": data.dataset, "image_size": data.image_size, "sizes": store.meta["sizes"]},
-        fresh_key="train.resume", desc=f"train_scratch@{seed}",
-        weights_meta={"spec": spec, "num_classes": store.num_classes, "image_size": data.image_size,
-                      "classes": store.classes, "algorithm": "scratch", "seed": seed}))
+    fit(
+        TrainingJob(
+            model,
+            train,
+            recipe,
+            paths,
+            val=store.split("val"),
+            run_config={
+                "spec": spec,
+                "dataset": data.dataset,
+                "image_size": data.image_size,
+                "sizes": store.meta["sizes"],
+            },
+            fresh_key="train.resume",
+            desc=f"train_scratch@{seed}",
+            weights_meta={
+                "spec": spec,
+                "num_classes": store.num_classes,
+                "image_size": data.image_size,
+                "classes": store.classes,
+                "algorithm": "scratch",
+                "seed": seed,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from vitpipe.atomic import write_text
 
 def main(argv):
     check_params.check_all(params.read_yaml())
-    write_text(pipeline.PARAMS_OK, "params.yaml passed vitpipe's checks\n")  # constant: downstream stages never see it change
+    write_text(
+        pipeline.PARAMS_OK, "params.yaml passed vitpipe's checks\n"
+    )  # constant: downstream stages never see it change
 
 
 if __name__ == "__main__":

@@ -27,14 +27,27 @@ def main(argv):
 
         def run(lr, seed):
             base = ctx.recipe(arm["section"], seed=seed)
-            recipe = replace(base, lr=float(lr), steps=steps, warmup_steps=studies.warmup_for(base, steps),
-                             **(arm.get("recipe") or {}))
+            recipe = replace(
+                base,
+                lr=float(lr),
+                steps=steps,
+                warmup_steps=studies.warmup_for(base, steps),
+                **(arm.get("recipe") or {}),
+            )
             return studies.train(ctx, f"{name}-lr{lr:g}-seed{seed}", spec, recipe, backbone)
 
         result = studies.sweep_then_seeds(run, [float(x) for x in arm["lrs"]], seeds)
-    studies.write(f"studies/results/budget/{name}.json", {
-        "stage": f"{arm_name}@{steps}", "arm": arm_name, "steps": steps, "fine_tuned": finetune,
-        "pretrain_seed": ctx.doc.get("pretrain", {}).get("seed", 0) if finetune else None, **result})
+    studies.write(
+        f"studies/results/budget/{name}.json",
+        {
+            "stage": f"{arm_name}@{steps}",
+            "arm": arm_name,
+            "steps": steps,
+            "fine_tuned": finetune,
+            "pretrain_seed": ctx.doc.get("pretrain", {}).get("seed", 0) if finetune else None,
+            **result,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,24 @@ def main(argv):
             runs = []
             for seed in seeds:
                 base = ctx.recipe("finetune", seed=seed)
-                recipe = replace(base, lr=tuned["chosen_lr"], steps=tuned["steps"],
-                                 warmup_steps=studies.warmup_for(base, tuned["steps"]))
+                recipe = replace(
+                    base,
+                    lr=tuned["chosen_lr"],
+                    steps=tuned["steps"],
+                    warmup_steps=studies.warmup_for(base, tuned["steps"]),
+                )
                 runs.append(studies.train(ctx, f"crossed-p{p}-seed{seed}", ctx.twin_spec, recipe, backbone))
             groups.append({"pretrain_seed": p, "from": "crossed", "runs": runs})
-    studies.write("studies/results/crossed.json", {
-        "stage": "crossed", "steps": tuned["steps"], "chosen_lr": tuned["chosen_lr"], "lr_from": tuned["stage"],
-        "groups": groups})
+    studies.write(
+        "studies/results/crossed.json",
+        {
+            "stage": "crossed",
+            "steps": tuned["steps"],
+            "chosen_lr": tuned["chosen_lr"],
+            "lr_from": tuned["stage"],
+            "groups": groups,
+        },
+    )
 
 
 if __name__ == "__main__":

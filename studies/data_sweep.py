@@ -25,16 +25,18 @@ def main(argv):
     point = {"stage": f"data_sweep@{argv[0]}", "fraction": fraction, "steps": steps, "cnn": cfg["cnn"]}
     with studies.workdir() as work:
         ctx = studies.context(Path(work))
-        networks = {"vit": ctx.scratch_spec,
-                    "cnn": model_specs.variant_spec(ctx.doc, cfg["cnn"], ctx.data.image_size)}
+        networks = {"vit": ctx.scratch_spec, "cnn": model_specs.variant_spec(ctx.doc, cfg["cnn"], ctx.data.image_size)}
         for kind, spec in networks.items():
+
             def run(lr, seed, spec=spec, kind=kind):
                 base = ctx.recipe("train", seed=seed)
                 recipe = replace(base, lr=float(lr), steps=steps, warmup_steps=studies.warmup_for(base, steps))
-                return studies.train(ctx, f"data-{fraction:g}-{kind}-lr{lr:g}-seed{seed}", spec, recipe,
-                                     fraction=fraction)
+                return studies.train(
+                    ctx, f"data-{fraction:g}-{kind}-lr{lr:g}-seed{seed}", spec, recipe, fraction=fraction
+                )
+
             point[kind] = studies.sweep_then_seeds(run, [float(x) for x in cfg["lrs"]], seeds)
-    studies.write(f"studies/results/data_sweep/share-{argv[0]}.json", point)   # the name dvc.yaml gives it
+    studies.write(f"studies/results/data_sweep/share-{argv[0]}.json", point)  # the name dvc.yaml gives it
 
 
 if __name__ == "__main__":

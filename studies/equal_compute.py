@@ -27,12 +27,24 @@ def main(argv):
         runs = []
         for seed in seeds:
             base = ctx.recipe("train", seed=seed)
-            recipe = replace(base, lr=tuned["chosen_lr"], steps=target["steps"],
-                             warmup_steps=studies.warmup_for(base, target["steps"]))
+            recipe = replace(
+                base,
+                lr=tuned["chosen_lr"],
+                steps=target["steps"],
+                warmup_steps=studies.warmup_for(base, target["steps"]),
+            )
             runs.append(studies.train(ctx, f"equal-compute-seed{seed}", ctx.scratch_spec, recipe))
-    studies.write("studies/results/equal_compute.json", {
-        "stage": "equal_compute", "arm": "scratch", **target, "lr_from": tuned["stage"],
-        "chosen_lr": tuned["chosen_lr"], "runs": runs})
+    studies.write(
+        "studies/results/equal_compute.json",
+        {
+            "stage": "equal_compute",
+            "arm": "scratch",
+            **target,
+            "lr_from": tuned["stage"],
+            "chosen_lr": tuned["chosen_lr"],
+            "runs": runs,
+        },
+    )
 
 
 if __name__ == "__main__":

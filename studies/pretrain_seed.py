@@ -22,9 +22,16 @@ def main(argv):
     out = Path(f"studies/models/pretrain-seed-{seed}.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch_save(out, {"state_dict": state})
-    studies.write(f"studies/results/pretrain/seed-{seed}.json", {
-        "stage": f"pretrain_seed@{seed}", "pretrain_seed": seed, "steps": m.get("steps"),
-        "val_acc": m.get("val_acc"), "wall_time_s": m["wall_time_s"]})
+    studies.write(
+        f"studies/results/pretrain/seed-{seed}.json",
+        {
+            "stage": f"pretrain_seed@{seed}",
+            "pretrain_seed": seed,
+            "steps": m.get("steps"),
+            "val_acc": m.get("val_acc"),
+            "wall_time_s": m["wall_time_s"],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -12,31 +12,94 @@ ROOT = Path(__file__).resolve().parents[1]
 # A params.yaml small enough that the whole pipeline runs in about a minute on 2 CPU cores.
 MICRO = {
     "seeds": [0],
-    "data": {"dataset": "digits", "archive": None, "url": None, "md5": "default", "image_size": 16,
-             "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "train_fraction": 1.0, "seed": 0,
-             "workers": 1},
+    "data": {
+        "dataset": "digits",
+        "archive": None,
+        "url": None,
+        "md5": "default",
+        "image_size": 16,
+        "split": {"train": 0.7, "val": 0.1, "test": 0.2},
+        "train_fraction": 1.0,
+        "seed": 0,
+        "workers": 1,
+    },
     "model": {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
-    "train": {"steps": 6, "batch_size": 16, "micro_batch": 8, "optimizer": "adamw", "lr": 0.001,
-              "weight_decay": 0.05, "warmup_steps": 2, "label_smoothing": 0.1, "grad_clip": 1.0,
-              "precision": "fp32", "checkpoint_every": 3, "eval_every": 3},
-    "pretrain": {"classes": 4, "images_per_class": 8, "steps": 4, "batch_size": 8, "micro_batch": 8,
-                 "lr": 0.001, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2, "seed": 0},
-    "finetune": {"steps": 6, "batch_size": 16, "micro_batch": 8, "optimizer": "sgd", "momentum": 0.9,
-                 "lr": 0.01, "weight_decay": 0.0, "warmup_steps": 2, "grad_clip": 1.0,
-                 "checkpoint_every": 3, "eval_every": 3},
+    "train": {
+        "steps": 6,
+        "batch_size": 16,
+        "micro_batch": 8,
+        "optimizer": "adamw",
+        "lr": 0.001,
+        "weight_decay": 0.05,
+        "warmup_steps": 2,
+        "label_smoothing": 0.1,
+        "grad_clip": 1.0,
+        "precision": "fp32",
+        "checkpoint_every": 3,
+        "eval_every": 3,
+    },
+    "pretrain": {
+        "classes": 4,
+        "images_per_class": 8,
+        "steps": 4,
+        "batch_size": 8,
+        "micro_batch": 8,
+        "lr": 0.001,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "eval_every": 2,
+        "seed": 0,
+    },
+    "finetune": {
+        "steps": 6,
+        "batch_size": 16,
+        "micro_batch": 8,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "lr": 0.01,
+        "weight_decay": 0.0,
+        "warmup_steps": 2,
+        "grad_clip": 1.0,
+        "checkpoint_every": 3,
+        "eval_every": 3,
+    },
     "variants": {
-        "vit_micro": {"arch": "vit", "patch": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0,
-                      "source": "fractal", "weights": None},
+        "vit_micro": {
+            "arch": "vit",
+            "patch": 4,
+            "dim": 32,
+            "depth": 1,
+            "heads": 2,
+            "mlp_ratio": 2.0,
+            "source": "fractal",
+            "weights": None,
+        },
         "resnet18": {"arch": "resnet18", "source": "fractal", "weights": None},
     },
     "evaluate": {"batch_size": 64, "latency_batches": 1},
-    "profile": {"models": ["vit_b16", "resnet18"], "image_size": 224, "batch_size": 512, "num_classes": 100,
-                "device": "t4", "precision": "fp32", "optimizer": "adamw", "schedule_steps": 10000},
+    "profile": {
+        "models": ["vit_b16", "resnet18"],
+        "image_size": 224,
+        "batch_size": 512,
+        "num_classes": 100,
+        "device": "t4",
+        "precision": "fp32",
+        "optimizer": "adamw",
+        "schedule_steps": 10000,
+    },
 }
 
 # studies/: what the report stage depends on (the studies pipeline itself is not copied)
-PROJECT_FILES = ("dvc.yaml", "stages", "vitpipe", "pyproject.toml", ".dvcignore", "weights", "studies/params.yaml",
-                 "studies/dvc.lock")
+PROJECT_FILES = (
+    "dvc.yaml",
+    "stages",
+    "vitpipe",
+    "pyproject.toml",
+    ".dvcignore",
+    "weights",
+    "studies/params.yaml",
+    "studies/dvc.lock",
+)
 
 
 def write_params(path: Path, doc: dict) -> None:
@@ -47,8 +110,9 @@ def run(cmd, cwd, check=True, timeout=600, env=None):
     """Run a command; on failure show its output in the assertion."""
     # dvc.yaml says `python`: make that this interpreter, venv activated or not.
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "PATH": path, **(env or {})})
+    p = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PATH": path, **(env or {})}
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
     return p
@@ -99,10 +163,15 @@ def make_project(repo: Path, params: dict = MICRO, env: dict | None = None) -> P
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, repo / name)
     write_params(repo / "params.yaml", params)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@example.com"],
-                ["git", "config", "user.name", "test"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "test@example.com"],
+        ["git", "config", "user.name", "test"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
         run(cmd, repo, env=env)
     return repo
 
@@ -119,6 +188,7 @@ DVC = [sys.executable, "-m", "dvc"]
 def copy_project(src: Path, dst: Path) -> Path:
     """A copy of a git + DVC repo (workspace, git, DVC cache and run-cache) that DVC treats as
     its own: DVC's per-repo temp state (.dvc/tmp) is left behind, so nothing points back."""
+
     def skip(folder, names):
         return ["tmp"] if Path(folder).name == ".dvc" else []
 

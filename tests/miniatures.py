@@ -59,8 +59,12 @@ def add_dir(tar: tarfile.TarFile, name: str) -> None:
 def cifar_batch(rng, n: int, num_classes: int, label_key: bytes, label: bytes) -> dict:
     data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
     labels = [int(x) for x in rng.permutation(np.arange(n) % num_classes)]  # as balanced as n allows
-    batch = {b"batch_label": label, label_key: labels, b"data": data,
-             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+    batch = {
+        b"batch_label": label,
+        label_key: labels,
+        b"data": data,
+        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+    }
     if label_key == b"fine_labels":
         batch[b"coarse_labels"] = [x // 5 for x in labels]
     return batch
@@ -74,8 +78,11 @@ def make_cifar10(path: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0,
     test = cifar_batch(rng, n_test, 10, b"labels", b"testing batch 1 of 1")
     members = {f"data_batch_{i}": b for i, b in enumerate(train, 1)}
     members["test_batch"] = test
-    members["batches.meta"] = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in classes],
-                               b"num_vis": 3072}
+    members["batches.meta"] = {
+        b"num_cases_per_batch": per_batch,
+        b"label_names": [c.encode() for c in classes],
+        b"num_vis": 3072,
+    }
     members.update(extra or {})
     with tarfile.open(path, "w:gz") as tar:
         add_dir(tar, "cifar-10-batches-py")
@@ -105,8 +112,10 @@ def make_cifar100(path: Path, n_train: int = 12, n_test: int = 5, seed: int = 1)
     classes = [f"class_{i:02d}" for i in range(100)]
     train = cifar_batch(rng, n_train, 100, b"fine_labels", b"training batch 1 of 1")
     test = cifar_batch(rng, n_test, 100, b"fine_labels", b"testing batch 1 of 1")
-    meta = {b"fine_label_names": [c.encode() for c in classes],
-            b"coarse_label_names": [f"super_{i}".encode() for i in range(20)]}
+    meta = {
+        b"fine_label_names": [c.encode() for c in classes],
+        b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
+    }
     with tarfile.open(path, "w:gz") as tar:
         add_dir(tar, "cifar-100-python")
         for name, obj in (("train", train), ("test", test), ("meta", meta)):
@@ -133,13 +142,14 @@ def make_pets(folder: Path, replace: dict[str, bytes] | None = None) -> dict:
     good = image_bytes("RGB")
     truncated = good[: len(good) // 2]
     images = {  # name: bytes
-        "Abyssinian_1": good, "Abyssinian_2": image_bytes("RGB", (31, 40), seed=1),
-        "Abyssinian_3": image_bytes("RGBA", fmt="PNG"),            # a PNG named .jpg, with alpha
-        "american_bulldog_10": image_bytes("L"),                   # grayscale
-        "american_bulldog_11": image_bytes("CMYK"),                # CMYK JPEG
-        "american_bulldog_12": truncated,                          # truncated: skipped
-        "Bengal_5": image_bytes("P", fmt="PNG"),                   # palette
-        "Bengal_6": b"not an image at all",                        # undecodable: skipped
+        "Abyssinian_1": good,
+        "Abyssinian_2": image_bytes("RGB", (31, 40), seed=1),
+        "Abyssinian_3": image_bytes("RGBA", fmt="PNG"),  # a PNG named .jpg, with alpha
+        "american_bulldog_10": image_bytes("L"),  # grayscale
+        "american_bulldog_11": image_bytes("CMYK"),  # CMYK JPEG
+        "american_bulldog_12": truncated,  # truncated: skipped
+        "Bengal_5": image_bytes("P", fmt="PNG"),  # palette
+        "Bengal_6": b"not an image at all",  # undecodable: skipped
         "Bengal_7": image_bytes("RGB", (8, 50), seed=2),
         **(replace or {}),
     }

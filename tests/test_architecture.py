@@ -25,9 +25,18 @@ def load_stage_code():
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
-                           "sys.exit(lint_imports_command())", "--no-cache"],
-                          cwd=root, capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+            "--no-cache",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def cycles(graph) -> list[set[str]]:
@@ -109,8 +118,12 @@ def test_every_stage_declares_the_code_it_runs():
     by_stage = {sc.stage: sc for sc in stage_code.check(ROOT)}
     # what the issue found missing: the augmentation and the model builder are training code
     for stage in ("train_scratch", "finetune", "pretrain"):
-        assert {"vitpipe/data/prepared_store.py", "vitpipe/models/registry.py",
-                "vitpipe/hardware/precision.py", "vitpipe/checkpoints/format.py"} <= by_stage[stage].files
+        assert {
+            "vitpipe/data/prepared_store.py",
+            "vitpipe/models/registry.py",
+            "vitpipe/hardware/precision.py",
+            "vitpipe/checkpoints/format.py",
+        } <= by_stage[stage].files
     # and stay narrow: no report code in training, no model code in the data stages
     assert not any(f.startswith("vitpipe/report") for f in by_stage["train_scratch"].files)
     assert not any(f.startswith("vitpipe/models") for f in by_stage["download"].files | by_stage["preprocess"].files)
@@ -148,8 +161,9 @@ def test_dvc_yaml_is_what_write_makes_of_it():
     """Fails when a stage's imports changed and `python scripts/stage_code.py --write` was not
     run (or a generated line was edited by hand)."""
     stage_code = load_stage_code()
-    assert stage_code.written(ROOT) == (ROOT / "dvc.yaml").read_text(), \
+    assert stage_code.written(ROOT) == (ROOT / "dvc.yaml").read_text(), (
         "dvc.yaml is stale: run `python scripts/stage_code.py --write` and commit it"
+    )
 
 
 def copy_tree(dst: Path) -> Path:
@@ -164,8 +178,13 @@ def copy_tree(dst: Path) -> Path:
 def stage_code_cli(root: Path, *args) -> subprocess.CompletedProcess:
     """scripts/stage_code.py of the tree at `root`, on that tree (a process of its own: this
     one has imported the vitpipe of the repository)."""
-    return subprocess.run([sys.executable, str(root / "scripts" / "stage_code.py"), *args], cwd=root,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, str(root / "scripts" / "stage_code.py"), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_write_after_a_new_import_updates_exactly_the_stages_that_run_it(tmp_path):
@@ -175,7 +194,7 @@ def test_write_after_a_new_import_updates_exactly_the_stages_that_run_it(tmp_pat
     loop = root / "vitpipe" / "training" / "loop.py"
     loop.write_text(loop.read_text() + "\n\ndef _maps():\n    from vitpipe.evaluation import attention_maps\n")
     before = (root / "dvc.yaml").read_text()
-    assert stage_code_cli(root).returncode == 1           # the check sees the stale deps
+    assert stage_code_cli(root).returncode == 1  # the check sees the stale deps
     r = stage_code_cli(root, "--write")
     assert r.returncode == 0 and "rewritten" in r.stdout, r.stdout + r.stderr
     after = (root / "dvc.yaml").read_text()
@@ -188,10 +207,13 @@ def test_write_after_a_new_import_updates_exactly_the_stages_that_run_it(tmp_pat
     for name in ("pretrain", "train_scratch", "finetune"):
         assert any(d in ("vitpipe/evaluation/attention_maps.py", "vitpipe/evaluation") for d in deps(new[name])), name
     # every other line as it was: the only lines added or removed are code deps
-    removed, added = set(before.splitlines()) - set(after.splitlines()), set(after.splitlines()) - set(before.splitlines())
+    removed, added = (
+        set(before.splitlines()) - set(after.splitlines()),
+        set(after.splitlines()) - set(before.splitlines()),
+    )
     assert all(line.strip().removeprefix("- ").startswith("vitpipe/") for line in removed | added), removed | added
-    assert stage_code_cli(root).returncode == 0           # every stage declares what it runs
-    assert "already as written" in stage_code_cli(root, "--write").stdout   # a second --write changes nothing
+    assert stage_code_cli(root).returncode == 0  # every stage declares what it runs
+    assert "already as written" in stage_code_cli(root, "--write").stdout  # a second --write changes nothing
 
 
 def test_write_puts_back_a_plot_edited_by_hand(tmp_path):

@@ -46,7 +46,7 @@ def make_zip(path: Path, members):
         for name, kind, payload in members:
             if kind == "sym":
                 info = zipfile.ZipInfo(name)
-                info.external_attr = (0o120777 << 16)
+                info.external_attr = 0o120777 << 16
                 zf.writestr(info, payload)
             else:
                 zf.writestr(name, payload)
@@ -57,12 +57,18 @@ def leftovers(folder: Path, keep) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
-GOOD = [("top", "dir", None), ("top/a.txt", "file", b"alpha"), ("top/sub/b.txt", "file", b"beta"),
-        ("top/link_to_a", "sym", "a.txt"), ("top/sub/hard_a", "lnk", "top/a.txt")]
+GOOD = [
+    ("top", "dir", None),
+    ("top/a.txt", "file", b"alpha"),
+    ("top/sub/b.txt", "file", b"beta"),
+    ("top/link_to_a", "sym", "a.txt"),
+    ("top/sub/hard_a", "lnk", "top/a.txt"),
+]
 
 
-@pytest.mark.parametrize("mode,suffix", [("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz"),
-                                         ("w", ".tar")])
+@pytest.mark.parametrize(
+    "mode,suffix", [("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz"), ("w", ".tar")]
+)
 def test_extracts_tar_in_any_compression(tmp_path, mode, suffix):
     archive = make_tar(tmp_path / f"good{suffix}", GOOD, mode)
     dest = safe_extract(archive, tmp_path / "out")
@@ -74,8 +80,9 @@ def test_extracts_tar_in_any_compression(tmp_path, mode, suffix):
 
 
 def test_extracts_zip_replaces_dest_and_filters(tmp_path):
-    archive = make_zip(tmp_path / "good.zip", [("d/x.jpg", "file", b"x"), ("d/notes.txt", "file", b"n"),
-                                               ("d/inner", "sym", "x.jpg")])
+    archive = make_zip(
+        tmp_path / "good.zip", [("d/x.jpg", "file", b"x"), ("d/notes.txt", "file", b"n"), ("d/inner", "sym", "x.jpg")]
+    )
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "stale").write_text("from before")
@@ -121,9 +128,16 @@ def test_refuses_dangerous_tar_members_and_leaves_nothing(tmp_path, case):
     assert not Path("/tmp/vitpipe_evil_abs.txt").exists()
 
 
-@pytest.mark.parametrize("name,kind,payload", [("../evil.txt", "file", b"pwned"), ("/abs/evil.txt", "file", b"x"),
-                                               ("..\\evil.txt", "file", b"x"), ("C:/evil.txt", "file", b"x"),
-                                               ("link", "sym", "../../etc")])
+@pytest.mark.parametrize(
+    "name,kind,payload",
+    [
+        ("../evil.txt", "file", b"pwned"),
+        ("/abs/evil.txt", "file", b"x"),
+        ("..\\evil.txt", "file", b"x"),
+        ("C:/evil.txt", "file", b"x"),
+        ("link", "sym", "../../etc"),
+    ],
+)
 def test_refuses_zip_slip(tmp_path, name, kind, payload):
     work = tmp_path / "work"
     work.mkdir()
@@ -148,7 +162,7 @@ def test_md5_stream_and_mismatch(tmp_path):
     f.write_bytes(os.urandom(3 * archives.CHUNK + 7))
     assert md5_file(f) == hashlib.md5(f.read_bytes()).hexdigest()
     check_md5(f, md5_file(f).upper())  # case does not matter
-    check_md5(f, None)                 # null: accept anything
+    check_md5(f, None)  # null: accept anything
     with pytest.raises(UserError, match=r"md5 is .* expected 0{32}.*data\.md5: null"):
         check_md5(f, "0" * 32)
 
@@ -214,8 +228,13 @@ def test_download_through_local_server(tmp_path):
 def test_offline_message_says_what_where_and_which_param(tmp_path):
     official = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     with pytest.raises(UserError) as e:
-        download(closed_port_url(), tmp_path / "raw/cifar-10-python.tar.gz", None, official_url=official,
-                 archive_hint="`data.archive: <path to cifar-10-python.tar.gz>`")
+        download(
+            closed_port_url(),
+            tmp_path / "raw/cifar-10-python.tar.gz",
+            None,
+            official_url=official,
+            archive_hint="`data.archive: <path to cifar-10-python.tar.gz>`",
+        )
     msg = str(e.value)
     assert official in msg and "cifar-10-python.tar.gz" in msg
     assert "data.archive" in msg and "data.dataset: digits" in msg and "data/downloads/" in msg
@@ -224,6 +243,7 @@ def test_offline_message_says_what_where_and_which_param(tmp_path):
 
 
 # ---------------------------------------------------------------- damaged archives
+
 
 def _members(n=3, size=20_000):
     return [(f"top/{i}.bin", "file", os.urandom(size)) for i in range(n)]  # random: stored, not shrunk
@@ -248,8 +268,11 @@ DAMAGE = {  # name: (suffix, tar mode or "zip", how to damage the bytes of a goo
     "tar.bz2 cut": (".tar.bz2", "w:bz2", lambda b, p: b[: len(b) * 2 // 3]),
     "tar.xz cut": (".tar.xz", "w:xz", lambda b, p: b[: len(b) // 2]),
     "tar cut between members": (".tar", "w", lambda b, p: b[: _second_header(p)]),
-    "tar with a garbled header": (".tar", "w", lambda b, p: b[: _second_header(p)] + b"x" * 512
-                                  + b[_second_header(p) + 512:]),
+    "tar with a garbled header": (
+        ".tar",
+        "w",
+        lambda b, p: b[: _second_header(p)] + b"x" * 512 + b[_second_header(p) + 512 :],
+    ),
     "tar cut inside a member": (".tar", "w", lambda b, p: b[: _second_header(p) + 5000]),
     "zip cut": (".zip", "zip", lambda b, p: b[: len(b) // 2]),
     "zip with a flipped data byte": (".zip", "zip", lambda b, p: _flip(b, 1000)),
@@ -288,16 +311,22 @@ def test_not_an_archive_and_unreadable_zip_members(tmp_path):
     for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
         data[data.index(sig) + flag_at] |= 0x01
     enc.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"enc.zip: member 'd/a.jpg' cannot be read \(it is encrypted\); nothing was "
-                                        r"extracted. Re-pack it"):
+    with pytest.raises(
+        UserError,
+        match=r"enc.zip: member 'd/a.jpg' cannot be read \(it is encrypted\); nothing was "
+        r"extracted. Re-pack it",
+    ):
         safe_extract(enc, tmp_path / "out")
     deflate64 = make_zip(tmp_path / "d64.zip", [("d/a.jpg", "file", b"x")])
     data = bytearray(deflate64.read_bytes())
     for sig, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
         data[data.index(sig) + method_at] = 9  # compression method 9: deflate64
     deflate64.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"d64.zip: member 'd/a.jpg' cannot be read \(its compression method is not "
-                                        r"supported\)"):
+    with pytest.raises(
+        UserError,
+        match=r"d64.zip: member 'd/a.jpg' cannot be read \(its compression method is not "
+        r"supported\)",
+    ):
         safe_extract(deflate64, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d64.zip", "enc.zip", "junk.tar.gz"]
 

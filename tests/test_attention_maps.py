@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from vitpipe.evaluation import attention_maps as am
 from vitpipe.errors import UserError
+from vitpipe.evaluation import attention_maps as am
 
-SIZE, CELL = 16, 4          # 16 px images, 4 px patches: a 4 x 4 grid
+SIZE, CELL = 16, 4  # 16 px images, 4 px patches: a 4 x 4 grid
 GRID = SIZE // CELL
 RED, BLUE = (1.0, 0.1, 0.1), (0.1, 0.1, 1.0)
 
@@ -36,7 +36,7 @@ def cue_images(n: int, seed: int):
     colours = torch.tensor([RED, BLUE])[y]
     for i in range(n):
         r, c = divmod(int(cell[i]), GRID)
-        x[i, :, r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = colours[i][:, None, None]
+        x[i, :, r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = colours[i][:, None, None]
     return x, y, cell
 
 
@@ -67,7 +67,7 @@ def manual_attention(block, x):
 
 def test_hook_reads_the_softmax_timm_computes():
     model = tiny_vit().eval()
-    assert all(b.attn.fused_attn for b in model.blocks)      # the default path keeps no weights
+    assert all(b.attn.fused_attn for b in model.blocks)  # the default path keeps no weights
     inputs = []
     hooks = [b.attn.register_forward_hook(lambda m, args, out: inputs.append(args[0])) for b in model.blocks]
     x, _, _ = cue_images(3, seed=1)
@@ -80,7 +80,7 @@ def test_hook_reads_the_softmax_timm_computes():
     for block, inp, w in zip(model.blocks, inputs, weights):
         assert torch.allclose(w, manual_attention(block, inp), atol=1e-6)
         assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-6)
-    assert all(b.attn.fused_attn for b in model.blocks)      # switched back
+    assert all(b.attn.fused_attn for b in model.blocks)  # switched back
     with torch.no_grad():
         assert torch.allclose(model(x), fused_logits, atol=1e-5)
 
@@ -97,7 +97,7 @@ class OneHotPositions(nn.Module):
 
 
 def test_identity_attention_rolls_out_to_the_identity():
-    model = tiny_vit(embed_dim=64, num_heads=2).eval()   # head_dim 32 >= 17 tokens
+    model = tiny_vit(embed_dim=64, num_heads=2).eval()  # head_dim 32 >= 17 tokens
     for block in model.blocks:
         block.attn.q_norm, block.attn.k_norm = OneHotPositions(), OneHotPositions()
     x, _, _ = cue_images(2, seed=2)
@@ -113,7 +113,7 @@ def test_rollout_combination():
     assert torch.equal(am.rollout_matrix([eye, eye, eye]), torch.eye(5)[None])
     torch.manual_seed(0)
     a1, a2 = (torch.rand(1, 3, 5, 5).softmax(-1) for _ in range(2))
-    half = [0.5 * a.mean(1) + 0.5 * torch.eye(5) for a in (a1, a2)]    # Abnar & Zuidema's form
+    half = [0.5 * a.mean(1) + 0.5 * torch.eye(5) for a in (a1, a2)]  # Abnar & Zuidema's form
     assert torch.allclose(am.rollout_matrix([a1, a2]), half[1] @ half[0], atol=1e-6)
     assert torch.allclose(am.rollout_matrix([a1, a2]).sum(-1), torch.ones(1, 5), atol=1e-6)
 
@@ -126,7 +126,7 @@ def test_maps_sum_to_one_over_the_patches(kw):
     assert maps.shape == (4, GRID, GRID)
     assert (maps >= 0).all()
     assert torch.allclose(maps.sum((1, 2)), torch.ones(4), atol=1e-5)
-    assert model.training        # left as found
+    assert model.training  # left as found
 
 
 def test_rollout_refuses_a_cnn():
@@ -146,24 +146,31 @@ def test_trained_vit_attends_to_the_cue_patch():
     maps = am.rollout(model, x).flatten(1)
     at_cue = maps[torch.arange(len(x)), cell]
     average = 1 / (GRID * GRID)
-    assert (at_cue > average).all()                  # every image: more than the average patch
+    assert (at_cue > average).all()  # every image: more than the average patch
     assert (maps.argmax(1) == cell).float().mean() > 0.9
-    assert at_cue.mean() > 2 * untrained[torch.arange(len(x)), cell].mean()   # learnt, not contrast
+    assert at_cue.mean() > 2 * untrained[torch.arange(len(x)), cell].mean()  # learnt, not contrast
 
 
 def tiny_cnn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 2),
+    )
 
 
 def test_grad_cam_of_a_trained_cnn_peaks_at_the_cue():
     model = train(tiny_cnn(), steps=100)
     x, y, cell = cue_images(48, seed=99)
     assert (model(x).argmax(1) == y).float().mean() > 0.95
-    cam = am.grad_cam(model, x, layer=model[4])           # 8 x 8: each cue patch is 2 x 2 cells
+    cam = am.grad_cam(model, x, layer=model[4])  # 8 x 8: each cue patch is 2 x 2 cells
     assert cam.shape == (48, 8, 8)
     assert torch.allclose(cam.sum((1, 2)), torch.ones(48), atol=1e-5)
     peak = cam.flatten(1).argmax(1)
@@ -185,7 +192,7 @@ def test_grad_cam_on_a_resnet_picks_a_stage_with_a_grid():
         assert am.cam_layer_name(model, x) == stage
         maps, method = am.explain(model, x)
         assert maps.shape == (2, side, side) and method == f"Grad-CAM, {stage}"
-        sums = maps.sum((1, 2))       # 1, or 0 where no channel's weighted activation is positive
+        sums = maps.sum((1, 2))  # 1, or 0 where no channel's weighted activation is positive
         assert all(abs(v - 1) < 1e-5 or v == 0 for v in sums.tolist())
     assert model.training
 
@@ -216,7 +223,7 @@ def test_explain_split_keeps_the_order_and_round_trips(tmp_path):
     x, y, _ = cue_images(6, seed=6)
     images = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     split = Split(images, y.numpy(), mean=[0.5] * 3, std=[0.25] * 3)
-    idx = [4, 1, 5]                      # Split.batch sorts; the result must not
+    idx = [4, 1, 5]  # Split.batch sorts; the result must not
     model = tiny_vit()
     result = am.explain_split(model, split, idx)
     assert result["method"] == "attention rollout"

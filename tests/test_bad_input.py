@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import MICRO, ROOT, run, write_params
 
 SHELL_MARKER = Path("/tmp/vitpipe-shell-payload-ran")
@@ -42,6 +41,7 @@ def with_variant(name, spec):
     def edit(doc):
         doc["variants"][name] = spec
         return doc
+
     return edit
 
 
@@ -49,15 +49,27 @@ def with_variant(name, spec):
 #  expressible), words the one line must hold)
 PARAMS = [
     ("typo-model-key", ("model.dimm", 128), "+model.dimm=128", ["model.dimm", "did you mean `dim`"]),
-    ("typo-variant-key", ("variants.vit_micro.sourse", "timm"), "+variants.vit_micro.sourse=timm",
-     ["variants.vit_micro.sourse", "did you mean `source`"]),
+    (
+        "typo-variant-key",
+        ("variants.vit_micro.sourse", "timm"),
+        "+variants.vit_micro.sourse=timm",
+        ["variants.vit_micro.sourse", "did you mean `source`"],
+    ),
     ("typo-train-key", ("train.stepz", 3), "+train.stepz=3", ["train.stepz", "did you mean `steps`"]),
     ("typo-section", rename_section("train", "tran"), "+tran.steps=3", ["tran", "did you mean `train`"]),
-    ("section-is-a-list", ("train", [1, 2]), None,  # -S refuses to turn a mapping into a list itself
-      ["train", "a mapping of keys"]),
+    (
+        "section-is-a-list",
+        ("train", [1, 2]),
+        None,  # -S refuses to turn a mapping into a list itself
+        ["train", "a mapping of keys"],
+    ),
     ("split-is-a-list", ("data.split", [0.7, 0.1, 0.2]), None, ["data.split", "train, val, test"]),
-    ("split-missing-test", ("data.split", {"train": 0.8, "val": 0.2}), "~data.split.test",
-     ["data.split", "exactly the keys"]),
+    (
+        "split-missing-test",
+        ("data.split", {"train": 0.8, "val": 0.2}),
+        "~data.split.test",
+        ["data.split", "exactly the keys"],
+    ),
     ("split-sum", ("data.split.train", 0.8), "data.split.train=0.8", ["data.split", "sum to 1"]),
     ("split-word", ("data.split.train", "most"), "data.split.train=most", ["data.split.train", "a number"]),
     ("lr-negative", ("train.lr", -1), "train.lr=-1", ["train.lr", "> 0"]),
@@ -85,8 +97,12 @@ PARAMS = [
     ("seeds-empty", ("seeds", []), "seeds=[]", ["seeds", "non-empty list"]),
     ("nproc-split", ("train.nproc", 3), "train.nproc=3", ["train.nproc", "divides"]),
     ("resume-word", ("train.resume", "maybe"), "train.resume=maybe", ["train.resume", "fresh"]),
-    ("bool-word", ("train.activation_checkpointing", "maybe"), "train.activation_checkpointing=maybe",
-     ["train.activation_checkpointing", "true or false"]),
+    (
+        "bool-word",
+        ("train.activation_checkpointing", "maybe"),
+        "train.activation_checkpointing=maybe",
+        ["train.activation_checkpointing", "true or false"],
+    ),
     ("clip-zero", ("train.grad_clip", 0), "train.grad_clip=0", ["train.grad_clip", "> 0"]),
     ("eval-every-zero", ("train.eval_every", 0), "train.eval_every=0", ["train.eval_every", ">= 1"]),
     ("dataset", ("data.dataset", "imagenet"), "data.dataset=imagenet", ["data.dataset", "cifar100"]),
@@ -100,21 +116,45 @@ PARAMS = [
     ("resnet-with-patch", ("model", {"arch": "resnet18", "patch": 4}), None, ["model.patch", "ResNet"]),
     ("no-arch", ("model", {"patch": 4, "dim": 32}), None, ["model.arch"]),
     ("variant-shell-name", with_variant(PAYLOAD, {"arch": "resnet18"}), None, ["variants", "letters, digits"]),
-    ("variant-source", ("variants.vit_micro.source", "hub"), "variants.vit_micro.source=hub",
-     ["variants.vit_micro.source", "fractal"]),
-    ("variant-needs-weights", ("variants.vit_micro.source", "timm"), "variants.vit_micro.source=timm",
-     ["variants.vit_micro.weights", "timm model name"]),
-    ("variant-override-typo", ("variants.vit_micro.pretrain", {"stepz": 3}), "+variants.vit_micro.pretrain.stepz=3",
-     ["variants.vit_micro.pretrain.stepz", "did you mean `steps`"]),
-    ("variant-override-list", ("variants.vit_micro.finetune", [1]), "+variants.vit_micro.finetune=[1]",
-     ["variants.vit_micro.finetune", "a mapping of keys"]),
-    ("variant-override-range", ("variants.vit_micro.finetune", {"lr": -1}), "+variants.vit_micro.finetune.lr=-1",
-     ["variants.vit_micro.finetune.lr", "> 0"]),
+    (
+        "variant-source",
+        ("variants.vit_micro.source", "hub"),
+        "variants.vit_micro.source=hub",
+        ["variants.vit_micro.source", "fractal"],
+    ),
+    (
+        "variant-needs-weights",
+        ("variants.vit_micro.source", "timm"),
+        "variants.vit_micro.source=timm",
+        ["variants.vit_micro.weights", "timm model name"],
+    ),
+    (
+        "variant-override-typo",
+        ("variants.vit_micro.pretrain", {"stepz": 3}),
+        "+variants.vit_micro.pretrain.stepz=3",
+        ["variants.vit_micro.pretrain.stepz", "did you mean `steps`"],
+    ),
+    (
+        "variant-override-list",
+        ("variants.vit_micro.finetune", [1]),
+        "+variants.vit_micro.finetune=[1]",
+        ["variants.vit_micro.finetune", "a mapping of keys"],
+    ),
+    (
+        "variant-override-range",
+        ("variants.vit_micro.finetune", {"lr": -1}),
+        "+variants.vit_micro.finetune.lr=-1",
+        ["variants.vit_micro.finetune.lr", "> 0"],
+    ),
     ("no-variants", ("variants", {}), None, ["variants", "at least one variant"]),
     ("fractal-classes", ("pretrain.classes", 1), "pretrain.classes=1", ["pretrain.classes", ">= 2"]),
     ("evaluate-batch", ("evaluate.batch_size", -5), "evaluate.batch_size=-5", ["evaluate.batch_size", ">= 1"]),
-    ("evaluate-word", ("evaluate.latency_batches", "x"), "evaluate.latency_batches=x",
-     ["evaluate.latency_batches", "an integer"]),
+    (
+        "evaluate-word",
+        ("evaluate.latency_batches", "x"),
+        "evaluate.latency_batches=x",
+        ["evaluate.latency_batches", "an integer"],
+    ),
     ("profile-device", ("profile.device", "tpu"), "profile.device=tpu", ["profile.device", "h100-80"]),
     ("profile-mfu", ("profile.mfu", 2), "+profile.mfu=2", ["profile.mfu", "<= 1"]),
     ("profile-models", ("profile.models", []), "profile.models=[]", ["profile.models", "non-empty list"]),
@@ -127,10 +167,12 @@ def template(tmp_path_factory, prepared):
     ws = tmp_path_factory.mktemp("template")
     write_params(ws / "params.yaml", MICRO)
     shutil.copytree(prepared, ws / "data")
-    files = {"metrics/train_scratch/seed-0.json": '{"train_loss": 1.234, "val_acc": 0.5}\n',
-             "metrics/evaluate/scratch/seed-0.json": '{"top1": 0.61}\n',
-             "plots/train_scratch/seed-0/train.tsv": "step\tloss\n1\t2.3\n2\t2.2\n",
-             "reports/report.md": "# a report nobody committed yet\n"}
+    files = {
+        "metrics/train_scratch/seed-0.json": '{"train_loss": 1.234, "val_acc": 0.5}\n',
+        "metrics/evaluate/scratch/seed-0.json": '{"top1": 0.61}\n',
+        "plots/train_scratch/seed-0/train.tsv": "step\tloss\n1\t2.3\n2\t2.2\n",
+        "reports/report.md": "# a report nobody committed yet\n",
+    }
     for name, text in files.items():
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
         (ws / name).write_text(text)
@@ -178,7 +220,7 @@ def stage(ws, name, *args, **kw):
     return run([sys.executable, str(ROOT / "stages" / name), *args], ws, check=False, **kw)
 
 
-@pytest.mark.slow   # a stage process per case
+@pytest.mark.slow  # a stage process per case
 @pytest.mark.parametrize("case", PARAMS, ids=[c[0] for c in PARAMS])
 def test_bad_param_is_one_line_and_touches_nothing(tmp_path, template, case):
     _, edit, _, words = case
@@ -191,7 +233,7 @@ def test_bad_param_is_one_line_and_touches_nothing(tmp_path, template, case):
     assert not SHELL_MARKER.exists()
 
 
-@pytest.mark.slow   # a stage process per case
+@pytest.mark.slow  # a stage process per case
 def test_numeric_strings_are_numbers(tmp_path, template):
     """`lr: 2e-3` reads as a string in YAML 1.1; it is the number the user wrote."""
     from vitpipe import params
@@ -222,7 +264,9 @@ def _no_params(ws):
 
 
 def _missing_archive(ws):
-    edit_params(ws, lambda d: set_key(set_key(d, "data.dataset", "cifar10"), "data.archive", "/nowhere/cifar-10.tar.gz"))
+    edit_params(
+        ws, lambda d: set_key(set_key(d, "data.dataset", "cifar10"), "data.archive", "/nowhere/cifar-10.tar.gz")
+    )
 
 
 def _no_pretrained(ws):
@@ -235,13 +279,21 @@ def _no_prepared(ws):
 
 def _damaged_weights(ws):
     (ws / "garbage.safetensors").write_bytes(os.urandom(3000))
-    edit_params(ws, lambda d: set_key(set_key(d, "variants.vit_micro.source", "file"), "variants.vit_micro.weights",
-                                      "garbage.safetensors"))
+    edit_params(
+        ws,
+        lambda d: set_key(
+            set_key(d, "variants.vit_micro.source", "file"), "variants.vit_micro.weights", "garbage.safetensors"
+        ),
+    )
 
 
 def _missing_weights_file(ws):
-    edit_params(ws, lambda d: set_key(set_key(d, "variants.vit_micro.source", "file"), "variants.vit_micro.weights",
-                                      "nowhere/vit.pt"))
+    edit_params(
+        ws,
+        lambda d: set_key(
+            set_key(d, "variants.vit_micro.source", "file"), "variants.vit_micro.weights", "nowhere/vit.pt"
+        ),
+    )
 
 
 def _unknown_variant(ws):
@@ -258,8 +310,12 @@ FILES = [
     ("prepared-missing", _no_prepared, ["train_scratch.py", "0"], ["data/prepared/digits"]),
     ("weights-damaged", _damaged_weights, ["pretrain.py", "vit_micro"], ["garbage.safetensors"]),
     ("weights-missing", _missing_weights_file, ["pretrain.py", "vit_micro"], ["nowhere/vit.pt"]),
-    ("evaluate-no-model", lambda ws: (ws / "models/scratch/seed-0/model.pt").unlink(), ["evaluate.py", "scratch", "0"],
-     ["models/scratch/seed-0/model.pt"]),
+    (
+        "evaluate-no-model",
+        lambda ws: (ws / "models/scratch/seed-0/model.pt").unlink(),
+        ["evaluate.py", "scratch", "0"],
+        ["models/scratch/seed-0/model.pt"],
+    ),
     ("unknown-variant", _unknown_variant, ["finetune.py", "nope", "0"], ["variants", "vit_micro"]),
     ("seed-not-in-seeds", _unknown_variant, ["train_scratch.py", "7"], ["seeds", "holds 7"]),
     ("seed-not-a-number", _unknown_variant, ["finetune.py", "vit_micro", "x"], ["'x' is not a seed"]),
@@ -268,7 +324,7 @@ FILES = [
 ]
 
 
-@pytest.mark.slow   # a stage process per case
+@pytest.mark.slow  # a stage process per case
 @pytest.mark.parametrize("case", FILES, ids=[c[0] for c in FILES])
 def test_bad_file_is_one_line_and_touches_nothing(tmp_path, template, case):
     _, setup, argv, words = case
@@ -283,12 +339,18 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))  # a full disk, for this process
 
 
-@pytest.mark.slow   # a stage process per case
+@pytest.mark.slow  # a stage process per case
 def test_full_disk_is_one_line_and_no_half_written_file(tmp_path, template, checkpoint_store):
     ws = workspace(tmp_path, template)
     edit_params(ws, lambda d: set_key(set_key(d, "model.dim", 256), "model.depth", 2))  # weights > 64 KB
-    p = subprocess.run([sys.executable, str(ROOT / "stages/train_scratch.py"), "0"], cwd=ws, capture_output=True,
-                       text=True, preexec_fn=_limit_file_size, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "stages/train_scratch.py"), "0"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     line = one_line(p, ["cannot write", "free some disk space"])
     assert str(checkpoint_store) in line or "models/scratch" in line
     litter = [p for p in [*ws.rglob(".*"), *checkpoint_store.rglob(".*")] if p.is_file()]
@@ -296,7 +358,7 @@ def test_full_disk_is_one_line_and_no_half_written_file(tmp_path, template, chec
     assert json.loads((ws / "metrics/train_scratch/seed-0.json").read_text())  # the old results, whole
 
 
-@pytest.mark.slow   # a stage process per case
+@pytest.mark.slow  # a stage process per case
 def test_read_only_output_folder_is_one_line(tmp_path, template):
     ws = workspace(tmp_path, template)
     shutil.rmtree(ws / "plots")
@@ -317,7 +379,7 @@ CLI = [
     (["plan", "vit_b16", "--image-size", "100"], ["--image-size", "divisible"]),
     (["plan", "vit_b16", "--steps", "0"], ["--steps"]),
     (["plan", "vit_b16", "--num-classes", "0"], ["--num-classes"]),
-    (["plan", "vit_b16", "--mfu", "0.3"], ["--mfu", "--help"]),   # an option of an older vitpipe
+    (["plan", "vit_b16", "--mfu", "0.3"], ["--mfu", "--help"]),  # an option of an older vitpipe
     (["plan", "vit_b16", "--device", "tpu"], ["tpu"]),
     (["plan", "vit_b16", "--precision", "fp8"], ["fp8"]),
     (["plan", "vit_nope99"], ["vit_nope99"]),
@@ -325,7 +387,7 @@ CLI = [
 ]
 
 
-@pytest.mark.slow   # a stage process per case
+@pytest.mark.slow  # a stage process per case
 @pytest.mark.parametrize("argv,words", CLI, ids=[" ".join(c[0][1:]) for c in CLI])
 def test_cli_bad_option_is_one_line(tmp_path, argv, words):
     one_line(run([sys.executable, "-m", "vitpipe", *argv], tmp_path, check=False), words)
@@ -402,9 +464,14 @@ def test_params_table_through_dvc_exp_run(repro_done):
     for name, _, expr, words in DVC_CASES:
         p = run([sys.executable, "-m", "dvc", "exp", "run", "-S", override(expr)], repo, check=False, env=env)
         ours = [line for line in p.stderr.splitlines() if line.startswith("vitpipe: error: ")]
-        ok = (p.returncode != 0 and len(ours) == 1 and all(w in ours[0] for w in words)
-              and "Traceback" not in p.stderr and "Running stage 'validate'" in p.stdout
-              and not [s for s in ("download", "train_scratch", "pretrain") if f"Running stage '{s}" in p.stdout])
+        ok = (
+            p.returncode != 0
+            and len(ours) == 1
+            and all(w in ours[0] for w in words)
+            and "Traceback" not in p.stderr
+            and "Running stage 'validate'" in p.stdout
+            and not [s for s in ("download", "train_scratch", "pretrain") if f"Running stage '{s}" in p.stdout]
+        )
         if not ok:
             failures.append((name, expr, p.returncode, p.stdout[-600:], p.stderr[-600:]))
         run(["git", "checkout", "-q", "params.yaml"], repo)
@@ -429,8 +496,12 @@ def test_bad_value_through_dvc_repro_loses_nothing(repro_done):
     before = snapshot(repo, skip=(".git", ".dvc"))
     params = repo / "params.yaml"
     good = params.read_text()
-    for edit in (("train.lr", -1), with_variant(PAYLOAD, {"arch": "resnet18"}), ("seeds", [-1]),
-                 ("data.dataset", "imagenet")):
+    for edit in (
+        ("train.lr", -1),
+        with_variant(PAYLOAD, {"arch": "resnet18"}),
+        ("seeds", [-1]),
+        ("data.dataset", "imagenet"),
+    ):
         SHELL_MARKER.unlink(missing_ok=True)
         doc = yaml.safe_load(good)
         doc = edit(doc) if callable(edit) else set_key(doc, *edit)

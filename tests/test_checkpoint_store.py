@@ -38,8 +38,12 @@ def s3_server():
 def s3_bucket(s3_server, monkeypatch):
     """A fresh bucket on the moto server; the AWS_* variables any s3fs client here or in a
     subprocess needs to reach it."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": s3_server}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     import s3fs
@@ -63,10 +67,15 @@ def test_settings_env_then_local_config_then_default(tmp_path, monkeypatch):
     nested.mkdir(parents=True)
     monkeypatch.chdir(nested)
     assert checkpoint_store.settings().checkpoint_dir == tmp_path / "cache" / "vitpipe" / "checkpoints"
-    (tmp_path / "project" / "vitpipe.local.yaml").write_text(f"checkpoint_dir: {tmp_path / 'conf'}\n"
-                                                             f"checkpoint_mirror: {tmp_path / 'm'}\n")
+    (tmp_path / "project" / "vitpipe.local.yaml").write_text(
+        f"checkpoint_dir: {tmp_path / 'conf'}\ncheckpoint_mirror: {tmp_path / 'm'}\n"
+    )
     conf = checkpoint_store.settings()
-    assert (conf.checkpoint_dir, conf.checkpoint_mirror, conf.checkpoint_keep) == (tmp_path / "conf", str(tmp_path / "m"), False)
+    assert (conf.checkpoint_dir, conf.checkpoint_mirror, conf.checkpoint_keep) == (
+        tmp_path / "conf",
+        str(tmp_path / "m"),
+        False,
+    )
     monkeypatch.setenv("VITPIPE_CHECKPOINT_DIR", str(tmp_path / "env"))
     assert checkpoint_store.settings().checkpoint_dir == tmp_path / "env"
     (tmp_path / "project" / "vitpipe.local.yaml").write_text("checkpoint_dri: x\n")
@@ -118,11 +127,20 @@ def test_torn_and_foreign_files_in_the_mirror_are_ignored(tmp_path, capsys):
     run = mirror / FP
     (run / "step-00000006.pt").write_bytes(data[:1000])  # torn: the upload never got its manifest
     (run / "step-00000009.pt").write_bytes(os.urandom(len(data)))  # damaged after its manifest was written
-    (run / "step-00000009.json").write_text(json.dumps({"fingerprint": FP, "step": 9, "size": len(data),
-                                                        "sha256": hashlib.sha256(data).hexdigest()}))
+    (run / "step-00000009.json").write_text(
+        json.dumps({"fingerprint": FP, "step": 9, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    )
     (run / "step-00000012.pt").write_bytes(data)  # another run's files under this run's name
-    (run / "step-00000012.json").write_text(json.dumps({"fingerprint": "feedfacefeedface", "step": 12,
-                                                        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    (run / "step-00000012.json").write_text(
+        json.dumps(
+            {
+                "fingerprint": "feedfacefeedface",
+                "step": 12,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    )
     fresh = CheckpointStore(FP, "s", 20, directory=tmp_path / "b", mirror=str(mirror))
     found = fresh.latest("fix")
     assert found.step == 3 and found.path.read_bytes() == data
@@ -157,8 +175,12 @@ def test_a_process_killed_mid_upload_leaves_the_previous_checkpoint_in_force(tmp
     data = fake_checkpoint(store, 3)
     store.wait_for_upload()
     store.release()  # one writer per run: the process below writes it now
-    p = subprocess.Popen([sys.executable, "-c", UPLOAD_KILLED.format(fp=FP), str(tmp_path / "a"), str(mirror)],
-                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-c", UPLOAD_KILLED.format(fp=FP), str(tmp_path / "a"), str(mirror)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert p.stdout.readline().strip() == "uploading"
     time.sleep(0.5)  # one or two of the five chunks are out
     p.send_signal(signal.SIGKILL)
@@ -197,7 +219,9 @@ def test_unreachable_mirror_warns_once_and_training_goes_on(tmp_path, monkeypatc
 
 
 def test_missing_filesystem_extra_names_it(tmp_path):
-    with pytest.raises(UserError, match=r"checkpoint mirror gs://bucket/x needs a package .*pip install 'vitpipe\[gs\]'"):
+    with pytest.raises(
+        UserError, match=r"checkpoint mirror gs://bucket/x needs a package .*pip install 'vitpipe\[gs\]'"
+    ):
         CheckpointStore(FP, "s", 9, directory=tmp_path, mirror="gs://bucket/x")
     with pytest.raises(UserError, match=r"az://c/x needs .*vitpipe\[az\]"):
         CheckpointStore(FP, "s", 9, directory=tmp_path, mirror="az://c/x")
@@ -245,8 +269,11 @@ def test_dvc_mirror_without_a_default_remote(tmp_path, monkeypatch):
 def fake_sharded(store: CheckpointStore, step: int, world: int = 2, size: int = 50_000) -> dict[str, bytes]:
     """A folder checkpoint as a sharded run writes one: DCP's files and rest.pt into the temp
     folder, then rank 0's commit."""
-    files = {**{f"__{r}_0.distcp": os.urandom(size) for r in range(world)}, ".metadata": os.urandom(500),
-             checkpoint_store.REST: os.urandom(2000)}
+    files = {
+        **{f"__{r}_0.distcp": os.urandom(size) for r in range(world)},
+        ".metadata": os.urandom(500),
+        checkpoint_store.REST: os.urandom(2000),
+    }
     tmp = store.temp_folder(step)
     tmp.mkdir(parents=True)
     for name, data in files.items():
@@ -292,7 +319,9 @@ def test_a_sharded_checkpoint_folder_is_mirrored_file_by_file_and_restored_verif
     damaged = bytearray(shard.read_bytes())
     damaged[100] ^= 0xFF
     shard.write_bytes(bytes(damaged))
-    with pytest.raises(UserError, match=rf"checkpoint {shard} is damaged: its content does not match the sha256 .*; fix$"):
+    with pytest.raises(
+        UserError, match=rf"checkpoint {shard} is damaged: its content does not match the sha256 .*; fix$"
+    ):
         fresh.latest("fix")
     shard.write_bytes(bytes(damaged[:1000]))
     with pytest.raises(UserError, match=rf"checkpoint {shard} is damaged: 1000 bytes, written as 50000 bytes; fix$"):
@@ -325,8 +354,9 @@ def test_a_sharded_checkpoint_missing_another_nodes_shard_is_not_committed(tmp_p
     tmp.mkdir()
     (tmp / "__0_0.distcp").write_bytes(b"x")
     with pytest.raises(UserError, match=r"lacks __1_0.distcp, written by other processes: every node must share"):
-        store.commit_folder(3, {"__0_0.distcp": {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()},
-                                "__1_0.distcp": None})  # rank 1 hashed its share where rank 0 cannot see it
+        store.commit_folder(
+            3, {"__0_0.distcp": {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}, "__1_0.distcp": None}
+        )  # rank 1 hashed its share where rank 0 cannot see it
     assert store.local_steps() == [] and not store.folder(3).exists()
 
 
@@ -338,8 +368,10 @@ def test_a_sharded_checkpoints_manifest_holds_the_digests_its_processes_took(tmp
     tmp.mkdir()
     for name, data in (("__0_0.distcp", b"a" * 10), ("__1_0.distcp", b"b" * 20), (".metadata", b"m")):
         (tmp / name).write_bytes(data)
-    taken = {"__0_0.distcp": {"size": 10, "sha256": hashlib.sha256(b"a" * 10).hexdigest()},
-             "__1_0.distcp": {"size": 20, "sha256": "f" * 64}}  # as rank 1 reported it: not hashed again here
+    taken = {
+        "__0_0.distcp": {"size": 10, "sha256": hashlib.sha256(b"a" * 10).hexdigest()},
+        "__1_0.distcp": {"size": 20, "sha256": "f" * 64},
+    }  # as rank 1 reported it: not hashed again here
     store.commit_folder(3, taken)
     files = json.loads((tmp_path / FP / "step-00000003.json").read_text())["files"]
     assert files == {**taken, ".metadata": {"size": 1, "sha256": hashlib.sha256(b"m").hexdigest()}}
@@ -353,9 +385,6 @@ def test_list_runs(tmp_path):
     (row,) = checkpoint_store.list_runs(tmp_path)
     assert row["stage"] == "finetune@vit_tiny" and row["fingerprint"] == FP and row["step"] == 5
     assert row["total_steps"] == 9 and row["size_bytes"] == 1234 and 0 <= row["age_s"] < 60
-
-
-
 
 
 def test_cli_lists_and_removes(tmp_path, monkeypatch, capsys, checkpoint_store):
@@ -384,7 +413,10 @@ def test_cli_lists_and_removes(tmp_path, monkeypatch, capsys, checkpoint_store):
     assert main(["checkpoints", "rm", "--older-than", "soon"]) == 2
     assert "--older-than 'soon' is not an age" in capsys.readouterr().err
     assert main(["checkpoints", "rm", "bbbb"]) == 0
-    assert main(["checkpoints", "--json"]) == 0 and json.loads(capsys.readouterr().out.split("removed bbbb111122223333\n")[-1]) == []
+    assert (
+        main(["checkpoints", "--json"]) == 0
+        and json.loads(capsys.readouterr().out.split("removed bbbb111122223333\n")[-1]) == []
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,8 +424,9 @@ def test_cli_lists_and_removes(tmp_path, monkeypatch, capsys, checkpoint_store):
 
 
 def _run_files(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes()
-            for name in ("model.pt", "metrics.json", "plots/train.tsv", "plots/eval.tsv")}
+    return {
+        name: (folder / name).read_bytes() for name in ("model.pt", "metrics.json", "plots/train.tsv", "plots/eval.tsv")
+    }
 
 
 def test_finished_run_is_restored_from_the_mirror_and_a_bad_record_is_refused(tmp_path, monkeypatch, capsys):
@@ -410,13 +443,20 @@ def test_finished_run_is_restored_from_the_mirror_and_a_bad_record_is_refused(tm
     # what stays: the outputs as they were written, by digest, without optimizer state or checkpoints
     assert sorted(p.name for p in (mirror / fp).iterdir()) == ["finished", "finished.json"]
     record = json.loads((mirror / fp / "finished.json").read_text())
-    assert record["fingerprint"] == fp and record["stage"] == "test" and set(record["files"]) == {
-        "weights", "metrics", "train.tsv", "eval.tsv"}
+    assert (
+        record["fingerprint"] == fp
+        and record["stage"] == "test"
+        and set(record["files"]) == {"weights", "metrics", "train.tsv", "eval.tsv"}
+    )
     original = _run_files(tmp_path / "a")
     assert (mirror / fp / "finished/weights").read_bytes() == original["model.pt"]
     assert record["files"]["weights"]["sha256"] == hashlib.sha256(original["model.pt"]).hexdigest()
     assert set(torch.load(mirror / fp / "finished/weights", weights_only=True)) == {
-        "state_dict", "spec", "num_classes", "image_size"}
+        "state_dict",
+        "spec",
+        "num_classes",
+        "image_size",
+    }
     capsys.readouterr()
 
     # a new machine (empty store), then the same machine again (its local store)
@@ -464,9 +504,12 @@ def test_a_kept_finished_checkpoint_without_its_record_resumes_at_its_end(tmp_pa
     _, again = train(tmp_path, recipe())
     # not saved again: no window in which a kill between the new file and its manifest loses the step
     assert kept.read_bytes() == kept_bytes and kept.stat().st_mtime_ns == kept_mtime
-    assert (tmp_path / "plots/train.tsv").read_text() == first_log  # no step trained: the checkpoint's rows, timings too
+    assert (
+        tmp_path / "plots/train.tsv"
+    ).read_text() == first_log  # no step trained: the checkpoint's rows, timings too
     assert {k: again[k] for k in ("train_loss", "val_acc", "best_val_acc")} == {
-        k: first[k] for k in ("train_loss", "val_acc", "best_val_acc")}
+        k: first[k] for k in ("train_loss", "val_acc", "best_val_acc")
+    }
     assert_identical(first_weights, weights(tmp_path / "model.pt"))
     assert record.exists()  # and recorded again
 
@@ -474,8 +517,17 @@ def test_a_kept_finished_checkpoint_without_its_record_resumes_at_its_end(tmp_pa
 # ---------------------------------------------------------------------------------------
 # No secret leaks: credentials in a mirror URL or a DVC remote are never shown
 
-SECRETS = ("AKIAFAKEKEY0001", "fakeSecretKey0002", "fakeToken0003", "hunter2pass", "FAKEDVCKEY0004",
-           "fakeDvcSecret0005", "fakeEndpointPw0006", "AKIAFAKEKEY0007", "fakeSecretKey0008")
+SECRETS = (
+    "AKIAFAKEKEY0001",
+    "fakeSecretKey0002",
+    "fakeToken0003",
+    "hunter2pass",
+    "FAKEDVCKEY0004",
+    "fakeDvcSecret0005",
+    "fakeEndpointPw0006",
+    "AKIAFAKEKEY0007",
+    "fakeSecretKey0008",
+)
 
 
 def _assert_no_secret(*texts: str) -> None:
@@ -486,12 +538,14 @@ def _assert_no_secret(*texts: str) -> None:
 
 def test_redact():
     assert checkpoint_mirror.redact("s3://KEY:SECRET@bucket/ckpt") == "s3://***@bucket/ckpt"
-    assert (checkpoint_mirror.redact("failed: https://host/x?sig=abc&token=def then ssh://u:p@h/y")
-            == "failed: https://host/x?*** then ssh://***@h/y")
+    assert (
+        checkpoint_mirror.redact("failed: https://host/x?sig=abc&token=def then ssh://u:p@h/y")
+        == "failed: https://host/x?*** then ssh://***@h/y"
+    )
     assert checkpoint_mirror.redact("auth key=abc123 failed", ["abc123"]) == "auth key=*** failed"
 
 
-@pytest.mark.slow   # runs vitpipe in a process of its own
+@pytest.mark.slow  # runs vitpipe in a process of its own
 def test_no_secret_in_a_listing_a_failing_upload_or_an_error(tmp_path, monkeypatch, capsys, s3_bucket):
     from test_train import recipe, train
 
@@ -507,7 +561,9 @@ def test_no_secret_in_a_listing_a_failing_upload_or_an_error(tmp_path, monkeypat
 
     # an unreachable one (other keys: not s3fs's cached client), a token in its query: the listing warns
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", "s3://AKIAFAKEKEY0007:fakeSecretKey0008@nowhere/c?token=fakeToken0003")
+    monkeypatch.setenv(
+        "VITPIPE_CHECKPOINT_MIRROR", "s3://AKIAFAKEKEY0007:fakeSecretKey0008@nowhere/c?token=fakeToken0003"
+    )
     assert main(["checkpoints"]) == 0
     out, err = capsys.readouterr()
     assert "checkpoint mirror s3://***@nowhere/c?*** cannot be listed" in err  # warnings: stderr
@@ -527,9 +583,11 @@ def test_no_secret_in_a_listing_a_failing_upload_or_an_error(tmp_path, monkeypat
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, check=True, capture_output=True)
     with open(repo / ".dvc/config", "a") as config:  # what `dvc remote add -d` and `dvc remote modify` write
-        config.write("[core]\n    remote = store\n['remote \"store\"']\n    url = s3://nowhere/dvc\n"
-                     "    access_key_id = FAKEDVCKEY0004\n    secret_access_key = fakeDvcSecret0005\n"
-                     "    endpointurl = http://user:fakeEndpointPw0006@127.0.0.1:9\n")
+        config.write(
+            "[core]\n    remote = store\n['remote \"store\"']\n    url = s3://nowhere/dvc\n"
+            "    access_key_id = FAKEDVCKEY0004\n    secret_access_key = fakeDvcSecret0005\n"
+            "    endpointurl = http://user:fakeEndpointPw0006@127.0.0.1:9\n"
+        )
     monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", "dvc")
     store = CheckpointStore(FP, "s", 9, directory=tmp_path / "dvc-store")
     fake_checkpoint(store, 3, size=1000)

@@ -5,11 +5,11 @@ import io
 import os
 import pickle
 
+import miniatures
 import numpy as np
 import pytest
-
-import miniatures
 from test_archives import closed_port_url, serve
+
 from vitpipe.data import cifar
 from vitpipe.data.sources import get_source
 from vitpipe.errors import UserError
@@ -51,7 +51,7 @@ def test_split_pickles_small_and_reloads_in_a_fresh_process(tmp_path):
     train = src.open(cfg(dataset="cifar10"), tmp_path / "raw").splits["train"]
     blob = pickle.dumps(train)
     assert len(blob) < 5_000  # workers get a path and labels, not the pixels
-    cifar._PIXELS.clear()     # what a spawned worker sees: no inherited cache
+    cifar._PIXELS.clear()  # what a spawned worker sees: no inherited cache
     again = pickle.loads(blob)
     assert np.array_equal(again.image(19), hwc(made["train"][4][b"data"], 3))
 
@@ -111,9 +111,11 @@ class CallsEval:
 @pytest.mark.parametrize("payload", ["whole batch", "inside data", "eval"])
 def test_tampered_archive_is_refused_and_nothing_runs(tmp_path, payload):
     marker = tmp_path / "pwned"
-    evil = {"whole batch": RunsCommand(marker),
-            "inside data": {b"data": RunsCommand(marker), b"labels": [0]},
-            "eval": {b"data": CallsEval(), b"labels": [0]}}[payload]
+    evil = {
+        "whole batch": RunsCommand(marker),
+        "inside data": {b"data": RunsCommand(marker), b"labels": [0]},
+        "eval": {b"data": CallsEval(), b"labels": [0]},
+    }[payload]
     archive = tmp_path / "cifar-10-python.tar.gz"
     miniatures.make_cifar10(archive, extra={"test_batch": miniatures.py2_pickle(evil)})
     src = get_source("cifar10")
@@ -153,8 +155,9 @@ def test_end_to_end_through_prepare_with_worker_processes(tmp_path, monkeypatch)
     made = miniatures.make_cifar10(archive, per_batch=10, n_test=10)  # every class in every batch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(prepare, "CHUNK", 4)  # several chunks, so the process pool really runs
-    c = cfg(dataset="cifar10", archive=str(archive), image_size=40, workers=2,
-            split={"train": 0.8, "val": 0.2, "test": 0.0})
+    c = cfg(
+        dataset="cifar10", archive=str(archive), image_size=40, workers=2, split={"train": 0.8, "val": 0.2, "test": 0.0}
+    )
     get_source("cifar10").fetch(c, c.raw_dir)
     meta = prepare.prepare(c)
     store = tmp_path / "data/prepared/cifar10"
@@ -191,6 +194,7 @@ def test_repack_with_dot_slash_names_and_other_compression(tmp_path):
 
 # ---------------------------------------------------------------- Python 3 re-packs and what is refused
 
+
 def _open_both(tmp_path, archive):
     src = get_source("cifar10")
     raw = tmp_path / "raw"
@@ -198,8 +202,10 @@ def _open_both(tmp_path, archive):
     return src.open(cfg(dataset="cifar10"), raw)
 
 
-@pytest.mark.parametrize("protocol,encoding", [(0, "bytes"), (1, "bytes"), (2, "bytes"), (3, "bytes"), (4, "bytes"),
-                                               (5, "bytes"), (2, "latin1")])
+@pytest.mark.parametrize(
+    "protocol,encoding",
+    [(0, "bytes"), (1, "bytes"), (2, "bytes"), (3, "bytes"), (4, "bytes"), (5, "bytes"), (2, "latin1")],
+)
 def test_python3_repack_loads_the_same_arrays(tmp_path, protocol, encoding):
     official = tmp_path / "official.tar.gz"
     made = miniatures.make_cifar10(official)
@@ -216,8 +222,12 @@ def test_python3_repack_loads_the_same_arrays(tmp_path, protocol, encoding):
 
 def test_python3_protocol_2_spellings_of_bytes():
     """What Python 3 writes for bytes below protocol 3: `_codecs.encode(str, 'latin1')`, and `bytes()` for b""."""
-    batch = {b"data": np.arange(3072, dtype=np.uint8).reshape(1, 3072), b"labels": [3], b"empty": b"",
-             b"latin": bytes(range(256))}
+    batch = {
+        b"data": np.arange(3072, dtype=np.uint8).reshape(1, 3072),
+        b"labels": [3],
+        b"empty": b"",
+        b"latin": bytes(range(256)),
+    }
     blob = pickle.dumps(batch, protocol=2)
     assert b"_codecs\nencode" in blob and b"__builtin__\nbytes" in blob
     got = cifar.load_batch(io.BytesIO(blob), "a.tar.gz", "m")
@@ -277,8 +287,12 @@ def test_damaged_archive_is_one_line_and_nothing_lands(tmp_path, damage):
     good = tmp_path / "good.tar.gz"
     miniatures.make_cifar10(good)
     data = good.read_bytes()
-    bad = {"cut in the middle": data[: len(data) // 2], "cut before the trailer": data[:-3],
-           "bad CRC": data[:-8] + bytes([data[-8] ^ 1]) + data[-7:], "empty": b""}[damage]
+    bad = {
+        "cut in the middle": data[: len(data) // 2],
+        "cut before the trailer": data[:-3],
+        "bad CRC": data[:-8] + bytes([data[-8] ^ 1]) + data[-7:],
+        "empty": b"",
+    }[damage]
     archive = tmp_path / "import/cifar-10-python.tar.gz"
     archive.parent.mkdir()
     archive.write_bytes(bad)

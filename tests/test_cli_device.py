@@ -21,8 +21,9 @@ GiB = 2**30
 
 def fake_gpu(monkeypatch, name, total_memory, capability):
     """torch.cuda as it looks on a machine with this one GPU."""
-    props = types.SimpleNamespace(name=name, total_memory=total_memory, major=capability[0],
-                                  minor=capability[1], multi_processor_count=40)
+    props = types.SimpleNamespace(
+        name=name, total_memory=total_memory, major=capability[0], minor=capability[1], multi_processor_count=40
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props)
@@ -39,17 +40,24 @@ H100 = ("NVIDIA H100 80GB HBM3", 85_045_870_592, (9, 0))
 V100_32 = ("Tesla V100-SXM2-32GB", 34_089_730_048, (7, 0))
 
 
-@pytest.mark.parametrize("gpu, profile, precision", [
-    (T4, "t4", "fp16"), (A100_40, "a100-40", "bf16"), (A100_80, "a100-80", "bf16"),
-    (L4, "l4", "bf16"), (H100, "h100-80", "bf16"), (V100_32, "v100-32", "fp16"),
-])
+@pytest.mark.parametrize(
+    "gpu, profile, precision",
+    [
+        (T4, "t4", "fp16"),
+        (A100_40, "a100-40", "bf16"),
+        (A100_80, "a100-80", "bf16"),
+        (L4, "l4", "bf16"),
+        (H100, "h100-80", "bf16"),
+        (V100_32, "v100-32", "fp16"),
+    ],
+)
 def test_auto_is_the_gpus_known_profile_with_its_real_memory(monkeypatch, gpu, profile, precision):
     fake_gpu(monkeypatch, *gpu)
     dev = probe.get_device("auto")
     known = devices.DEVICES[profile]
     assert dev.name == profile
     assert dev.label == f"{gpu[0]} (this GPU)"
-    assert dev.memory_bytes == gpu[1]                 # torch's number, not the profile's
+    assert dev.memory_bytes == gpu[1]  # torch's number, not the profile's
     assert dev.peak_flops == known.peak_flops and dev.bandwidth == known.bandwidth
     assert dev.capability == gpu[2]
     assert precision_of.native(dev) == precision
@@ -62,7 +70,7 @@ def test_plan_auto_on_a_faked_t4(monkeypatch, capsys):
     assert r["device"] == "t4" and r["device_label"] == "Tesla T4 (this GPU)"
     assert r["capacity_bytes"] == T4[1]
     assert r["peak_flops"] == devices.DEVICES["t4"].peak("fp16")
-    assert r["mfu_source"] == "time model"            # a known card: its datasheet, no run here
+    assert r["mfu_source"] == "time model"  # a known card: its datasheet, no run here
     assert cli.main(["plan", "vit_b16", "--device", "auto", "--precision", "fp16"]) == 0
     assert "ViT-B/16" in capsys.readouterr().out
 
@@ -76,8 +84,12 @@ def test_params_plan_auto_on_a_faked_t4(monkeypatch, capsys, tmp_path):
     r = json.loads(capsys.readouterr().out)
     assert r["device"] == "t4" and r["memory_bytes"] == T4[1] and r["native_precision"] == "fp16"
     assert r["fits"] and {s["precision"] for s in r["stages"]} == {"fp16"}
-    assert r["overrides"] == ["++variants.vit_b8.finetune.micro_batch=32", "variants.vit_b16.finetune.micro_batch=128",
-                              "++variants.vit_l16.finetune.micro_batch=32", "variants.resnet50.finetune.micro_batch=256"]
+    assert r["overrides"] == [
+        "++variants.vit_b8.finetune.micro_batch=32",
+        "variants.vit_b16.finetune.micro_batch=128",
+        "++variants.vit_l16.finetune.micro_batch=32",
+        "variants.resnet50.finetune.micro_batch=256",
+    ]
     assert cli.main(["plan", "--params", preset, "--device", "auto"]) == 0
     out = capsys.readouterr().out
     assert "Tesla T4 (this GPU)" in out and "auto = fp16 on Tesla T4 (this GPU)" in out
@@ -101,7 +113,7 @@ def test_params_plan_on_a_faked_a100_keeps_bf16(monkeypatch):
 
 
 def test_an_unknown_gpu_is_not_matched_to_a_profile():
-    assert devices.known_profile("NVIDIA L40S", 48 * GiB) is None       # not an L4
+    assert devices.known_profile("NVIDIA L40S", 48 * GiB) is None  # not an L4
     assert devices.known_profile("NVIDIA GH200 480GB", 96 * GiB) is None
     assert devices.known_profile("Tesla P100-PCIE-16GB", 16 * GiB).name == "p100"
     assert devices.known_profile("NVIDIA GeForce RTX 3090", 24 * GiB).name == "rtx3090"
@@ -133,11 +145,19 @@ def test_params_plan_of_the_default_on_cpu(monkeypatch, capsys):
     assert "measured fp32 matmul peak" in r["basis"] and "datasheet" not in r["basis"]
 
 
-@pytest.mark.parametrize("requested, card, expected", [
-    ("auto", "t4", "fp16"), ("auto", "a100-40", "bf16"), ("auto", "l4", "bf16"),
-    ("bf16", "t4", "fp16"), ("bf16", "v100-16", "fp16"), ("bf16", "h100-80", "bf16"),
-    ("fp32", "t4", "fp32"), ("fp16", "a100-80", "fp16"),
-])
+@pytest.mark.parametrize(
+    "requested, card, expected",
+    [
+        ("auto", "t4", "fp16"),
+        ("auto", "a100-40", "bf16"),
+        ("auto", "l4", "bf16"),
+        ("bf16", "t4", "fp16"),
+        ("bf16", "v100-16", "fp16"),
+        ("bf16", "h100-80", "bf16"),
+        ("fp32", "t4", "fp32"),
+        ("fp16", "a100-80", "fp16"),
+    ],
+)
 def test_one_resolver_for_training_and_planning(requested, card, expected):
     """The planner asks the resolver training uses: where it refuses bf16 (a card without
     bf16 units) the plan runs fp16 and says why; elsewhere both give the same answer."""
@@ -156,8 +176,10 @@ def test_a_section_override_does_not_reach_variants_with_their_own_key(capsys):
     preset = str(ROOT / "presets/reference-pets.yaml")
     assert cli.main(["plan", "--params", preset, "--device", "t4", "-S", "finetune.micro_batch=32"]) == 0
     out = capsys.readouterr().out
-    assert ("to run it here: dvc exp run -S 'finetune.micro_batch=32' -S 'variants.vit_b16.finetune.micro_batch=128'"
-            " -S 'variants.resnet50.finetune.micro_batch=256'\n") in out
+    assert (
+        "to run it here: dvc exp run -S 'finetune.micro_batch=32' -S 'variants.vit_b16.finetune.micro_batch=128'"
+        " -S 'variants.resnet50.finetune.micro_batch=256'\n"
+    ) in out
     r = plan.plan_params(preset, "t4", sets=["finetune.micro_batch=32"])
     written = {s["stage"]: s["micro_batch_written"] for s in r["stages"]}
     assert written["finetune@vit_b8"] == written["finetune@vit_l16"] == 32
@@ -166,21 +188,31 @@ def test_a_section_override_does_not_reach_variants_with_their_own_key(capsys):
 
 def test_plan_sets_change_the_file_like_dvc_exp_run():
     doc = {"data": {"image_size": 224}, "variants": {"a": {"finetune": {"micro_batch": 8}}, "b": {}}}
-    out = plan.apply_sets(doc, ["data.image_size=384", "++variants.b.finetune.micro_batch=16", "~variants.a",
-                               "+seeds=[0, 1]"])
+    out = plan.apply_sets(
+        doc, ["data.image_size=384", "++variants.b.finetune.micro_batch=16", "~variants.a", "+seeds=[0, 1]"]
+    )
     assert out == {"data": {"image_size": 384}, "variants": {"b": {"finetune": {"micro_batch": 16}}}, "seeds": [0, 1]}
-    assert doc["data"]["image_size"] == 224 and "a" in doc["variants"]     # the file's own doc is untouched
+    assert doc["data"]["image_size"] == 224 and "a" in doc["variants"]  # the file's own doc is untouched
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["plan"], "needs a MODEL"),
-    (["plan", "vit_b16", "--params", "params.yaml"], "not both"),
-    (["plan", "--params", "nope.yaml"], "nope.yaml not found"),
-    (["plan", "vit_b16", "-S", "data.image_size=384"], "-S data.image_size=384 changes a params file: use it with --params"),
-    (["plan", "--params", "presets/reference-pets.yaml", "-S", "data.image_size"], "give KEY=VALUE"),
-    (["plan", "--params", "presets/reference-pets.yaml", "-S", "data.image_size.x=1"], "data.image_size.x is not inside"),
-    (["plan", "--params", "presets/reference-pets.yaml", "-S", "finetune.micro_bach=32"], "did you mean"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["plan"], "needs a MODEL"),
+        (["plan", "vit_b16", "--params", "params.yaml"], "not both"),
+        (["plan", "--params", "nope.yaml"], "nope.yaml not found"),
+        (
+            ["plan", "vit_b16", "-S", "data.image_size=384"],
+            "-S data.image_size=384 changes a params file: use it with --params",
+        ),
+        (["plan", "--params", "presets/reference-pets.yaml", "-S", "data.image_size"], "give KEY=VALUE"),
+        (
+            ["plan", "--params", "presets/reference-pets.yaml", "-S", "data.image_size.x=1"],
+            "data.image_size.x is not inside",
+        ),
+        (["plan", "--params", "presets/reference-pets.yaml", "-S", "finetune.micro_bach=32"], "did you mean"),
+    ],
+)
 def test_plan_argument_errors_are_one_line(args, fragment, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert cli.main(args) == 2
@@ -234,8 +266,18 @@ def test_devices_split_the_batch_and_shorten_the_eta(capsys):
 
 def test_a_card_from_a_file(tmp_path, capsys):
     f = tmp_path / "card.yaml"
-    f.write_text(yaml.safe_dump({"name": "my-card", "memory_gib": 24, "memory_bandwidth_gbs": 900, "sm_count": 80,
-                                 "l2_mib": 40, "peak_tflops": {"fp32": 30, "tf32": 60, "bf16": 120, "fp16": 120}}))
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "name": "my-card",
+                "memory_gib": 24,
+                "memory_bandwidth_gbs": 900,
+                "sm_count": 80,
+                "l2_mib": 40,
+                "peak_tflops": {"fp32": 30, "tf32": 60, "bf16": 120, "fp16": 120},
+            }
+        )
+    )
     assert cli.main(["plan", "vit_b16", "--device", str(f), "--precision", "bf16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["device"] == "my-card"
     f.write_text("name: x\nmemory_gib: 24\n")
@@ -258,6 +300,13 @@ def test_plan_help_shows_every_default(capsys):
         cli.main(["plan", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for default in ("--batch BATCH effective batch per optimizer step (default: 512)", "(default: t4)",
-                    "(default: fp32)", "(default: adamw)", "(default: sdpa)", "(default: 1000)", "(default: 10000)"):
+    for default in (
+        "--batch BATCH effective batch per optimizer step (default: 512)",
+        "(default: t4)",
+        "(default: fp32)",
+        "(default: adamw)",
+        "(default: sdpa)",
+        "(default: 1000)",
+        "(default: 10000)",
+    ):
         assert default in out, default

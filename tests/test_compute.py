@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitpipe.costmodel import compute
-from vitpipe.costmodel import devices
-from vitpipe.hardware import probe
+from vitpipe.costmodel import compute, devices
 from vitpipe.errors import ParamError, UserError
+from vitpipe.hardware import probe
 from vitpipe.models import build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +37,23 @@ def counted_flops(spec, num_classes, image_size, batch=2):
     return fwd.get_total_flops() / batch, train.get_total_flops() / batch
 
 
-@pytest.mark.parametrize("spec,image_size,num_classes", [
-    ({"arch": "vit_ti16"}, 224, 1000), ({"arch": "vit_b16"}, 224, 100), ({"arch": "vit_b32"}, 384, 10),
-    ({"arch": "vit_b8"}, 32, 100), ({"arch": "vit_l16"}, 224, 1000), ({"arch": "vit_s16"}, 32, 10),
-    ({**SMALL_VIT, "pool": "avg"}, 32, 10), ({"arch": "vit_medium_patch16_gap_256"}, 256, 7),
-    ({"arch": "resnet18"}, 224, 1000), ({"arch": "resnet50"}, 224, 100), ({"arch": "resnet101"}, 64, 10),
-    ({"arch": "resnet50d"}, 160, 10),
-])
+@pytest.mark.parametrize(
+    "spec,image_size,num_classes",
+    [
+        ({"arch": "vit_ti16"}, 224, 1000),
+        ({"arch": "vit_b16"}, 224, 100),
+        ({"arch": "vit_b32"}, 384, 10),
+        ({"arch": "vit_b8"}, 32, 100),
+        ({"arch": "vit_l16"}, 224, 1000),
+        ({"arch": "vit_s16"}, 32, 10),
+        ({**SMALL_VIT, "pool": "avg"}, 32, 10),
+        ({"arch": "vit_medium_patch16_gap_256"}, 256, 7),
+        ({"arch": "resnet18"}, 224, 1000),
+        ({"arch": "resnet50"}, 224, 100),
+        ({"arch": "resnet101"}, 64, 10),
+        ({"arch": "resnet50d"}, 160, 10),
+    ],
+)
 def test_flops_match_flop_counter(spec, image_size, num_classes):
     fwd, train = counted_flops(spec, num_classes, image_size)
     f = compute.flops(model_config(spec, num_classes, image_size))
@@ -52,10 +61,15 @@ def test_flops_match_flop_counter(spec, image_size, num_classes):
     assert f["train"] == pytest.approx(train, rel=0.01)
 
 
-@pytest.mark.parametrize("arch,image_size,num_classes", [
-    ("convnext_atto", 224, 1000), ("convnext_tiny", 224, 100), ("convnext_small", 64, 10),
-    ("convnext_nano", 160, 37),
-])
+@pytest.mark.parametrize(
+    "arch,image_size,num_classes",
+    [
+        ("convnext_atto", 224, 1000),
+        ("convnext_tiny", 224, 100),
+        ("convnext_small", 64, 10),
+        ("convnext_nano", 160, 37),
+    ],
+)
 def test_convnext_forward_flops_match_flop_counter(arch, image_size, num_classes):
     fwd, train = counted_flops({"arch": arch}, num_classes, image_size)
     f = compute.flops(model_config({"arch": arch}, num_classes, image_size))
@@ -63,8 +77,12 @@ def test_convnext_forward_flops_match_flop_counter(arch, image_size, num_classes
     # FlopCounterMode counts a depthwise conv's input gradient as a dense conv (groups
     # ignored: C times too much), so its training count is not the yardstick here; backward
     # is 2 x forward less the image's gradient, as for the other families
-    assert train > f["train"] and f["backward"] == 2 * f["forward"] - 2 * 16 * 3 * (image_size // 4) ** 2 * \
-        model_config({"arch": arch}, num_classes, image_size).dims[0]
+    assert (
+        train > f["train"]
+        and f["backward"]
+        == 2 * f["forward"]
+        - 2 * 16 * 3 * (image_size // 4) ** 2 * model_config({"arch": arch}, num_classes, image_size).dims[0]
+    )
 
 
 def test_flop_counter_overcounts_depthwise_backward():
@@ -75,7 +93,7 @@ def test_flop_counter_overcounts_depthwise_backward():
         y = conv(x)
     with FlopCounterMode(display=False) as bwd:
         y.sum().backward()
-    assert bwd.get_total_flops() == fwd.get_total_flops() * (8 + 1)   # input grad dense, weight grad right
+    assert bwd.get_total_flops() == fwd.get_total_flops() * (8 + 1)  # input grad dense, weight grad right
 
 
 def test_vit_b16_forward_is_the_known_17_6_gmacs():
@@ -116,10 +134,15 @@ def cached_model(arch, image_size):
     return _MODELS[arch, image_size]
 
 
-@pytest.mark.parametrize("spec,image_size", [
-    (SMALL_VIT, 32), ({**SMALL_VIT, "pool": "avg"}, 32), ({"arch": "vit_small_patch32_384"}, 64),
-    ({"arch": "vit_medium_patch16_gap_256"}, 32),    # layer scale, no class token, avg pool
-])
+@pytest.mark.parametrize(
+    "spec,image_size",
+    [
+        (SMALL_VIT, 32),
+        ({**SMALL_VIT, "pool": "avg"}, 32),
+        ({"arch": "vit_small_patch32_384"}, 64),
+        ({"arch": "vit_medium_patch16_gap_256"}, 32),  # layer scale, no class token, avg pool
+    ],
+)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("eager", [False, True])
 def test_vit_activation_bytes_match_autograd(spec, image_size, precision, eager):
@@ -153,17 +176,23 @@ def test_timm_runs_fused_attention_here():
     assert attention_in_use(build_model(SMALL_VIT, 10, 32)) == "sdpa"
 
 
-@pytest.mark.parametrize("spec,image_size", [
-    ({**SMALL_VIT, "depth": 3}, 32), ({**SMALL_VIT, "depth": 3, "pool": "avg"}, 32),
-    ({"arch": "vit_medium_patch16_gap_256"}, 32),      # layer scale, no class token
-])
+@pytest.mark.parametrize(
+    "spec,image_size",
+    [
+        ({**SMALL_VIT, "depth": 3}, 32),
+        ({**SMALL_VIT, "depth": 3, "pool": "avg"}, 32),
+        ({"arch": "vit_medium_patch16_gap_256"}, 32),  # layer scale, no class token
+    ],
+)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_checkpointing_saves_only_block_inputs(spec, image_size, precision, batch):
     # in half precision the blocks' autocast weight copies are made again in the recompute,
     # not kept: counting them over-predicted bf16 + checkpointing by up to +126%
     torch.manual_seed(0)
-    model = build_model(spec, 10, image_size).train() if spec["arch"] == "vit" else cached_model(spec["arch"], image_size)
+    model = (
+        build_model(spec, 10, image_size).train() if spec["arch"] == "vit" else cached_model(spec["arch"], image_size)
+    )
     model.set_grad_checkpointing(True)
     try:
         measured = compute.measure_saved_bytes(model, torch.randn(batch, 3, image_size, image_size), precision)
@@ -177,12 +206,14 @@ def test_checkpointing_saves_only_block_inputs(spec, image_size, precision, batc
 def test_checkpointing_keeps_only_the_outer_weight_copies():
     cfg = model_config({"arch": "vit_b16"}, 100, 224)
     kept = compute.matmul_weight_params(cfg, checkpointing=True)
-    assert kept == 3 * 16 * 16 * 768 + 768 * 100                     # patch embedding and head
+    assert kept == 3 * 16 * 16 * 768 + 768 * 100  # patch embedding and head
     assert compute.matmul_weight_params(cfg) == kept + 12 * (4 * 768**2 + 2 * 768 * 3072)
     half = compute.memory(cfg, 8, "bf16", checkpointing=True)
     assert half["autocast_weights"] == 2 * kept
     # the block being recomputed holds its own copies for a moment
-    assert half["transient"] - 8 * compute.transient_bytes(cfg, "bf16", checkpointing=True) == 2 * (4 * 768**2 + 2 * 768 * 3072)
+    assert half["transient"] - 8 * compute.transient_bytes(cfg, "bf16", checkpointing=True) == 2 * (
+        4 * 768**2 + 2 * 768 * 3072
+    )
 
 
 def test_checkpointing_is_refused_where_it_is_not_modelled():
@@ -191,15 +222,24 @@ def test_checkpointing_is_refused_where_it_is_not_modelled():
             compute.estimate(model_config({"arch": arch}, 10, 64), 8, "t4", checkpointing=True)
 
 
-@pytest.mark.parametrize("arch,image_size", [("resnet18", 64), ("resnet18d", 64), ("resnet50", 32),
-                                             ("convnext_atto", 32), ("convnext_atto", 64), ("convnext_tiny", 64)])
+@pytest.mark.parametrize(
+    "arch,image_size",
+    [
+        ("resnet18", 64),
+        ("resnet18d", 64),
+        ("resnet50", 32),
+        ("convnext_atto", 32),
+        ("convnext_atto", 64),
+        ("convnext_tiny", 64),
+    ],
+)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cnn_activation_bytes_match_autograd(arch, image_size, precision):
     model = cached_model(arch, image_size)
     measured = compute.measure_saved_bytes(model, torch.randn(2, 3, image_size, image_size), precision)
     predicted = predicted_saved(model_config({"arch": arch}, 10, image_size), 2, precision)
     if arch.startswith("convnext"):
-        assert predicted == measured           # every storage accounted for, to the byte
+        assert predicted == measured  # every storage accounted for, to the byte
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
@@ -221,14 +261,21 @@ def test_memory_parts():
     assert half["activations"] < 0.75 * adam["activations"]
     assert adam["peak"] == sum(v for k, v in adam.items() if k != "peak")
     eager = compute.memory(B16, 8, "fp32", "adamw", attention="eager")
-    probs = 8 * 12 * 197 * 197 * 4 * 12            # batch x heads x N^2 x fp32 x depth
+    probs = 8 * 12 * 197 * 197 * 4 * 12  # batch x heads x N^2 x fp32 x depth
     assert eager["activations"] - adam["activations"] == pytest.approx(probs, rel=0.1)
 
 
-@pytest.mark.parametrize("arch,batch,device,precision", [
-    ("vit_b16", 512, "t4", "fp32"), ("vit_b32", 512, "t4", "fp32"), ("vit_b8", 512, "a100-80", "bf16"),
-    ("resnet50", 256, "v100-16", "fp16"), ("vit_h14", 512, "l4", "bf16"), ("vit_b32", 96, "h100-80", "fp32"),
-])
+@pytest.mark.parametrize(
+    "arch,batch,device,precision",
+    [
+        ("vit_b16", 512, "t4", "fp32"),
+        ("vit_b32", 512, "t4", "fp32"),
+        ("vit_b8", 512, "a100-80", "bf16"),
+        ("resnet50", 256, "v100-16", "fp16"),
+        ("vit_h14", 512, "l4", "bf16"),
+        ("vit_b32", 96, "h100-80", "fp32"),
+    ],
+)
 def test_plan_is_the_largest_fitting_divisor(arch, batch, device, precision):
     cfg = model_config({"arch": arch}, 100, 224)
     dev = devices.get_device(device)
@@ -252,7 +299,7 @@ def test_reference_failures_are_predicted():
         assert not e["fits"] and e["accum_steps"] > 1
     b8 = compute.estimate(model_config({"arch": "vit_b8"}, 100, 224), 512, "t4")
     b16 = compute.estimate(model_config({"arch": "vit_b16"}, 100, 224), 512, "t4")
-    assert b8["peak_bytes"] > 3 * b16["peak_bytes"]        # 4x the tokens, attention grows faster
+    assert b8["peak_bytes"] > 3 * b16["peak_bytes"]  # 4x the tokens, attention grows faster
 
 
 def test_time_and_eta():
@@ -263,7 +310,7 @@ def test_time_and_eta():
     assert e["infer_img_per_s"] > 2.5 * e["train_img_per_s"]
     assert e["mfu"] == pytest.approx(e["img_per_s"] * e["train_flops"] / e["peak_flops"])
     half = compute.estimate(model_config({"arch": "vit_b32"}, 100, 224), 512, "t4", "fp16", steps=10000)
-    assert half["img_per_s"] > 2 * e["img_per_s"]           # tensor cores: 65 vs 8.1 TFLOP/s
+    assert half["img_per_s"] > 2 * e["img_per_s"]  # tensor cores: 65 vs 8.1 TFLOP/s
     ckpt = compute.estimate(model_config({"arch": "vit_b32"}, 100, 224), 512, "t4", checkpointing=True)
     assert ckpt["img_per_s"] < e["img_per_s"] and ckpt["peak_bytes"] < e["peak_bytes"]
 
@@ -276,7 +323,7 @@ def test_the_reference_runs_predicted_beside_reported():
     for r in rows:
         assert r["ratio"] == pytest.approx(r["predicted"] / r["reported"])
         assert r["verdict"] == ("matches" if abs(r["ratio"] - 1) <= reference.TOLERANCE else "does not match")
-    assert rows[1]["verdict"] == "matches"        # ViT-B/16 CIFAR-100 fine-tuning, 4.35 h
+    assert rows[1]["verdict"] == "matches"  # ViT-B/16 CIFAR-100 fine-tuning, 4.35 h
 
 
 def test_unknown_choices_are_user_errors():
@@ -290,8 +337,8 @@ def test_unknown_choices_are_user_errors():
 
 def test_calibration_is_quick_and_sane():
     r = probe.calibrate_mfu()
-    assert r["seconds"] < 5               # the timed steps; the whole call is a few seconds
-    assert 0.01 < r["mfu"] < 1.5          # achieved / matmul peak; a ViT step is mostly matmuls
+    assert r["seconds"] < 5  # the timed steps; the whole call is a few seconds
+    assert 0.01 < r["mfu"] < 1.5  # achieved / matmul peak; a ViT step is mostly matmuls
     assert r["img_per_s"] * r["train_flops_per_image"] == pytest.approx(r["achieved_flops"])
 
 
@@ -320,7 +367,7 @@ def test_gpu_peak_matches_max_memory_allocated(arch, batch, precision):
         loss.backward()
         opt.step()
 
-    step()                                   # allocates the optimizer state
+    step()  # allocates the optimizer state
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -335,14 +382,14 @@ def test_gpu_peak_matches_max_memory_allocated(arch, batch, precision):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "vitpipe.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vitpipe.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
-@pytest.mark.slow   # runs vitpipe in a process of its own
+@pytest.mark.slow  # runs vitpipe in a process of its own
 def test_cli_plan_table():
-    r = cli("plan", "vit_b16", "--image-size", "224", "--batch", "512", "--device", "t4",
-            "--precision", "bf16")
+    r = cli("plan", "vit_b16", "--image-size", "224", "--batch", "512", "--device", "t4", "--precision", "bf16")
     assert r.returncode == 0, r.stderr
     assert "ViT-B/16 @224px on Tesla T4" in r.stdout
     for word in ("params", "fits at once?", "micro-batch", "img/s", "ETA"):
@@ -352,22 +399,47 @@ def test_cli_plan_table():
     assert "time model" in basis and "compute-bound" in basis and "bf16 peak" in basis
 
 
-@pytest.mark.slow   # runs vitpipe in a process of its own
+@pytest.mark.slow  # runs vitpipe in a process of its own
 def test_cli_plan_json_keys_and_values():
-    r = cli("plan", "vit_small_patch32_384", "--image-size", "384", "--batch", "256", "--device",
-            "a100-40", "--num-classes", "10", "--steps", "100", "--json")
+    r = cli(
+        "plan",
+        "vit_small_patch32_384",
+        "--image-size",
+        "384",
+        "--batch",
+        "256",
+        "--device",
+        "a100-40",
+        "--num-classes",
+        "10",
+        "--steps",
+        "100",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for key in ("params", "forward_flops", "train_flops", "activation_bytes", "peak_bytes", "fits",
-                "micro_batch", "accum_steps", "img_per_s", "eta_s"):
+    for key in (
+        "params",
+        "forward_flops",
+        "train_flops",
+        "activation_bytes",
+        "peak_bytes",
+        "fits",
+        "micro_batch",
+        "accum_steps",
+        "img_per_s",
+        "eta_s",
+    ):
         assert key in out
     cfg = model_config({"arch": "vit_small_patch32_384"}, 10, 384)
     assert out["params"] == compute.param_counts(cfg)["total"]
     assert out["eta_s"] == pytest.approx(100 * 256 / out["img_per_s"])
 
 
-@pytest.mark.parametrize("model,size", [("vit_small_patch32_384", 384), ("vit_medium_patch16_gap_256", 256),
-                                        ("vit_b16", 224), ("resnet50", 224)])
+@pytest.mark.parametrize(
+    "model,size",
+    [("vit_small_patch32_384", 384), ("vit_medium_patch16_gap_256", 256), ("vit_b16", 224), ("resnet50", 224)],
+)
 def test_cli_image_size_defaults_to_the_models_own(model, size, capsys):
     from vitpipe.cli import main
 
@@ -375,19 +447,27 @@ def test_cli_image_size_defaults_to_the_models_own(model, size, capsys):
     assert json.loads(capsys.readouterr().out)["image_size"] == size
 
 
-@pytest.mark.slow   # runs vitpipe in a process of its own
+@pytest.mark.slow  # runs vitpipe in a process of its own
 def test_cli_error_in_a_real_process():
     r = cli("plan", "vit_q16")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "vitpipe: error: unknown model 'vit_q16'; allowed: one of: vit, vit_b16-style "
         "(vit_{ti,s,m,b,l,h}<patch>), resnet18/34/50/101/152, convnext_{atto,femto,pico,nano,tiny,small,base,large}, "
-        "or a timm ViT/ResNet/ConvNeXt name"]
+        "or a timm ViT/ResNet/ConvNeXt name"
+    ]
 
 
-@pytest.mark.slow   # runs vitpipe in a process of its own
-@pytest.mark.parametrize("model,size,classes", [("convnext_tiny", 224, 100), ("convnext_base", 224, 10),
-                                                ("convnext_femto", 288, 37), ("deit_tiny_patch16_224", 224, 100)])
+@pytest.mark.slow  # runs vitpipe in a process of its own
+@pytest.mark.parametrize(
+    "model,size,classes",
+    [
+        ("convnext_tiny", 224, 100),
+        ("convnext_base", 224, 10),
+        ("convnext_femto", 288, 37),
+        ("deit_tiny_patch16_224", 224, 100),
+    ],
+)
 def test_cli_plans_convnext_and_any_timm_vit(model, size, classes, capsys):
     from vitpipe.cli import main
 
@@ -401,15 +481,18 @@ def test_cli_plans_convnext_and_any_timm_vit(model, size, classes, capsys):
     assert out["family"] == ("vit" if model.startswith("deit") else "convnext")
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (("plan", "efficientnet_b0"), "unknown model 'efficientnet_b0'; allowed: one of: vit"),
-    (("plan", "convnext_tiny", "--checkpointing"), "not modelled for convnext models"),
-    (("plan", "vit_b16", "--device", "tpu9"), "unknown device 'tpu9'; allowed: t4"),
-    (("plan", "vit_b16", "--precision", "int4"), "unknown precision 'int4'; allowed: fp32"),
-    (("plan", "vit_b16", "--optimizer", "lion"), "unknown optimizer 'lion'; allowed: sgd, adamw"),
-    (("plan", "vit_b16", "--image-size", "100"), "must be divisible by the patch (16)"),
-    (("plan", "vit_base_patch16_siglip_224"), "not a plain ViT"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (("plan", "efficientnet_b0"), "unknown model 'efficientnet_b0'; allowed: one of: vit"),
+        (("plan", "convnext_tiny", "--checkpointing"), "not modelled for convnext models"),
+        (("plan", "vit_b16", "--device", "tpu9"), "unknown device 'tpu9'; allowed: t4"),
+        (("plan", "vit_b16", "--precision", "int4"), "unknown precision 'int4'; allowed: fp32"),
+        (("plan", "vit_b16", "--optimizer", "lion"), "unknown optimizer 'lion'; allowed: sgd, adamw"),
+        (("plan", "vit_b16", "--image-size", "100"), "must be divisible by the patch (16)"),
+        (("plan", "vit_base_patch16_siglip_224"), "not a plain ViT"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(args, fragment, capsys):
     from vitpipe.cli import main
 
@@ -419,8 +502,9 @@ def test_cli_errors_are_one_line_exit_2(args, fragment, capsys):
 
 
 def test_python_dash_m_vitpipe_info():
-    r = subprocess.run([sys.executable, "-m", "vitpipe", "info", "--json"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "vitpipe", "info", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["torch"] == torch.__version__.split("+")[0] or info["torch"].startswith(torch.__version__.split("+")[0])
@@ -437,18 +521,29 @@ def load_stage():
     return compute_table
 
 
-GOOD = {"models": ["vit_b16", "resnet18"], "image_size": 224, "batch_size": 512, "num_classes": 100,
-        "device": "t4", "precision": "fp32", "optimizer": "adamw", "schedule_steps": 10000}
+GOOD = {
+    "models": ["vit_b16", "resnet18"],
+    "image_size": 224,
+    "batch_size": 512,
+    "num_classes": 100,
+    "device": "t4",
+    "precision": "fp32",
+    "optimizer": "adamw",
+    "schedule_steps": 10000,
+}
 
 
-@pytest.mark.parametrize("change,key", [
-    ({"models": ["vit_b16", "alexnet"]}, "profile.models[1].arch"),
-    ({"device": "tpu"}, "profile.device"),
-    ({"precision": "fp8"}, "profile.precision"),
-    ({"optimizer": "lion"}, "profile.optimizer"),
-    ({"batch_size": 0}, "profile.batch_size"),
-    ({"image_size": 100}, "profile.models[0].patch"),
-])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"models": ["vit_b16", "alexnet"]}, "profile.models[1].arch"),
+        ({"device": "tpu"}, "profile.device"),
+        ({"precision": "fp8"}, "profile.precision"),
+        ({"optimizer": "lion"}, "profile.optimizer"),
+        ({"batch_size": 0}, "profile.batch_size"),
+        ({"image_size": 100}, "profile.models[0].patch"),
+    ],
+)
 def test_profile_stage_validates_before_compute(change, key):
     stage = load_stage()
     assert len(stage.validate(dict(GOOD))["specs"]) == 2

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
-
-from test_train import run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 from test_resume import checkpoint_step, wait_for
+from test_train import run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 
-pytestmark = pytest.mark.slow   # each test trains under torchrun
+pytestmark = pytest.mark.slow  # each test trains under torchrun
 
 # batch 16 = 2 micro-batches of 8: one per process under DDP, accumulated in one process
 RECIPE = {"steps": 120, "batch_size": 16, "micro_batch": 8, "checkpoint_every": 10, "eval_every": 60}
@@ -66,13 +65,22 @@ time.sleep(30)  # rank 0 is still training when rank 1 goes: torchrun stops it
 def test_a_failed_worker_is_one_line_not_torchruns_traceback(tmp_path, how):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    agent = ("import sys; from vitpipe.training.distributed import torchrun; "
-             f"sys.exit(torchrun(['--standalone', '--nproc_per_node=2', {str(script)!r}, {how!r}]))")
-    p = subprocess.run([sys.executable, "-c", agent], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # as relaunch sets it
+    agent = (
+        "import sys; from vitpipe.training.distributed import torchrun; "
+        f"sys.exit(torchrun(['--standalone', '--nproc_per_node=2', {str(script)!r}, {how!r}]))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", agent],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # as relaunch sets it
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     if how == "error":  # the worker's own line, and nothing after it
         assert (p.returncode, lines) == (2, ["vitpipe: error: what went wrong and the fix"]), p.stderr
     else:
-        assert (p.returncode, lines) == (137, ["vitpipe: error: training process 1 was killed by SIGKILL; "
-                                               "its output is above"]), p.stderr
+        assert (p.returncode, lines) == (
+            137,
+            ["vitpipe: error: training process 1 was killed by SIGKILL; its output is above"],
+        ), p.stderr

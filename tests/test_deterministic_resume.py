@@ -27,4 +27,6 @@ def test_a_deterministic_run_killed_and_resumed_is_bit_exact(tmp_path, prepared,
     assert 5 <= checkpoint_step(store) < RUN["steps"]
     final = run_stage(d)
     assert "resuming from" in final.stderr, final.stderr[-2000:]
-    assert_identical(weights(reference / "models/scratch/seed-0/model.pt"), weights(d / "models/scratch/seed-0/model.pt"))
+    assert_identical(
+        weights(reference / "models/scratch/seed-0/model.pt"), weights(d / "models/scratch/seed-0/model.pt")
+    )

@@ -9,8 +9,13 @@ import yaml
 from vitpipe import params
 
 ROOT = Path(__file__).resolve().parents[1]
-OBJECTS = {"data": params.DataParams(), "train": params.TrainParams(), "pretrain": params.TrainParams(),
-           "finetune": params.TrainParams(), "evaluate": params.EvaluateParams()}
+OBJECTS = {
+    "data": params.DataParams(),
+    "train": params.TrainParams(),
+    "pretrain": params.TrainParams(),
+    "finetune": params.TrainParams(),
+    "evaluate": params.EvaluateParams(),
+}
 
 
 def schema_default(key: str):
@@ -31,7 +36,7 @@ def test_docs_params_tables_state_the_schemas_defaults():
         elif section in OBJECTS and (m := re.match(r"\| `(\w+)` \| .* \| (`[^`]*`|—) \| ", line)):
             key, shown = m.groups()
             default = getattr(OBJECTS[section], key)
-            if shown == "—":     # no default: the placeholder is not an allowed value
+            if shown == "—":  # no default: the placeholder is not an allowed value
                 assert params.SCHEMA[section][key].kind in ("int",) and default < 2, (section, key)
             else:
                 assert yaml.safe_load(shown.strip("`")) == default, (section, key, shown, default)
@@ -46,7 +51,9 @@ def test_readme_and_docs_state_the_schemas_defaults():
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
         claims += [(path.name, k, v) for k, v in re.findall(r"`([a-z_][a-z_.]*)` \(default `([^`;]+)`", text)]
-        claims += [(path.name, k, v) for k, v in re.findall(r"^\s*(\w+): \S+\s+#\s*(\w+) \(default\)", text, re.MULTILINE)]
+        claims += [
+            (path.name, k, v) for k, v in re.findall(r"^\s*(\w+): \S+\s+#\s*(\w+) \(default\)", text, re.MULTILINE)
+        ]
     assert ("README.md", "seeds", "[0]") in claims
     for where, key, value in claims:
         assert yaml.safe_load(value) == schema_default(key), (where, key, value)

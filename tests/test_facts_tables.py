@@ -20,7 +20,7 @@ def test_every_reader_takes_the_precisions_from_the_table():
     assert compute.PRECISIONS == {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
     assert registry.HALF_PRECISIONS == ("bf16", "fp16")
     t4 = devices.get_device("t4")
-    assert all(t4.peak(p.peak) > 0 for p in precisions.TABLE)   # every row's peak key is a profile's
+    assert all(t4.peak(p.peak) > 0 for p in precisions.TABLE)  # every row's peak key is a profile's
 
 
 @pytest.mark.parametrize("row", precisions.TABLE, ids=lambda r: r.name)
@@ -28,13 +28,18 @@ def test_a_row_is_what_torch_runs(row):
     dtype = autocast_dtype(row.name) if row.trains else row.torch_dtype()
     assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}.get(row.name)
     assert row.bytes == (dtype or torch.float32).itemsize
-    assert row.grad_scaler == (row.name == "fp16")   # only fp16's small gradients underflow
+    assert row.grad_scaler == (row.name == "fp16")  # only fp16's small gradients underflow
 
 
 def test_a_source_carries_its_facts():
     assert set(sources.SOURCES) == set(params.DATASETS)
-    assert {n: f.classes for n, f in sources.SOURCES.items()} == {"digits": 10, "cifar10": 10, "cifar100": 100,
-                                                                 "pets": 37, "imagefolder": None}
+    assert {n: f.classes for n, f in sources.SOURCES.items()} == {
+        "digits": 10,
+        "cifar10": 10,
+        "cifar100": 100,
+        "pets": 37,
+        "imagefolder": None,
+    }
     assert [n for n, f in sources.SOURCES.items() if f.official_test] == ["cifar10", "cifar100", "pets"]
 
 
@@ -53,7 +58,7 @@ def test_no_test_share_is_refused_only_where_the_source_has_no_test_split(datase
     if ok:
         sources.check_split(cfg)
         return
-    with pytest.raises(ParamError, match=f"has no official test split"):
+    with pytest.raises(ParamError, match="has no official test split"):
         sources.check_split(cfg)
     with pytest.raises(ParamError, match="data.split"):
         check_params.check_all(doc)

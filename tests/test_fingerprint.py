@@ -41,9 +41,8 @@ def test_an_interrupted_run_resumes_under_another_micro_batch(tmp_path):
     torch.manual_seed(0)
     model, forwards = build_model(SPEC, 4, 16), []
     model.register_forward_hook(lambda *_: forwards.append(1))
-    resumed, _ = train(tmp_path / "run", recipe(steps=16, checkpoint_every=100, micro_batch=16), model=model,
-                       val=False)
-    assert len(forwards) == 8                      # steps 9..16, one micro-batch each: resumed, not started over
+    resumed, _ = train(tmp_path / "run", recipe(steps=16, checkpoint_every=100, micro_batch=16), model=model, val=False)
+    assert len(forwards) == 8  # steps 9..16, one micro-batch each: resumed, not started over
     assert stored(tmp_path / "run/store") == {}
     for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), k
@@ -51,7 +50,7 @@ def test_an_interrupted_run_resumes_under_another_micro_batch(tmp_path):
 
 def test_the_split_stays_in_the_fingerprint_where_it_changes_the_numbers(tmp_path, capfd):
     assert not split_changes_result(build_model(SPEC, 4, 16))
-    assert split_changes_result(build_model({"arch": "resnet18"}, 4, 16))            # BatchNorm
+    assert split_changes_result(build_model({"arch": "resnet18"}, 4, 16))  # BatchNorm
     dropout = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
     assert split_changes_result(dropout) and not split_changes_result(torch.nn.Sequential(torch.nn.Dropout(0.0)))
     # a ResNet under another micro_batch is another run: trained, not restored

@@ -31,7 +31,14 @@ def test_instances_of_a_class_resemble_each_other_more_than_other_classes():
     def iou(a, b):
         return (a * b).sum() / max(1.0, ((a + b) > 0).sum())
 
-    same = np.mean([iou(masks[i], masks[j]) for c in range(5) for i in np.flatnonzero(y == c)
-                    for j in np.flatnonzero(y == c) if i < j])
+    same = np.mean(
+        [
+            iou(masks[i], masks[j])
+            for c in range(5)
+            for i in np.flatnonzero(y == c)
+            for j in np.flatnonzero(y == c)
+            if i < j
+        ]
+    )
     other = np.mean([iou(masks[i], masks[j]) for i in range(len(x)) for j in range(len(x)) if i < j and y[i] != y[j]])
     assert same > other

@@ -24,7 +24,7 @@ from conftest import MICRO, ROOT
 from test_resume import checkpoint_step, wait_for
 from test_train import ENV, run_stage, stage_dir, start_stage, tsv_steps, weights
 
-pytestmark = pytest.mark.slow   # each test trains under torchrun
+pytestmark = pytest.mark.slow  # each test trains under torchrun
 
 # 4 micro-batches of 4 per step: two per process at nproc 2, one at nproc 4 (where the sharded run
 # also resumes); long enough (a few seconds) to be killed mid-way
@@ -138,8 +138,10 @@ def test_fsdp_resumes_on_another_number_of_processes(runs, killed, prepared, tmp
     run = stage_dir(tmp_path / "four", prepared, **{**RECIPE, "nproc": 4}, parallel="fsdp")
     resumed = run_stage(run)
     assert f"at step {at[1]}/{RECIPE['steps']}" in resumed.stderr, resumed.stderr[-2000:]
-    assert ("the checkpoint was written by 2 processes, resumed by 4: resharded by torch.distributed.checkpoint; "
-            "from here the numbers are this run's up to the order of reductions (not bit-exact)") in resumed.stderr
+    assert (
+        "the checkpoint was written by 2 processes, resumed by 4: resharded by torch.distributed.checkpoint; "
+        "from here the numbers are this run's up to the order of reductions (not bit-exact)"
+    ) in resumed.stderr
     assert (metrics(run)["devices"], metrics(run)["parallel"]) == (4, "fsdp")
     assert tsv_steps(run / "plots/train_scratch/seed-0/train.tsv") == list(range(1, RECIPE["steps"] + 1))
     a, b = weights(runs["fsdp"] / WEIGHTS), weights(run / WEIGHTS)
@@ -164,9 +166,11 @@ def test_a_damaged_shard_is_one_clear_error(killed, prepared, tmp_path, monkeypa
     _, err = p.communicate(timeout=120)
     fp = shard.parent.parent.name
     assert p.returncode != 0 and err.count("vitpipe: error:") == 1, err[-3000:]
-    assert (f"vitpipe: error: checkpoint {shard} is damaged: its content does not match the sha256 its manifest holds "
-            f"(changed after it was written); remove it with `vitpipe checkpoints rm {fp}` or set train.resume: fresh"
-            in err), err[-3000:]
+    assert (
+        f"vitpipe: error: checkpoint {shard} is damaged: its content does not match the sha256 its manifest holds "
+        f"(changed after it was written); remove it with `vitpipe checkpoints rm {fp}` or set train.resume: fresh"
+        in err
+    ), err[-3000:]
     # rank 1 stops quietly (told by rank 0, not left waiting), and torchrun's agent adds
     # nothing: no ChildFailedError traceback, no error log burying the line
     assert "Traceback" not in err and "ChildFailedError" not in err and p.returncode == 2, err[-3000:]
@@ -181,11 +185,25 @@ def free_port() -> int:
 def test_two_nodes_of_one_process_train_what_one_node_of_two_trains(runs, prepared, tmp_path):
     """Two clones, the same stage command on each, one shared checkpoint store: two torchrun
     agents meet at a c10d rendezvous on 127.0.0.1 and train the DDP run of `runs`."""
-    env = {**os.environ, **ENV, "VITPIPE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "OMP_NUM_THREADS": "1",
-           "VITPIPE_CHECKPOINT_DIR": str(tmp_path / "shared-store")}
+    env = {
+        **os.environ,
+        **ENV,
+        "VITPIPE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "OMP_NUM_THREADS": "1",
+        "VITPIPE_CHECKPOINT_DIR": str(tmp_path / "shared-store"),
+    }
     nodes = [stage_dir(tmp_path / f"node{i}", prepared, **{**RECIPE, "nproc": 1, "nnodes": 2}) for i in (0, 1)]
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "stages/train_scratch.py"), "0"], cwd=n, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in nodes]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "stages/train_scratch.py"), "0"],
+            cwd=n,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in nodes
+    ]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
     written = [n for n in nodes if (n / WEIGHTS).exists()]
@@ -225,10 +243,14 @@ def test_out_of_memory_advice_offers_sharding():
     micro = sharding.largest_micro_batch(giant, 512, t4, 2)
     assert micro and advice("vit_giant_patch14_224", 1, "none").endswith(
         f"nothing fits, even micro_batch 1; or train.parallel: fsdp over 2 processes (train.nproc x nnodes = 2), "
-        f"train.micro_batch: {micro}")
+        f"train.micro_batch: {micro}"
+    )
     assert advice("vit_giant_patch14_224", 4, "ddp").endswith(
         f"train.parallel: fsdp, train.micro_batch: {sharding.largest_micro_batch(giant, 512, t4, 4)} "
-        f"(the training state sharded over the run's 4 processes)")
+        f"(the training state sharded over the run's 4 processes)"
+    )
     h14 = advice("vit_h14", 2, "ddp")
-    assert "train.precision: fp32, train.micro_batch: " in h14 and "; or train.parallel: fsdp, train.micro_batch: " in h14
+    assert (
+        "train.precision: fp32, train.micro_batch: " in h14 and "; or train.parallel: fsdp, train.micro_batch: " in h14
+    )
     assert "parallel" not in advice("vit_h14", 1, "none")  # fits one device whole: nothing to shard over

@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_proof  # noqa: E402
 
-pytestmark = pytest.mark.slow   # each test runs the harness's processes
+pytestmark = pytest.mark.slow  # each test runs the harness's processes
 
 STEP_NAMES = ["gpu_tests", "throughput", "memory", "oom", "telemetry", "resume", "precision"]
 OUTPUTS = {"gpu_proof.json", "gpu_proof.md", "console.log", "logs.tar.gz"}
@@ -26,10 +25,18 @@ OUTPUTS = {"gpu_proof.json", "gpu_proof.md", "console.log", "logs.tar.gz"}
 
 def start(out, *args) -> subprocess.Popen:
     """The harness as a person runs it: `python3 benchmarks/gpu_proof`, no PYTHONPATH, no install."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1",
-                                                                       "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_proof"), "--out", str(out), *args],
-                            cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_proof"), "--out", str(out), *args],
+        cwd=out.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def read_report(out: Path) -> dict | None:
@@ -203,8 +210,10 @@ def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path):
     assert by["resume"]["status"] == "timeout" and by["resume"]["duration_s"] < 20
     assert by["resume"]["reason"].startswith("killed after its limit of 4 s (")  # and what it was doing
     assert all(by[n]["status"] == "skipped" and "not selected" in by[n]["reason"] for n in STEP_NAMES if n != "resume")
-    assert "| 6 | resume: SIGKILL, resume, compare | timeout: killed after its limit of 4 s" in \
-        (out / "gpu_proof.md").read_text()
+    assert (
+        "| 6 | resume: SIGKILL, resume, compare | timeout: killed after its limit of 4 s"
+        in (out / "gpu_proof.md").read_text()
+    )
 
 
 def test_the_gpu_limits_fit_a_nine_minute_lease():
@@ -215,30 +224,90 @@ def test_the_gpu_limits_fit_a_nine_minute_lease():
 
 def gpu_report(mfu: float, ratios=(0.985, 0.972), worst=-0.062) -> dict:
     """A report as an H100 run would write it (numbers made up for the test)."""
+
     def spread(v):
         return {"median": v, "min": v * 0.98, "max": v * 1.01, "n": 3}
 
-    runs = [{"compile": c, "bare_img_s": 3000.0, "pipeline_img_s": 3000.0 * r, "ratio": r, "ratio_rounds": spread(r),
-             "bare_spread": spread(3000.0), "pipeline_spread": spread(3000.0 * r), "data_ms": spread(4.0),
-             "data_wait_ms": spread(0.1), "bare_mfu_profile": mfu / r * 0.8, "bare_mfu_measured": mfu / r,
-             "pipeline_mfu_profile": mfu * 0.8, "pipeline_mfu_measured": mfu - 0.01 * (not c),
-             "bare_warmup_s": 1.0, "pipeline_warmup_s": 1.0}
-            for c, r in zip((False, True), ratios)]
-    case = {"model": "ViT-B/8 @224px", "precision": "bf16", "optimizer": "sgd", "checkpointing": True, "batch": 32,
-            "predicted_mib": 1000.0, "measured_mib": 1000.0 / (1 + worst), "error": worst}
-    steps = [{"number": n, "name": st.name, "title": st.title, "status": "passed", "reason": "", "headline": "h",
-              "duration_s": 10.0, "limit_s": 60.0, "checks": [], "results": {}, "log": f"logs/{st.name}.log"}
-             for n, st in enumerate(gpu_proof.STEPS, 1)]
-    steps[1]["results"] = {"model": "ViT-B/16 @224px", "image_size": 224, "precision": "bf16", "batch": 256, "warmup": 10,
-                           "steps": 30, "repeats": 3, "train_gflops_per_image": 52.8, "peak_profile_tflops": 989.0,
-                           "profile_label": "H100 SXM 80GB", "peak_measured_tflops": 790.0,
-                           "peak_measured_tflops_spread": spread(790.0), "runs": runs}
+    runs = [
+        {
+            "compile": c,
+            "bare_img_s": 3000.0,
+            "pipeline_img_s": 3000.0 * r,
+            "ratio": r,
+            "ratio_rounds": spread(r),
+            "bare_spread": spread(3000.0),
+            "pipeline_spread": spread(3000.0 * r),
+            "data_ms": spread(4.0),
+            "data_wait_ms": spread(0.1),
+            "bare_mfu_profile": mfu / r * 0.8,
+            "bare_mfu_measured": mfu / r,
+            "pipeline_mfu_profile": mfu * 0.8,
+            "pipeline_mfu_measured": mfu - 0.01 * (not c),
+            "bare_warmup_s": 1.0,
+            "pipeline_warmup_s": 1.0,
+        }
+        for c, r in zip((False, True), ratios)
+    ]
+    case = {
+        "model": "ViT-B/8 @224px",
+        "precision": "bf16",
+        "optimizer": "sgd",
+        "checkpointing": True,
+        "batch": 32,
+        "predicted_mib": 1000.0,
+        "measured_mib": 1000.0 / (1 + worst),
+        "error": worst,
+    }
+    steps = [
+        {
+            "number": n,
+            "name": st.name,
+            "title": st.title,
+            "status": "passed",
+            "reason": "",
+            "headline": "h",
+            "duration_s": 10.0,
+            "limit_s": 60.0,
+            "checks": [],
+            "results": {},
+            "log": f"logs/{st.name}.log",
+        }
+        for n, st in enumerate(gpu_proof.STEPS, 1)
+    ]
+    steps[1]["results"] = {
+        "model": "ViT-B/16 @224px",
+        "image_size": 224,
+        "precision": "bf16",
+        "batch": 256,
+        "warmup": 10,
+        "steps": 30,
+        "repeats": 3,
+        "train_gflops_per_image": 52.8,
+        "peak_profile_tflops": 989.0,
+        "profile_label": "H100 SXM 80GB",
+        "peak_measured_tflops": 790.0,
+        "peak_measured_tflops_spread": spread(790.0),
+        "runs": runs,
+    }
     steps[2]["results"] = {"measure": "torch.cuda.max_memory_allocated", "cases": [case], "worst": case}
-    report = {"schema": 2, "mode": "gpu", "started": "2026-01-01T00:00:00+00:00", "budget_s": 520, "wall_s": 300.0,
-              "targets": gpu_proof.TARGETS, "steps": steps,
-              "machine": {"gpu_name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "gpu_memory_gib": 79.1,
-                          "torch": "2.x", "timm": "1.x", "python": "3.12",
-                          "environment": {"sdpa_backend": "flash", "tf32_matmul": False, "power_w": 310.0}}}
+    report = {
+        "schema": 2,
+        "mode": "gpu",
+        "started": "2026-01-01T00:00:00+00:00",
+        "budget_s": 520,
+        "wall_s": 300.0,
+        "targets": gpu_proof.TARGETS,
+        "steps": steps,
+        "machine": {
+            "gpu_name": "NVIDIA H100 80GB HBM3",
+            "capability": "9.0",
+            "gpu_memory_gib": 79.1,
+            "torch": "2.x",
+            "timm": "1.x",
+            "python": "3.12",
+            "environment": {"sdpa_backend": "flash", "tf32_matmul": False, "power_w": 310.0},
+        },
+    }
     report["summary"] = gpu_proof.summarise(report)
     return report
 
@@ -249,7 +318,9 @@ def test_gpu_summary_targets_met_and_missed():
     mfu = next(t for n, t in met.items() if n.startswith("ViT-B/16 bf16 MFU"))
     assert mfu["value"] == pytest.approx(0.62) and "(compile on)" in mfu["measured"]  # the better of the two
     assert "62.0% of the measured matmul peak, 49.6% of the datasheet peak" in mfu["measured"]  # both figures
-    missed = {t["name"].split(" ")[0]: t for t in gpu_report(0.41, ratios=(0.99, 0.95), worst=0.12)["summary"]["targets"]}
+    missed = {
+        t["name"].split(" ")[0]: t for t in gpu_report(0.41, ratios=(0.99, 0.95), worst=0.12)["summary"]["targets"]
+    }
     assert [t["met"] for t in missed.values()] == [False, False, False]
     md = gpu_proof.markdown(gpu_report(0.41, ratios=(0.99, 0.95), worst=0.12))
     assert md.startswith("# GPU proof: NVIDIA H100 80GB HBM3")
@@ -261,13 +332,26 @@ def test_gpu_summary_targets_met_and_missed():
 
 def test_test_outcomes_from_the_plugin_log(tmp_path):
     log = tmp_path / "events.jsonl"
-    events = [("a", "setup", "passed"), ("a", "call", "passed"), ("a", "teardown", "passed"),
-              ("b", "setup", "passed"), ("b", "call", "failed"), ("b", "teardown", "passed"),
-              ("c", "setup", "skipped"), ("c", "teardown", "passed"),
-              ("d", "setup", "failed"), ("d", "teardown", "passed"),
-              ("e", "setup", "passed")]  # e was running when pytest was stopped
-    log.write_text("".join(json.dumps({"event": "report", "nodeid": n, "when": w, "outcome": o, "duration": 0.5,
-                                       "detail": f"{n} {w}"}) + "\n" for n, w, o in events))
+    events = [
+        ("a", "setup", "passed"),
+        ("a", "call", "passed"),
+        ("a", "teardown", "passed"),
+        ("b", "setup", "passed"),
+        ("b", "call", "failed"),
+        ("b", "teardown", "passed"),
+        ("c", "setup", "skipped"),
+        ("c", "teardown", "passed"),
+        ("d", "setup", "failed"),
+        ("d", "teardown", "passed"),
+        ("e", "setup", "passed"),
+    ]  # e was running when pytest was stopped
+    log.write_text(
+        "".join(
+            json.dumps({"event": "report", "nodeid": n, "when": w, "outcome": o, "duration": 0.5, "detail": f"{n} {w}"})
+            + "\n"
+            for n, w, o in events
+        )
+    )
     got = {t["nodeid"]: t["outcome"] for t in gpu_proof.collect_test_events(log, timed_out=True)}
     assert got == {"a": "passed", "b": "failed", "c": "skipped", "d": "error", "e": "timeout"}
     assert gpu_proof.collect_test_events(log, timed_out=False)[-1]["outcome"] == "incomplete"

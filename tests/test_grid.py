@@ -63,8 +63,9 @@ def test_two_machines_run_their_shares_and_a_third_gathers_all(tmp_path):
         clones.append(tmp_path / name)
     script = str(ROOT / "scripts" / "grid.py")
     for i, machine in enumerate(clones[:2], start=1):
-        out = run([sys.executable, script, "run", "--share", f"{i}/2", *GRID, "--push", "origin", "train_scratch@0"],
-                  machine).stdout
+        out = run(
+            [sys.executable, script, "run", "--share", f"{i}/2", *GRID, "--push", "origin", "train_scratch@0"], machine
+        ).stdout
         assert f"share {i}/2: 2 experiment(s)" in out
     run([sys.executable, script, "gather", "origin", *GRID], clones[2])
     show = json.loads(run([*DVC, "exp", "show", "--json"], clones[2]).stdout)

@@ -27,17 +27,20 @@ def refused(capsys, call, *words) -> str:
     return line
 
 
-@pytest.mark.parametrize("arg, words", [
-    ("train.lr=", ["expected key=value"]),
-    ("train.lr=0.001,,0.002", ["an empty value"]),
-    ("train.lr=0.001,", ["an empty value"]),
-    ("seeds=[0],[1", ["'[' is never closed"]),
-    ("seeds=[0]],[1]", ["']' closes nothing"]),
-    ("seeds=[0},[1]", ["'}' closes nothing"]),
-    ("train.lr='0.1", ["is not a YAML value"]),
-    ("=0.1", ["expected key=value"]),
-    ("train lr=0.1", ["is not a param key"]),
-])
+@pytest.mark.parametrize(
+    "arg, words",
+    [
+        ("train.lr=", ["expected key=value"]),
+        ("train.lr=0.001,,0.002", ["an empty value"]),
+        ("train.lr=0.001,", ["an empty value"]),
+        ("seeds=[0],[1", ["'[' is never closed"]),
+        ("seeds=[0]],[1]", ["']' closes nothing"]),
+        ("seeds=[0},[1]", ["'}' closes nothing"]),
+        ("train.lr='0.1", ["is not a YAML value"]),
+        ("=0.1", ["expected key=value"]),
+        ("train lr=0.1", ["is not a param key"]),
+    ],
+)
 def test_bad_values_are_one_line(arg, words, capsys):
     refused(capsys, lambda: grid.parse_overrides([arg]), *words)
 
@@ -52,8 +55,14 @@ def test_a_combination_the_params_checks_refuse_stops_the_grid_before_it_runs(tm
     experiments = grid.grid(grid.parse_overrides(["train.lr=0.001,-1", "train.steps=4,8"]))
     grid.check_combinations(experiments[:2])  # lr 0.001: fine
     bad = ["train.lr=-1", "train.steps=4"]
-    line = refused(capsys, lambda: grid.check_combinations(experiments), grid.name_of(bad), "train.lr=-1 train.steps=4",
-                   "train.lr", "nothing was run")
+    line = refused(
+        capsys,
+        lambda: grid.check_combinations(experiments),
+        grid.name_of(bad),
+        "train.lr=-1 train.steps=4",
+        "train.lr",
+        "nothing was run",
+    )
     assert "params.yaml" in line
     assert grid.apply_overrides(MICRO, ["model.dim=[1, 2]", "new.key=x"])["model"]["dim"] == [1, 2]
     assert MICRO["model"]["dim"] == 32  # the document itself is left alone
@@ -77,10 +86,13 @@ def fake_project(tmp_path, monkeypatch, default="shared") -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     write_params(repo / "params.yaml", MICRO)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "p"],
-                ["git", "init", "-q", "--bare", str(tmp_path / "origin.git")],
-                ["git", "remote", "add", "origin", str(tmp_path / "origin.git")]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "p"],
+        ["git", "init", "-q", "--bare", str(tmp_path / "origin.git")],
+        ["git", "remote", "add", "origin", str(tmp_path / "origin.git")],
+    ):
         run(cmd, repo)
     fake = tmp_path / "fake_dvc.py"
     fake.write_text(FAKE_DVC.format(log=str(tmp_path / "dvc.log"), default=default))
@@ -102,20 +114,35 @@ def test_a_failing_combination_is_reported_and_the_rest_of_the_share_goes_on(tmp
     assert e.value.code == 1
     calls = [c for c in dvc_calls(tmp_path) if c.startswith("exp")]
     assert [c.split()[:5] for c in calls if c.startswith("exp run")] == [
-        ["exp", "run", "--temp", "-n", names[lr]] for lr in ("0.001", "0.002", "0.003")]  # the third ran too
+        ["exp", "run", "--temp", "-n", names[lr]] for lr in ("0.001", "0.002", "0.003")
+    ]  # the third ran too
     assert [c for c in calls if c.startswith("exp push")] == [
-        f"exp push --run-cache origin {names[lr]}" for lr in ("0.001", "0.003")]  # the failed one is not pushed
+        f"exp push --run-cache origin {names[lr]}" for lr in ("0.001", "0.003")
+    ]  # the failed one is not pushed
     err = capsys.readouterr().err.splitlines()
-    assert err == ["grid.py: 1 of 3 experiment(s) failed (the others ran):",
-                   f"  {names['0.002']} (train.lr=0.002): `dvc exp run` failed"]
+    assert err == [
+        "grid.py: 1 of 3 experiment(s) failed (the others ran):",
+        f"  {names['0.002']} (train.lr=0.002): `dvc exp run` failed",
+    ]
 
 
 def test_push_without_a_dvc_remote_or_a_git_remote_runs_nothing(tmp_path, monkeypatch, capsys):
     fake_project(tmp_path, monkeypatch, default="")
-    refused(capsys, lambda: grid.main(["run", "-S", "train.lr=0.001", "--push", "origin"]),
-            "--push origin", "no default DVC remote", "dvc remote add -d", "nothing was run")
-    refused(capsys, lambda: grid.main(["run", "-S", "train.lr=0.001", "--push", "nowhere"]),
-            "--push nowhere", "the git remote does not answer", "nothing was run")
+    refused(
+        capsys,
+        lambda: grid.main(["run", "-S", "train.lr=0.001", "--push", "origin"]),
+        "--push origin",
+        "no default DVC remote",
+        "dvc remote add -d",
+        "nothing was run",
+    )
+    refused(
+        capsys,
+        lambda: grid.main(["run", "-S", "train.lr=0.001", "--push", "nowhere"]),
+        "--push nowhere",
+        "the git remote does not answer",
+        "nothing was run",
+    )
     assert not [c for c in dvc_calls(tmp_path) if c.startswith("exp")]
 
 
@@ -139,7 +166,8 @@ def test_a_share_run_twice_through_dvc_runs_nothing_again(tmp_path):
     again = run([sys.executable, GRID, "run", "-S", "train.lr=0.001,0.002", "validate"], repo)
     assert "+ dvc exp run" not in again.stdout and again.stdout.count("already run for this commit") == 2
     refs = run(["git", "for-each-ref", "refs/exps"], repo).stdout.splitlines()
-    p = subprocess.run([sys.executable, GRID, "run", "-S", "train.lr=0.003,-1", "validate"], cwd=repo,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, GRID, "run", "-S", "train.lr=0.003,-1", "validate"], cwd=repo, capture_output=True, text=True
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "train.lr=-1" in p.stderr, p.stderr
     assert run(["git", "for-each-ref", "refs/exps"], repo).stdout.splitlines() == refs  # nothing ran

@@ -6,11 +6,11 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import miniatures
 import numpy as np
 import pytest
 from PIL import Image
 
-import miniatures
 from vitpipe.data.imagefolder import decode_image
 from vitpipe.data.sources import SkipImage, get_source
 from vitpipe.errors import UserError
@@ -97,8 +97,10 @@ def test_user_errors(tmp_path):
         source.fetch(cfg(archive=str(tmp_path / "plain.txt")), tmp_path / "raw3")
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"),
-                                      ("1", "PNG"), ("LA", "PNG"), ("RGB", "WEBP")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [("RGBA", "PNG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("1", "PNG"), ("LA", "PNG"), ("RGB", "WEBP")],
+)
 def test_decode_any_mode_to_rgb(tmp_path, mode, fmt):
     path = tmp_path / f"img.{fmt.lower()}"
     path.write_bytes(miniatures.image_bytes(mode, fmt=fmt))
@@ -128,6 +130,7 @@ def test_truncated_and_garbage_are_skipped(tmp_path):
 
 
 # ---------------------------------------------------------------- bad data
+
 
 def classes_folder(root, counts: dict, bad: dict | None = None):
     """root/<class>/<i>.jpg: counts[class] good images, then bad[class] files that are no images."""
@@ -159,9 +162,11 @@ def test_nothing_decodes_is_one_line_and_nothing_lands(tmp_path, packed):
     raw = tmp_path / "data/raw/imagefolder"
     with pytest.raises(UserError) as e:
         get_source("imagefolder").fetch(cfg(archive=str(src)), raw)
-    assert str(e.value) == (f"data.archive: {src}: none of the 3 image files could be decoded (e.g. cats/bad_0.jpg: "
-                            f"not an image, or a format PIL cannot read); they are damaged or not images: put "
-                            f"readable image files (JPEG, PNG, …) in the class sub-folders")
+    assert str(e.value) == (
+        f"data.archive: {src}: none of the 3 image files could be decoded (e.g. cats/bad_0.jpg: "
+        f"not an image, or a format PIL cannot read); they are damaged or not images: put "
+        f"readable image files (JPEG, PNG, …) in the class sub-folders"
+    )
     assert list((tmp_path / "data/raw").iterdir()) == []  # no temp folder, no half copy
 
 
@@ -181,10 +186,12 @@ def test_class_with_no_readable_image_fails_preprocess_and_keeps_the_store(tmp_p
     get_source("imagefolder").fetch(c, c.raw_dir)  # some images decode: the download stage passes
     with pytest.raises(UserError) as e:
         prepare(c)
-    assert str(e.value) == ("data/raw/imagefolder: class 'birds' has no readable image in the train split "
-                            "('birds' has 2 image(s) there and none decodes, e.g. data/raw/imagefolder/birds/bad_0.jpg: not an image, "
-                            "or a format PIL cannot read); every class needs readable images in both train and test: "
-                            "add some to it or remove the class, then run `dvc repro` again")
+    assert str(e.value) == (
+        "data/raw/imagefolder: class 'birds' has no readable image in the train split "
+        "('birds' has 2 image(s) there and none decodes, e.g. data/raw/imagefolder/birds/bad_0.jpg: not an image, "
+        "or a format PIL cannot read); every class needs readable images in both train and test: "
+        "add some to it or remove the class, then run `dvc repro` again"
+    )
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before  # the earlier store, byte for byte
     assert sorted(p.name for p in store.parent.iterdir()) == ["imagefolder"]  # no temp folder
 
@@ -197,8 +204,11 @@ def test_class_too_small_for_the_split_fails_before_decoding(tmp_path, monkeypat
     c = prepared_cfg(src, split={"train": 0.7, "val": 0.1, "test": 0.2})
     get_source("imagefolder").fetch(c, c.raw_dir)
     monkeypatch.setattr(prepare, "write_split", None)  # must not be reached
-    with pytest.raises(UserError, match=r"^data/raw/imagefolder: class 'birds' has no readable image in the test "
-                                        r"split \('birds' has 1 image\(s\) in all, none of them in the test split\)"):
+    with pytest.raises(
+        UserError,
+        match=r"^data/raw/imagefolder: class 'birds' has no readable image in the test "
+        r"split \('birds' has 1 image\(s\) in all, none of them in the test split\)",
+    ):
         prepare.prepare(c)
 
 
@@ -212,8 +222,10 @@ def test_thin_class_is_warned_and_recorded(tmp_path, monkeypatch, capsys):
     meta = prepare(c)
     assert meta["thin_classes"] == ["birds"]
     assert meta["class_counts"]["train"][0] == 1 and meta["class_counts"]["test"][0] == 1  # birds sort first
-    line = ("data/raw/imagefolder: 1 class(es) with under 10% of the median 20 train images per class: 'birds' (1); "
-            "the model barely learns them and their accuracy is noise: add images to them or remove them")
+    line = (
+        "data/raw/imagefolder: 1 class(es) with under 10% of the median 20 train images per class: 'birds' (1); "
+        "the model barely learns them and their accuracy is noise: add images to them or remove them"
+    )
     assert line in meta["warnings"]
     assert f"vitpipe: warning: {line}\n" in capsys.readouterr().err
     assert sanity_metrics(meta) == {"thin_classes": 1, "thin_class_names": "birds", "data_warnings": 2}  # train, test
@@ -236,8 +248,10 @@ def test_folder_without_image_files_is_warned_not_dropped_silently(tmp_path, mon
         src = archive
     c = prepared_cfg(src)
     get_source("imagefolder").fetch(c, c.raw_dir)
-    line = (f"sub-folder 'daisy' holds no image files (3 .heic, 1 .txt), so it is not a class and is left out: "
-            f"convert its images to JPEG or PNG, or move it out of the folder")
+    line = (
+        "sub-folder 'daisy' holds no image files (3 .heic, 1 .txt), so it is not a class and is left out: "
+        "convert its images to JPEG or PNG, or move it out of the folder"
+    )
     assert f"vitpipe: warning: data.archive: {src}: {line}\n" in capsys.readouterr().err
     meta = prepare(c)
     assert meta["classes"] == ["rose", "tulip"]
@@ -266,6 +280,8 @@ def test_raw_images_spoiled_after_download_fail_preprocess_in_one_line(tmp_path,
         p.write_bytes(b"")
     with pytest.raises(UserError) as e:
         prepare(c)
-    assert str(e.value) == ("data/raw/imagefolder: none of the 4 image files could be decoded (e.g. "
-                            "data/raw/imagefolder/cats/000.jpg: not an image, or a format PIL cannot read); they are "
-                            "damaged or not images: run `dvc repro download` again to restore them")
+    assert str(e.value) == (
+        "data/raw/imagefolder: none of the 4 image files could be decoded (e.g. "
+        "data/raw/imagefolder/cats/000.jpg: not an image, or a format PIL cannot read); they are "
+        "damaged or not images: run `dvc repro download` again to restore them"
+    )

@@ -34,8 +34,12 @@ def reference_shift_and_flip(x, generator, hflip):
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     rows, cols = dy[:, None] + torch.arange(h)[None, :], dx[:, None] + torch.arange(w)[None, :]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
+    out = padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(3)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
     if hflip:
         flip = torch.rand(n, generator=generator) < 0.5
         out[flip] = out[flip].flip(-1)
@@ -91,9 +95,11 @@ def test_prefetching_gives_the_same_numbers_for_every_seed_step_and_micro_batch(
     data = synthetic()
     bs, mb, steps = 32, 8, 9  # 4 micro-batches a step; 9 steps pass an epoch boundary (96 images)
     for seed in (0, 3):
+
         def pipeline(prefetch, start=0, mine=(0, 1, 2, 3), seed=seed, mb=mb):
-            return InputPipeline(data, seed, bs, mb, list(mine), True, torch.device("cpu"), start, steps,
-                                 prefetch=prefetch)
+            return InputPipeline(
+                data, seed, bs, mb, list(mine), True, torch.device("cpu"), start, steps, prefetch=prefetch
+            )
 
         on_demand = batches(pipeline(0), range(steps), range(4))
         ahead = batches(pipeline(4), range(steps), range(4))
@@ -104,8 +110,8 @@ def test_prefetching_gives_the_same_numbers_for_every_seed_step_and_micro_batch(
             ref = reference_batch(data, batch, True, augmentation_generator(seed, s))
             assert torch.equal(whole[s, 0][0], ref[0]) and torch.equal(whole[s, 0][1], ref[1]), (seed, s)
             place = np.argsort(np.argsort(batch, kind="stable"), kind="stable")  # each image's row in ref
-            mine = batch[m * mb:(m + 1) * mb]
-            rows = torch.from_numpy(place[m * mb:(m + 1) * mb][np.argsort(mine, kind="stable")])
+            mine = batch[m * mb : (m + 1) * mb]
+            rows = torch.from_numpy(place[m * mb : (m + 1) * mb][np.argsort(mine, kind="stable")])
             assert torch.equal(x, ref[0][rows]) and torch.equal(y, ref[1][rows]), (seed, s, m)
             assert torch.equal(ahead[s, m][0], x) and torch.equal(ahead[s, m][1], y), (seed, s, m)
             if s >= 5:
@@ -124,8 +130,18 @@ def test_a_memory_mapped_store_gives_the_same_batches(tmp_path, monkeypatch):
     data = synthetic()
     np.save(tmp_path / "train_x.npy", data.x)
     np.save(tmp_path / "train_y.npy", data.y.numpy())
-    (tmp_path / "meta.json").write_text(json.dumps({"classes": list("abcd"), "num_classes": 4, "image_size": 16,
-                                                    "mean": [0.5] * 3, "std": [0.25] * 3, "hflip": True}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps(
+            {
+                "classes": list("abcd"),
+                "num_classes": 4,
+                "image_size": 16,
+                "mean": [0.5] * 3,
+                "std": [0.25] * 3,
+                "hflip": True,
+            }
+        )
+    )
     monkeypatch.setattr(prepared_store, "IN_RAM_BYTES", 0)  # every split is "big"
     mapped = PreparedStore(tmp_path).split("train")
     assert isinstance(mapped.x, np.memmap)
@@ -166,13 +182,25 @@ def test_on_the_cpu_the_thread_runs_only_beside_a_free_core(monkeypatch):
 
 def test_fit_logs_host_data_time_per_step(tmp_path):
     torch.manual_seed(0)
-    r = TrainParams(steps=4, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=1, checkpoint_every=2,
-                    eval_every=None, seed=0)
+    r = TrainParams(
+        steps=4, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=1, checkpoint_every=2, eval_every=None, seed=0
+    )
     paths = RunPaths(weights=tmp_path / "model.pt", metrics=tmp_path / "metrics.json", plots=tmp_path / "plots")
-    fit(TrainingJob(build_model(SPEC, 4, 16), synthetic(), r, paths, val=None,
-                    run_config={"spec": SPEC, "image_size": 16}, fresh_key="train.resume",
-                    weights_meta={"spec": SPEC, "num_classes": 4, "image_size": 16}, desc="test", quiet=True,
-                    store_dir=tmp_path / "store"))
+    fit(
+        TrainingJob(
+            build_model(SPEC, 4, 16),
+            synthetic(),
+            r,
+            paths,
+            val=None,
+            run_config={"spec": SPEC, "image_size": 16},
+            fresh_key="train.resume",
+            weights_meta={"spec": SPEC, "num_classes": 4, "image_size": 16},
+            desc="test",
+            quiet=True,
+            store_dir=tmp_path / "store",
+        )
+    )
     lines = (paths.plots / "train.tsv").read_text().splitlines()
     rows = [dict(zip(lines[0].split("\t"), line.split("\t"))) for line in lines[1:]]
     assert [int(row["step"]) for row in rows] == [1, 2, 3, 4]
@@ -187,8 +215,9 @@ def test_cuda_pipeline_is_the_cpu_batch():
     labels (the normalisation's two correctly rounded operations may differ by an ulp)."""
     data, dev = synthetic(), torch.device("cuda")
     gpu = batches(InputPipeline(data, 0, 32, 8, [0, 1, 2, 3], True, dev, 0, 6, channels_last=True), range(6), range(4))
-    cpu = batches(InputPipeline(data, 0, 32, 8, [0, 1, 2, 3], True, torch.device("cpu"), 0, 6, prefetch=0),
-                  range(6), range(4))
+    cpu = batches(
+        InputPipeline(data, 0, 32, 8, [0, 1, 2, 3], True, torch.device("cpu"), 0, 6, prefetch=0), range(6), range(4)
+    )
     for k, (x, y) in cpu.items():
         assert gpu[k][0].is_cuda and torch.allclose(gpu[k][0].cpu(), x, rtol=1e-6, atol=1e-6), k
         assert torch.equal(gpu[k][1].cpu(), y), k

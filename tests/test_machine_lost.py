@@ -45,11 +45,21 @@ def test_returning_to_old_params_restores_every_training_stage_from_the_run_cach
     run(["git", "commit", "-qm", "A"], project)
     b = dvc(["exp", "run", "-S", "train.steps=4", "-S", "finetune.steps=4", "-S", "pretrain.steps=2"], project)
     assert TRAINING <= ran(b)
-    again = dvc(["exp", "run", "-S", f"train.steps={MICRO['train']['steps']}", "-S",
-                 f"finetune.steps={MICRO['finetune']['steps']}", "-S", f"pretrain.steps={MICRO['pretrain']['steps']}"],
-                project)
+    again = dvc(
+        [
+            "exp",
+            "run",
+            "-S",
+            f"train.steps={MICRO['train']['steps']}",
+            "-S",
+            f"finetune.steps={MICRO['finetune']['steps']}",
+            "-S",
+            f"pretrain.steps={MICRO['pretrain']['steps']}",
+        ],
+        project,
+    )
     assert not ran(again) & TRAINING, again  # no training stage ran ...
-    assert TRAINING <= restored(again)       # ... each came back from the run-cache
+    assert TRAINING <= restored(again)  # ... each came back from the run-cache
     rows = (project / "plots/train_scratch/seed-0/train.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in rows] == list(range(1, MICRO["train"]["steps"] + 1))  # A's log, restored
     assert store_steps(checkpoint_store) == []  # and nothing trained: no checkpoint written
@@ -122,8 +132,11 @@ FIRST = [*PRETRAINS, "train_scratch@0"]
 
 def _outputs(repo: Path, name: str) -> dict[str, bytes]:
     """A pretrain stage's outputs, byte for byte."""
-    files = [repo / f"models/pretrained/{name}.pt", repo / f"metrics/pretrain/{name}.json",
-             *sorted((repo / f"plots/pretrain/{name}").glob("*.tsv"))]
+    files = [
+        repo / f"models/pretrained/{name}.pt",
+        repo / f"metrics/pretrain/{name}.json",
+        *sorted((repo / f"plots/pretrain/{name}").glob("*.tsv")),
+    ]
     return {str(f.relative_to(repo)): f.read_bytes() for f in files}
 
 
@@ -169,10 +182,15 @@ def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_pa
     env = {"VITPIPE_CHECKPOINT_DIR": str(store_x), "VITPIPE_CHECKPOINT_MIRROR": mirror, "OMP_NUM_THREADS": "1"}
     # DVC orders independent stages its own way: two commands fix which one is in flight at the kill
     repro = " ".join(DVC + ["repro"])
-    p = subprocess.Popen(["sh", "-c", f"{repro} {' '.join(PRETRAINS)} && {repro} train_scratch@0"], cwd=x,
-                         start_new_session=True,
-                         env={**os.environ, **env, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        ["sh", "-c", f"{repro} {' '.join(PRETRAINS)} && {repro} train_scratch@0"],
+        cwd=x,
+        start_new_session=True,
+        env={**os.environ, **env, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _stop_mid_run_with_a_mirrored_step(p, store_x, kind, where, endpoint)
     os.killpg(p.pid, signal.SIGKILL)  # the runtime disconnects: dvc, the stage, its upload thread
     out_x = p.communicate()[0]
@@ -189,8 +207,9 @@ def test_lost_machine_restores_finished_runs_and_resumes_in_a_fresh_clone(tmp_pa
     out = dvc(["repro", *FIRST], y, env=env)
     shown = f"s3://{where}" if kind == "s3" else where
     for name in PRETRAINS:  # restored, not trained: the very bytes, step logs and their timings included
-        assert re.search(rf"^\[{name}\] restored the finished run [0-9a-f]{{16}} from mirror {re.escape(shown)}$",
-                         out, re.MULTILINE), out[-3000:]
+        assert re.search(
+            rf"^\[{name}\] restored the finished run [0-9a-f]{{16}} from mirror {re.escape(shown)}$", out, re.MULTILINE
+        ), out[-3000:]
         assert _outputs(y, name.split("@")[1]) == finished_x[name]
     assert f"resuming from mirror {shown} at step " in out, out[-3000:]
     resumed_at = int(out.split("resuming from mirror ")[1].split(" at step ")[1].split("/")[0])
@@ -208,9 +227,20 @@ def test_killed_temp_experiment_resumes_when_run_again(project, reference, check
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "long"], project)
     run(DVC + ["repro", "preprocess"], project)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    p = subprocess.Popen(DVC + ["exp", "run", "--temp", "train_scratch@0"], cwd=project, env=env, start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
+    p = subprocess.Popen(
+        DVC + ["exp", "run", "--temp", "train_scratch@0"],
+        cwd=project,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     # the 150 steps take about a second: look often
     mid_way = wait_for(lambda: max(store_steps(checkpoint_store), default=0) >= 30, p)
     with contextlib.suppress(ProcessLookupError):
@@ -221,7 +251,9 @@ def test_killed_temp_experiment_resumes_when_run_again(project, reference, check
     time.sleep(0.5)
     again = run(DVC + ["exp", "run", "--temp", "train_scratch@0"], project, env={"OMP_NUM_THREADS": "1"})
     out = again.stdout + again.stderr
-    assert f"resuming from local store {checkpoint_store}/" in out and f"at step {step}/{LONG['steps']}" in out, out[-3000:]
+    assert f"resuming from local store {checkpoint_store}/" in out and f"at step {step}/{LONG['steps']}" in out, out[
+        -3000:
+    ]
     # the experiment's weights, from its commit and DVC's cache: those of an uninterrupted run
     import io
 

@@ -18,11 +18,20 @@ from test_train import ENV, stage_dir
 
 from vitpipe.training import distributed
 
-pytestmark = pytest.mark.slow   # each test starts torchrun nodes
+pytestmark = pytest.mark.slow  # each test starts torchrun nodes
 
 SCRIPT = ROOT / "stages" / "train_scratch.py"
-LAUNCHERS = ("VITPIPE_RDZV_ENDPOINT", "VITPIPE_RDZV_ID", "SKYPILOT_NODE_IPS", "SKYPILOT_TASK_ID", "MASTER_ADDR",
-             "MASTER_PORT", "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "PET_RDZV_ID")
+LAUNCHERS = (
+    "VITPIPE_RDZV_ENDPOINT",
+    "VITPIPE_RDZV_ID",
+    "SKYPILOT_NODE_IPS",
+    "SKYPILOT_TASK_ID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_JOB_NODELIST",
+    "SLURM_JOB_ID",
+    "PET_RDZV_ID",
+)
 
 
 def node_env(tmp_path, endpoint: str) -> dict:
@@ -31,8 +40,9 @@ def node_env(tmp_path, endpoint: str) -> dict:
 
 
 def start_node(cwd, env, script=SCRIPT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), "0"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), "0"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def listening(port: int) -> bool:
@@ -51,8 +61,10 @@ def test_a_node_that_never_joins_ends_in_one_line_within_the_join_timeout(prepar
     took = time.monotonic() - start
     assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
     assert "for all 2 nodes to join, at most 5 s" in err  # it says it waits, while it waits
-    assert errors(err) == ["vitpipe: error: not every node joined within 5 s (the section's rdzv_timeout_s): start "
-                           "the same stage on every node, with the same VITPIPE_RDZV_ENDPOINT, or raise the timeout"]
+    assert errors(err) == [
+        "vitpipe: error: not every node joined within 5 s (the section's rdzv_timeout_s): start "
+        "the same stage on every node, with the same VITPIPE_RDZV_ENDPOINT, or raise the timeout"
+    ]
     assert took < 60, took  # the join timeout, torch's import and the agent's shutdown; not 600 s
 
 
@@ -62,8 +74,16 @@ def test_a_peer_killed_mid_run_ends_the_other_node_in_one_line(prepared, tmp_pat
     """The rendezvous store lives in the agent of the node that bound the endpoint first (the one
     started first here). When that node is the one killed, the survivor's agent loses its store
     too: it must leave the report to its worker, not add a line of its own (it did, under load)."""
-    train = {"steps": 2000, "batch_size": 16, "micro_batch": 8, "checkpoint_every": 10, "eval_every": 1000,
-             "nproc": 1, "nnodes": 2, "collective_timeout_s": 30}
+    train = {
+        "steps": 2000,
+        "batch_size": 16,
+        "micro_batch": 8,
+        "checkpoint_every": 10,
+        "eval_every": 1000,
+        "nproc": 1,
+        "nnodes": 2,
+        "collective_timeout_s": 30,
+    }
     port = free_port()
     env = node_env(tmp_path, f"127.0.0.1:{port}")
     first, second = (0, 1) if store_host == "survivor" else (1, 0)
@@ -101,9 +121,11 @@ def test_an_endpoint_that_is_not_host_port_is_one_line_before_anything_starts(pr
     p = start_node(run, node_env(tmp_path, "127.0.0.1:29x00"))
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "Traceback" not in err and "waiting" not in err, err[-3000:]
-    assert errors(err) == ["vitpipe: error: rendezvous endpoint '127.0.0.1:29x00' (from VITPIPE_RDZV_ENDPOINT or the "
-                           "launcher's variables) is not host:port with a port in 1..65535; set "
-                           "VITPIPE_RDZV_ENDPOINT=host:port, e.g. 10.0.0.1:29500"]
+    assert errors(err) == [
+        "vitpipe: error: rendezvous endpoint '127.0.0.1:29x00' (from VITPIPE_RDZV_ENDPOINT or the "
+        "launcher's variables) is not host:port with a port in 1..65535; set "
+        "VITPIPE_RDZV_ENDPOINT=host:port, e.g. 10.0.0.1:29500"
+    ]
 
 
 def test_slurm_comes_before_master_addr_with_a_port_from_the_job_id(monkeypatch):

@@ -21,10 +21,15 @@ NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
 
 def test_notebook_is_stored_without_outputs():
     nb = json.loads(NOTEBOOK.read_text())
-    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
-             and (c.get("outputs") or c.get("execution_count") is not None)]
-    assert not dirty, (f"{NOTEBOOK.name}: cells {dirty} have outputs; clear them before committing "
-                       "(jupyter nbconvert --clear-output --inplace notebooks/colab.ipynb)")
+    dirty = [
+        i
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None)
+    ]
+    assert not dirty, (
+        f"{NOTEBOOK.name}: cells {dirty} have outputs; clear them before committing "
+        "(jupyter nbconvert --clear-output --inplace notebooks/colab.ipynb)"
+    )
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
@@ -39,8 +44,8 @@ def test_notebook_cells_are_short_steps():
         assert "\n" not in "".join(c["source"]).strip()
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert '"google.colab" in sys.modules' in code and "if not MIRROR and IN_COLAB:" in code
-    assert "/kaggle/working" in code and "VITPIPE_NO_VENV" in code and "--device\", \"auto\"" in code
-    assert "dvc\", \"exp\", \"run\"" in code and "VITPIPE_CHECKPOINT_MIRROR" in code
+    assert "/kaggle/working" in code and "VITPIPE_NO_VENV" in code and '--device", "auto"' in code
+    assert 'dvc", "exp", "run"' in code and "VITPIPE_CHECKPOINT_MIRROR" in code
     text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     assert "runtime disconnected" in text and "colab.research.google.com/github/" in text
     assert "session limit" in text and "restored the finished run" in text
@@ -71,8 +76,9 @@ def execute(start: Path, monkeypatch, failing=False) -> tuple[list, float]:
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     nb = nbformat.read(NOTEBOOK, as_version=4)
     t = time.perf_counter()
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=240,
-                                     resources={"metadata": {"path": str(start)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=240, resources={"metadata": {"path": str(start)}}
+    )
     if failing:
         with pytest.raises(nbclient.exceptions.CellExecutionError):
             client.execute()
@@ -92,9 +98,9 @@ def text(cell) -> str:
 def check_cells(code, mirror_dir: Path | None = None) -> None:
     info, install, mirror, plan, run, results = code
     assert "python" in text(info) and "gpus" in text(info)
-    assert "is installed in" in text(install)                       # this venv: nothing installed
+    assert "is installed in" in text(install)  # this venv: nothing installed
     if mirror_dir is None:
-        assert "not in Colab or Kaggle" in text(mirror)             # the Drive mount skipped itself
+        assert "not in Colab or Kaggle" in text(mirror)  # the Drive mount skipped itself
         assert "no mirror (step 3)" in text(plan)
     else:
         assert f"checkpoints are mirrored to {mirror_dir}" in text(mirror)
@@ -104,7 +110,7 @@ def check_cells(code, mirror_dir: Path | None = None) -> None:
     assert "Ran experiment" in text(run) and "Running stage 'report'" in text(run)
     html = [o for o in results.outputs if o["output_type"] == "display_data" and "text/html" in o["data"]]
     assert html and "<iframe srcdoc=" in html[0]["data"]["text/html"] and "Headline" in html[0]["data"]["text/html"]
-    assert "top1" in text(results) and "| Experiment" in text(results)   # dvc exp show, dvc metrics diff
+    assert "top1" in text(results) and "| Experiment" in text(results)  # dvc exp show, dvc metrics diff
 
 
 @pytest.mark.slow
@@ -116,8 +122,17 @@ def test_notebook_runs_headless_on_the_micro_config(tmp_path, monkeypatch):
     # nothing in it changes (other work may go on in the real one)
     start = tmp_path / "checkout"
     start.mkdir()
-    for name in ("dvc.yaml", "stages", "vitpipe", "weights", "pyproject.toml", ".dvcignore", "params.yaml",
-                 "studies/params.yaml", "studies/dvc.lock"):
+    for name in (
+        "dvc.yaml",
+        "stages",
+        "vitpipe",
+        "weights",
+        "pyproject.toml",
+        ".dvcignore",
+        "params.yaml",
+        "studies/params.yaml",
+        "studies/dvc.lock",
+    ):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, start / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -126,8 +141,11 @@ def test_notebook_runs_headless_on_the_micro_config(tmp_path, monkeypatch):
             shutil.copy(src, start / name)
 
     def files():
-        return {str(p.relative_to(start)): p.read_bytes() for p in start.rglob("*")
-                if p.is_file() and "__pycache__" not in p.parts}
+        return {
+            str(p.relative_to(start)): p.read_bytes()
+            for p in start.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
 
     before = files()
     micro = tmp_path / "micro.yaml"
@@ -146,11 +164,17 @@ def test_notebook_runs_headless_on_the_micro_config(tmp_path, monkeypatch):
     assert after == before, sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
 
 
-@pytest.mark.parametrize("url, said", [
-    (None, "REPO_URL is not set ('https://github.com/OWNER/vitpipe' is the placeholder): set REPO_URL in the first cell"),
-    ("file:///nonexistent/vitpipe.git", "cannot clone REPO_URL 'file:///nonexistent/vitpipe.git' ("),
-    ("NOT-VITPIPE", "is not vitpipe (no dvc.yaml and vitpipe/ in it): set REPO_URL in the first cell"),
-])
+@pytest.mark.parametrize(
+    "url, said",
+    [
+        (
+            None,
+            "REPO_URL is not set ('https://github.com/OWNER/vitpipe' is the placeholder): set REPO_URL in the first cell",
+        ),
+        ("file:///nonexistent/vitpipe.git", "cannot clone REPO_URL 'file:///nonexistent/vitpipe.git' ("),
+        ("NOT-VITPIPE", "is not vitpipe (no dvc.yaml and vitpipe/ in it): set REPO_URL in the first cell"),
+    ],
+)
 def test_a_missing_or_wrong_repo_url_stops_with_one_line(tmp_path, monkeypatch, url, said):
     """Opened outside a checkout (a new Colab runtime), the notebook clones REPO_URL: the
     placeholder, a URL that does not clone and a repository that is not vitpipe each stop the
@@ -159,8 +183,11 @@ def test_a_missing_or_wrong_repo_url_stops_with_one_line(tmp_path, monkeypatch, 
         other = tmp_path / "other"
         other.mkdir()
         (other / "README.md").write_text("not vitpipe\n")
-        for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        for cmd in (
+            ["git", "init", "-q"],
+            ["git", "add", "-A"],
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+        ):
             subprocess.run(cmd, cwd=other, check=True)
         url = f"file://{other}"
     if url is None:
@@ -175,7 +202,7 @@ def test_a_missing_or_wrong_repo_url_stops_with_one_line(tmp_path, monkeypatch, 
     line = errors[0]["traceback"][0]
     assert line.startswith("vitpipe notebook: ") and said in line and "\n" not in line
     assert "VITPIPE_REPO_URL" in line and "e.g. https://github.com/<owner>/vitpipe" in line
-    assert not (start / "vitpipe").exists()                          # no half clone left for the next run
+    assert not (start / "vitpipe").exists()  # no half clone left for the next run
     assert all(not c.outputs for c in code[1:])
 
 
@@ -226,8 +253,8 @@ def test_a_new_runtime_continues_the_study_from_the_mirror(tmp_path, monkeypatch
     every run that finished on the first comes back from the mirror, each said in one line,
     none trained again, and the study completes."""
     pytest.importorskip("nbclient")
-    origin = make_project(tmp_path / "origin")                      # the published repository: the micro params
-    mirror = tmp_path / "drive" / "vitpipe-checkpoints"              # one folder both machines mount
+    origin = make_project(tmp_path / "origin")  # the published repository: the micro params
+    mirror = tmp_path / "drive" / "vitpipe-checkpoints"  # one folder both machines mount
     monkeypatch.setenv("VITPIPE_REPO_URL", f"file://{origin}")
     monkeypatch.setenv("VITPIPE_CHECKPOINT_MIRROR", str(mirror))
     monkeypatch.delenv("VITPIPE_NOTEBOOK_PARAMS", raising=False)
@@ -235,9 +262,12 @@ def test_a_new_runtime_continues_the_study_from_the_mirror(tmp_path, monkeypatch
 
     first = tmp_path / "machine-1"
     first.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", RUN_NOTEBOOK, str(NOTEBOOK), str(first)],
-                            env={**os.environ, "VITPIPE_CHECKPOINT_DIR": str(first / "store")},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_NOTEBOOK, str(NOTEBOOK), str(first)],
+        env={**os.environ, "VITPIPE_CHECKPOINT_DIR": str(first / "store")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     try:
         while len(list(mirror.glob("*/finished.json"))) < 2:
@@ -247,8 +277,8 @@ def test_a_new_runtime_continues_the_study_from_the_mirror(tmp_path, monkeypatch
     finally:
         lose_the_machine(proc)
     finished = sorted(m.parent.name for m in mirror.glob("*/finished.json"))
-    assert 2 <= len(finished) < 5                                   # 5 training runs in the micro study
-    shutil.rmtree(first)                                            # its clone, DVC cache and store go with it
+    assert 2 <= len(finished) < 5  # 5 training runs in the micro study
+    shutil.rmtree(first)  # its clone, DVC cache and store go with it
 
     second = tmp_path / "machine-2"
     second.mkdir()
@@ -259,14 +289,19 @@ def test_a_new_runtime_continues_the_study_from_the_mirror(tmp_path, monkeypatch
     run = text(code[4])
     restored = dict(re.findall(r"\[(\S+)\] restored the finished run (\w+) from ", run))
     assert sorted(restored.values()) == finished, run[-3000:]
-    trained = set(re.findall(r"(?:^|[\r\n])(\S+@\S+|train_scratch@\d+): +\d+%\|", run))   # tqdm: a training bar
-    assert trained and not trained & set(restored), (trained, restored)   # the rest trained; nothing twice
+    trained = set(re.findall(r"(?:^|[\r\n])(\S+@\S+|train_scratch@\d+): +\d+%\|", run))  # tqdm: a training bar
+    assert trained and not trained & set(restored), (trained, restored)  # the rest trained; nothing twice
     clone = second / "vitpipe"
     assert f"vitpipe checkout: {clone}" in text(code[0])
     assert "no GPU: the embedded default (params.yaml), on this CPU" in text(code[3])
     assert (clone / "reports" / "report.html").exists()
-    exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=clone,
-                          capture_output=True, text=True, check=True).stdout.split()
+    exps = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "list", "--name-only"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert len(exps) == 1
 
     # A third runtime on another GPU class: the same study, its ViT runs split into other
@@ -287,6 +322,6 @@ def test_a_new_runtime_continues_the_study_from_the_mirror(tmp_path, monkeypatch
     run = text(code[4])
     restored = dict(re.findall(r"\[(\S+)\] restored the finished run (\w+) from ", run))
     assert sorted(restored.values()) == every, run[-3000:]
-    assert not re.search(r"(?:^|[\r\n])(\S+@\S+|train_scratch@\d+): +\d+%\|", run)   # no training bar at all
+    assert not re.search(r"(?:^|[\r\n])(\S+@\S+|train_scratch@\d+): +\d+%\|", run)  # no training bar at all
     assert "micro_batch: 4" in (third / "vitpipe" / "params.yaml").read_text()
     assert sorted(m.parent.name for m in mirror.glob("*/finished.json")) == every

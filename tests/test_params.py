@@ -40,7 +40,7 @@ CASES = [
 ]
 
 
-@pytest.mark.slow   # a stage process per case
+@pytest.mark.slow  # a stage process per case
 @pytest.mark.parametrize("argv,key,value,named,allowed", CASES)
 def test_stage_rejects_bad_param(tmp_path, argv, key, value, named, allowed):
     write_params(tmp_path / "params.yaml", doc_with(key, value))
@@ -76,7 +76,9 @@ def test_missing_params_file(tmp_path):
 
 def test_params_reference_is_generated_from_the_schema():
     """docs/params.md is what `python -m vitpipe.params` prints: the docs cannot drift."""
-    assert (ROOT / "docs" / "params.md").read_text() == params.reference_markdown(model_specs.MODEL, model_specs.VARIANT)
+    assert (ROOT / "docs" / "params.md").read_text() == params.reference_markdown(
+        model_specs.MODEL, model_specs.VARIANT
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,7 +110,8 @@ def test_changing_one_side_of_the_twin_stops_validate_saying_how_to_change_both(
     assert str(e.value) == (
         "params.yaml: model.patch = 8 is not allowed: variants.vit_tiny.patch is 4 and vit_tiny is this network "
         "fine-tuned (model.twin): change both (dvc exp run -S model.patch=8 -S variants.vit_tiny.patch=8), or set "
-        "model.twin to null to compare unlike networks")
+        "model.twin to null to compare unlike networks"
+    )
     doc["variants"]["vit_tiny"]["patch"] = 8
     check_params.check_all(doc)
     assert model_specs.twin_name(doc) == "vit_tiny"
@@ -119,13 +122,16 @@ def test_a_twin_must_be_a_variant_and_null_means_none():
 
     doc = default_params()
     doc["model"]["twin"] = "vit_tinny"
-    with pytest.raises(ParamError, match=r"model.twin = 'vit_tinny' is not allowed: a variant of params.yaml "
-                                         r"\(vit_tiny, resnet18\) or null"):
+    with pytest.raises(
+        ParamError,
+        match=r"model.twin = 'vit_tinny' is not allowed: a variant of params.yaml "
+        r"\(vit_tiny, resnet18\) or null",
+    ):
         check_params.check_all(doc)
-    doc["model"]["twin"], doc["model"]["patch"] = None, 8      # unlike networks, on purpose
+    doc["model"]["twin"], doc["model"]["patch"] = None, 8  # unlike networks, on purpose
     check_params.check_all(doc)
     assert model_specs.twin_name(doc) is None
-    del doc["model"]["twin"]                                     # no key: the variant with the same network
+    del doc["model"]["twin"]  # no key: the variant with the same network
     doc["model"]["patch"] = 4
     assert model_specs.twin_name(doc) == "vit_tiny"
-    assert "twin" not in model_specs.model_spec(doc, 32)        # not a network key: builders never see it
+    assert "twin" not in model_specs.model_spec(doc, 32)  # not a network key: builders never see it

@@ -1,10 +1,10 @@
 """Oxford-IIIT Pet from miniature official archives: list files, odd images, skips."""
 
+import miniatures
 import numpy as np
 import pytest
-
-import miniatures
 from test_archives import serve
+
 from vitpipe.data.sources import SkipImage, get_source
 from vitpipe.errors import ParamError, UserError
 from vitpipe.params import DataParams
@@ -50,8 +50,8 @@ def test_official_split_classes_and_awkward_images(pets_archives, tmp_path):
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     gray = train.image(2)
     assert gray.shape == (14, 20, 3) and np.array_equal(gray[..., 0], gray[..., 2])
-    assert test.image(1).shape == (14, 20, 3)   # CMYK
-    assert test.image(2).shape == (50, 8, 3)    # any size
+    assert test.image(1).shape == (14, 20, 3)  # CMYK
+    assert test.image(2).shape == (50, 8, 3)  # any size
 
 
 def test_md5_default_checks_each_archive(pets_archives, tmp_path):
@@ -82,9 +82,13 @@ def test_download_into_cache_and_offline_message(pets_archives, tmp_path):
     with pytest.raises(UserError) as e:
         get_source("pets").fetch(cfg(url="http://127.0.0.1:9/"), tmp_path / "offline/raw/pets")
     msg = str(e.value)
-    for needed in ("https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz",
-                   "https://thor.robots.ox.ac.uk/~vgg/data/pets/annotations.tar.gz",
-                   "data.archive", "images.tar.gz and annotations.tar.gz", "data.dataset: digits"):
+    for needed in (
+        "https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz",
+        "https://thor.robots.ox.ac.uk/~vgg/data/pets/annotations.tar.gz",
+        "data.archive",
+        "images.tar.gz and annotations.tar.gz",
+        "data.dataset: digits",
+    ):
         assert needed in msg
 
 
@@ -106,6 +110,7 @@ def test_end_to_end_through_prepare_counts_skips(pets_archives, tmp_path, monkey
 
 # ---------------------------------------------------------------- bad data
 
+
 def test_damaged_images_archive_is_one_line_and_nothing_lands(pets_archives, tmp_path):
     folder = tmp_path / "downloads"
     folder.mkdir()
@@ -124,15 +129,28 @@ def test_damaged_images_archive_is_one_line_and_nothing_lands(pets_archives, tmp
 
 def test_images_that_do_not_decode_fail_the_download_stage(tmp_path):
     folder = tmp_path / "downloads"
-    junk = {name: b"<html>404 Not Found</html>" for name in
-            ("Abyssinian_1", "Abyssinian_2", "Abyssinian_3", "american_bulldog_10", "american_bulldog_11",
-             "american_bulldog_12", "Bengal_5", "Bengal_6", "Bengal_7")}
+    junk = {
+        name: b"<html>404 Not Found</html>"
+        for name in (
+            "Abyssinian_1",
+            "Abyssinian_2",
+            "Abyssinian_3",
+            "american_bulldog_10",
+            "american_bulldog_11",
+            "american_bulldog_12",
+            "Bengal_5",
+            "Bengal_6",
+            "Bengal_7",
+        )
+    }
     miniatures.make_pets(folder, replace=junk)
     with pytest.raises(UserError) as e:
         get_source("pets").fetch(cfg(archive=str(folder)), tmp_path / "raw")
-    assert str(e.value) == (f"{folder / 'images.tar.gz'}: none of the 9 image files could be decoded (e.g. "
-                            f"images/Abyssinian_1.jpg: not an image, or a format PIL cannot read); they are damaged "
-                            f"or not images: download https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz again")
+    assert str(e.value) == (
+        f"{folder / 'images.tar.gz'}: none of the 9 image files could be decoded (e.g. "
+        f"images/Abyssinian_1.jpg: not an image, or a format PIL cannot read); they are damaged "
+        f"or not images: download https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz again"
+    )
     assert not (tmp_path / "raw").exists()
 
 
@@ -144,8 +162,11 @@ def test_breed_with_no_readable_training_image_fails_preprocess(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     c = cfg(archive=str(folder), image_size=16, workers=1, split={"train": 1.0, "val": 0.0, "test": 0.0})
     get_source("pets").fetch(c, c.raw_dir)
-    with pytest.raises(UserError, match=r"^data/raw/pets: class 'Bengal' has no readable image in the train split "
-                                        r"\('Bengal' has 2 image\(s\) there and none decodes, e\.g\. "
-                                        r"data/raw/pets/images/Bengal_5\.jpg: "):
+    with pytest.raises(
+        UserError,
+        match=r"^data/raw/pets: class 'Bengal' has no readable image in the train split "
+        r"\('Bengal' has 2 image\(s\) there and none decodes, e\.g\. "
+        r"data/raw/pets/images/Bengal_5\.jpg: ",
+    ):
         prepare(c)
     assert not (tmp_path / "data/prepared").exists() or list((tmp_path / "data/prepared").iterdir()) == []

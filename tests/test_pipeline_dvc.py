@@ -41,11 +41,21 @@ def assert_code_changes_rerun_what_runs_them(repo: Path) -> None:
     """What DVC's run-cache relies on: a code change marks every stage that runs the code, and
     nothing else. The augmentation and the model builder are training code; `vitpipe.cli`
     is run by no stage."""
-    training = {"train_scratch@0", "pretrain@vit_micro", "pretrain@resnet18", "finetune@vit_micro-0",
-                "finetune@resnet18-0"}
-    for folder, function, also in (("vitpipe/data", "shift_and_flip", set()),
-                                   ("vitpipe/models", "build_model", {"evaluate_scratch@0", "evaluate@vit_micro-0",
-                                                                      "evaluate@resnet18-0", "validate", "report"})):
+    training = {
+        "train_scratch@0",
+        "pretrain@vit_micro",
+        "pretrain@resnet18",
+        "finetune@vit_micro-0",
+        "finetune@resnet18-0",
+    }
+    for folder, function, also in (
+        ("vitpipe/data", "shift_and_flip", set()),
+        (
+            "vitpipe/models",
+            "build_model",
+            {"evaluate_scratch@0", "evaluate@vit_micro-0", "evaluate@resnet18-0", "validate", "report"},
+        ),
+    ):
         path = edit_line(repo, folder, function)
         changed = changed_stages(repo)
         assert training | also <= changed, (function, changed)
@@ -57,9 +67,17 @@ def assert_code_changes_rerun_what_runs_them(repo: Path) -> None:
 
 def test_repro_exp_metrics_plots(reproduced_template, reproduced):
     repo, (_, first_stdout) = reproduced, reproduced_template  # the session's first `dvc repro`, copied
-    expected = {"validate", "download", "preprocess", "profile", "train_scratch@0", "evaluate_scratch@0", "report",
-                *(f"pretrain@{v}" for v in ("vit_micro", "resnet18")),
-                *(f"{s}@{v}-0" for s in ("finetune", "evaluate") for v in ("vit_micro", "resnet18"))}
+    expected = {
+        "validate",
+        "download",
+        "preprocess",
+        "profile",
+        "train_scratch@0",
+        "evaluate_scratch@0",
+        "report",
+        *(f"pretrain@{v}" for v in ("vit_micro", "resnet18")),
+        *(f"{s}@{v}-0" for s in ("finetune", "evaluate") for v in ("vit_micro", "resnet18")),
+    }
     assert ran_stages(first_stdout) == expected
     outs = declared_outputs(repo)
     assert outs and all(p.exists() for p in outs), [p for p in outs if not p.exists()]
@@ -83,13 +101,20 @@ def test_repro_exp_metrics_plots(reproduced_template, reproduced):
     twin = "++model.twin=vit_micro"
     alone = run(DVC + ["exp", "run", "-S", twin, "-S", "model.patch=8"], repo, check=False)
     assert alone.returncode != 0 and ran_stages(alone.stdout) == {"validate"}
-    assert ("dvc exp run -S model.patch=8 -S variants.vit_micro.patch=8" in alone.stdout + alone.stderr)
+    assert "dvc exp run -S model.patch=8 -S variants.vit_micro.patch=8" in alone.stdout + alone.stderr
     run(["git", "checkout", "--", "params.yaml"], repo)
     # Both changed: the scratch network, the twin's pretraining and fine-tuning, their evaluations
     # and the report re-run, nothing upstream and nothing of resnet18; the headline stays tested.
     exp = run(DVC + ["exp", "run", "-S", twin, "-S", "model.patch=8", "-S", "variants.vit_micro.patch=8"], repo)
-    assert ran_stages(exp.stdout) == {"validate", "train_scratch@0", "evaluate_scratch@0", "pretrain@vit_micro",
-                                      "finetune@vit_micro-0", "evaluate@vit_micro-0", "report"}
+    assert ran_stages(exp.stdout) == {
+        "validate",
+        "train_scratch@0",
+        "evaluate_scratch@0",
+        "pretrain@vit_micro",
+        "finetune@vit_micro-0",
+        "evaluate@vit_micro-0",
+        "report",
+    }
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert summary.get("finetune_minus_scratch.verdict") not in (None, "not tested"), summary
     diff = run(DVC + ["metrics", "diff", "--json"], repo)
@@ -100,7 +125,7 @@ def test_repro_exp_metrics_plots(reproduced_template, reproduced):
     assert old != new  # patch 8 has a bigger patch embedding and fewer position embeddings
 
     run(DVC + ["plots", "show", "-o", "plots_html"], repo)
-    page = (repo / "plots_html" / "index.html")
+    page = repo / "plots_html" / "index.html"
     assert page.exists() and "train_scratch" in page.read_text()
 
     # Editing one variant's params touches only that variant's stages (and the report). A dry
@@ -121,8 +146,16 @@ def test_seeds_each_their_own_run_and_the_report_gives_intervals(reproduced):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results"], repo)
     second = run(DVC + ["exp", "run", "-S", "seeds=[0,1]"], repo)
-    assert ran_stages(second.stdout) == {"validate", "train_scratch@1", "finetune@vit_micro-1", "finetune@resnet18-1",
-                                         "evaluate_scratch@1", "evaluate@vit_micro-1", "evaluate@resnet18-1", "report"}
+    assert ran_stages(second.stdout) == {
+        "validate",
+        "train_scratch@1",
+        "finetune@vit_micro-1",
+        "finetune@resnet18-1",
+        "evaluate_scratch@1",
+        "evaluate@vit_micro-1",
+        "evaluate@resnet18-1",
+        "report",
+    }
     for seed in (0, 1):
         per_seed = json.loads((repo / f"metrics/evaluate/vit_micro/seed-{seed}.json").read_text())
         assert 0 <= per_seed["top1"] <= 1
@@ -168,7 +201,7 @@ def test_a_convnext_variant_runs_end_to_end(project):
     (Grad-CAM) and reported through `dvc exp run`."""
     repo = project
     doc = yaml.safe_load((repo / "params.yaml").read_text())
-    doc["data"]["image_size"] = 32                  # ConvNeXt downsamples by 32
+    doc["data"]["image_size"] = 32  # ConvNeXt downsamples by 32
     doc["variants"] = {"cnx": {"arch": "convnext_atto", "source": "fractal", "weights": None}}
     write_params(repo / "params.yaml", doc)
     run(["git", "add", "-A"], repo)
@@ -200,7 +233,8 @@ def test_run_cache_restores_a_stage_whose_step_log_is_kept_in_git(tmp_path):
         "      - train.tsv:\n"
         "          cache: false\n"
         "          x: step\n"
-        "          y: loss\n")
+        "          y: loss\n"
+    )
     first = run(DVC + ["repro"], tmp_path)
     assert ran_stages(first.stdout) == {"train"}
     weights, log = (tmp_path / "model.txt").read_text(), (tmp_path / "train.tsv").read_text()

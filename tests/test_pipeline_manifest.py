@@ -20,8 +20,9 @@ def dvc_stages() -> dict:
 
 
 def out_paths(body: dict) -> set[str]:
-    return {next(iter(o)) if isinstance(o, dict) else o
-            for kind in ("outs", "metrics", "plots") for o in body.get(kind, [])}
+    return {
+        next(iter(o)) if isinstance(o, dict) else o for kind in ("outs", "metrics", "plots") for o in body.get(kind, [])
+    }
 
 
 def test_dvc_yaml_has_the_manifests_stages_in_order():
@@ -41,8 +42,11 @@ def test_each_stage_is_the_manifests(stage):
 
 
 def test_paths_fill_in_the_templates():
-    assert pipeline.expand(str(pipeline.steplog(pipeline.VARIANT, pipeline.SEED)), variant="vit_tiny", seed=2) \
-        == str(pipeline.steplog("vit_tiny", 2)) == "plots/finetune/vit_tiny/seed-2"
+    assert (
+        pipeline.expand(str(pipeline.steplog(pipeline.VARIANT, pipeline.SEED)), variant="vit_tiny", seed=2)
+        == str(pipeline.steplog("vit_tiny", 2))
+        == "plots/finetune/vit_tiny/seed-2"
+    )
     assert str(pipeline.trained_weights("scratch", 0)) == "models/scratch/seed-0/model.pt"
     assert str(pipeline.eval_metrics("resnet18", 1)) == "metrics/evaluate/resnet18/seed-1.json"
 
@@ -60,21 +64,29 @@ def dvc_index(params: Path, tmp_path: Path, seeds=None):
     return doc, Repo(tmp_path).index
 
 
-@pytest.mark.parametrize("params, seeds", [*((p, None) for p in PARAMS), (ROOT / "params.yaml", [0, 1, 2, 3])],
-                         ids=[*(p.name for p in PARAMS), "params.yaml-seeds-0-3"])
+@pytest.mark.parametrize(
+    "params, seeds",
+    [*((p, None) for p in PARAMS), (ROOT / "params.yaml", [0, 1, 2, 3])],
+    ids=[*(p.name for p in PARAMS), "params.yaml-seeds-0-3"],
+)
 def test_plots_follow_params(params, seeds, tmp_path):
     doc, index = dvc_index(params, tmp_path, seeds)
     plots = {str(o.def_path): st.addressing for st in index.stages for o in st.outs if o.plot}
     outs = {str(o.def_path) for st in index.stages for o in st.outs}
-    expected = {str(pipeline.steplog(run, s) / f) for run in pipeline.run_names(doc) for s in doc["seeds"]
-                for f in (pipeline.TRAIN_LOG, pipeline.EVAL_LOG)}
-    expected |= {str(pipeline.pretrain_steplog(v) / f) for v in doc["variants"]
-                 for f in (pipeline.TRAIN_LOG, pipeline.EVAL_LOG)}
-    assert expected <= set(plots)          # every run has its curves ...
-    assert set(plots) <= outs              # ... and every plot is a stage's declared output
-    for top in index._plots.values():      # top-level plots, if any come back, name outputs only
+    expected = {
+        str(pipeline.steplog(run, s) / f)
+        for run in pipeline.run_names(doc)
+        for s in doc["seeds"]
+        for f in (pipeline.TRAIN_LOG, pipeline.EVAL_LOG)
+    }
+    expected |= {
+        str(pipeline.pretrain_steplog(v) / f) for v in doc["variants"] for f in (pipeline.TRAIN_LOG, pipeline.EVAL_LOG)
+    }
+    assert expected <= set(plots)  # every run has its curves ...
+    assert set(plots) <= outs  # ... and every plot is a stage's declared output
+    for top in index._plots.values():  # top-level plots, if any come back, name outputs only
         for definition in top:
-            for name, props in (definition.items() if isinstance(definition, dict) else [(definition, None)]):
+            for name, props in definition.items() if isinstance(definition, dict) else [(definition, None)]:
                 files = list((props or {}).get("y", {})) if isinstance((props or {}).get("y"), dict) else [name]
                 assert set(files) <= outs, files
     # the step logs are kept in git (cache: false), so a fresh clone draws the base revision's curves
@@ -86,7 +98,7 @@ def test_plots_draw_columns_the_training_loop_writes():
 
     columns = {pipeline.TRAIN_LOG: TRAIN_COLUMNS, pipeline.EVAL_LOG: EVAL_COLUMNS}
     curves = [p for s in pipeline.stages() for p in s.plots if p.path.endswith(".tsv")]
-    assert len(curves) == 6     # train.tsv and eval.tsv of pretrain, train_scratch and finetune
+    assert len(curves) == 6  # train.tsv and eval.tsv of pretrain, train_scratch and finetune
     for p in curves:
         cols = columns[Path(p.path).name]
         assert p.props["x"] in cols and p.props["y"] in cols and p.props["title"] and p.props["y_label"], p

@@ -4,8 +4,8 @@ machine: the device's capability and name are faked; the `gpu` test checks a rea
 import pytest
 import torch
 
-from vitpipe.hardware import precision
 from vitpipe.errors import ParamError
+from vitpipe.hardware import precision
 
 CARDS = {  # name, compute capability
     "t4": ("Tesla T4", (7, 5)),
@@ -69,7 +69,8 @@ def test_older_cards_refuse_bf16_and_auto_picks_fp16(card, which):
     assert str(e.value) == (
         f"params.yaml: variants.vit_b16.finetune.precision = 'bf16' is not allowed: bf16 needs compute capability "
         f"8.0 or newer and this GPU ({name}, compute capability {major}.{minor}) has no native bf16; "
-        f"use fp16 (with its grad scaler) or auto")
+        f"use fp16 (with its grad scaler) or auto"
+    )
 
 
 def test_the_device_asked_about_is_the_one_given(card):

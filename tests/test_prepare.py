@@ -82,15 +82,23 @@ def test_thin_rule_is_under_a_tenth_of_the_median_per_split():
 
     classes = ["a", "b", "c", "d", "e"]
     train = np.array([100, 100, 10, 9, 100])  # median 100: 9 is thin, 10 is not
-    test = np.array([20, 1, 20, 20, 20])      # median 20: 1 is thin
-    warnings, thin = thin_classes("where", classes, {"train": SplitCounts(train, train), "val": SplitCounts(
-        train, np.zeros(5, dtype=int)), "test": SplitCounts(test, test)})
+    test = np.array([20, 1, 20, 20, 20])  # median 20: 1 is thin
+    warnings, thin = thin_classes(
+        "where",
+        classes,
+        {
+            "train": SplitCounts(train, train),
+            "val": SplitCounts(train, np.zeros(5, dtype=int)),
+            "test": SplitCounts(test, test),
+        },
+    )
     assert thin == ["d", "b"]
     assert warnings == [
         "where: 1 class(es) with under 10% of the median 100 train images per class: 'd' (9); the model barely "
         "learns them and their accuracy is noise: add images to them or remove them",
         "where: 1 class(es) with under 10% of the median 20 test images per class: 'b' (1); the model barely "
-        "learns them and their accuracy is noise: add images to them or remove them"]
+        "learns them and their accuracy is noise: add images to them or remove them",
+    ]
     flat = np.full(5, 3)  # small classes: 10% of the median is under one image, nothing is thin
     assert thin_classes("where", classes, {"train": SplitCounts(flat, flat)}) == ([], [])
 
@@ -100,15 +108,23 @@ def test_every_class_needs_train_and_test_but_not_val():
     from vitpipe.errors import UserError
 
     ok, none = np.array([3, 3]), np.array([3, 0])
-    require_every_class("w", ["a", "b"], {"train": SplitCounts(ok, ok), "val": SplitCounts(none, none),
-                                          "test": SplitCounts(ok, ok)})
+    require_every_class(
+        "w", ["a", "b"], {"train": SplitCounts(ok, ok), "val": SplitCounts(none, none), "test": SplitCounts(ok, ok)}
+    )
     require_every_class("w", ["a", "b"], {"train": SplitCounts(ok, ok), "test": SplitCounts(ok * 0, ok * 0)})  # unused
-    with pytest.raises(UserError, match=r"^w: class 'b' has no readable image in the test split \('b' has 3 image\(s\) "
-                                        r"there and none decodes, e\.g\. b/1\.jpg: broken\)"):
-        require_every_class("w", ["a", "b"], {"train": SplitCounts(ok, ok),
-                                              "test": SplitCounts(ok, none, {1: "b/1.jpg: broken"})})
+    with pytest.raises(
+        UserError,
+        match=r"^w: class 'b' has no readable image in the test split \('b' has 3 image\(s\) "
+        r"there and none decodes, e\.g\. b/1\.jpg: broken\)",
+    ):
+        require_every_class(
+            "w", ["a", "b"], {"train": SplitCounts(ok, ok), "test": SplitCounts(ok, none, {1: "b/1.jpg: broken"})}
+        )
     many = [f"c{i}" for i in range(8)]
-    with pytest.raises(UserError, match=r"classes 'c1', 'c2', 'c3', 'c4', 'c5' and 2 more have no readable image in "
-                                        r"the train split \('c1' has 0 image\(s\) in all"):
+    with pytest.raises(
+        UserError,
+        match=r"classes 'c1', 'c2', 'c3', 'c4', 'c5' and 2 more have no readable image in "
+        r"the train split \('c1' has 0 image\(s\) in all",
+    ):
         z = np.array([1] + [0] * 7)
         require_every_class("w", many, {"train": SplitCounts(z, z)})

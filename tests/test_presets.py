@@ -30,7 +30,7 @@ def test_preset_is_a_valid_params_file(path):
     ft = params.train_params(doc, "finetune")
     assert (ft.batch_size, ft.optimizer, ft.momentum, ft.grad_clip) == (512, "sgd", 0.9, 1.0)
     assert {"vit_b8", "vit_b16", "vit_b32", "vit_l16"} <= set(params.variant_names(doc))
-    assert model_specs.twin_name(doc) == "vit_b32"     # the scratch ViT-B/32 and its fine-tuned twin
+    assert model_specs.twin_name(doc) == "vit_b32"  # the scratch ViT-B/32 and its fine-tuned twin
     model_specs.check_twin(doc, 224)
 
 
@@ -38,9 +38,9 @@ def test_preset_is_a_valid_params_file(path):
 # Every preset runs on every GPU in the device profiles: natively (no emulated bf16), in
 # memory, as the planner (`vitpipe plan --params FILE --device NAME`) says.
 
-from vitpipe.plan import plan_params  # noqa: E402
 from vitpipe.costmodel import devices  # noqa: E402
 from vitpipe.hardware import precision  # noqa: E402
+from vitpipe.plan import plan_params  # noqa: E402
 
 CARDS = sorted(devices.DEVICES)
 
@@ -77,7 +77,7 @@ def test_planned_preset_fits_every_card(path, card, change, tmp_path):
     exp run -S` applies them, give a file that fits CARD at every stage as written."""
     dev = devices.get_device(card)
     r = plan_params(path, card, sets=CHANGES[change])
-    assert r["overrides"][:len(CHANGES[change])] == CHANGES[change]
+    assert r["overrides"][: len(CHANGES[change])] == CHANGES[change]
     assert r["fits"], r["stages"]
     for s in r["stages"]:
         assert s["micro_batch"] and s["batch"] % s["micro_batch"] == 0
@@ -96,7 +96,9 @@ def test_planned_preset_fits_every_card(path, card, change, tmp_path):
     planned.write_text(yaml.safe_dump(doc, sort_keys=False))
     again = plan_params(planned, card)
     assert again["overrides"] == [] and all(s["fits_as_written"] for s in again["stages"])
-    assert {s["stage"]: s["micro_batch"] for s in again["stages"]} == {s["stage"]: s["micro_batch"] for s in r["stages"]}
+    assert {s["stage"]: s["micro_batch"] for s in again["stages"]} == {
+        s["stage"]: s["micro_batch"] for s in r["stages"]
+    }
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
@@ -115,7 +117,9 @@ def test_a_gpu_without_bf16_gets_fp16_not_emulated_bf16(tmp_path):
     for path in PRESETS:
         assert {params.train_params(params.read_yaml(path), s).precision for s in ("train", "finetune")} == {"auto"}
         t4, a100 = plan_params(path, "t4"), plan_params(path, "a100-40")
-        assert {s["precision"] for s in t4["stages"]} == {"fp16"} and not [o for o in t4["overrides"] if "precision" in o]
+        assert {s["precision"] for s in t4["stages"]} == {"fp16"} and not [
+            o for o in t4["overrides"] if "precision" in o
+        ]
         assert {s["precision"] for s in a100["stages"]} == {"bf16"}
     doc = params.read_yaml(ROOT / "presets/reference-cifar100.yaml")
     doc["train"]["precision"] = doc["finetune"]["precision"] = "bf16"

@@ -25,8 +25,18 @@ from vitpipe.report.html import render_html
 from vitpipe.report.inputs import load
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = [HEADLINE, "1. Parameters", "2. Memory", "3. Time", "4. Scratch against fine-tuning", "5. Variants",
-            "6. What it looks at", "7. How the cost scales", "8. The data", "9. This run"]
+SECTIONS = [
+    HEADLINE,
+    "1. Parameters",
+    "2. Memory",
+    "3. Time",
+    "4. Scratch against fine-tuning",
+    "5. Variants",
+    "6. What it looks at",
+    "7. How the cost scales",
+    "8. The data",
+    "9. This run",
+]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -42,11 +52,20 @@ def write_tsv(path: Path, rows: list[dict]) -> None:
 
 
 TEST_IMAGES = 359
-SEED_OFFSETS = (0.0, 0.01, -0.01)   # per-seed test top-1 around the run's mean (which stays `top1`)
+SEED_OFFSETS = (0.0, 0.01, -0.01)  # per-seed test top-1 around the run's mean (which stays `top1`)
 
 
-def training_outputs(root: Path, stage: str, top1: float, accs: list[float], img_per_s: float,
-                     rss_mb: float, params: int, steps: int = 40, seeds=(0, 1, 2)) -> None:
+def training_outputs(
+    root: Path,
+    stage: str,
+    top1: float,
+    accs: list[float],
+    img_per_s: float,
+    rss_mb: float,
+    params: int,
+    steps: int = 40,
+    seeds=(0, 1, 2),
+) -> None:
     for seed in seeds:
         seed_outputs(root, stage, seed, top1 + SEED_OFFSETS[seed % 3], accs, img_per_s, rss_mb, params, steps)
 
@@ -54,24 +73,66 @@ def training_outputs(root: Path, stage: str, top1: float, accs: list[float], img
 def seed_outputs(root, stage, seed, top1, accs, img_per_s, rss_mb, params, steps) -> None:
     name = stage.split("/")[-1]
     train = f"metrics/{stage}/seed-{seed}.json"
-    write_json(root / train, {"steps": steps, "batch_size": 16, "train_loss": 1.0, "wall_time_s": steps * 16 / img_per_s,
-                              "img_per_s": img_per_s, "device": "cpu", "params": params, "attention": "sdpa",
-                              "val_acc": accs[-1], "best_val_acc": max(accs), "peak_rss_mb": rss_mb})
-    write_json(root / f"metrics/evaluate/{'scratch' if stage == 'train_scratch' else name}/seed-{seed}.json",
-               {"top1": top1, "top5": 1.0, "params": params, "infer_img_per_s": 900.0, "latency_ms": 2.0,
-                "test_images": TEST_IMAGES})
-    right = round(top1 * TEST_IMAGES)      # the first `right` test images, so better runs get a superset right
+    write_json(
+        root / train,
+        {
+            "steps": steps,
+            "batch_size": 16,
+            "train_loss": 1.0,
+            "wall_time_s": steps * 16 / img_per_s,
+            "img_per_s": img_per_s,
+            "device": "cpu",
+            "params": params,
+            "attention": "sdpa",
+            "val_acc": accs[-1],
+            "best_val_acc": max(accs),
+            "peak_rss_mb": rss_mb,
+        },
+    )
+    write_json(
+        root / f"metrics/evaluate/{'scratch' if stage == 'train_scratch' else name}/seed-{seed}.json",
+        {
+            "top1": top1,
+            "top5": 1.0,
+            "params": params,
+            "infer_img_per_s": 900.0,
+            "latency_ms": 2.0,
+            "test_images": TEST_IMAGES,
+        },
+    )
+    right = round(top1 * TEST_IMAGES)  # the first `right` test images, so better runs get a superset right
     predictions = root / "eval" / ("scratch" if stage == "train_scratch" else name) / f"seed-{seed}" / "predictions.csv"
     predictions.parent.mkdir(parents=True, exist_ok=True)
-    predictions.write_text("actual,predicted\n" + "".join(f"{i % 10},{i % 10 if i < right else (i + 1) % 10}\n"
-                                                          for i in range(TEST_IMAGES)))
+    predictions.write_text(
+        "actual,predicted\n"
+        + "".join(f"{i % 10},{i % 10 if i < right else (i + 1) % 10}\n" for i in range(TEST_IMAGES))
+    )
     plots = root / "plots" / stage / f"seed-{seed}"
-    write_tsv(plots / "train.tsv", [{"step": s, "loss": 2.0 / s, "lr": 0.01, "img_per_s": img_per_s,
-                                     "img_per_s_per_device": img_per_s, "elapsed_s": s * 16 / img_per_s,
-                                     "eta_s": 1.0, "memory_mb": rss_mb, "a_new_column": 0} for s in range(1, steps + 1)])
+    write_tsv(
+        plots / "train.tsv",
+        [
+            {
+                "step": s,
+                "loss": 2.0 / s,
+                "lr": 0.01,
+                "img_per_s": img_per_s,
+                "img_per_s_per_device": img_per_s,
+                "elapsed_s": s * 16 / img_per_s,
+                "eta_s": 1.0,
+                "memory_mb": rss_mb,
+                "a_new_column": 0,
+            }
+            for s in range(1, steps + 1)
+        ],
+    )
     every = steps // len(accs)
-    write_tsv(plots / "eval.tsv", [{"step": every * (i + 1), "val_acc": a, "val_loss": 1.0,
-                                    "elapsed_s": every * (i + 1) * 16 / img_per_s} for i, a in enumerate(accs)])
+    write_tsv(
+        plots / "eval.tsv",
+        [
+            {"step": every * (i + 1), "val_acc": a, "val_loss": 1.0, "elapsed_s": every * (i + 1) * 16 / img_per_s}
+            for i, a in enumerate(accs)
+        ],
+    )
 
 
 def profile_outputs(root: Path, doc: dict) -> None:
@@ -81,8 +142,14 @@ def profile_outputs(root: Path, doc: dict) -> None:
     from vitpipe.costmodel.table import run, to_csv, validate
     from vitpipe.hardware.probe import CALIBRATION_SPEC
 
-    local = Device("local", "CPU (this machine)", 16 * 2**30, {"fp32": 60e9, "tf32": 60e9, "bf16": 60e9, "fp16": 60e9},
-                   bandwidth=20e9, sm_count=2)
+    local = Device(
+        "local",
+        "CPU (this machine)",
+        16 * 2**30,
+        {"fp32": 60e9, "tf32": 60e9, "bf16": 60e9, "fp16": 60e9},
+        bandwidth=20e9,
+        sm_count=2,
+    )
     calib = {"img_per_s": 30.0, "spec": CALIBRATION_SPEC, "num_classes": 10, "image_size": 32, "batch": 32}
     metrics, rows, device_rows = run(validate(doc["profile"]), local, calib)
     (root / "profile").mkdir(parents=True, exist_ok=True)
@@ -102,9 +169,17 @@ def outputs(tmp_path):
     rng = np.random.default_rng(0)
     np.save(prepared / "train_x.npy", rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8))
     np.save(prepared / "train_y.npy", np.arange(20) % 10)
-    write_json(prepared / "meta.json", {"dataset": "digits", "classes": [str(i) for i in range(10)], "num_classes": 10,
-                                        "image_size": 32, "sizes": {"train": 20, "val": 5, "test": 5},
-                                        "skipped_total": 0})
+    write_json(
+        prepared / "meta.json",
+        {
+            "dataset": "digits",
+            "classes": [str(i) for i in range(10)],
+            "num_classes": 10,
+            "image_size": 32,
+            "sizes": {"train": 20, "val": 5, "test": 5},
+            "skipped_total": 0,
+        },
+    )
     training_outputs(tmp_path, "train_scratch", 0.40, [0.2, 0.3, 0.4, 0.45], 400.0, 800.0, 311_338)
     training_outputs(tmp_path, "finetune/vit_tiny", 0.70, [0.5, 0.6, 0.7, 0.7], 300.0, 820.0, 311_338)
     training_outputs(tmp_path, "finetune/resnet18", 0.95, [0.8, 0.9, 0.95, 0.96], 200.0, 900.0, 11_181_642)
@@ -153,7 +228,7 @@ class Page(HTMLParser):
 def test_report_sections_figures_and_html(outputs):
     started = time.perf_counter()
     md_path, html_path = write_report(outputs)
-    assert time.perf_counter() - started < 15          # the stage must stay fast
+    assert time.perf_counter() - started < 15  # the stage must stay fast
     md = md_path.read_text()
     h2 = [line[3:] for line in md.splitlines() if line.startswith("## ")]
     assert [any(h.startswith(s) for h in h2) for s in SECTIONS] == [True] * len(SECTIONS), h2
@@ -166,23 +241,26 @@ def test_report_sections_figures_and_html(outputs):
     assert "8x8 handwritten digits upsampled to 32 px" in md and "synthetic fractal images" in md
     # means over 3 seeds with their sd and 95% interval, and the paired difference's verdict, with the test named
     assert "70.0% ± 1.0 [67.5, 72.5] against 40.0% ± 1.0 [37.5, 42.5]" in md
-    assert "+30.0 points; 95% CI of the difference +30.0 to +30.0 points, above zero (**holds**, by the 95% t-interval" in md
+    assert (
+        "+30.0 points; 95% CI of the difference +30.0 to +30.0 points, above zero (**holds**, by the 95% t-interval"
+        in md
+    )
     assert "conditional on 1 pretraining run" in md
-    assert re.search(r"\d GiB \(\d+\.\d GB\)", md)     # the reference's unit (GB) beside vitpipe's GiB
-    assert "does not state its precision" not in md and "fp32, as vit_jax trains" in md   # one precision for the T4
-    assert md.count("Dittakavi") == 1                                             # the reference, named once
+    assert re.search(r"\d GiB \(\d+\.\d GB\)", md)  # the reference's unit (GB) beside vitpipe's GiB
+    assert "does not state its precision" not in md and "fp32, as vit_jax trains" in md  # one precision for the T4
+    assert md.count("Dittakavi") == 1  # the reference, named once
 
     page = Page()
     page.feed(html_path.read_text())
     assert page.h2 == h2
-    assert len(page.tables) == md.count("\n|:") + md.count("\n|-")   # one <table> per pipe table
+    assert len(page.tables) == md.count("\n|:") + md.count("\n|-")  # one <table> per pipe table
     for table in page.tables:
-        assert len({len(row) for row in table}) == 1, table[0]        # every row as wide as the header
+        assert len({len(row) for row in table}) == 1, table[0]  # every row as wide as the header
     assert len(page.images) == len(figures)
     for img in page.images:
         assert img["src"].startswith("data:image/png;base64,") and img["alt"]
         assert base64.b64decode(img["src"].split(",", 1)[1]).startswith(PNG)
-    assert not [link for link in page.links if link[0] in ("link", "script")]   # self-contained, no scripts
+    assert not [link for link in page.links if link[0] in ("link", "script")]  # self-contained, no scripts
 
 
 def test_findings_follow_the_data(outputs):
@@ -192,10 +270,12 @@ def test_findings_follow_the_data(outputs):
     assert [c.verdict for c in claims] == [an.HOLDS, an.HOLDS, an.FAILS]
     assert facts["target"] == 0.45 and facts["spacing"] == 10
     # scratch reaches 45% at step 40 (1.6 s) on every seed, fine-tuning at step 10 (0.53 s) + 100 s of pretraining
-    assert facts["time_without_pretraining"] == pytest.approx((10 * 16 / 300, 10 * 16 / 300, 10 * 16 / 300, 1.6, 1.6, 1.6))
+    assert facts["time_without_pretraining"] == pytest.approx(
+        (10 * 16 / 300, 10 * 16 / 300, 10 * 16 / 300, 1.6, 1.6, 1.6)
+    )
     assert "evaluated every 10 steps" in claims[1].this_run and "(100 s of pretraining included)" in claims[2].this_run
 
-    for t, d in zip(inputs.scratch.tests, (0.0, 0.01, -0.01)):   # scratch now better than fine-tuning
+    for t, d in zip(inputs.scratch.tests, (0.0, 0.01, -0.01)):  # scratch now better than fine-tuning
         t["top1"] = 0.9 + d
     for e in inputs.scratch.evals_by_seed:
         e["val_acc"] = [0.5, 0.8, 0.9, 0.95]
@@ -211,13 +291,17 @@ def test_one_seed_is_decided_image_by_image(outputs):
     (outputs / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     md = write_report(outputs)[0].read_text()
     # seed 0: 70% (251 of 359) fine-tuned against 40% (144): 107 images right only when fine-tuned, none only from scratch
-    assert ("McNemar's exact test on 359 test images: 107 right only by vit_tiny fine-tuned, 0 only by scratch, "
-            "p = 1.2e-32") in md
+    assert (
+        "McNemar's exact test on 359 test images: 107 right only by vit_tiny fine-tuned, 0 only by scratch, p = 1.2e-32"
+    ) in md
     assert "(**holds**, by McNemar's exact test on seed 0's 359 test images" in md
     summary = json.loads((outputs / "metrics/summary.json").read_text())
     assert summary["finetune_minus_scratch.test"] == "images" and summary["finetune_minus_scratch.verdict"] == "holds"
-    assert (summary["finetune_minus_scratch.only_first_right"], summary["finetune_minus_scratch.only_second_right"]) == (107, 0)
-    assert summary["finetune_minus_scratch.mcnemar_p"] == pytest.approx(2 * 0.5 ** 107, rel=1e-2, abs=0)
+    assert (
+        summary["finetune_minus_scratch.only_first_right"],
+        summary["finetune_minus_scratch.only_second_right"],
+    ) == (107, 0)
+    assert summary["finetune_minus_scratch.mcnemar_p"] == pytest.approx(2 * 0.5**107, rel=1e-2, abs=0)
 
 
 def test_time_section_is_the_time_model(outputs):
@@ -229,7 +313,7 @@ def test_time_section_is_the_time_model(outputs):
 
     inputs = load(outputs)
     thr = an.throughput_table(inputs).set_index("run")
-    cpu = Device("cpu", "made-up CPU", 0, {k: 60e9 for k in PRECISION_KEYS}, bandwidth=20e9)   # profile_outputs'
+    cpu = Device("cpu", "made-up CPU", 0, {k: 60e9 for k in PRECISION_KEYS}, bandwidth=20e9)  # profile_outputs'
     for run in inputs.runs:
         r = run.recipe
         cfg = model_config(run.spec, inputs.num_classes, inputs.image_size)
@@ -244,8 +328,15 @@ def test_time_section_is_the_time_model(outputs):
 
     s = reference.REFERENCE_SETTING
     eta = an.eta_table(inputs).set_index("device")
-    t4 = compute.timing(model_config({"arch": s["scratch"]["model"]}, s["num_classes"], s["image_size"]), s["batch"],
-                        s["scratch"]["micro_batch"], get_device("t4"), s["precision"], s["optimizer"], s["attention"])
+    t4 = compute.timing(
+        model_config({"arch": s["scratch"]["model"]}, s["num_classes"], s["image_size"]),
+        s["batch"],
+        s["scratch"]["micro_batch"],
+        get_device("t4"),
+        s["precision"],
+        s["optimizer"],
+        s["attention"],
+    )
     assert eta.loc["t4", "img_per_s"] == pytest.approx(t4["train_img_per_s"])
     assert eta.loc["t4", "eta_h"] == pytest.approx(s["steps"] * s["batch"] / t4["train_img_per_s"] / 3600)
     assert (eta[list(an.SPLIT)].sum(axis=1) - 1).abs().max() < 1e-9
@@ -260,8 +351,8 @@ def test_time_section_is_the_time_model(outputs):
     scratch = an.scratch_reference_row()
     word = an.HOLDS if scratch["verdict"] == "matches" else an.FAILS
     assert f"claim 3 **{word}**" in sec and f"{scratch['predicted']:.1f} img/s" in sec
-    assert s["evidence"] in sec and sec.count(s["evidence"]) == 1       # the setting, stated once with its evidence
-    assert "| V100 SXM2 16GB / V100 SXM2 32GB |" in sec                 # same speed, one row
+    assert s["evidence"] in sec and sec.count(s["evidence"]) == 1  # the setting, stated once with its evidence
+    assert "| V100 SXM2 16GB / V100 SXM2 32GB |" in sec  # same speed, one row
     assert "MFU" not in sec and "calibrated MFU" not in md and "not tested (circular)" not in md
 
 
@@ -269,13 +360,20 @@ def test_memory_and_parameter_verdicts(outputs):
     inputs = load(outputs)
     m = an.memory_table(inputs)
     verdicts = {c.claim.split()[0]: c.verdict for c in an.memory_claims(inputs, m)}
-    assert verdicts == {"ViT-B/8": an.HOLDS, "ViT-B/16": an.HOLDS, "ViT-B/32": an.FAILS}   # B/32 does not fit in PyTorch
+    assert verdicts == {"ViT-B/8": an.HOLDS, "ViT-B/16": an.HOLDS, "ViT-B/32": an.FAILS}  # B/32 does not fit in PyTorch
     assert not m.fits.any() and (m.micro_batch > 0).all()
-    inputs.doc["profile"]["batch_size"] = 256       # not the reference's setting: nothing to test
+    inputs.doc["profile"]["batch_size"] = 256  # not the reference's setting: nothing to test
     assert {c.verdict for c in an.memory_claims(inputs, m)} == {an.UNTESTED}
     t = an.parameter_table()
-    assert dict(zip(t.model, t.holds)) == {"resnet18": False, "resnet34": False, "resnet50": False,
-                                           "resnet101": False, "vit_b16": True, "vit_l16": True, "vit_h14": True}
+    assert dict(zip(t.model, t.holds)) == {
+        "resnet18": False,
+        "resnet34": False,
+        "resnet50": False,
+        "resnet101": False,
+        "vit_b16": True,
+        "vit_l16": True,
+        "vit_h14": True,
+    }
 
 
 def test_memory_past_one_device_replicates_or_shards(outputs):
@@ -293,14 +391,19 @@ def test_memory_past_one_device_replicates_or_shards(outputs):
     whole = t.loc[(giant, 1), "state_gib"]
     assert t.loc[(giant, 4), "state_gib"] == pytest.approx(whole / 4, rel=1e-6) and whole > 14.8
     assert sharding.state_bytes(model_config({"arch": "vit_h14"}, 100, 224), 1) / 2**30 == pytest.approx(
-        t.loc[("ViT-H/14 @224px", 1), "state_gib"])
+        t.loc[("ViT-H/14 @224px", 1), "state_gib"]
+    )
     md = write_report(outputs)[0].read_text()
     assert "replicate or shard" in md and "| vit_giant_patch14_224 @224px |" in md
 
 
 def test_partial_pipeline_still_reports(outputs):
-    for path in ("profile/compute.csv", "profile/devices.csv", "metrics/evaluate/resnet18/seed-0.json",
-                 "metrics/finetune/resnet18/seed-0.json"):
+    for path in (
+        "profile/compute.csv",
+        "profile/devices.csv",
+        "metrics/evaluate/resnet18/seed-0.json",
+        "metrics/finetune/resnet18/seed-0.json",
+    ):
         (outputs / path).unlink()
     md = write_report(outputs)[0].read_text()
     assert "`profile/compute.csv`" in md and "run `dvc repro profile`" in md
@@ -308,24 +411,26 @@ def test_partial_pipeline_still_reports(outputs):
 
 
 def test_time_to_accuracy(outputs):
-    run = load(outputs).runs[1]                     # vit_tiny: 0.5, 0.6, 0.7, 0.7 at steps 10..40
+    run = load(outputs).runs[1]  # vit_tiny: 0.5, 0.6, 0.7, 0.7 at steps 10..40
     assert an.time_to_accuracy(run, 0.6) == (20, 20 * 16 / 300.0)
     assert an.time_to_accuracy(run, 0.71) is None
 
 
 def test_markdown_to_html(tmp_path):
     (tmp_path / "f.png").write_bytes(PNG + b"rest")
-    md = ("# Title\n\nSome *em*, **bold**, `a<b>` and <script>x</script> [doc](docs/compute.md).\n\n"
-          "- one\n- two `c|d`\n\n| a | b |\n|:--|--:|\n| x | 1 |\n| \\| | 2 |\n\n![A figure](f.png)\n\n"
-          "![gone](missing.png)\n\n```\n<raw>\n```\n")
+    md = (
+        "# Title\n\nSome *em*, **bold**, `a<b>` and <script>x</script> [doc](docs/compute.md).\n\n"
+        "- one\n- two `c|d`\n\n| a | b |\n|:--|--:|\n| x | 1 |\n| \\| | 2 |\n\n![A figure](f.png)\n\n"
+        "![gone](missing.png)\n\n```\n<raw>\n```\n"
+    )
     html = render_html(md, tmp_path)
-    assert "<h1 id=\"title\">Title</h1>" in html and "<title>Title</title>" in html
+    assert '<h1 id="title">Title</h1>' in html and "<title>Title</title>" in html
     assert "<em>em</em>" in html and "<strong>bold</strong>" in html and "<code>a&lt;b&gt;</code>" in html
     assert "&lt;script&gt;" in html and "<script>" not in html
-    assert "<a href=\"docs/compute.md\">doc</a>" in html
+    assert '<a href="docs/compute.md">doc</a>' in html
     assert "<li>two <code>c|d</code></li>" in html
-    assert "<td style=\"text-align:left\">x</td><td style=\"text-align:right\">1</td>" in html
-    assert "<td style=\"text-align:left\">|</td>" in html
+    assert '<td style="text-align:left">x</td><td style="text-align:right">1</td>' in html
+    assert '<td style="text-align:left">|</td>' in html
     assert "data:image/png;base64," + base64.b64encode(PNG + b"rest").decode() in html
     assert "figure not available: gone" in html and "<pre><code>&lt;raw&gt;</code></pre>" in html
 
@@ -358,13 +463,28 @@ def browser_view(html: Path, tmp_path: Path) -> dict:
 
     browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
     if browser is None:
-        pytest.skip("no Chromium on this machine (Debian: `apt-get install -y chromium`): the report is not "
-                    "opened in a real browser here")
+        pytest.skip(
+            "no Chromium on this machine (Debian: `apt-get install -y chromium`): the report is not "
+            "opened in a real browser here"
+        )
     probe = tmp_path / "probe.html"
     probe.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
-    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                          "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                          probe.as_uri()], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=10000",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = re.search(r'<pre id="vitpipe-probe">(.*?)</pre>', out.stdout, re.S)
     assert found, f"Chromium gave no page back (exit {out.returncode}): {out.stderr[-1500:]}"
     return json.loads(html_lib.unescape(found.group(1)))
@@ -377,7 +497,9 @@ def test_report_in_a_real_browser(outputs, tmp_path):
     seen = browser_view(html_path, tmp_path)
     figures = [line for line in md.splitlines() if line.startswith("![")]
     assert len(seen["images"]) == len(figures) >= 7
-    broken = [i["alt"] for i in seen["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0 and i["shown"])]
+    broken = [
+        i["alt"] for i in seen["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0 and i["shown"])
+    ]
     assert not broken, f"figures the browser could not show: {broken}"
     assert len(seen["tables"]) == md.count("\n|:") + md.count("\n|-")
     assert all(t["rows"] >= 2 and t["shown"] for t in seen["tables"]), seen["tables"]

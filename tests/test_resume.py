@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run, store_steps
 from test_train import ENV, assert_identical, run_stage, stage_dir, start_stage, tsv_steps, weights  # noqa: F401
 
-pytestmark = pytest.mark.slow   # each test trains and kills real stage processes
+pytestmark = pytest.mark.slow  # each test trains and kills real stage processes
 
 # Long enough to be killed mid-way (~25 ms a step here), with a checkpoint every 3 steps so
 # that kills land during writes too.
@@ -89,8 +88,15 @@ def test_dvc_repro_killed_mid_stage_resumes(project, prepared, reference, checkp
     env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     run(dvc + ["repro", "preprocess"], repo, env=env)
     ckpt = checkpoint_store
-    p = subprocess.Popen(dvc + ["repro", "train_scratch@0"], cwd=repo, env={**os.environ, **env},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        dvc + ["repro", "train_scratch@0"],
+        cwd=repo,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     wait_for(lambda: checkpoint_step(ckpt) >= 30, p)
     os.killpg(p.pid, signal.SIGKILL)  # dvc and the stage it runs, like a lost runtime
     p.communicate()

@@ -33,14 +33,17 @@ def cell(tables, arch, size):
 # The table is the compute model
 
 
-@pytest.mark.parametrize("arch,size", [("vit_b16", 224), ("vit_ti8", 64), ("vit_l32", 512),
-                                       ("vit_s16", 384), ("resnet50", 128), ("resnet18", 32)])
+@pytest.mark.parametrize(
+    "arch,size",
+    [("vit_b16", 224), ("vit_ti8", 64), ("vit_l32", 512), ("vit_s16", 384), ("resnet50", 128), ("resnet18", 32)],
+)
 def test_table_equals_the_compute_model(tables, arch, size):
     row = cell(tables, arch, size)
     cfg = model_config({"arch": arch}, SETTING["num_classes"], size)
     f = compute.flops(cfg)
-    est = compute.estimate(cfg, SETTING["batch"], SETTING["device"], SETTING["precision"],
-                           SETTING["optimizer"], SETTING["attention"])
+    est = compute.estimate(
+        cfg, SETTING["batch"], SETTING["device"], SETTING["precision"], SETTING["optimizer"], SETTING["attention"]
+    )
     assert row.params == compute.param_counts(cfg)["total"] == est["params"]
     assert (row.forward_flops, row.train_flops) == (f["forward"], f["train"])
     assert row.activation_bytes == est["activation_bytes"]
@@ -49,17 +52,25 @@ def test_table_equals_the_compute_model(tables, arch, size):
     assert bool(row.fits) == est["fits"]
 
 
-@pytest.mark.parametrize("arch,size,device", [("vit_b16", 224, "t4"), ("resnet50", 512, "a100-80"),
-                                              ("vit_l8", 512, "t4"), ("vit_ti32", 32, "h200")])
+@pytest.mark.parametrize(
+    "arch,size,device",
+    [("vit_b16", 224, "t4"), ("resnet50", 512, "a100-80"), ("vit_l8", 512, "t4"), ("vit_ti32", 32, "h200")],
+)
 def test_largest_batch_is_the_edge_of_the_plan(tables, arch, size, device):
     d = tables["devices"]
     best = d[(d.arch == arch) & (d.image_size == size) & (d.device == device)].max_batch.iloc[0]
     cfg = model_config({"arch": arch}, SETTING["num_classes"], size)
     dev = get_device(device)
-    fits = [compute.plan(cfg, b, dev, SETTING["precision"], SETTING["optimizer"], SETTING["attention"])["fits"]
-            for b in (best, best + 1)] if best else [False, False]
+    fits = (
+        [
+            compute.plan(cfg, b, dev, SETTING["precision"], SETTING["optimizer"], SETTING["attention"])["fits"]
+            for b in (best, best + 1)
+        ]
+        if best
+        else [False, False]
+    )
     assert fits == ([True, False] if best else [False, False])
-    if not best:   # not even one image: the plan finds no micro-batch either
+    if not best:  # not even one image: the plan finds no micro-batch either
         assert compute.plan(cfg, 1, dev)["micro_batch"] == 0
 
 
@@ -75,9 +86,15 @@ def test_the_reference_t4_reading(tables):
 # The attention / rest split (compute.attention_split)
 
 
-@pytest.mark.parametrize("spec,size", [({"arch": "vit_b16"}, 224), ({"arch": "vit_ti8"}, 32),
-                                       ({**TINY_VIT, "pool": "avg"}, 16),
-                                       ({"arch": "vit_medium_patch16_gap_256"}, 64)])
+@pytest.mark.parametrize(
+    "spec,size",
+    [
+        ({"arch": "vit_b16"}, 224),
+        ({"arch": "vit_ti8"}, 32),
+        ({**TINY_VIT, "pool": "avg"}, 16),
+        ({"arch": "vit_medium_patch16_gap_256"}, 64),
+    ],
+)
 @pytest.mark.parametrize("precision,attention", [("fp32", "sdpa"), ("fp32", "eager"), ("bf16", "eager")])
 def test_attention_split_sums_to_the_totals(spec, size, precision, attention):
     cfg = model_config(spec, 10, size)
@@ -147,7 +164,7 @@ def test_doubling_factors_are_ratios_of_the_table(tables):
     a, b = cell(tables, "vit_b16", 64), cell(tables, "vit_b16", 128)
     assert d.loc[("ViT-B/16", 64, 128), "forward_flops"] == pytest.approx(b.forward_flops / a.forward_flops)
     a, b = cell(tables, "resnet50", 224), cell(tables, "resnet50", 512)
-    per_doubling = (b.forward_flops / a.forward_flops) ** (1 / 1.1926450779423958)   # log2(512 / 224)
+    per_doubling = (b.forward_flops / a.forward_flops) ** (1 / 1.1926450779423958)  # log2(512 / 224)
     assert d.loc[("ResNet-50", 224, 512), "forward_flops"] == pytest.approx(per_doubling)
 
 
@@ -163,7 +180,7 @@ def test_scaling_law_changes_with_the_numbers(tables):
     before = sc.scaling_law(tables)
     cost = tables["cost"].copy()
     b16_512 = (cost.network == "ViT-B/16") & (cost.image_size == 512)
-    cost.loc[b16_512, "forward_flops"] *= 3     # as if attention were far dearer
+    cost.loc[b16_512, "forward_flops"] *= 3  # as if attention were far dearer
     changed = {**tables, "cost": cost, "doubling": sc.doubling_table(cost)}
     after = sc.scaling_law(changed)
     assert after != before

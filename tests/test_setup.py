@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow   # each test runs scripts/setup.sh against made-up pythons
+pytestmark = pytest.mark.slow  # each test runs scripts/setup.sh against made-up pythons
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_TORCH = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
-PINNED = re.search(r'TORCH_VERSION:-([0-9.]+)', (ROOT / "scripts/setup.sh").read_text()).group(1)
+PINNED = re.search(r"TORCH_VERSION:-([0-9.]+)", (ROOT / "scripts/setup.sh").read_text()).group(1)
 
 
 def project(tmp_path, *extra) -> Path:
@@ -47,8 +47,12 @@ def make_venv(path: Path, with_pip=False) -> Path:
 
 
 def site_packages(python: Path) -> Path:
-    out = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return Path(out)
 
 
@@ -63,7 +67,9 @@ def fake_torch(python: Path, version: str, cuda: str | None = "-") -> None:
     real builds do, without it only __version__."""
     pkg = site_packages(python) / "torch"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text(f"__version__ = {version!r}\n" + ("from . import version\n" if cuda != "-" else ""))
+    (pkg / "__init__.py").write_text(
+        f"__version__ = {version!r}\n" + ("from . import version\n" if cuda != "-" else "")
+    )
     if cuda != "-":
         (pkg / "version.py").write_text(f"cuda = {cuda!r}\nhip = None\n")
 
@@ -74,8 +80,11 @@ def machine(tmp_path, gpu: bool) -> str:
     bin_dir = tmp_path / ("gpu-bin" if gpu else "cpu-bin")
     bin_dir.mkdir(exist_ok=True)
     smi = bin_dir / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 'GPU 0: Tesla T4 (UUID: GPU-0)'\n" if gpu else
-                   "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    smi.write_text(
+        "#!/bin/sh\necho 'GPU 0: Tesla T4 (UUID: GPU-0)'\n"
+        if gpu
+        else "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n"
+    )
     smi.chmod(0o755)
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
@@ -88,12 +97,28 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 def setup(repo: Path, dry=True, **env) -> subprocess.CompletedProcess:
     """Run the checkout's setup.sh as a user would, outside any activated venv."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("VIRTUAL_ENV", "PYTHON", "VITPIPE_NO_VENV", "VITPIPE_UPGRADE_TORCH", "VITPIPE_TORCH_INDEX",
-                         "VITPIPE_EXTRAS")
-            and not (env.get("PIP_CONFIG_FILE") and k.startswith("PIP_"))}   # that pip config only
-    return subprocess.run(["bash", str(repo / "scripts/setup.sh")], check=False, capture_output=True, text=True, timeout=900,
-                          env={**base, "VITPIPE_SETUP_DRY_RUN": "1" if dry else "0", **env})
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "VIRTUAL_ENV",
+            "PYTHON",
+            "VITPIPE_NO_VENV",
+            "VITPIPE_UPGRADE_TORCH",
+            "VITPIPE_TORCH_INDEX",
+            "VITPIPE_EXTRAS",
+        )
+        and not (env.get("PIP_CONFIG_FILE") and k.startswith("PIP_"))
+    }  # that pip config only
+    return subprocess.run(
+        ["bash", str(repo / "scripts/setup.sh")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**base, "VITPIPE_SETUP_DRY_RUN": "1" if dry else "0", **env},
+    )
 
 
 def test_keeps_the_torch_of_this_python_without_a_venv(tmp_path):
@@ -102,10 +127,13 @@ def test_keeps_the_torch_of_this_python_without_a_venv(tmp_path):
     p = setup(repo, VITPIPE_NO_VENV="1", PYTHON=sys.executable)
     assert p.returncode == 0, p.stderr
     build = f"cuda{torch.version.cuda}" if torch.version.cuda else "cpu"
-    assert f"setup: keeping the installed torch {torch.__version__}, {build} build (vitpipe needs torch >= {MIN_TORCH})" in p.stdout
+    assert (
+        f"setup: keeping the installed torch {torch.__version__}, {build} build (vitpipe needs torch >= {MIN_TORCH})"
+        in p.stdout
+    )
     assert f"installing into {sys.executable}" in p.stdout
     assert "install torch==" not in p.stdout
-    assert re.search(r"would run: .* -m pip install -e \.\[test\] -c \S+", p.stdout)   # pinned to the kept torch
+    assert re.search(r"would run: .* -m pip install -e \.\[test\] -c \S+", p.stdout)  # pinned to the kept torch
     assert not (repo / ".venv").exists()
 
 
@@ -140,7 +168,7 @@ def test_an_old_torch_is_replaced_only_when_asked(tmp_path):
     p = setup(repo, VITPIPE_UPGRADE_TORCH="1")
     assert p.returncode == 0, p.stderr
     assert f"replacing it by torch=={PINNED}" in p.stdout
-    assert re.search(rf"install torch=={PINNED}(\+cpu)? torchvision==", p.stdout)   # +cpu: no GPU here
+    assert re.search(rf"install torch=={PINNED}(\+cpu)? torchvision==", p.stdout)  # +cpu: no GPU here
 
 
 def test_a_python_without_torch_gets_the_pinned_build(tmp_path):
@@ -152,7 +180,7 @@ def test_a_python_without_torch_gets_the_pinned_build(tmp_path):
     assert "no torch in this Python" in p.stdout
     install = [line for line in p.stdout.splitlines() if "would run" in line]
     assert re.search(rf"install torch=={PINNED}(\+cpu)? torchvision==", install[0])
-    assert install[1].endswith("install -e .[test]")                    # no constraint on a new torch
+    assert install[1].endswith("install -e .[test]")  # no constraint on a new torch
 
 
 def test_a_new_enough_fake_torch_is_kept(tmp_path):
@@ -183,7 +211,9 @@ def test_a_cpu_machine_gets_the_cpu_build(tmp_path):
     repo = project(tmp_path)
     for path in (os.environ["PATH"], machine(tmp_path, gpu=False)):
         p = setup(repo, PATH=path, **PLAIN_PIP)
-        assert torch_install(p).endswith(f"install torch=={PINNED}{CPU} torchvision==0.29.1{CPU} --index-url {CPU_INDEX}")
+        assert torch_install(p).endswith(
+            f"install torch=={PINNED}{CPU} torchvision==0.29.1{CPU} --index-url {CPU_INDEX}"
+        )
         assert f"the CPU build from {CPU_INDEX}: no GPU here" in p.stdout
 
 
@@ -243,9 +273,15 @@ def test_without_a_gpu_setup_ends_with_the_cpu_build_or_a_warning(tmp_path, cpu_
     machine's: when it falls back, and after the final check."""
     repo = project(tmp_path)
     log = fake_venv(repo)
-    p = setup(repo, dry=False, PATH=machine(tmp_path, gpu=False), FAKE_LOG=str(log), FAKE_CPU_INDEX=cpu_index,
-              FAKE_PIP_CONFIG="global.extra-index-url='file:///srv/wheels/simple'\n:env:.find-links='/srv/wheels'",
-              **extra_index_pip(tmp_path))
+    p = setup(
+        repo,
+        dry=False,
+        PATH=machine(tmp_path, gpu=False),
+        FAKE_LOG=str(log),
+        FAKE_CPU_INDEX=cpu_index,
+        FAKE_PIP_CONFIG="global.extra-index-url='file:///srv/wheels/simple'\n:env:.find-links='/srv/wheels'",
+        **extra_index_pip(tmp_path),
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     installs = [line for line in log.read_text().splitlines() if line.startswith("-m pip install -q torch")]
     assert installs[0] == f"-m pip install -q torch=={PINNED}{CPU} torchvision==0.29.1{CPU} --index-url {CPU_INDEX}"
@@ -254,7 +290,7 @@ def test_without_a_gpu_setup_ends_with_the_cpu_build_or_a_warning(tmp_path, cpu_
         assert len(installs) == 1 and last[-1] == "vitpipe ready: torch 2.14.1+cpu (CPU build), timm 1.0"
         assert "warning" not in p.stdout
     else:
-        assert installs[1] == f"-m pip install -q torch=={PINNED} torchvision==0.29.1"     # pip's own indexes
+        assert installs[1] == f"-m pip install -q torch=={PINNED} torchvision==0.29.1"  # pip's own indexes
         assert f"setup: warning: could not install torch=={PINNED}{CPU} from {CPU_INDEX}" in p.stdout
         assert last[-2] == "vitpipe ready: torch 2.14.1+cu130 (CUDA 13.0 build), timm 1.0"
         assert last[-1].startswith("setup: warning: torch is a GPU build and this machine has no GPU")
@@ -265,10 +301,20 @@ def test_a_gpu_machine_with_a_cpu_build_is_warned(tmp_path):
     """The CPU index asked for by name on a machine with a GPU: installed as asked, and said."""
     repo = project(tmp_path)
     log = fake_venv(repo)
-    p = setup(repo, dry=False, PATH=machine(tmp_path, gpu=True), FAKE_LOG=str(log), FAKE_PIP_CONFIG="",
-              FAKE_CPU_INDEX="up", VITPIPE_TORCH_INDEX=CPU_INDEX, **PLAIN_PIP)
+    p = setup(
+        repo,
+        dry=False,
+        PATH=machine(tmp_path, gpu=True),
+        FAKE_LOG=str(log),
+        FAKE_PIP_CONFIG="",
+        FAKE_CPU_INDEX="up",
+        VITPIPE_TORCH_INDEX=CPU_INDEX,
+        **PLAIN_PIP,
+    )
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip().splitlines()[-1].startswith("setup: warning: this machine has a GPU but torch is a CPU build")
+    assert (
+        p.stdout.strip().splitlines()[-1].startswith("setup: warning: this machine has a GPU but torch is a CPU build")
+    )
 
 
 def test_extras_choose_what_is_installed_with_vitpipe(tmp_path):
@@ -337,12 +383,17 @@ def test_setup_for_real_keeps_the_preinstalled_torch(tmp_path):
     p = setup(repo, dry=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"keeping the installed torch {torch.__version__}" in p.stdout
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"     # said from what torch reports
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"  # said from what torch reports
     assert f"vitpipe ready: torch {torch.__version__} ({build} build)" in p.stdout
-    where = subprocess.run([python, "-c", "import torch, vitpipe; print(torch.__file__); print(vitpipe.__file__)"],
-                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
-    assert where[0] == torch.__file__                       # the same torch, not a new download
-    assert where[1].startswith(str(repo))                   # vitpipe from this checkout
+    where = subprocess.run(
+        [python, "-c", "import torch, vitpipe; print(torch.__file__); print(vitpipe.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout.split()
+    assert where[0] == torch.__file__  # the same torch, not a new download
+    assert where[1].startswith(str(repo))  # vitpipe from this checkout
     assert not list(site_packages(python).glob("torch-*.dist-info"))
 
 

@@ -43,8 +43,9 @@ def fit_both(rank: int, world: int, ports: list[int], out: str, spec: dict) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     loop.channels_last_for = lambda model, device: True  # what a CNN gets on CUDA; FSDP2 refused its weights
     rng = np.random.default_rng(0)
-    data = Split(rng.integers(0, 256, (64, SIZE, SIZE, 3), dtype=np.uint8), rng.integers(0, CLASSES, 64),
-                 [0.5] * 3, [0.25] * 3)
+    data = Split(
+        rng.integers(0, 256, (64, SIZE, SIZE, 3), dtype=np.uint8), rng.integers(0, CLASSES, 64), [0.5] * 3, [0.25] * 3
+    )
     for parallel, port in zip(("ddp", "fsdp"), ports):
         os.environ["MASTER_PORT"] = str(port)
         seed_everything(0)
@@ -52,13 +53,35 @@ def fit_both(rank: int, world: int, ports: list[int], out: str, spec: dict) -> N
         where = Path(out) / parallel
         # SGD: an update in proportion to its gradient (AdamW's first steps move every weight by
         # about +-lr, so the sign of a near-zero gradient decides, and the order of the sums may flip it)
-        recipe = TrainParams(steps=2, batch_size=16, micro_batch=4, optimizer="sgd", lr=LR, warmup_steps=1, nproc=world, grad_clip=1.0,
-                             parallel=parallel, resume="fresh", checkpoint_every=10**6, eval_every=10**6)
-        loop.fit(loop.TrainingJob(model, data, recipe, loop.RunPaths(where / "model.pt", where / "metrics.json",
-                                                                     where / "plots"),
-                                  val=None, run_config={"spec": spec, "image_size": SIZE}, fresh_key="train.resume",
-                                  weights_meta={"spec": spec, "num_classes": CLASSES}, desc=parallel, quiet=True,
-                                  store_dir=Path(out) / "store"))
+        recipe = TrainParams(
+            steps=2,
+            batch_size=16,
+            micro_batch=4,
+            optimizer="sgd",
+            lr=LR,
+            warmup_steps=1,
+            nproc=world,
+            grad_clip=1.0,
+            parallel=parallel,
+            resume="fresh",
+            checkpoint_every=10**6,
+            eval_every=10**6,
+        )
+        loop.fit(
+            loop.TrainingJob(
+                model,
+                data,
+                recipe,
+                loop.RunPaths(where / "model.pt", where / "metrics.json", where / "plots"),
+                val=None,
+                run_config={"spec": spec, "image_size": SIZE},
+                fresh_key="train.resume",
+                weights_meta={"spec": spec, "num_classes": CLASSES},
+                desc=parallel,
+                quiet=True,
+                store_dir=Path(out) / "store",
+            )
+        )
 
 
 def initial(family: str) -> dict:

@@ -4,10 +4,10 @@ over the devices there are, with the overrides to say so (vitpipe.costmodel.shar
 import pytest
 
 from vitpipe.cli import format_plan
-from vitpipe.plan import plan_model
 from vitpipe.costmodel import compute, sharding
 from vitpipe.costmodel.devices import get_device
 from vitpipe.models import model_config
+from vitpipe.plan import plan_model
 
 GIANT = "vit_giant_patch14_224"  # 1.0 B parameters: 16 GB of fp32 AdamW state, more than a T4's 15 GB
 

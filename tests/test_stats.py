@@ -37,11 +37,11 @@ def test_paired_difference_matches_scipy_ttest_rel():
 
 
 def test_verdict_edge_cases():
-    one = stats.verdict(stats.paired([0.7], [0.3]))           # n = 1: no spread to judge by
+    one = stats.verdict(stats.paired([0.7], [0.3]))  # n = 1: no spread to judge by
     assert one.word == stats.INCONCLUSIVE and "at least 2 seeds" in one.why
-    same = stats.verdict(stats.paired([0.5, 0.6, 0.7], [0.5, 0.6, 0.7]))   # identical runs: zero difference
+    same = stats.verdict(stats.paired([0.5, 0.6, 0.7], [0.5, 0.6, 0.7]))  # identical runs: zero difference
     assert same.word == stats.DOES_NOT_HOLD
-    steady = stats.paired([0.75, 0.5], [0.5, 0.25])           # zero variance, above zero
+    steady = stats.paired([0.75, 0.5], [0.5, 0.25])  # zero variance, above zero
     assert steady.sd == 0 and stats.verdict(steady).word == stats.HOLDS
     worse = stats.verdict(stats.paired([0.3, 0.32, 0.29], [0.6, 0.62, 0.65]))
     assert worse.word == stats.DOES_NOT_HOLD
@@ -60,7 +60,7 @@ def test_inconclusive_says_how_many_seeds_would_resolve_it():
 def test_within_noise():
     ci = stats.over_seeds([0.60, 0.64, 0.68])
     assert stats.within_noise(0.02, ci) and not stats.within_noise(0.2, ci)
-    assert not stats.within_noise(0.0, stats.over_seeds([0.6]))   # one seed: no noise estimate
+    assert not stats.within_noise(0.0, stats.over_seeds([0.6]))  # one seed: no noise estimate
 
 
 def _table(both: int, a_only: int, b_only: int, neither: int):
@@ -75,17 +75,17 @@ def test_mcnemar_matches_scipy_binomtest(table):
     both, a_only, b_only, neither = table
     a, b = _table(*table)
     t = stats.mcnemar(a, b)
-    assert (t.n, t.a_only, t.b_only) == (sum(table), a_only, b_only)   # ties (both right, both wrong) left out
+    assert (t.n, t.a_only, t.b_only) == (sum(table), a_only, b_only)  # ties (both right, both wrong) left out
     assert t.p == pytest.approx(st.binomtest(a_only, a_only + b_only, 0.5).pvalue, rel=1e-9, abs=0)
     assert t.diff == pytest.approx((a_only - b_only) / sum(table))
 
 
 def test_mcnemar_verdicts_and_zero_discordance():
-    assert stats.image_verdict(stats.mcnemar(*_table(300, 25, 9, 25))).word == stats.HOLDS       # p = 0.009
+    assert stats.image_verdict(stats.mcnemar(*_table(300, 25, 9, 25))).word == stats.HOLDS  # p = 0.009
     assert stats.image_verdict(stats.mcnemar(*_table(300, 9, 25, 25))).word == stats.DOES_NOT_HOLD
-    tied = stats.image_verdict(stats.mcnemar(*_table(50, 7, 7, 10)))                          # even split: p = 1
+    tied = stats.image_verdict(stats.mcnemar(*_table(50, 7, 7, 10)))  # even split: p = 1
     assert tied.word == stats.INCONCLUSIVE and "p = 1" in tied.why
-    same = stats.mcnemar(*_table(80, 0, 0, 20))               # the models agree on every image: no evidence
+    same = stats.mcnemar(*_table(80, 0, 0, 20))  # the models agree on every image: no evidence
     assert (same.p, same.diff, same.lo, same.hi) == (1.0, 0.0, 0.0, 0.0)
     assert stats.image_verdict(same).word == stats.INCONCLUSIVE
     assert "McNemar" in stats.image_verdict(same).why
@@ -103,8 +103,8 @@ def test_paired_bootstrap_of_a_signed_sum():
     a, b = _table(300, 25, 9, 25)
     mean, lo, hi = stats.bootstrap_sum([a, b], [1, -1])
     assert mean == pytest.approx((25 - 9) / 359)
-    assert lo < mean < hi and lo > 0            # the same evidence McNemar finds (p = 0.009)
-    assert stats.bootstrap_sum([a, a], [1, -1]) == (0.0, 0.0, 0.0)   # a model against itself: exactly zero
+    assert lo < mean < hi and lo > 0  # the same evidence McNemar finds (p = 0.009)
+    assert stats.bootstrap_sum([a, a], [1, -1]) == (0.0, 0.0, 0.0)  # a model against itself: exactly zero
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,8 +133,10 @@ def _brute_force(a, b, resamples, seed):
 
 def _constructed(rng, pretrain_means, seed_sd, n_images, seeds):
     """0/1 correctness: per pretraining run a mean accuracy, per seed a shift, per image a draw."""
-    return [[(rng.random(n_images) < np.clip(m + rng.normal(0, seed_sd), 0, 1)).astype(int).tolist()
-             for _ in range(seeds)] for m in pretrain_means]
+    return [
+        [(rng.random(n_images) < np.clip(m + rng.normal(0, seed_sd), 0, 1)).astype(int).tolist() for _ in range(seeds)]
+        for m in pretrain_means
+    ]
 
 
 def test_hierarchical_bootstrap_matches_brute_force():
@@ -164,9 +166,9 @@ def test_hierarchical_bootstrap_widens_with_pretraining_noise():
 
 def test_holm_adjusts_in_steps_and_stays_monotone():
     adjusted = stats.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": math.nan})
-    assert adjusted["a"] == pytest.approx(0.03)          # 3 x 0.01
-    assert adjusted["c"] == pytest.approx(0.06)          # 2 x 0.03
-    assert adjusted["b"] == pytest.approx(0.06)          # 1 x 0.04, raised to stay monotone
+    assert adjusted["a"] == pytest.approx(0.03)  # 3 x 0.01
+    assert adjusted["c"] == pytest.approx(0.06)  # 2 x 0.03
+    assert adjusted["b"] == pytest.approx(0.06)  # 1 x 0.04, raised to stay monotone
     assert math.isnan(adjusted["d"])
 
 

@@ -27,8 +27,11 @@ from test_train import ENV
 from vitpipe.checkpoints.manifest import Damaged, confined
 
 STAGE = "train_scratch@0"
-WEIGHTS, METRICS, TRAIN_LOG = "models/scratch/seed-0/model.pt", "metrics/train_scratch/seed-0.json", \
-    "plots/train_scratch/seed-0/train.tsv"
+WEIGHTS, METRICS, TRAIN_LOG = (
+    "models/scratch/seed-0/model.pt",
+    "metrics/train_scratch/seed-0.json",
+    "plots/train_scratch/seed-0/train.tsv",
+)
 
 
 def sha(data: bytes) -> str:
@@ -55,8 +58,14 @@ def workspace(folder: Path, prepared: Path, **train) -> Path:
 
 
 def start(ws: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "stages/train_scratch.py"), "0"], cwd=ws, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "stages/train_scratch.py"), "0"],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def stage(ws: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -66,8 +75,9 @@ def stage(ws: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProc
 
 
 def vitpipe(cwd: Path, env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitpipe", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vitpipe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def lines(text: str) -> list[str]:
@@ -169,8 +179,10 @@ def test_an_s3_mirror_record_naming_files_outside_its_folder_is_refused(tmp_path
     url = f"s3://{bucket}/ckpt"
     store = tmp_path / "s" / "store"
     env = env_for(store, url)
-    for name, target in (("../../../escaped", tmp_path / "s" / "escaped"),
-                         (str(tmp_path / "abs-escaped"), tmp_path / "abs-escaped")):
+    for name, target in (
+        ("../../../escaped", tmp_path / "s" / "escaped"),
+        (str(tmp_path / "abs-escaped"), tmp_path / "abs-escaped"),
+    ):
         for f in run.rglob("*"):
             if f.is_file():
                 fs.pipe_file(f"{bucket}/ckpt/{fp}/{f.relative_to(run)}", f.read_bytes())
@@ -188,7 +200,11 @@ def test_an_s3_mirror_record_naming_files_outside_its_folder_is_refused(tmp_path
         assert not target.exists()
         fs.invalidate_cache()
         assert set(json.loads(fs.cat_file(f"{bucket}/ckpt/{fp}/finished.json"))["files"]) == {
-            "weights", "metrics", "train.tsv", "eval.tsv"}
+            "weights",
+            "metrics",
+            "train.tsv",
+            "eval.tsv",
+        }
 
 
 @pytest.mark.slow
@@ -218,8 +234,23 @@ def test_confined_refuses_every_way_out(tmp_path):
     (folder / "link").symlink_to(tmp_path / "elsewhere")
     (folder / "sub" / "inner").symlink_to(folder / "sub")  # a link even to inside: the store never makes one
     assert confined(folder, "sub/weights", "m.json") == folder / "sub" / "weights"
-    for name in ("../x", "sub/../../x", "/etc/passwd", "", ".", "sub/./x", "a//b", "link/x", "link", "sub/inner/x",
-                 "a\\..\\x", "x\0y", 7, None, "x" * 300):
+    for name in (
+        "../x",
+        "sub/../../x",
+        "/etc/passwd",
+        "",
+        ".",
+        "sub/./x",
+        "a//b",
+        "link/x",
+        "link",
+        "sub/inner/x",
+        "a\\..\\x",
+        "x\0y",
+        7,
+        None,
+        "x" * 300,
+    ):
         with pytest.raises(Damaged, match=r"^m\.json"):
             confined(folder, name, "m.json")
 
@@ -260,8 +291,7 @@ FAKES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fake", FAKES)
-def test_a_record_that_is_not_what_it_claims_is_refused_before_outputs_are_replaced(fake, tmp_path, trained,
-                                                                                    prepared):
+def test_a_record_that_is_not_what_it_claims_is_refused_before_outputs_are_replaced(fake, tmp_path, trained, prepared):
     """Digests that match (the attacker wrote the manifest), content that does not: refused in
     one line; the workspace's outputs are the run's own, never the record's."""
     fp, run, manifest = trained
@@ -304,7 +334,7 @@ def test_a_second_run_of_one_fingerprint_waits_or_stops_never_writes_beside_the_
     while not _holder(store, a.pid):
         assert a.poll() is None and time.monotonic() < end, a.stderr.read()[-3000:] if a.poll() is not None else ""
         time.sleep(0.05)
-    os.kill(a.pid, signal.SIGSTOP)   # the first run holds the lock, paused: the others meet it whatever their speed
+    os.kill(a.pid, signal.SIGSTOP)  # the first run holds the lock, paused: the others meet it whatever their speed
     ws_stop, ws_wait = (workspace(tmp_path / n, prepared, **long) for n in ("clone-b", "clone-c"))
     waiting = start(ws_wait, env_for(store))
     stopped = stage(ws_stop, env_for(store, VITPIPE_CHECKPOINT_WAIT="0"))
@@ -328,21 +358,45 @@ def test_a_second_run_of_one_fingerprint_waits_or_stops_never_writes_beside_the_
 
 
 BAD_SETTINGS = [
-    ("timeout-text", {"VITPIPE_MIRROR_TIMEOUT_S": "soon"}, None,
-     ["VITPIPE_MIRROR_TIMEOUT_S = 'soon' is not allowed", "number of seconds"]),
+    (
+        "timeout-text",
+        {"VITPIPE_MIRROR_TIMEOUT_S": "soon"},
+        None,
+        ["VITPIPE_MIRROR_TIMEOUT_S = 'soon' is not allowed", "number of seconds"],
+    ),
     ("wait-maybe", {"VITPIPE_CHECKPOINT_WAIT": "maybe"}, None, ["VITPIPE_CHECKPOINT_WAIT = 'maybe'", "1/0"]),
-    ("yaml-unknown-key", {}, "checkpoint_dri: /x\n", ["vitpipe.local.yaml: unknown key(s) checkpoint_dri",
-                                                       "checkpoint_dir"]),
+    (
+        "yaml-unknown-key",
+        {},
+        "checkpoint_dri: /x\n",
+        ["vitpipe.local.yaml: unknown key(s) checkpoint_dri", "checkpoint_dir"],
+    ),
     ("yaml-list-timeout", {}, "mirror_timeout_s: [a, b]\n", ["vitpipe.local.yaml: mirror_timeout_s = ['a', 'b']"]),
     ("yaml-not-a-mapping", {}, "- checkpoint_dir\n", ["vitpipe.local.yaml: expected a mapping"]),
-    ("scp-address", {"VITPIPE_CHECKPOINT_MIRROR": "backup:hunter2pass@nas.local:/ckpt"}, None,
-     ["VITPIPE_CHECKPOINT_MIRROR", "***@nas.local:/ckpt", "neither a URL nor a folder", "ssh://"]),
-    ("scp-address-yaml", {}, "checkpoint_mirror: 'backup:hunter2pass@nas.local:ckpt'\n",
-     ["checkpoint_mirror", "***@nas.local:ckpt", "neither a URL nor a folder"]),
-    ("unknown-protocol", {"VITPIPE_CHECKPOINT_MIRROR": "nosuch://backup:hunter2pass@host/x?token=hunter2pass"}, None,
-     ["nosuch://***@host/x?***", "not a URL fsspec knows"]),
-    ("two-at-once", {"VITPIPE_MIRROR_TIMEOUT_S": "-1", "VITPIPE_CORE_SHARE": "sometimes"}, None,
-     ["VITPIPE_MIRROR_TIMEOUT_S = '-1'", "VITPIPE_CORE_SHARE = 'sometimes'"]),
+    (
+        "scp-address",
+        {"VITPIPE_CHECKPOINT_MIRROR": "backup:hunter2pass@nas.local:/ckpt"},
+        None,
+        ["VITPIPE_CHECKPOINT_MIRROR", "***@nas.local:/ckpt", "neither a URL nor a folder", "ssh://"],
+    ),
+    (
+        "scp-address-yaml",
+        {},
+        "checkpoint_mirror: 'backup:hunter2pass@nas.local:ckpt'\n",
+        ["checkpoint_mirror", "***@nas.local:ckpt", "neither a URL nor a folder"],
+    ),
+    (
+        "unknown-protocol",
+        {"VITPIPE_CHECKPOINT_MIRROR": "nosuch://backup:hunter2pass@host/x?token=hunter2pass"},
+        None,
+        ["nosuch://***@host/x?***", "not a URL fsspec knows"],
+    ),
+    (
+        "two-at-once",
+        {"VITPIPE_MIRROR_TIMEOUT_S": "-1", "VITPIPE_CORE_SHARE": "sometimes"},
+        None,
+        ["VITPIPE_MIRROR_TIMEOUT_S = '-1'", "VITPIPE_CORE_SHARE = 'sometimes'"],
+    ),
 ]
 
 
@@ -374,23 +428,33 @@ def test_the_stage_stops_on_a_bad_setting_before_it_trains(tmp_path, prepared):
 # `vitpipe checkpoints`: damage listed and removable, per clone, an unreachable mirror
 
 
-def write_run(store: Path, fp: str, step: int = 3, clone: str | None = None, age_s: float = 0.0,
-              **manifest) -> Path:
+def write_run(store: Path, fp: str, step: int = 3, clone: str | None = None, age_s: float = 0.0, **manifest) -> Path:
     """A run as the store writes it: a checkpoint file and its manifest."""
     run = store / fp
     run.mkdir(parents=True, exist_ok=True)
     data = os.urandom(1000)
     (run / f"step-{step:08d}.pt").write_bytes(data)
-    doc = {"stage": STAGE, "fingerprint": fp, "step": step, "total_steps": 6, "size": len(data),
-           "sha256": sha(data), "written": time.time() - age_s, "clone": clone} | manifest
+    doc = {
+        "stage": STAGE,
+        "fingerprint": fp,
+        "step": step,
+        "total_steps": 6,
+        "size": len(data),
+        "sha256": sha(data),
+        "written": time.time() - age_s,
+        "clone": clone,
+    } | manifest
     (run / f"step-{step:08d}.json").write_text(json.dumps({k: v for k, v in doc.items() if v is not None}))
     return run
 
 
 DAMAGE = {
     "record-a-list": ("finished.json", "[1, 2]", "is a list, not a manifest"),
-    "record-wrong-type": ("finished.json", json.dumps({"kind": "finished", "fingerprint": "x", "total_steps": "six",
-                                                       "config": {}, "files": {}}), "field 'total_steps' is 'six'"),
+    "record-wrong-type": (
+        "finished.json",
+        json.dumps({"kind": "finished", "fingerprint": "x", "total_steps": "six", "config": {}, "files": {}}),
+        "field 'total_steps' is 'six'",
+    ),
     "step-missing-key": ("step-00000009.json", json.dumps({"fingerprint": "x", "step": 9}), "field 'size' is missing"),
     "step-not-json": ("step-00000009.json", "{", "is not JSON"),
 }
@@ -411,8 +475,12 @@ def test_a_damaged_run_is_listed_as_damaged_and_rm_removes_it(damage, tmp_path):
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     rows = json.loads(p.stdout)  # warnings on stderr: stdout stays JSON
     kinds = sorted((r["fingerprint"], r["kind"]) for r in rows)
-    assert kinds == [("aaaa000011112222", "checkpoint"), ("bbbb000011112222", "damaged"),
-                     ("bbbb000011112222", "damaged"), ("cccc000011112222", "checkpoint")]
+    assert kinds == [
+        ("aaaa000011112222", "checkpoint"),
+        ("bbbb000011112222", "damaged"),
+        ("bbbb000011112222", "damaged"),
+        ("cccc000011112222", "checkpoint"),
+    ]
     (warned_local, warned_mirror) = sorted(warnings(p), key=lambda w: str(mirror) in w)
     assert words in warned_local and str(bad / name) in warned_local and "rm bbbb000011112222" in warned_local
     assert words in warned_mirror and f"{mirror}/bbbb000011112222/{name}" in warned_mirror
@@ -439,7 +507,9 @@ def test_rm_older_than_removes_this_clones_runs_unless_all(tmp_path):
     (line,) = warnings(p)
     assert "left 1 old run(s) of other clones (bbbb000011112222)" in line and "--all" in line
     assert sorted(r.name for r in store.iterdir() if not r.name.startswith(".")) == [
-        "bbbb000011112222", "cccc000011112222"]
+        "bbbb000011112222",
+        "cccc000011112222",
+    ]
     p = vitpipe(here, env, "checkpoints", "rm", "--older-than", "7d", "--all")
     assert p.stdout.splitlines() == ["removed bbbb000011112222"] and not warnings(p)
     assert [r.name for r in store.iterdir() if not r.name.startswith(".")] == ["cccc000011112222"]
@@ -448,8 +518,14 @@ def test_rm_older_than_removes_this_clones_runs_unless_all(tmp_path):
 def test_an_unreachable_mirror_stops_rm_in_one_line_and_the_listing_warns(tmp_path):
     store = tmp_path / "store"
     write_run(store, "aaaa000011112222", age_s=9 * 86400)
-    env = env_for(store, "s3://nowhere/ckpt", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                  AWS_ENDPOINT_URL="http://127.0.0.1:9", VITPIPE_MIRROR_TIMEOUT_S="20")  # nothing listens there
+    env = env_for(
+        store,
+        "s3://nowhere/ckpt",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_ENDPOINT_URL="http://127.0.0.1:9",
+        VITPIPE_MIRROR_TIMEOUT_S="20",
+    )  # nothing listens there
     p = vitpipe(tmp_path, env, "checkpoints", "rm", "--older-than", "7d")
     one_error(p, "checkpoint mirror s3://nowhere/ckpt cannot be listed", "nothing removed")
     assert (store / "aaaa000011112222").exists()  # not half a removal

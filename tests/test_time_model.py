@@ -20,9 +20,15 @@ def calibration_rows():
 
 def test_rtx3090_training_table_is_predicted():
     rows = calibration_rows()
-    assert len(rows) >= 30 and {r["vitpipe_arch"].split("_")[0] for r in rows} == {"vit", "resnet18", "resnet34",
-                                                                                   "resnet50", "resnet101",
-                                                                                   "resnet152", "convnext"}
+    assert len(rows) >= 30 and {r["vitpipe_arch"].split("_")[0] for r in rows} == {
+        "vit",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "convnext",
+    }
     errors = steptime.calibration_errors()
     assert len(errors) == len(rows)
     absolute = [abs(e["error"]) for e in errors]
@@ -54,8 +60,10 @@ def test_eager_attention_is_slower_than_fused_and_inference_faster_than_training
 
 def test_a_faster_card_is_faster():
     cfg = model_config({"arch": "vit_b16"}, 1000, 224)
-    t = {d: steptime.step_time(cfg, 128, devices.get_device(d), "fp16")["img_per_s"]
-         for d in ("t4", "v100-16", "a100-80", "h100-80")}
+    t = {
+        d: steptime.step_time(cfg, 128, devices.get_device(d), "fp16")["img_per_s"]
+        for d in ("t4", "v100-16", "a100-80", "h100-80")
+    }
     assert t["t4"] < t["v100-16"] < t["a100-80"] < t["h100-80"]
 
 
@@ -63,14 +71,16 @@ def test_every_listed_card_has_its_datasheet():
     for name in ("t4", "p100", "v100-16", "l4", "a10g", "a100-40", "a100-80", "h100-80", "h200", "rtx3090"):
         d = devices.get_device(name)
         assert d.bandwidth > 1e11 and d.sm_count >= 40 and d.l2_bytes >= 4 * 2**20 and d.memory_bytes > 14 * 2**30
-    assert devices.get_device("rtx3090").peak("fp16") == 71e12     # fp32 accumulation: half rate
-    assert devices.get_device("t4").peak("bf16") == devices.get_device("t4").peak("fp32")   # no bf16 units
+    assert devices.get_device("rtx3090").peak("fp16") == 71e12  # fp32 accumulation: half rate
+    assert devices.get_device("t4").peak("bf16") == devices.get_device("t4").peak("fp32")  # no bf16 units
 
 
 def test_a_users_card_from_a_file(tmp_path):
     f = tmp_path / "my-card.yaml"
-    f.write_text("name: my-card\nmemory_gib: 24\npeak_tflops: {fp32: 30, tf32: 60, bf16: 120, fp16: 120}\n"
-                 "memory_bandwidth_gbs: 900\nsm_count: 80\nl2_mib: 40\n")
+    f.write_text(
+        "name: my-card\nmemory_gib: 24\npeak_tflops: {fp32: 30, tf32: 60, bf16: 120, fp16: 120}\n"
+        "memory_bandwidth_gbs: 900\nsm_count: 80\nl2_mib: 40\n"
+    )
     d = devices.get_device(str(f))
     assert d.name == "my-card" and d.memory_bytes == 24 * 2**30 and d.peak("bf16") == 120e12
     assert d.bandwidth == 900e9 and d.sm_count == 80

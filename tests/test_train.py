@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import MICRO, ROOT, write_params
+
 from vitpipe.checkpoints import format as checkpoint
 from vitpipe.data.prepared_store import Split
 from vitpipe.errors import ParamError, UserError
@@ -49,9 +49,15 @@ def stage_dir(path: Path, prepared: Path, **train) -> Path:
 
 def start_stage(cwd: Path, stage: str = "train_scratch", args=("0",), **kw) -> subprocess.Popen:
     """A training stage for seed 0 (its argv: the seed)."""
-    return subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ENV}, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ENV},
+        **kw,
+    )
 
 
 def run_stage(cwd: Path, stage: str = "train_scratch", timeout: float = 300) -> subprocess.CompletedProcess:
@@ -90,8 +96,17 @@ def synthetic(n=96, size=16, classes=4, seed=0, hflip=True) -> Split:
 
 
 def recipe(**kw) -> TrainParams:
-    base = dict(steps=8, batch_size=16, micro_batch=8, lr=1e-3, warmup_steps=2, checkpoint_every=4,
-                eval_every=4, label_smoothing=0.1, seed=0)
+    base = dict(
+        steps=8,
+        batch_size=16,
+        micro_batch=8,
+        lr=1e-3,
+        warmup_steps=2,
+        checkpoint_every=4,
+        eval_every=4,
+        label_smoothing=0.1,
+        seed=0,
+    )
     return TrainParams(**(base | kw))
 
 
@@ -100,17 +115,32 @@ def train(tmp: Path, r: TrainParams, model=None, val=True, spec=SPEC, **kw):
     torch.manual_seed(0)
     model = model if model is not None else build_model(spec, 4, 16)
     paths = RunPaths(weights=tmp / "model.pt", metrics=tmp / "metrics.json", plots=tmp / "plots")
-    metrics = fit(TrainingJob(model, synthetic(), r, paths, val=synthetic(32, seed=1) if val else None,
-                  run_config={"spec": spec, "image_size": 16}, fresh_key="train.resume",
-                  weights_meta={"spec": spec, "num_classes": 4, "image_size": 16}, desc="test", quiet=True,
-                  store_dir=tmp / "store", **kw))
+    metrics = fit(
+        TrainingJob(
+            model,
+            synthetic(),
+            r,
+            paths,
+            val=synthetic(32, seed=1) if val else None,
+            run_config={"spec": spec, "image_size": 16},
+            fresh_key="train.resume",
+            weights_meta={"spec": spec, "num_classes": 4, "image_size": 16},
+            desc="test",
+            quiet=True,
+            store_dir=tmp / "store",
+            **kw,
+        )
+    )
     return model, metrics
 
 
 def stored(store: Path) -> dict[str, list[Path]]:
     """fingerprint -> its checkpoint files in a store, oldest first."""
-    return {run.name: sorted(run.glob("step-*.pt")) for run in sorted(store.glob("*"))
-            if run.is_dir() and not run.name.startswith(".") and list(run.glob("step-*.pt"))}
+    return {
+        run.name: sorted(run.glob("step-*.pt"))
+        for run in sorted(store.glob("*"))
+        if run.is_dir() and not run.name.startswith(".") and list(run.glob("step-*.pt"))
+    }
 
 
 def only_checkpoint(store: Path) -> dict:
@@ -214,8 +244,9 @@ def test_fp16_overflow_steps_are_skipped_not_errors(tmp_path):
     """Gradients that overflow fp16 make the scaler skip the update; training goes on."""
     torch.manual_seed(0)
     model = build_model(SPEC, 4, 16)
-    model.head.weight.register_hook(lambda g: g * float("inf") if not hasattr(model, "_blown") and
-                                    not setattr(model, "_blown", 1) else g)
+    model.head.weight.register_hook(
+        lambda g: g * float("inf") if not hasattr(model, "_blown") and not setattr(model, "_blown", 1) else g
+    )
     _, m = train(tmp_path, recipe(precision="fp16", steps=4), model=model, val=False)
     assert m["skipped_steps"] == 1 and np.isfinite(m["train_loss"])
 
@@ -231,10 +262,16 @@ def test_oom_is_caught_and_reported(tmp_path):
         train(tmp_path, recipe(), model=model, val=False)
 
 
-@pytest.mark.parametrize("error", ["CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
-                                   "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    ],
+)
 def test_library_allocation_failures_get_the_plan_message(tmp_path, error):
     """cuBLAS/cuDNN run out of memory with a plain RuntimeError: the same plan message as torch's OOM."""
+
     def fail(out):
         raise RuntimeError(error)
 
@@ -256,15 +293,28 @@ def test_oom_message_plans_with_the_compute_model():
     from vitpipe.costmodel.devices import get_device
 
     r = recipe(batch_size=512, micro_batch=512, steps=10, precision="fp32")
-    msg = oom_message(r, "train", {"spec": {"arch": "vit_b16"}, "image_size": 224}, 100, torch.device("cuda", 0),
-                      profile=get_device("t4"))
+    msg = oom_message(
+        r,
+        "train",
+        {"spec": {"arch": "vit_b16"}, "image_size": 224},
+        100,
+        torch.device("cuda", 0),
+        profile=get_device("t4"),
+    )
     assert "compute model's plan for batch 512 per device on Tesla T4" in msg
     assert "train.precision: fp32, train.micro_batch: " in msg and "accumulation steps" in msg
     micro = int(msg.split("train.micro_batch: ")[1].split(" ")[0])
     assert 0 < micro < 512 and 512 % micro == 0
     # under DDP the plan is per device
-    assert "batch 256 per device" in oom_message(r, "train", {"spec": {"arch": "vit_b16"}, "image_size": 224}, 100,
-                                                 torch.device("cuda", 0), world=2, profile=get_device("t4"))
+    assert "batch 256 per device" in oom_message(
+        r,
+        "train",
+        {"spec": {"arch": "vit_b16"}, "image_size": 224},
+        100,
+        torch.device("cuda", 0),
+        world=2,
+        profile=get_device("t4"),
+    )
 
 
 def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
@@ -273,8 +323,9 @@ def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
     r = recipe(steps=16, checkpoint_every=100)
     reference, _ = train(tmp_path / "ref", r)
     torch.manual_seed(0)
-    model = _poison_after(build_model(SPEC, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out,
-                          once=True)
+    model = _poison_after(
+        build_model(SPEC, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out, once=True
+    )
     with pytest.raises(SystemExit) as e:
         train(tmp_path / "run", r, model=model)
     assert e.value.code == 128 + signal.SIGTERM
@@ -289,8 +340,9 @@ def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path):
 def _interrupted(tmp: Path, r: TrainParams, spec=SPEC) -> Path:
     """Run `r` until a SIGTERM after step 5 (checkpoint at step 8); returns its checkpoint file."""
     torch.manual_seed(0)
-    model = _poison_after(build_model(spec, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out,
-                          once=True)
+    model = _poison_after(
+        build_model(spec, 4, 16), 2 * 5, lambda out: os.kill(os.getpid(), signal.SIGTERM) or out, once=True
+    )
     before = set(p for files in stored(tmp / "store").values() for p in files)
     with pytest.raises(SystemExit):
         train(tmp, r, model=model, spec=spec)
@@ -370,7 +422,19 @@ def test_an_empty_val_split_means_no_validation(tmp_path):
     empty = Split(np.zeros((0, 16, 16, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64), [0.5] * 3, [0.25] * 3)
     torch.manual_seed(0)
     paths = RunPaths(weights=tmp_path / "model.pt", metrics=tmp_path / "metrics.json", plots=tmp_path / "plots")
-    m = fit(TrainingJob(build_model(SPEC, 4, 16), synthetic(), recipe(steps=4), paths, val=empty,
-            run_config={"spec": SPEC, "image_size": 16}, fresh_key="train.resume", weights_meta={}, desc="test",
-            quiet=True, store_dir=tmp_path / "store"))
+    m = fit(
+        TrainingJob(
+            build_model(SPEC, 4, 16),
+            synthetic(),
+            recipe(steps=4),
+            paths,
+            val=empty,
+            run_config={"spec": SPEC, "image_size": 16},
+            fresh_key="train.resume",
+            weights_meta={},
+            desc="test",
+            quiet=True,
+            store_dir=tmp_path / "store",
+        )
+    )
     assert m["steps"] == 4 and "val_acc" not in m and not (tmp_path / "plots/eval.tsv").exists()

@@ -46,15 +46,20 @@ def write_vit_jax_npz(model, path: Path, prefix: str = "") -> None:
         "head/kernel": sd["head.weight"].T,
         "head/bias": sd["head.bias"],
         # the in21k checkpoints carry a pre-logits layer that fine-tuning never uses
-        "pre_logits/kernel": np.zeros((dim, dim), np.float32), "pre_logits/bias": np.zeros(dim, np.float32),
+        "pre_logits/kernel": np.zeros((dim, dim), np.float32),
+        "pre_logits/bias": np.zeros(dim, np.float32),
     }
     for i in range(len(model.blocks)):
         b, jb = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
         for j, name in enumerate(("query", "key", "value")):
-            w[jb + f"MultiHeadDotProductAttention_1/{name}/kernel"] = qkv_w[j * dim:(j + 1) * dim].T.reshape(dim, heads, hd)
-            w[jb + f"MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j * dim:(j + 1) * dim].reshape(heads, hd)
-        w[jb + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].reshape(dim, heads, hd).transpose(1, 2, 0)
+            w[jb + f"MultiHeadDotProductAttention_1/{name}/kernel"] = qkv_w[j * dim : (j + 1) * dim].T.reshape(
+                dim, heads, hd
+            )
+            w[jb + f"MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j * dim : (j + 1) * dim].reshape(heads, hd)
+        w[jb + "MultiHeadDotProductAttention_1/out/kernel"] = (
+            sd[b + "attn.proj.weight"].reshape(dim, heads, hd).transpose(1, 2, 0)
+        )
         w[jb + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
         for ln, tn in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
             w[jb + f"{ln}/scale"], w[jb + f"{ln}/bias"] = sd[b + tn + ".weight"], sd[b + tn + ".bias"]
@@ -117,12 +122,22 @@ def test_npz_pos_embed_resized_to_finetuning_resolution(npz_model):
     assert load_backbone(other, source.state_dict())["pos_embed_resized"] == [[4, 4], [6, 6]]
 
 
-@pytest.mark.parametrize("change,names,hint", [
-    ({"patch": 8}, ["patch_embed.proj.weight (32, 3, 4, 4) vs (32, 3, 8, 8)"], "patch 4 in the checkpoint, 8 in the model"),
-    ({"dim": 48, "heads": 2}, ["cls_token (1, 1, 32) vs (1, 1, 48)", "blocks.0.attn.qkv.weight (96, 32) vs (144, 48)"],
-     "width (dim) 32 in the checkpoint, 48 in the model"),
-    ({"depth": 3}, ["missing from the checkpoint", "blocks.2.attn.qkv.weight"], "other patch size, width, depth"),
-])
+@pytest.mark.parametrize(
+    "change,names,hint",
+    [
+        (
+            {"patch": 8},
+            ["patch_embed.proj.weight (32, 3, 4, 4) vs (32, 3, 8, 8)"],
+            "patch 4 in the checkpoint, 8 in the model",
+        ),
+        (
+            {"dim": 48, "heads": 2},
+            ["cls_token (1, 1, 32) vs (1, 1, 48)", "blocks.0.attn.qkv.weight (96, 32) vs (144, 48)"],
+            "width (dim) 32 in the checkpoint, 48 in the model",
+        ),
+        ({"depth": 3}, ["missing from the checkpoint", "blocks.2.attn.qkv.weight"], "other patch size, width, depth"),
+    ],
+)
 def test_mismatched_shapes_name_the_tensors(npz_model, change, names, hint):
     _, path = npz_model
     with pytest.raises(UserError) as e:
@@ -177,7 +192,7 @@ def test_file_errors(tmp_path):
         import_weights(SPEC, "npz", str(tmp_path / "other.npz"), 16)
 
 
-TIMM_SCRIPT = textwrap.dedent('''
+TIMM_SCRIPT = textwrap.dedent("""
     import os, sys, torch, timm
     from safetensors.torch import save_file
     from vitpipe.errors import UserError
@@ -203,19 +218,29 @@ TIMM_SCRIPT = textwrap.dedent('''
     assert "head.weight" not in state and state["pos_embed"].shape[1] == 1 + 6 * 6, state["pos_embed"].shape
     assert all(torch.equal(state[k], want[k]) for k in state if k != "pos_embed")
     print("CACHE OK")
-''')
+""")
 
 
 def test_timm_source_uses_cache_and_explains_offline(tmp_path):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
     out = subprocess.run([sys.executable, "-c", TIMM_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     message = next(line for line in out.stdout.splitlines() if line.startswith("MESSAGE:"))
-    for needed in ("test_vit.r160_in1k", "network", "cache", "variants.tv.source: npz", "source: file",
-                   "variants.tv.source: fractal"):
+    for needed in (
+        "test_vit.r160_in1k",
+        "network",
+        "cache",
+        "variants.tv.source: npz",
+        "source: file",
+        "variants.tv.source: fractal",
+    ):
         assert needed in message
     assert "CACHE OK" in out.stdout
 

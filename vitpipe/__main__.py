@@ -1,4 +1,5 @@
 """`python -m vitpipe ...` is the `vitpipe` command."""
+
 import sys
 
 from vitpipe.cli import main

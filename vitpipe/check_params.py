@@ -35,5 +35,5 @@ def check_all(doc: dict) -> None:
     profile_params(doc)
 
 
-if __name__ == "__main__":   # python -m vitpipe.check_params > docs/params.md
+if __name__ == "__main__":  # python -m vitpipe.check_params > docs/params.md
     print(params.reference_markdown(model_specs.MODEL, model_specs.VARIANT), end="")

@@ -12,8 +12,11 @@ from vitpipe.errors import ParamError
 from vitpipe.models import FAMILIES, family_of, spec_keys, validate_spec
 
 MODEL = {
-    "arch": params.Key("str", "vit | vit_b16-style short name | resnet18..152 | convnext_atto..large | "
-                       "a timm ViT/ResNet/ConvNeXt name; the size keys below are for vit"),
+    "arch": params.Key(
+        "str",
+        "vit | vit_b16-style short name | resnet18..152 | convnext_atto..large | "
+        "a timm ViT/ResNet/ConvNeXt name; the size keys below are for vit",
+    ),
     # the network keys each family declares (Family.spec_schema, in its own file)
     **{k: params.Key(**v) for family in FAMILIES for k, v in family.spec_schema.items()},
 }
@@ -27,14 +30,20 @@ def _spec(prefix: str, spec: Any, keys: dict[str, params.Key], image_size: int) 
     if "arch" not in checked:
         raise ParamError(f"{prefix}.arch", None, "the network: " + keys["arch"].help)
     family = family_of(checked["arch"])
-    if family is not None:     # an unknown arch is named by validate_spec below
+    if family is not None:  # an unknown arch is named by validate_spec below
         network_keys = set(MODEL) - {"arch"}
         extra = sorted((network_keys & set(checked)) - family.spec_keys)
         if extra:
-            takes = (f"it takes {', '.join(sorted(family.spec_keys))}" if family.spec_keys
-                     else "its size is set by the name alone")
-            raise ParamError(f"{prefix}.{extra[0]}", checked[extra[0]],
-                             f"no such key for arch {checked['arch']} (a {family.label}); {takes}")
+            takes = (
+                f"it takes {', '.join(sorted(family.spec_keys))}"
+                if family.spec_keys
+                else "its size is set by the name alone"
+            )
+            raise ParamError(
+                f"{prefix}.{extra[0]}",
+                checked[extra[0]],
+                f"no such key for arch {checked['arch']} (a {family.label}); {takes}",
+            )
     validate_spec(checked, image_size, prefix)
     return checked
 
@@ -81,9 +90,13 @@ def check_twin(doc: dict, image_size: int) -> None:
         if scratch.get(k) != tuned.get(k):
             v = scratch.get(k)
             both = f"-S ~variants.{twin}.{k}" if v is None else f"-S model.{k}={v} -S variants.{twin}.{k}={v}"
-            raise ParamError(f"model.{k}", v, f"variants.{twin}.{k} is {tuned.get(k)!r} and {twin} is this network "
-                             f"fine-tuned (model.twin): change both (dvc exp run {both}), or set model.twin to "
-                             "null to compare unlike networks")
+            raise ParamError(
+                f"model.{k}",
+                v,
+                f"variants.{twin}.{k} is {tuned.get(k)!r} and {twin} is this network "
+                f"fine-tuned (model.twin): change both (dvc exp run {both}), or set model.twin to "
+                "null to compare unlike networks",
+            )
 
 
 def variant_spec(doc: dict, name: str, image_size: int) -> dict:
@@ -95,15 +108,18 @@ def variant_spec(doc: dict, name: str, image_size: int) -> dict:
     spec.setdefault("source", "fractal")
     spec.setdefault("weights", None)
     if spec["source"] != "fractal" and not spec["weights"]:
-        raise ParamError(f"variants.{name}.weights", None,
-                         f"a timm model name or a file path (source={spec['source']} needs weights)")
+        raise ParamError(
+            f"variants.{name}.weights",
+            None,
+            f"a timm model name or a file path (source={spec['source']} needs weights)",
+        )
     if spec["source"] in LOCAL_SOURCES:
         check_local_weights(f"variants.{name}.weights", spec["weights"])
     return spec
 
 
 LOCAL_SOURCES = ("npz", "file")
-WEIGHTS_DIR = "weights"   # every pretrain@<variant> stage depends on it (dvc.yaml)
+WEIGHTS_DIR = "weights"  # every pretrain@<variant> stage depends on it (dvc.yaml)
 
 
 def check_local_weights(key: str, path: str) -> None:
@@ -113,5 +129,9 @@ def check_local_weights(key: str, path: str) -> None:
     file elsewhere is fine: the path is judged as written, the content is what DVC hashes."""
     inside = os.path.abspath(path).startswith(os.path.abspath(WEIGHTS_DIR) + os.sep)
     if not inside:
-        raise ParamError(key, path, f"a file under {WEIGHTS_DIR}/ (e.g. {WEIGHTS_DIR}/{os.path.basename(path)}): "
-                                    f"copy or link it there, so that DVC re-runs the pretrain stage when it changes")
+        raise ParamError(
+            key,
+            path,
+            f"a file under {WEIGHTS_DIR}/ (e.g. {WEIGHTS_DIR}/{os.path.basename(path)}): "
+            f"copy or link it there, so that DVC re-runs the pretrain stage when it changes",
+        )

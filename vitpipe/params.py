@@ -37,10 +37,10 @@ VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a stage name, a f
 class Key:
     """One key of params.yaml: its type, range and meaning."""
 
-    kind: str                 # int | float | bool | str | choice | fraction | split | list | section
+    kind: str  # int | float | bool | str | choice | fraction | split | list | section
     help: str
-    lo: float | None = None   # smallest allowed (inclusive unless lo_open)
-    hi: float | None = None   # largest allowed (inclusive unless hi_open)
+    lo: float | None = None  # smallest allowed (inclusive unless lo_open)
+    hi: float | None = None  # largest allowed (inclusive unless hi_open)
     lo_open: bool = False
     hi_open: bool = False
     choices: tuple = ()
@@ -90,27 +90,42 @@ RECIPE = {
     "warmup_steps": _int("linear warmup steps, then cosine decay to 0", 0, 10**9),
     "label_smoothing": _num("label smoothing of the cross-entropy", 0, 1, hi_open=True),
     "grad_clip": _num("global gradient-norm clip (null: none)", 0, 10**6, lo_open=True, nullable=True),
-    "precision": Key("choice", "autocast precision; fp16 adds a grad scaler; auto = bf16 where native, "
-                     "fp16 on older GPUs, fp32 on CPU", choices=PRECISIONS),
+    "precision": Key(
+        "choice",
+        "autocast precision; fp16 adds a grad scaler; auto = bf16 where native, fp16 on older GPUs, fp32 on CPU",
+        choices=PRECISIONS,
+    ),
     "activation_checkpointing": Key("bool", "recompute each block in backward (ViTs only)"),
     "compile": Key("bool", "torch.compile the model"),
     "checkpoint_every": _int("steps between checkpoints", 1, 10**9),
     "eval_every": _int("steps between validation passes", 1, 10**9, nullable=True),
     "resume": Key("choice", "auto: resume this run's newest checkpoint; fresh: discard it", choices=RESUME),
     "nproc": _int("processes (GPUs) per node under torchrun", 1, 1024),
-    "nnodes": _int("machines of the run (torchrun c10d rendezvous at $VITPIPE_RDZV_ENDPOINT); world = nnodes x nproc",
-                   1, 4096),
-    "parallel": Key("choice", "ddp: every process holds the whole training state; fsdp: sharded over the processes "
-                    "(FSDP2); auto: fsdp only where the cost model says ddp does not fit the device",
-                    choices=("ddp", "fsdp", "auto")),
+    "nnodes": _int(
+        "machines of the run (torchrun c10d rendezvous at $VITPIPE_RDZV_ENDPOINT); world = nnodes x nproc", 1, 4096
+    ),
+    "parallel": Key(
+        "choice",
+        "ddp: every process holds the whole training state; fsdp: sharded over the processes "
+        "(FSDP2); auto: fsdp only where the cost model says ddp does not fit the device",
+        choices=("ddp", "fsdp", "auto"),
+    ),
     "augment": Key("bool", "random shift and flip"),
-    "deterministic": Key("bool", "deterministic kernels only (torch raises for an op without one), cuDNN autotuning "
-                         "off, no flash/cuDNN attention: a resumed GPU run repeats the uninterrupted one bit for bit "
-                         "(docs/training.md); slower"),
-    "rdzv_timeout_s": _int("seconds the processes and nodes wait for each other to join before the run ends in one "
-                           "line", 1, 86400),
-    "collective_timeout_s": _int("seconds a collective may wait for a peer during training (a dead or stuck process) "
-                                 "before the run ends in one line", 1, 86400),
+    "deterministic": Key(
+        "bool",
+        "deterministic kernels only (torch raises for an op without one), cuDNN autotuning "
+        "off, no flash/cuDNN attention: a resumed GPU run repeats the uninterrupted one bit for bit "
+        "(docs/training.md); slower",
+    ),
+    "rdzv_timeout_s": _int(
+        "seconds the processes and nodes wait for each other to join before the run ends in one line", 1, 86400
+    ),
+    "collective_timeout_s": _int(
+        "seconds a collective may wait for a peer during training (a dead or stuck process) "
+        "before the run ends in one line",
+        1,
+        86400,
+    ),
 }
 SEED = {"seed": _int("seed of the starting weights, data order and augmentation", 0, SEED_MAX)}
 FRACTAL = {
@@ -126,8 +141,12 @@ VARIANT_KEYS = {
     "pretrain": Key("section", "overrides of pretrain: keys for this variant"),
     "finetune": Key("section", "overrides of finetune: keys for this variant"),
 }
-TWIN = Key("str", "the variant fine-tuned from this same network, the headline's like-for-like "
-           "(validate stops when their networks differ); null: none", nullable=True)
+TWIN = Key(
+    "str",
+    "the variant fine-tuned from this same network, the headline's like-for-like "
+    "(validate stops when their networks differ); null: none",
+    nullable=True,
+)
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
         "dataset": Key("choice", "the dataset", choices=DATASETS),
@@ -136,14 +155,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "md5": Key("str", "default: the published checksum; null: accept any; or a 32-hex-digit md5", nullable=True),
         "image_size": _int("pixels, square; every model's patch must divide it", 8, 4096),
         "split": Key("split", "fractions train/val/test; datasets with an official test split keep it"),
-        "train_fraction": Key("float", "share of the train split the training stages use (stratified; val and test "
-                              "stay whole): how much data a model needs", 0, 1, lo_open=True),
+        "train_fraction": Key(
+            "float",
+            "share of the train split the training stages use (stratified; val and test "
+            "stay whole): how much data a model needs",
+            0,
+            1,
+            lo_open=True,
+        ),
         "seed": _int("seed of the split", 0, SEED_MAX),
         "workers": _int("parallel decode processes in preprocess", 1, 256),
     },
     "seeds": {},  # a list, checked by seeds()
-    "model": {},     # the network keys: vitpipe.model_specs.MODEL (and `twin`)
-    "train": RECIPE,              # its seeds are the top-level `seeds`
+    "model": {},  # the network keys: vitpipe.model_specs.MODEL (and `twin`)
+    "train": RECIPE,  # its seeds are the top-level `seeds`
     "pretrain": {**RECIPE, **SEED, **FRACTAL},
     "finetune": RECIPE,
     "variants": {},  # name -> VARIANT, checked by variant_spec
@@ -162,8 +187,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "schedule_steps": _int("steps of the schedule for the ETA", 1, 10**10),
         "attention": Key("choice", "how activation memory is modelled", choices=("sdpa", "eager")),
         "checkpointing": Key("bool", "activation checkpointing in the memory model"),
-        "mfu": _num("no longer read: times come from the time model (docs/compute.md); kept so an old params file "
-                    "still loads, and must be null", 0, 1, lo_open=True, nullable=True),
+        "mfu": _num(
+            "no longer read: times come from the time model (docs/compute.md); kept so an old params file "
+            "still loads, and must be null",
+            0,
+            1,
+            lo_open=True,
+            nullable=True,
+        ),
     },
 }
 
@@ -271,8 +302,9 @@ def check_value(path: str, value: Any, key: Key) -> Any:
             number = int(number)
         else:
             number = float(number)
-        if ((key.lo is not None and (number < key.lo or (key.lo_open and number == key.lo)))
-                or (key.hi is not None and (number > key.hi or (key.hi_open and number == key.hi)))):
+        if (key.lo is not None and (number < key.lo or (key.lo_open and number == key.lo))) or (
+            key.hi is not None and (number > key.hi or (key.hi_open and number == key.hi))
+        ):
             raise ParamError(path, value, key.allowed())
         return number
     if kind in ("str", "choice"):
@@ -388,7 +420,7 @@ def _seed_arg(doc: dict, arg: str, usage: str) -> int:
 def data_params(doc: dict) -> DataParams:
     p = DataParams(**check_section("data", doc.get("data"), SCHEMA["data"]))
     split = p.split
-    if split["train"] <= 0:   # the test share: vitpipe.data.sources.check_split (the source knows its own)
+    if split["train"] <= 0:  # the test share: vitpipe.data.sources.check_split (the source knows its own)
         raise ParamError("data.split", split, "a train fraction > 0")
     if abs(sum(split.values()) - 1.0) > 1e-6:
         raise ParamError("data.split", split, f"fractions that sum to 1 (these sum to {sum(split.values()):g})")
@@ -416,20 +448,34 @@ def train_params(doc: dict, section: str, variant: str | None = None, seed: int 
     if p.warmup_steps >= p.steps:
         raise ParamError(key("warmup_steps"), p.warmup_steps, f"fewer than {key('steps')}={p.steps}")
     if p.micro_batch > p.batch_size or p.batch_size % p.micro_batch:
-        raise ParamError(key("micro_batch"), p.micro_batch,
-                         f"a divisor of {key('batch_size')}={p.batch_size}: {_divisors(p.batch_size)}")
+        raise ParamError(
+            key("micro_batch"),
+            p.micro_batch,
+            f"a divisor of {key('batch_size')}={p.batch_size}: {_divisors(p.batch_size)}",
+        )
     if p.nproc > 1 and p.accum_steps % p.nproc:
-        raise ParamError(key("nproc"), p.nproc,
-                         f"a count that divides batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)")
+        raise ParamError(
+            key("nproc"),
+            p.nproc,
+            f"a count that divides batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)",
+        )
     if p.nnodes > 1 and p.accum_steps % p.world:
-        raise ParamError(key("nnodes"), p.nnodes, f"a count such that nnodes x nproc={p.world} processes divide "
-                         f"batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)")
+        raise ParamError(
+            key("nnodes"),
+            p.nnodes,
+            f"a count such that nnodes x nproc={p.world} processes divide "
+            f"batch_size/micro_batch={p.accum_steps} (each process takes whole micro-batches)",
+        )
     if section == "pretrain":
         for k in FRACTAL:
             if getattr(p, k) < 2:
                 written = k in base or k in override
-                raise ParamError(key(k), getattr(p, k) if written else None, SCHEMA["pretrain"][k].allowed()
-                                 + ("" if written else " (the key is missing: the fractal source needs it)"))
+                raise ParamError(
+                    key(k),
+                    getattr(p, k) if written else None,
+                    SCHEMA["pretrain"][k].allowed()
+                    + ("" if written else " (the key is missing: the fractal source needs it)"),
+                )
     return p
 
 
@@ -451,8 +497,12 @@ def evaluate_params(doc: dict) -> EvaluateParams:
 
 def check_variant_name(name) -> None:
     if not isinstance(name, str) or not VARIANT_NAME.match(name):
-        raise ParamError("variants", name, "names of letters, digits, _ and -, starting with a letter (a variant "
-                                           "name becomes a stage name, a file name and a command argument)")
+        raise ParamError(
+            "variants",
+            name,
+            "names of letters, digits, _ and -, starting with a letter (a variant "
+            "name becomes a stage name, a file name and a command argument)",
+        )
 
 
 def variant_names(doc: dict) -> list[str]:
@@ -465,35 +515,59 @@ def variant_names(doc: dict) -> list[str]:
 
 def reference_markdown(model: dict[str, Key], variant: dict[str, Key]) -> str:
     """docs/params.md; the network sections' keys come from the model families (vitpipe.model_specs)."""
-    defaults = {"data": DataParams(), "train": TrainParams(), "pretrain": TrainParams(), "finetune": TrainParams(),
-                "evaluate": EvaluateParams()}
-    out = ["# params.yaml reference", "",
-           "Generated from `vitpipe/params.py` (`python -m vitpipe.check_params > docs/params.md`); the same table",
-           "checks params.yaml before any stage runs. Defaults are what a missing key means (—: no default,",
-           "the key must be set where it is used); `params.yaml` sets most keys explicitly.", ""]
-    sections = [(s, {**model, "twin": TWIN} if s == "model" else SCHEMA[s]) for s in SCHEMA if s not in ("variants", "seeds")]
+    defaults = {
+        "data": DataParams(),
+        "train": TrainParams(),
+        "pretrain": TrainParams(),
+        "finetune": TrainParams(),
+        "evaluate": EvaluateParams(),
+    }
+    out = [
+        "# params.yaml reference",
+        "",
+        "Generated from `vitpipe/params.py` (`python -m vitpipe.check_params > docs/params.md`); the same table",
+        "checks params.yaml before any stage runs. Defaults are what a missing key means (—: no default,",
+        "the key must be set where it is used); `params.yaml` sets most keys explicitly.",
+        "",
+    ]
+    sections = [
+        (s, {**model, "twin": TWIN} if s == "model" else SCHEMA[s]) for s in SCHEMA if s not in ("variants", "seeds")
+    ]
     sections.insert(5, ("variants.<name>", variant))
-    out += ["## `seeds`", "", "A list of distinct training seeds (integers 0 to 4294967295), default `[0]`. Each seed",
-            "is its own `train_scratch@<seed>` and `finetune@<variant>-<seed>` stage: its own run, cached and",
-            "resumed on its own. Each seed fixes that run's starting weights, data order and augmentation;",
-            "pretraining has its own `pretrain.seed`.", "",
-            "`seeds`, `variants` and `data.dataset` shape the pipeline itself (which stages exist, which paths they",
-            "write). A bad value there still stops at the `validate` stage with nothing touched under `dvc repro`;",
-            "under `dvc exp run`, DVC's experiment runner first drops the outputs of stages that no longer exist:",
-            "commit your results before such an experiment.", ""]
+    out += [
+        "## `seeds`",
+        "",
+        "A list of distinct training seeds (integers 0 to 4294967295), default `[0]`. Each seed",
+        "is its own `train_scratch@<seed>` and `finetune@<variant>-<seed>` stage: its own run, cached and",
+        "resumed on its own. Each seed fixes that run's starting weights, data order and augmentation;",
+        "pretraining has its own `pretrain.seed`.",
+        "",
+        "`seeds`, `variants` and `data.dataset` shape the pipeline itself (which stages exist, which paths they",
+        "write). A bad value there still stops at the `validate` stage with nothing touched under `dvc repro`;",
+        "under `dvc exp run`, DVC's experiment runner first drops the outputs of stages that no longer exist:",
+        "commit your results before such an experiment.",
+        "",
+    ]
     for name, keys in sections:
         out += [f"## `{name}`", "", "| key | allowed | default | what it is |", "| --- | --- | --- | --- |"]
         for k, key in keys.items():
             d = getattr(defaults.get(name), k, dataclasses.MISSING) if name in defaults else dataclasses.MISSING
-            try:   # a placeholder the key does not allow (pretrain.classes: 0) is no default
+            try:  # a placeholder the key does not allow (pretrain.classes: 0) is no default
                 d = d if d is dataclasses.MISSING else check_value(f"{name}.{k}", d, key)
             except ParamError:
                 d = dataclasses.MISSING
-            shown = "—" if d is dataclasses.MISSING else (
-                f"`{yaml.safe_dump(d, default_flow_style=True, sort_keys=False).strip().removesuffix('...').strip()}`")
+            shown = (
+                "—"
+                if d is dataclasses.MISSING
+                else (
+                    f"`{yaml.safe_dump(d, default_flow_style=True, sort_keys=False).strip().removesuffix('...').strip()}`"
+                )
+            )
             out.append(f"| `{k}` | {key.allowed()} | {shown} | {key.help.replace('|', chr(92) + '|')} |")
         out.append("")
-    out += ["A variant name is letters, digits, `_` and `-`, starting with a letter: it becomes a stage name",
-            "(`finetune@<name>`), a file name and a command argument.", ""]
+    out += [
+        "A variant name is letters, digits, `_` and `-`, starting with a letter: it becomes a stage name",
+        "(`finetune@<name>`), a file name and a command argument.",
+        "",
+    ]
     return "\n".join(out)
-

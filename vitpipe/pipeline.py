@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path as P
 
-SCRATCH = "scratch"          # the run name of Algorithm 1 (eval/scratch/, metrics/evaluate/scratch/)
+SCRATCH = "scratch"  # the run name of Algorithm 1 (eval/scratch/, metrics/evaluate/scratch/)
 
 # dvc.yaml's placeholders: the path functions below give dvc.yaml's templates when called with them
 SEED, VARIANT, KEY, DATASET = "${item.seed}", "${item.variant}", "${key}", "${data.dataset}"
 
-PARAMS_OK = P("metrics/params_ok.txt")   # validate's output; in git, so a fresh clone has it
+PARAMS_OK = P("metrics/params_ok.txt")  # validate's output; in git, so a fresh clone has it
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,11 +89,14 @@ def eval_dir(run: str, seed) -> P:
     return P("eval") / run / _seed(seed)
 
 
-TRAIN_LOG, EVAL_LOG = "train.tsv", "eval.tsv"      # the files of a step-log folder
+TRAIN_LOG, EVAL_LOG = "train.tsv", "eval.tsv"  # the files of a step-log folder
 PREDICTIONS = "predictions.csv"
 PREPROCESS_METRICS = P("metrics/preprocess.json")
-PROFILE_METRICS, PROFILE_COMPUTE, PROFILE_DEVICES = (P("metrics/profile.json"), P("profile/compute.csv"),
-                                                     P("profile/devices.csv"))
+PROFILE_METRICS, PROFILE_COMPUTE, PROFILE_DEVICES = (
+    P("metrics/profile.json"),
+    P("profile/compute.csv"),
+    P("profile/devices.csv"),
+)
 SUMMARY = P("metrics/summary.json")
 REPORT_MD, REPORT_HTML, REPORT_FIGURES = P("reports/report.md"), P("reports/report.html"), P("reports/figures")
 # The studies pipeline (studies/dvc.yaml): the report reads its records (studies/results/) and knobs.
@@ -112,6 +115,7 @@ class Plot:
     """A per-step series a stage writes, drawn by `dvc plots` (a stage-level plot, so DVC
     expands it with the stage's foreach/matrix: every run of params.yaml has its curves and
     no entry names a file that cannot exist)."""
+
     path: str
     props: dict
 
@@ -119,20 +123,38 @@ class Plot:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    script: str                      # stages/<name>.py
-    params: tuple[str, ...]          # the params.yaml keys dvc.yaml lists (`params.yaml` alone: every key)
-    over: dict = field(default_factory=dict)   # matrix axis -> params key ({"seed": "seeds"}); foreach: {"key": ...}
-    outs: tuple[str, ...] = ()       # its outs and metrics as dvc.yaml writes them (templates)
+    script: str  # stages/<name>.py
+    params: tuple[str, ...]  # the params.yaml keys dvc.yaml lists (`params.yaml` alone: every key)
+    over: dict = field(default_factory=dict)  # matrix axis -> params key ({"seed": "seeds"}); foreach: {"key": ...}
+    outs: tuple[str, ...] = ()  # its outs and metrics as dvc.yaml writes them (templates)
     plots: tuple[Plot, ...] = ()
-    args: tuple[str, ...] = ()       # the script's arguments (templates): `python <script> <args>`
+    args: tuple[str, ...] = ()  # the script's arguments (templates): `python <script> <args>`
 
 
 def _curves(folder: P) -> tuple[Plot, ...]:
     """A training run's step log: the loss per optimizer step, and validation top-1."""
-    return (Plot(str(folder / TRAIN_LOG), {"x": "step", "y": "loss", "title": "training loss per optimizer step",
-                                           "x_label": "optimizer step", "y_label": "cross-entropy loss"}),
-            Plot(str(folder / EVAL_LOG), {"x": "step", "y": "val_acc", "title": "validation top-1",
-                                          "x_label": "optimizer step", "y_label": "validation top-1 (fraction)"}))
+    return (
+        Plot(
+            str(folder / TRAIN_LOG),
+            {
+                "x": "step",
+                "y": "loss",
+                "title": "training loss per optimizer step",
+                "x_label": "optimizer step",
+                "y_label": "cross-entropy loss",
+            },
+        ),
+        Plot(
+            str(folder / EVAL_LOG),
+            {
+                "x": "step",
+                "y": "val_acc",
+                "title": "validation top-1",
+                "x_label": "optimizer step",
+                "y_label": "validation top-1 (fraction)",
+            },
+        ),
+    )
 
 
 def _confusion(folder: P) -> tuple[Plot, ...]:
@@ -144,32 +166,83 @@ def stages() -> list[Stage]:
     recipe_data = ("data.dataset", "data.train_fraction")
     return [
         Stage("validate", "stages/validate.py", ("params.yaml",), outs=(str(PARAMS_OK),)),
-        Stage("download", "stages/download.py", ("data.dataset", "data.archive", "data.url", "data.md5"),
-              outs=(str(raw_dir(DATASET)),)),
-        Stage("preprocess", "stages/preprocess.py", ("data.image_size", "data.split", "data.seed"),
-              outs=(str(prepared_dir(DATASET)), str(PREPROCESS_METRICS))),
-        Stage("profile", "stages/profile_compute.py", ("profile",),
-              outs=(str(PROFILE_COMPUTE), str(PROFILE_DEVICES), str(PROFILE_METRICS))),
-        Stage("pretrain", "stages/pretrain.py", ("variants.${key}", "pretrain", "data.image_size"),
-              over={"key": "variants"}, args=(KEY,),
-              outs=(str(pretrained_weights(KEY)), str(pretrain_metrics(KEY))), plots=_curves(pretrain_steplog(KEY))),
-        Stage("train_scratch", "stages/train_scratch.py", ("model", "train", *recipe_data),
-              over={"seed": "seeds"}, args=(SEED,),
-              outs=(str(scratch_weights(SEED)), str(train_metrics(SCRATCH, SEED))), plots=_curves(steplog(SCRATCH, SEED))),
-        Stage("finetune", "stages/finetune.py", (f"variants.{VARIANT}", "finetune", *recipe_data),
-              over={"variant": "variants", "seed": "seeds"}, args=(VARIANT, SEED),
-              outs=(str(finetune_weights(VARIANT, SEED)), str(train_metrics(VARIANT, SEED))),
-              plots=_curves(steplog(VARIANT, SEED))),
-        Stage("evaluate_scratch", "stages/evaluate.py", ("evaluate",), over={"seed": "seeds"}, args=(SCRATCH, SEED),
-              outs=(str(eval_dir(SCRATCH, SEED) / "classes.json"), str(eval_dir(SCRATCH, SEED) / "attention.npz"),
-                    str(eval_metrics(SCRATCH, SEED))), plots=_confusion(eval_dir(SCRATCH, SEED))),
-        Stage("evaluate", "stages/evaluate.py", ("evaluate",), over={"variant": "variants", "seed": "seeds"},
-              args=(VARIANT, SEED),
-              outs=(str(eval_dir(VARIANT, SEED) / "classes.json"), str(eval_dir(VARIANT, SEED) / "attention.npz"),
-                    str(eval_metrics(VARIANT, SEED))), plots=_confusion(eval_dir(VARIANT, SEED))),
-        Stage("report", "stages/report.py",
-              ("seeds", "data", "model", "train", "finetune", "pretrain", "variants", "profile"),
-              outs=(str(SUMMARY), str(REPORT_MD), str(REPORT_HTML), str(REPORT_FIGURES))),
+        Stage(
+            "download",
+            "stages/download.py",
+            ("data.dataset", "data.archive", "data.url", "data.md5"),
+            outs=(str(raw_dir(DATASET)),),
+        ),
+        Stage(
+            "preprocess",
+            "stages/preprocess.py",
+            ("data.image_size", "data.split", "data.seed"),
+            outs=(str(prepared_dir(DATASET)), str(PREPROCESS_METRICS)),
+        ),
+        Stage(
+            "profile",
+            "stages/profile_compute.py",
+            ("profile",),
+            outs=(str(PROFILE_COMPUTE), str(PROFILE_DEVICES), str(PROFILE_METRICS)),
+        ),
+        Stage(
+            "pretrain",
+            "stages/pretrain.py",
+            ("variants.${key}", "pretrain", "data.image_size"),
+            over={"key": "variants"},
+            args=(KEY,),
+            outs=(str(pretrained_weights(KEY)), str(pretrain_metrics(KEY))),
+            plots=_curves(pretrain_steplog(KEY)),
+        ),
+        Stage(
+            "train_scratch",
+            "stages/train_scratch.py",
+            ("model", "train", *recipe_data),
+            over={"seed": "seeds"},
+            args=(SEED,),
+            outs=(str(scratch_weights(SEED)), str(train_metrics(SCRATCH, SEED))),
+            plots=_curves(steplog(SCRATCH, SEED)),
+        ),
+        Stage(
+            "finetune",
+            "stages/finetune.py",
+            (f"variants.{VARIANT}", "finetune", *recipe_data),
+            over={"variant": "variants", "seed": "seeds"},
+            args=(VARIANT, SEED),
+            outs=(str(finetune_weights(VARIANT, SEED)), str(train_metrics(VARIANT, SEED))),
+            plots=_curves(steplog(VARIANT, SEED)),
+        ),
+        Stage(
+            "evaluate_scratch",
+            "stages/evaluate.py",
+            ("evaluate",),
+            over={"seed": "seeds"},
+            args=(SCRATCH, SEED),
+            outs=(
+                str(eval_dir(SCRATCH, SEED) / "classes.json"),
+                str(eval_dir(SCRATCH, SEED) / "attention.npz"),
+                str(eval_metrics(SCRATCH, SEED)),
+            ),
+            plots=_confusion(eval_dir(SCRATCH, SEED)),
+        ),
+        Stage(
+            "evaluate",
+            "stages/evaluate.py",
+            ("evaluate",),
+            over={"variant": "variants", "seed": "seeds"},
+            args=(VARIANT, SEED),
+            outs=(
+                str(eval_dir(VARIANT, SEED) / "classes.json"),
+                str(eval_dir(VARIANT, SEED) / "attention.npz"),
+                str(eval_metrics(VARIANT, SEED)),
+            ),
+            plots=_confusion(eval_dir(VARIANT, SEED)),
+        ),
+        Stage(
+            "report",
+            "stages/report.py",
+            ("seeds", "data", "model", "train", "finetune", "pretrain", "variants", "profile"),
+            outs=(str(SUMMARY), str(REPORT_MD), str(REPORT_HTML), str(REPORT_FIGURES)),
+        ),
     ]
 
 

@@ -20,11 +20,15 @@ LINK_BYTES_PER_S = 25e9
 
 def check_devices(batch: int, devices: int) -> None:
     if devices > batch:
-        raise UserError(f"--devices {devices} is more than --batch {batch}: each device needs at least one image "
-                        f"of the batch; use --devices <= {batch} or a larger --batch")
+        raise UserError(
+            f"--devices {devices} is more than --batch {batch}: each device needs at least one image "
+            f"of the batch; use --devices <= {batch} or a larger --batch"
+        )
     if batch % devices:
-        raise UserError(f"--batch {batch} does not split evenly over --devices {devices}; "
-                        f"use a batch that is a multiple of {devices}")
+        raise UserError(
+            f"--batch {batch} does not split evenly over --devices {devices}; "
+            f"use a batch that is a multiple of {devices}"
+        )
 
 
 def allreduce_s(params: int, devices: int) -> float:
@@ -32,9 +36,19 @@ def allreduce_s(params: int, devices: int) -> float:
     return 0.0 if devices <= 1 else 2 * (devices - 1) / devices * 4 * params / LINK_BYTES_PER_S
 
 
-def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp32",
-               optimizer="adamw", attention="sdpa", checkpointing=False, num_classes=1000,
-               steps=10000, devices=1) -> dict:
+def plan_model(
+    model: str,
+    image_size=224,
+    batch=512,
+    device="t4",
+    precision="fp32",
+    optimizer="adamw",
+    attention="sdpa",
+    checkpointing=False,
+    num_classes=1000,
+    steps=10000,
+    devices=1,
+) -> dict:
     """The `vitpipe plan MODEL` answer as a dict (also what --json prints). The batch is split
     over `devices` (data parallel): each plans and times its share; `sharding`: replicate (DDP)
     or shard (FSDP) over them (vitpipe.costmodel.sharding.decide)."""
@@ -42,8 +56,13 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
     from vitpipe.hardware import probe
     from vitpipe.models import describe, model_config, validate_spec
 
-    for what, value in (("--batch", batch), ("--num-classes", num_classes), ("--steps", steps),
-                        ("--image-size", image_size), ("--devices", devices)):
+    for what, value in (
+        ("--batch", batch),
+        ("--num-classes", num_classes),
+        ("--steps", steps),
+        ("--image-size", image_size),
+        ("--devices", devices),
+    ):
         if value < 1:
             raise UserError(f"{what} must be a positive integer, got {value}")
     check_devices(batch, devices)
@@ -54,9 +73,11 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
         if e.key.endswith(".arch"):
             raise UserError(f"unknown model {model!r}; allowed: {e.allowed}") from None
         raise UserError(f"{model}: {e.allowed}") from None
-    for what, value, allowed in (("precision", precision, compute.PRECISIONS),
-                                 ("optimizer", optimizer, compute.OPTIMIZERS),
-                                 ("attention", attention, compute.ATTENTION)):
+    for what, value, allowed in (
+        ("precision", precision, compute.PRECISIONS),
+        ("optimizer", optimizer, compute.OPTIMIZERS),
+        ("attention", attention, compute.ATTENTION),
+    ):
         compute.check_choice(what, value, allowed)
     dev = probe.get_device(device)
     cfg = model_config(spec, num_classes, image_size)
@@ -65,11 +86,24 @@ def plan_model(model: str, image_size=224, batch=512, device="t4", precision="fp
     est["sharding"] = sharding.decide(cfg, batch, dev, devices, precision, optimizer, attention, checkpointing)
     sync = allreduce_s(est["params"], devices)
     step_s = est["step_s"] + sync
-    est.update(batch=batch, batch_per_device=share, allreduce_s=sync, step_s=step_s,
-               img_per_s=batch / step_s, train_img_per_s=batch / step_s,
-               infer_img_per_s=est["infer_img_per_s"] * devices, eta_s=steps * step_s)
-    return {"model": model, "name": describe(spec, image_size), "image_size": image_size,
-            "num_classes": num_classes, "devices": devices, **est}
+    est.update(
+        batch=batch,
+        batch_per_device=share,
+        allreduce_s=sync,
+        step_s=step_s,
+        img_per_s=batch / step_s,
+        train_img_per_s=batch / step_s,
+        infer_img_per_s=est["infer_img_per_s"] * devices,
+        eta_s=steps * step_s,
+    )
+    return {
+        "model": model,
+        "name": describe(spec, image_size),
+        "image_size": image_size,
+        "num_classes": num_classes,
+        "devices": devices,
+        **est,
+    }
 
 
 def plan_models(models, image_size=None, **kw) -> list[dict]:
@@ -104,7 +138,7 @@ def _recipe(doc: dict, section: str, variant: str | None):
     base = dict(doc.get(section) or {})
     override = dict(((doc.get("variants") or {}).get(variant) or {}).get(section) or {}) if variant else {}
     precision = override.get("precision", base.get("precision", "fp32"))
-    if precision == "auto":              # validate the rest; auto itself is resolved below
+    if precision == "auto":  # validate the rest; auto itself is resolved below
         base["precision"] = "fp32"
         override.pop("precision", None)
     variants = {**(doc.get("variants") or {})}
@@ -195,30 +229,46 @@ def plan_params(path, device="auto", sets=()) -> dict:
         try:
             precision = precisions.resolve(requested, dev, f"{section}.precision")
             why = f"auto = {precision} on {dev.label}" if requested == "auto" else ""
-        except ParamError:   # bf16 on a card without bf16 units: plan it in fp16 and say so
+        except ParamError:  # bf16 on a card without bf16 units: plan it in fp16 and say so
             precision, why = "fp16", f"{dev.label} has no bf16 units: fp16 with a grad scaler instead of emulated bf16"
-        cfg = model_config({k: v for k, v in spec.items() if k not in ("source", "weights", "pretrain", "finetune")},
-                           n_classes, size)
+        cfg = model_config(
+            {k: v for k, v in spec.items() if k not in ("source", "weights", "pretrain", "finetune")}, n_classes, size
+        )
         ckpt = bool(recipe.activation_checkpointing) and family_of_config(cfg).checkpointing
-        est = compute.estimate(cfg, recipe.batch_size, dev, precision, recipe.optimizer, "sdpa", ckpt,
-                               steps=recipe.steps)
+        est = compute.estimate(
+            cfg, recipe.batch_size, dev, precision, recipe.optimizer, "sdpa", ckpt, steps=recipe.steps
+        )
         need = compute.required_bytes(
-            compute.memory(cfg, recipe.micro_batch, precision, recipe.optimizer, "sdpa", ckpt)["peak"], dev)
+            compute.memory(cfg, recipe.micro_batch, precision, recipe.optimizer, "sdpa", ckpt)["peak"], dev
+        )
         as_written = need <= dev.memory_bytes
         micro = recipe.micro_batch if as_written else est["micro_batch"]
-        row = {"stage": stage, "section": section, "variant": variant,
-               "model": describe({k: v for k, v in spec.items() if k not in ("source", "weights")}, size),
-               "num_classes": n_classes, "batch": recipe.batch_size, "steps": recipe.steps,
-               "precision_requested": requested, "precision": precision, "precision_note": why,
-               "checkpointing": ckpt, "optimizer": recipe.optimizer,
-               "micro_batch_written": recipe.micro_batch, "micro_batch": micro,
-               "accum_steps": recipe.batch_size // micro if micro else 0,
-               "largest_micro_batch": est["micro_batch"],
-               "required_bytes": (need if as_written else est["micro_required_bytes"]),
-               "fits": bool(micro), "fits_as_written": as_written,
-               "img_per_s": est["img_per_s"], "train_img_per_s": est["train_img_per_s"],
-               "infer_img_per_s": est["infer_img_per_s"],
-               "time_split": est["time_split"], "eta_s": est["eta_s"]}
+        row = {
+            "stage": stage,
+            "section": section,
+            "variant": variant,
+            "model": describe({k: v for k, v in spec.items() if k not in ("source", "weights")}, size),
+            "num_classes": n_classes,
+            "batch": recipe.batch_size,
+            "steps": recipe.steps,
+            "precision_requested": requested,
+            "precision": precision,
+            "precision_note": why,
+            "checkpointing": ckpt,
+            "optimizer": recipe.optimizer,
+            "micro_batch_written": recipe.micro_batch,
+            "micro_batch": micro,
+            "accum_steps": recipe.batch_size // micro if micro else 0,
+            "largest_micro_batch": est["micro_batch"],
+            "required_bytes": (need if as_written else est["micro_required_bytes"]),
+            "fits": bool(micro),
+            "fits_as_written": as_written,
+            "img_per_s": est["img_per_s"],
+            "train_img_per_s": est["train_img_per_s"],
+            "infer_img_per_s": est["infer_img_per_s"],
+            "time_split": est["time_split"],
+            "eta_s": est["eta_s"],
+        }
         stages.append(row)
         if precision != requested and requested != "auto":
             k = key(section, variant, "precision") if own_precision else f"{section}.precision"
@@ -231,12 +281,22 @@ def plan_params(path, device="auto", sets=()) -> dict:
     per_seed = sum(r["eta_s"] for r in stages if r["section"] != "pretrain")
     once = sum(r["eta_s"] for r in stages if r["section"] == "pretrain")
     one_seed = per_seed + once
-    return {"params_file": str(path), "device": dev.name, "device_label": dev.label,
-            "memory_bytes": dev.memory_bytes, "capability": list(dev.capability) if dev.capability else None,
-            "peak_flops": dict(dev.peak_flops), "native_precision": precisions.native(dev),
-            "basis": basis_line(dev),
-            "fits": all(r["fits"] for r in stages), "stages": stages, "overrides": overrides,
-            "seeds": seeds, "eta_one_seed_s": one_seed, "eta_s": once + per_seed * seeds}
+    return {
+        "params_file": str(path),
+        "device": dev.name,
+        "device_label": dev.label,
+        "memory_bytes": dev.memory_bytes,
+        "capability": list(dev.capability) if dev.capability else None,
+        "peak_flops": dict(dev.peak_flops),
+        "native_precision": precisions.native(dev),
+        "basis": basis_line(dev),
+        "fits": all(r["fits"] for r in stages),
+        "stages": stages,
+        "overrides": overrides,
+        "seeds": seeds,
+        "eta_one_seed_s": one_seed,
+        "eta_s": once + per_seed * seeds,
+    }
 
 
 def basis_line(dev) -> str:
@@ -244,9 +304,13 @@ def basis_line(dev) -> str:
     datasheet, or this machine's measured matmul peak and bandwidth."""
     bw = f", {dev.bandwidth / 1e9:,.0f} GB/s" if dev.bandwidth else ""
     if dev.measured:
-        source = (f"{dev.label}'s measured fp32 matmul peak ({dev.peak('fp32') / 1e9:,.0f} GFLOP/s{bw}, "
-                  f"{dev.sm_count} {'SMs' if dev.kind == 'cuda' else 'threads'})")
+        source = (
+            f"{dev.label}'s measured fp32 matmul peak ({dev.peak('fp32') / 1e9:,.0f} GFLOP/s{bw}, "
+            f"{dev.sm_count} {'SMs' if dev.kind == 'cuda' else 'threads'})"
+        )
     else:
         source = f"{dev.label}'s datasheet ({dev.sm_count} SMs{bw})"
-    return ("times: the time model (vitpipe/costmodel/steptime.py, fitted once to timm's RTX 3090 AMP training "
-            f"table) on {source}")
+    return (
+        "times: the time model (vitpipe/costmodel/steptime.py, fitted once to timm's RTX 3090 AMP training "
+        f"table) on {source}"
+    )

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Precision:
-    name: str                # the word in params.yaml and in a device profile's peak_tflops
-    autocast: str | None     # torch dtype autocast runs matmuls in (None: no autocast, fp32)
-    bytes: int               # one matmul input/output element
-    grad_scaler: bool        # the loss is scaled (fp16: small gradients underflow otherwise)
-    peak: str                # the device profile's peak_tflops key its matmuls run at
-    trains: bool             # a training precision; tf32 is a setting of the compute model only
+    name: str  # the word in params.yaml and in a device profile's peak_tflops
+    autocast: str | None  # torch dtype autocast runs matmuls in (None: no autocast, fp32)
+    bytes: int  # one matmul input/output element
+    grad_scaler: bool  # the loss is scaled (fp16: small gradients underflow otherwise)
+    peak: str  # the device profile's peak_tflops key its matmuls run at
+    trains: bool  # a training precision; tf32 is a setting of the compute model only
 
     def torch_dtype(self):
         """The autocast dtype as a torch.dtype (None for fp32 and tf32)."""
@@ -36,10 +36,10 @@ TABLE = (
     Precision("fp16", "float16", 2, grad_scaler=True, peak="fp16", trains=True),
 )
 BY_NAME = {p.name: p for p in TABLE}
-AUTO = "auto"                # training: the precision the device runs natively (hardware.precision)
-TRAINING = (*(p.name for p in TABLE if p.trains), AUTO)   # train/pretrain/finetune.precision
-MODELLED = tuple(p.name for p in TABLE)                     # profile.precision; a device profile's peaks
-HALF = tuple(p.name for p in TABLE if p.autocast)           # autocast precisions
+AUTO = "auto"  # training: the precision the device runs natively (hardware.precision)
+TRAINING = (*(p.name for p in TABLE if p.trains), AUTO)  # train/pretrain/finetune.precision
+MODELLED = tuple(p.name for p in TABLE)  # profile.precision; a device profile's peaks
+HALF = tuple(p.name for p in TABLE if p.autocast)  # autocast precisions
 
 
 def get(name: str) -> Precision:

@@ -27,20 +27,30 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 @dataclass(frozen=True)
 class Setting:
     env: str
-    key: str          # in vitpipe.local.yaml
-    kind: str         # path | address | bool | seconds
+    key: str  # in vitpipe.local.yaml
+    kind: str  # path | address | bool | seconds
     default: object
     help: str
 
 
 SETTINGS = (
     Setting("VITPIPE_CHECKPOINT_DIR", "checkpoint_dir", "path", None, "the local checkpoint store (a folder)"),
-    Setting("VITPIPE_CHECKPOINT_MIRROR", "checkpoint_mirror", "address", None,
-            "the durable mirror: a folder, an fsspec URL (s3://, gs://, az://, ssh://) or `dvc`"),
+    Setting(
+        "VITPIPE_CHECKPOINT_MIRROR",
+        "checkpoint_mirror",
+        "address",
+        None,
+        "the durable mirror: a folder, an fsspec URL (s3://, gs://, az://, ssh://) or `dvc`",
+    ),
     Setting("VITPIPE_MIRROR_TIMEOUT_S", "mirror_timeout_s", "seconds", 30.0, "seconds to wait for one mirror call"),
     Setting("VITPIPE_CHECKPOINT_KEEP", "checkpoint_keep", "bool", False, "keep a finished run's last checkpoint"),
-    Setting("VITPIPE_CHECKPOINT_WAIT", "checkpoint_wait", "bool", True,
-            "wait while another process trains the same run (false: stop at once)"),
+    Setting(
+        "VITPIPE_CHECKPOINT_WAIT",
+        "checkpoint_wait",
+        "bool",
+        True,
+        "wait while another process trains the same run (false: stop at once)",
+    ),
     Setting("VITPIPE_CORE_SHARE", "core_share", "bool", True, "share the CPU cores among concurrent trainings"),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
@@ -75,8 +85,10 @@ def local_config(start: Path | None = None) -> tuple[dict, Path | None]:
                 raise UserError(f"{f} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
             doc = {} if doc is None else doc
             if not isinstance(doc, dict):
-                raise UserError(f"{f}: expected a mapping of settings (e.g. `checkpoint_dir: /scratch/ckpt`), "
-                                f"got {type(doc).__name__}")
+                raise UserError(
+                    f"{f}: expected a mapping of settings (e.g. `checkpoint_dir: /scratch/ckpt`), "
+                    f"got {type(doc).__name__}"
+                )
             unknown = sorted(map(str, set(doc) - set(BY_KEY)))
             if unknown:
                 raise UserError(f"{f}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(BY_KEY)}")
@@ -99,8 +111,11 @@ def load(start: Path | None = None) -> Settings:
         try:
             values[s.key] = _check(s, raw, base)
         except ValueError as e:
-            errors.append(f"{where}: {e}" if s.kind == "address" and isinstance(raw, str)
-                          else f"{where} = {_shown(raw)} is not allowed: {e}")
+            errors.append(
+                f"{where}: {e}"
+                if s.kind == "address" and isinstance(raw, str)
+                else f"{where} = {_shown(raw)} is not allowed: {e}"
+            )
     if errors:
         raise UserError("; ".join(errors))
     return Settings(**values, source=source)
@@ -177,11 +192,15 @@ def check_address(raw: str, base: Path | None = None) -> str:
     if "://" in text:
         scheme = text.split("://", 1)[0]
         if not _SCHEME.match(scheme) or scheme.lower() not in known_protocols():
-            raise ValueError(f"{shown_address(text)} is not a URL fsspec knows (protocol {redact(scheme)!r}); give a folder, "
-                             "s3://…, gs://…, az://…, ssh://… or dvc")
+            raise ValueError(
+                f"{shown_address(text)} is not a URL fsspec knows (protocol {redact(scheme)!r}); give a folder, "
+                "s3://…, gs://…, az://…, ssh://… or dvc"
+            )
         return text
     path = Path(text).expanduser()
     if not path.is_absolute() and ("@" in text or ":" in text):
-        raise ValueError(f"{shown_address(text)} is neither a URL nor a folder (it reads like scp's user@host:path); "
-                         "write ssh://user@host/path for a server, or an absolute folder path")
+        raise ValueError(
+            f"{shown_address(text)} is neither a URL nor a folder (it reads like scp's user@host:path); "
+            "write ssh://user@host/path for a server, or an absolute folder path"
+        )
     return str(path if path.is_absolute() else (Path(base or Path.cwd()) / path).resolve())

@@ -31,7 +31,12 @@ def os_error_line(e: OSError) -> str:
     import errno
 
     where = f" {e.filename}" if e.filename else ""
-    fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some quota", errno.EFBIG: "free some disk space "
-           "or raise the file-size limit", errno.EROFS: "write to a writable filesystem", errno.EACCES: "make it writable",
-           errno.EPERM: "make it writable"}.get(e.errno, "check the path")
+    fix = {
+        errno.ENOSPC: "free some disk space",
+        errno.EDQUOT: "free some quota",
+        errno.EFBIG: "free some disk space or raise the file-size limit",
+        errno.EROFS: "write to a writable filesystem",
+        errno.EACCES: "make it writable",
+        errno.EPERM: "make it writable",
+    }.get(e.errno, "check the path")
     return f"cannot write{where}: {e.strerror or e} ({errno.errorcode.get(e.errno, 'OSError')}); {fix}, then run the stage again"

@@ -26,12 +26,13 @@ SCRATCH, FINETUNE = "scratch", "finetune"
 @dataclass
 class Context:
     """The data, networks and recipes a study trains, read once from params.yaml."""
+
     doc: dict
     data: params.DataParams
-    twin: str                   # the variant with the scratch network: fine-tuning's like-for-like
+    twin: str  # the variant with the scratch network: fine-tuning's like-for-like
     scratch_spec: dict
     twin_spec: dict
-    store: object               # PreparedStore
+    store: object  # PreparedStore
     work: Path
 
     def split(self, name: str, fraction: float = 1.0):
@@ -39,16 +40,18 @@ class Context:
         return s.fraction(fraction, self.data.seed) if name == "train" else s
 
     def recipe(self, section: str, seed: int = 0, variant: str | None = None, **overrides) -> params.TrainParams:
-        base = params.train_params(self.doc, section, variant=variant or (self.twin if section == "finetune" else None),
-                                   seed=seed)
+        base = params.train_params(
+            self.doc, section, variant=variant or (self.twin if section == "finetune" else None), seed=seed
+        )
         return replace(base, **overrides)
 
 
 def twin_name(doc: dict) -> str | None:
     keys = ("arch", "patch", "dim", "depth", "heads", "mlp_ratio", "pool")
     model = doc.get("model") or {}
-    return next((n for n, s in (doc.get("variants") or {}).items()
-                 if all(s.get(k) == model.get(k) for k in keys)), None)
+    return next(
+        (n for n, s in (doc.get("variants") or {}).items() if all(s.get(k) == model.get(k) for k in keys)), None
+    )
 
 
 def context(work: Path) -> Context:
@@ -61,8 +64,15 @@ def context(work: Path) -> Context:
         raise UserError("no variant in params.yaml has the `model:` network: nothing to fine-tune like for like")
     if not data.prepared_dir.exists():
         raise UserError(f"{data.prepared_dir} not found: run `dvc repro preprocess` first")
-    return Context(doc, data, twin, model_specs.model_spec(doc, data.image_size),
-                   model_specs.variant_spec(doc, twin, data.image_size), PreparedStore(data.prepared_dir), work)
+    return Context(
+        doc,
+        data,
+        twin,
+        model_specs.model_spec(doc, data.image_size),
+        model_specs.variant_spec(doc, twin, data.image_size),
+        PreparedStore(data.prepared_dir),
+        work,
+    )
 
 
 def pretrained_weights(name: str) -> dict:
@@ -74,8 +84,9 @@ def pretrained_weights(name: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def train(ctx: Context, name: str, spec: dict, recipe: params.TrainParams, backbone: dict | None = None,
-          fraction: float = 1.0) -> dict:
+def train(
+    ctx: Context, name: str, spec: dict, recipe: params.TrainParams, backbone: dict | None = None, fraction: float = 1.0
+) -> dict:
     """One run, evaluated once at its end on the validation split and on the test split."""
     from vitpipe.models import build_model
     from vitpipe.models.weights import load_backbone
@@ -89,17 +100,40 @@ def train(ctx: Context, name: str, spec: dict, recipe: params.TrainParams, backb
     out = ctx.work / name
     recipe = replace(recipe, resume="fresh", checkpoint_every=recipe.steps, eval_every=recipe.steps)
     started = time.perf_counter()
-    m = fit(TrainingJob(model, ctx.split("train", fraction), recipe,
-                        RunPaths(out / "model.pt", out / "metrics.json", out / "plots"), val=ctx.split("val"),
-                        desc=f"study {name}", run_config={"spec": spec, "dataset": ctx.data.dataset, "study": name},
-                        fresh_key="train.resume", weights_meta={}, quiet=True, store_dir=ctx.work / "store"))
+    m = fit(
+        TrainingJob(
+            model,
+            ctx.split("train", fraction),
+            recipe,
+            RunPaths(out / "model.pt", out / "metrics.json", out / "plots"),
+            val=ctx.split("val"),
+            desc=f"study {name}",
+            run_config={"spec": spec, "dataset": ctx.data.dataset, "study": name},
+            fresh_key="train.resume",
+            weights_meta={},
+            quiet=True,
+            store_dir=ctx.work / "store",
+        )
+    )
     correct = test_correct(model, ctx.split("test"))
-    print(f"study {name}: val top-1 {m.get('val_acc', math.nan):.3f}, test top-1 {sum(correct) / len(correct):.3f} "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)
-    return {"lr": recipe.lr, "seed": recipe.seed, "steps": recipe.steps, "optimizer": recipe.optimizer,
-            "val_acc": m.get("val_acc"), "train_loss": m["train_loss"], "wall_time_s": m["wall_time_s"],
-            "train_images": len(ctx.split("train", fraction)), "test_images": len(correct),
-            "test_top1": sum(correct) / len(correct), "test_correct": "".join("1" if c else "0" for c in correct)}
+    print(
+        f"study {name}: val top-1 {m.get('val_acc', math.nan):.3f}, test top-1 {sum(correct) / len(correct):.3f} "
+        f"({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    return {
+        "lr": recipe.lr,
+        "seed": recipe.seed,
+        "steps": recipe.steps,
+        "optimizer": recipe.optimizer,
+        "val_acc": m.get("val_acc"),
+        "train_loss": m["train_loss"],
+        "wall_time_s": m["wall_time_s"],
+        "train_images": len(ctx.split("train", fraction)),
+        "test_images": len(correct),
+        "test_top1": sum(correct) / len(correct),
+        "test_correct": "".join("1" if c else "0" for c in correct),
+    }
 
 
 def test_correct(model, split) -> list[bool]:
@@ -121,10 +155,15 @@ def sweep_then_seeds(run, lrs: list[float], seeds: list[int]) -> dict:
     first, *rest = seeds
     sweep = [run(lr, first) for lr in lrs]
     chosen = best(sweep)
-    return {"lrs": lrs, "chosen_lr": chosen["lr"], "sweep_seed": first, "sweep": sweep,
-            "runs": [chosen] + [run(chosen["lr"], s) for s in rest],
-            "chosen_by": f"final validation top-1 of seed {first} (ties: lower training loss); the test split "
-                         "is not read for the choice"}
+    return {
+        "lrs": lrs,
+        "chosen_lr": chosen["lr"],
+        "sweep_seed": first,
+        "sweep": sweep,
+        "runs": [chosen] + [run(chosen["lr"], s) for s in rest],
+        "chosen_by": f"final validation top-1 of seed {first} (ties: lower training loss); the test split "
+        "is not read for the choice",
+    }
 
 
 def warmup_for(recipe: params.TrainParams, steps: int) -> int:
@@ -152,11 +191,24 @@ def pretrain(ctx: Context, seed: int) -> tuple[dict, dict]:
     val = Split(x[parts["val"]], y[parts["val"]], mean, std)
     model = build_model(ctx.twin_spec, recipe.classes, size)
     out = ctx.work / f"pretrain-seed{seed}"
-    m = fit(TrainingJob(model, train_split, recipe, RunPaths(out / "model.pt", out / "metrics.json", out / "plots"),
-                        val=val, desc=f"study pretrain seed {seed}", fresh_key="pretrain.resume",
-                        run_config={"spec": ctx.twin_spec, "image_size": size, "study": "pretrain"},
-                        weights_meta={}, quiet=True, store_dir=ctx.work / "store"))
-    print(f"study pretrain seed {seed}: val top-1 {m.get('val_acc', math.nan):.3f} ({m['wall_time_s']:.0f} s)", flush=True)
+    m = fit(
+        TrainingJob(
+            model,
+            train_split,
+            recipe,
+            RunPaths(out / "model.pt", out / "metrics.json", out / "plots"),
+            val=val,
+            desc=f"study pretrain seed {seed}",
+            fresh_key="pretrain.resume",
+            run_config={"spec": ctx.twin_spec, "image_size": size, "study": "pretrain"},
+            weights_meta={},
+            quiet=True,
+            store_dir=ctx.work / "store",
+        )
+    )
+    print(
+        f"study pretrain seed {seed}: val top-1 {m.get('val_acc', math.nan):.3f} ({m['wall_time_s']:.0f} s)", flush=True
+    )
     return model.state_dict(), m
 
 
@@ -172,10 +224,15 @@ def equal_compute_steps(ctx: Context, finetune_steps: int) -> dict:
     def per_image(spec, n):
         return compute.flops(model_config(spec, n, size))["train"]
 
-    total = (pre.steps * pre.batch_size * per_image(ctx.twin_spec, pre.classes)
-             + finetune_steps * ft.batch_size * per_image(ctx.twin_spec, classes))
-    return {"steps": math.ceil(total / (sc.batch_size * per_image(ctx.scratch_spec, classes))),
-            "train_flops": total, "pretrain_steps": pre.steps, "finetune_steps": finetune_steps}
+    total = pre.steps * pre.batch_size * per_image(
+        ctx.twin_spec, pre.classes
+    ) + finetune_steps * ft.batch_size * per_image(ctx.twin_spec, classes)
+    return {
+        "steps": math.ceil(total / (sc.batch_size * per_image(ctx.scratch_spec, classes))),
+        "train_flops": total,
+        "pretrain_steps": pre.steps,
+        "finetune_steps": finetune_steps,
+    }
 
 
 def workdir():
@@ -198,7 +255,9 @@ def section(doc: dict, *keys: str):
     out = doc
     for i, k in enumerate(keys):
         if not isinstance(out, dict) or k not in out:
-            raise UserError(f"{STUDIES_PARAMS}: `{'.'.join(keys[:i + 1])}` is missing; add it (see the file's comments)")
+            raise UserError(
+                f"{STUDIES_PARAMS}: `{'.'.join(keys[: i + 1])}` is missing; add it (see the file's comments)"
+            )
         out = out[k]
     return out
 

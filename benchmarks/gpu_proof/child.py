@@ -38,14 +38,25 @@ def probe(rec: Recorder, ctx: Ctx):
     import timm
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "timm": timm.__version__, "numpy": numpy.__version__, "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "cuda_available": torch.cuda.is_available()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+    }
     rec.set(**info)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu_name=props.name, capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gib=round(props.total_memory / GIB, 2), gpu_count=torch.cuda.device_count())
+        info.update(
+            gpu_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / GIB, 2),
+            gpu_count=torch.cuda.device_count(),
+        )
         rec.set(**info)
         info["environment"] = environment(torch.device("cuda", 0))
     rec.set(**info)
@@ -56,9 +67,13 @@ def environment(dev) -> dict:
     the CUDA context against the planner's allowance for it."""
     import torch
 
-    env = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-           "float32_matmul_precision": torch.get_float32_matmul_precision(),
-           "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_version": torch.backends.cudnn.version()}
+    env = {
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_version": torch.backends.cudnn.version(),
+    }
     torch.zeros(1, device=dev)  # the context exists now; nothing else is allocated
     free, total = torch.cuda.mem_get_info(dev)
     env["cuda_context_mib"] = round((total - free - torch.cuda.memory_reserved(dev)) / MIB, 1)
@@ -87,8 +102,14 @@ def sdpa_backend(dev) -> str:
         names = " ".join(e.name for e in prof.events()).lower()
     except Exception as e:  # noqa: BLE001
         return f"unknown ({type(e).__name__}: {str(e)[:80]})"
-    for key, label in (("flash", "flash"), ("cudnn", "cudnn"), ("fmha", "efficient (mem-efficient fmha)"),
-                       ("efficient", "efficient"), ("bmm", "math (bmm + softmax)"), ("gemm", "math (gemm + softmax)")):
+    for key, label in (
+        ("flash", "flash"),
+        ("cudnn", "cudnn"),
+        ("fmha", "efficient (mem-efficient fmha)"),
+        ("efficient", "efficient"),
+        ("bmm", "math (bmm + softmax)"),
+        ("gemm", "math (gemm + softmax)"),
+    ):
         if key in names:
             return label
     return "unknown"
@@ -100,13 +121,15 @@ def nvml(dev) -> dict:
 
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(dev.index or 0)
-        out = {"driver": pynvml.nvmlSystemGetDriverVersion(),
-               "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
-               "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
-               "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
-               "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000,
-               "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000,
-               "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)}
+        out = {
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+            "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000,
+            "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000,
+            "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+        }
         try:
             out["clock_throttle_reasons"] = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(h)
         except Exception:  # noqa: BLE001 — newer drivers renamed it

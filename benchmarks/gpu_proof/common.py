@@ -61,26 +61,67 @@ def input_pool(micro_batch: int, size: int, device) -> list:
 TINY = {"arch": "vit", "patch": 8, "dim": 64, "depth": 2, "heads": 2, "mlp_ratio": 2.0}
 MODES = {
     "gpu": {
-        "throughput": {"spec": {"arch": "vit_b16"}, "size": 224, "classes": 100, "batch": 256, "warmup": 10,
-                       "steps": 30, "repeats": 3, "compile": [False, True], "matmul_n": 8192, "matmul_repeats": 25},
-        "memory": {"size": 224, "classes": 100,
-                   "cases": [({"arch": "vit_b32"}, (64, 256)), ({"arch": "vit_b16"}, (32, 128)),
-                             ({"arch": "vit_b8"}, (8, 32))]},
+        "throughput": {
+            "spec": {"arch": "vit_b16"},
+            "size": 224,
+            "classes": 100,
+            "batch": 256,
+            "warmup": 10,
+            "steps": 30,
+            "repeats": 3,
+            "compile": [False, True],
+            "matmul_n": 8192,
+            "matmul_repeats": 25,
+        },
+        "memory": {
+            "size": 224,
+            "classes": 100,
+            "cases": [
+                ({"arch": "vit_b32"}, (64, 256)),
+                ({"arch": "vit_b16"}, (32, 128)),
+                ({"arch": "vit_b8"}, (8, 32)),
+            ],
+        },
         "oom": {"spec": {"arch": "vit_b16"}, "size": 224, "classes": 100},
         "telemetry": {"spec": {"arch": "vit_b16"}, "size": 224, "classes": 100, "batch": 64, "seconds": 5.0},
-        "resume": {"spec": {"arch": "vit_s16"}, "size": 224, "classes": 100, "n": 512, "steps": 24, "batch": 32,
-                   "micro": 16, "checkpoint_every": 8},
+        "resume": {
+            "spec": {"arch": "vit_s16"},
+            "size": 224,
+            "classes": 100,
+            "n": 512,
+            "steps": 24,
+            "batch": 32,
+            "micro": 16,
+            "checkpoint_every": 8,
+        },
         "precision": {"spec": {"arch": "vit_s16"}, "size": 224, "batch": 32, "steps": 20},
     },
     "dry": {
-        "throughput": {"spec": TINY, "size": 32, "classes": 10, "batch": 32, "warmup": 5, "steps": 20, "repeats": 3,
-                       "compile": [False], "matmul_n": 256, "matmul_repeats": 10},
-        "memory": {"size": 32, "classes": 10,
-                   "cases": [(TINY, (4, 8)), ({**TINY, "patch": 4}, (2, 4))]},
+        "throughput": {
+            "spec": TINY,
+            "size": 32,
+            "classes": 10,
+            "batch": 32,
+            "warmup": 5,
+            "steps": 20,
+            "repeats": 3,
+            "compile": [False],
+            "matmul_n": 256,
+            "matmul_repeats": 10,
+        },
+        "memory": {"size": 32, "classes": 10, "cases": [(TINY, (4, 8)), ({**TINY, "patch": 4}, (2, 4))]},
         "oom": {"spec": {"arch": "vit_b16"}, "size": 224, "classes": 100, "profile": "h100-80"},
         "telemetry": {"spec": TINY, "size": 32, "classes": 10, "batch": 16, "steps": 20},
-        "resume": {"spec": TINY, "size": 32, "classes": 10, "n": 256, "steps": 24, "batch": 16, "micro": 8,
-                   "checkpoint_every": 8},
+        "resume": {
+            "spec": TINY,
+            "size": 32,
+            "classes": 10,
+            "n": 256,
+            "steps": 24,
+            "batch": 16,
+            "micro": 8,
+            "checkpoint_every": 8,
+        },
         "precision": {"spec": TINY, "size": 32, "batch": 8, "steps": 4},
     },
 }
@@ -147,8 +188,8 @@ class Recorder:
 @dataclasses.dataclass
 class Ctx:
     dry: bool
-    work: Path      # this step's scratch folder
-    logs: Path      # the folder archived into <out>/logs.tar.gz
+    work: Path  # this step's scratch folder
+    logs: Path  # the folder archived into <out>/logs.tar.gz
     cfg: dict
     limit: float = 60.0
 
@@ -181,16 +222,29 @@ def run_paths(folder: Path):
     return RunPaths(weights=folder / "model.pt", metrics=folder / "metrics.json", plots=folder / "plots")
 
 
-def call_fit(model, data, recipe, folder: Path, spec: dict, size: int, classes: int, desc: str, val=None,
-             quiet: bool = True) -> dict:
+def call_fit(
+    model, data, recipe, folder: Path, spec: dict, size: int, classes: int, desc: str, val=None, quiet: bool = True
+) -> dict:
     """vitpipe.training.loop.fit as the stages call it, with its checkpoints in a store under
     `folder` (`quiet=False`: with its progress bar)."""
     from vitpipe.training.loop import TrainingJob, fit
 
     folder.mkdir(parents=True, exist_ok=True)
-    return fit(TrainingJob(model, data, recipe, run_paths(folder), val=val, run_config={"spec": spec, "image_size": size},
-                           fresh_key="train.resume", weights_meta={"spec": spec, "num_classes": classes, "image_size": size},
-                           desc=desc, quiet=quiet, store_dir=folder / "checkpoint-store"))
+    return fit(
+        TrainingJob(
+            model,
+            data,
+            recipe,
+            run_paths(folder),
+            val=val,
+            run_config={"spec": spec, "image_size": size},
+            fresh_key="train.resume",
+            weights_meta={"spec": spec, "num_classes": classes, "image_size": size},
+            desc=desc,
+            quiet=quiet,
+            store_dir=folder / "checkpoint-store",
+        )
+    )
 
 
 def synthetic_split(n: int, size: int, classes: int, seed: int = 0):
@@ -206,8 +260,17 @@ def synthetic_split(n: int, size: int, classes: int, seed: int = 0):
 def recipe_for(**kw):
     from vitpipe.params import TrainParams
 
-    base = dict(lr=1e-4, warmup_steps=1, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0, resume="fresh",
-                checkpoint_every=10**6, eval_every=10**6, seed=0)
+    base = dict(
+        lr=1e-4,
+        warmup_steps=1,
+        weight_decay=0.05,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        resume="fresh",
+        checkpoint_every=10**6,
+        eval_every=10**6,
+        seed=0,
+    )
     return TrainParams(**(base | kw))
 
 
@@ -265,8 +328,10 @@ def model_label(spec: dict, size: int) -> str:
 
 
 def case_label(c: dict) -> str:
-    return (f"{c['model']} {c['precision']} {c.get('optimizer', 'adamw')}{' ckpt' if c['checkpointing'] else ''} "
-            f"mb {c['batch']}")
+    return (
+        f"{c['model']} {c['precision']} {c.get('optimizer', 'adamw')}{' ckpt' if c['checkpointing'] else ''} "
+        f"mb {c['batch']}"
+    )
 
 
 def fmt(v, spec=".1f", none="n/a") -> str:

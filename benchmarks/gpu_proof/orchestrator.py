@@ -47,8 +47,12 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python3 benchmarks/gpu_proof", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="gpu_proof", help=f"folder for {', '.join(OUTPUTS)} (default ./gpu_proof)")
     ap.add_argument("--cpu-dry-run", action="store_true", help="run the harness on CPU with tiny models (CI)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help=f"seconds for all steps together (default {GPU_BUDGET_S}; dry run {DRY_BUDGET_S})")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds for all steps together (default {GPU_BUDGET_S}; dry run {DRY_BUDGET_S})",
+    )
     ap.add_argument("--step-limit", type=float, default=None, help="cap every step's own time limit (seconds)")
     ap.add_argument("--only", default=None, help="comma-separated step names to run (the others are skipped)")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch folder (data, weights, checkpoints)")
@@ -93,17 +97,25 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_proof_", dir=work_root()))
     (work / "logs").mkdir()
     say = Console(out / "console.log")
-    report = {"schema": SCHEMA, "mode": "cpu-dry-run" if dry else "gpu",
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "budget_s": budget, "targets": TARGETS, "work": str(work) if args.keep_work else None,
-              "machine": {}, "steps": []}
+    report = {
+        "schema": SCHEMA,
+        "mode": "cpu-dry-run" if dry else "gpu",
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "budget_s": budget,
+        "targets": TARGETS,
+        "work": str(work) if args.keep_work else None,
+        "machine": {},
+        "steps": [],
+    }
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     say(f"gpu_proof: {'CPU dry run (tiny models)' if dry else 'GPU run'} -> {out}; budget {budget:.0f} s")
     t0 = time.monotonic()
     try:
         run_steps(args, report, out, work, budget, t0, say)
     except Interrupted as e:
-        report["interrupted"] = f"{e} received during {report.get('running') or 'the harness'}; the steps after it did not run"
+        report["interrupted"] = (
+            f"{e} received during {report.get('running') or 'the harness'}; the steps after it did not run"
+        )
         say(f"\n  interrupted by {e}: every step process killed")
     finally:
         kill_running()
@@ -165,8 +177,16 @@ def run_steps(args, report: dict, out: Path, work: Path, budget: float, t0: floa
 
 
 def skipped_result(reason: str) -> dict:
-    return {"status": "skipped", "reason": reason, "headline": "", "duration_s": 0.0, "limit_s": 0.0,
-            "checks": [], "results": {}, "log": None}
+    return {
+        "status": "skipped",
+        "reason": reason,
+        "headline": "",
+        "duration_s": 0.0,
+        "limit_s": 0.0,
+        "checks": [],
+        "results": {},
+        "log": None,
+    }
 
 
 def run_child(step, dry: bool, work: Path, limit: float) -> dict:
@@ -176,19 +196,40 @@ def run_child(step, dry: bool, work: Path, limit: float) -> dict:
     log = work / "logs" / f"{name}.log"
     step_work = work / name
     step_work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": pythonpath(), "VITPIPE_CHECKPOINT_DIR": str(step_work / "checkpoint-store"),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": pythonpath(),
+        "VITPIPE_CHECKPOINT_DIR": str(step_work / "checkpoint-store"),
+        "PYTHONUNBUFFERED": "1",
+    }
     for k in ("VITPIPE_CHECKPOINT_MIRROR", "VITPIPE_CHECKPOINT_KEEP"):
         env.pop(k, None)
     if dry:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is a CPU run, GPU or not
         env.setdefault("OMP_NUM_THREADS", "1")  # deterministic, and fastest on a small shared machine
-    cmd = child_cmd("--child", name, "--result", str(result_file), "--work", str(step_work),
-                    "--logs", str(work / "logs"), "--limit", str(limit)) + (["--cpu-dry-run"] if dry else [])
+    cmd = child_cmd(
+        "--child",
+        name,
+        "--result",
+        str(result_file),
+        "--work",
+        str(step_work),
+        "--logs",
+        str(work / "logs"),
+        "--limit",
+        str(limit),
+    ) + (["--cpu-dry-run"] if dry else [])
     t = time.monotonic()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                             preexec_fn=die_with_parent)
+        p = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         RUNNING.add(p)
         try:
             rc = p.wait(timeout=limit)
@@ -243,8 +284,10 @@ def write_outputs(out: Path, report: dict, work: Path, t0: float) -> None:
     """gpu_proof.json, gpu_proof.md and logs.tar.gz, each replaced atomically."""
     report["wall_s"] = round(time.monotonic() - t0, 1)
     report["summary"] = summarise(report)
-    for name, text in (("gpu_proof.json", json.dumps(report, indent=1, default=str) + "\n"),
-                       ("gpu_proof.md", markdown(report))):
+    for name, text in (
+        ("gpu_proof.json", json.dumps(report, indent=1, default=str) + "\n"),
+        ("gpu_proof.md", markdown(report)),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
@@ -259,12 +302,17 @@ def write_outputs(out: Path, report: dict, work: Path, t0: float) -> None:
 
 def git_revision() -> str | None:
     try:
-        p = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                           timeout=10)
+        p = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         rev = p.stdout.strip() if p.returncode == 0 else None
         if rev:
-            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             return rev + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass

@@ -24,5 +24,13 @@ def pytest_runtest_logreport(report):
     elif report.failed:
         detail = str(getattr(report, "longreprtext", "") or report.longrepr).strip().splitlines()[-1:]
         detail = detail[0] if detail else ""
-    _testlog({"event": "report", "nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-              "duration": report.duration, "detail": detail[:500]})
+    _testlog(
+        {
+            "event": "report",
+            "nodeid": report.nodeid,
+            "when": report.when,
+            "outcome": report.outcome,
+            "duration": report.duration,
+            "detail": detail[:500],
+        }
+    )

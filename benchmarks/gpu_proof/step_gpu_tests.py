@@ -25,8 +25,21 @@ def run(rec: Recorder, ctx: Ctx):
     junit = ctx.logs / "gpu_tests.junit.xml"  # archived with the logs
     env = {**os.environ, "GPU_PROOF_TESTLOG": str(events), "PYTHONPATH": pythonpath()}
     limit = max(10.0, ctx.limit - 15)  # pytest's own limit: inside the step's, to record what it got to
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "gpu_proof.pytest_plugin", "-p", "no:cacheprovider", "-q",
-           "-rfEs", f"--junitxml={junit}", *map(str, files)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-p",
+        "gpu_proof.pytest_plugin",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfEs",
+        f"--junitxml={junit}",
+        *map(str, files),
+    ]
     rec.running("pytest -m gpu")
     t = time.monotonic()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=die_with_parent)
@@ -36,16 +49,28 @@ def run(rec: Recorder, ctx: Ctx):
         p.kill()
         rc, timed_out = p.wait(), True
     tests = collect_test_events(events, timed_out)
-    counts = {k: sum(t["outcome"] == k for t in tests)
-              for k in ("passed", "failed", "error", "skipped", "timeout", "incomplete")}
-    rec.set(tests=tests, counts=counts, pytest_exit_code=rc, pytest_s=round(time.monotonic() - t, 1),
-            junit=f"logs/{junit.name}")
-    rec.headline(", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("passed", "failed"))
-                 + f" (of {len(tests)} gpu-marked tests in {len(files)} files)")
+    counts = {
+        k: sum(t["outcome"] == k for t in tests)
+        for k in ("passed", "failed", "error", "skipped", "timeout", "incomplete")
+    }
+    rec.set(
+        tests=tests,
+        counts=counts,
+        pytest_exit_code=rc,
+        pytest_s=round(time.monotonic() - t, 1),
+        junit=f"logs/{junit.name}",
+    )
+    rec.headline(
+        ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in ("passed", "failed"))
+        + f" (of {len(tests)} gpu-marked tests in {len(files)} files)"
+    )
     rec.check("pytest finished in its limit", not timed_out, f"{limit:.0f} s" + (" (killed)" if timed_out else ""))
     rec.check("gpu-marked tests collected", len(tests) > 0, f"{len(tests)} tests")
-    rec.check("no gpu-marked test failed", counts["passed"] + counts["skipped"] == len(tests),
-              ", ".join(t["nodeid"] for t in tests if t["outcome"] not in ("passed", "skipped")) or "none")
+    rec.check(
+        "no gpu-marked test failed",
+        counts["passed"] + counts["skipped"] == len(tests),
+        ", ".join(t["nodeid"] for t in tests if t["outcome"] not in ("passed", "skipped")) or "none",
+    )
     if tests and counts["skipped"] == len(tests) and device_of(ctx).type != "cuda":
         rec.skip("no CUDA (every gpu-marked test skipped itself)")
 
@@ -75,6 +100,12 @@ def collect_test_events(events: Path, timed_out: bool) -> list[dict]:
             outcome, detail = "passed", ""
         else:
             outcome, detail = ("timeout" if timed_out else "incomplete"), "running when pytest stopped"
-        tests.append({"nodeid": nodeid, "outcome": outcome, "detail": detail,
-                      "duration_s": round(sum(x.get("duration", 0.0) for x in p.values()), 2)})
+        tests.append(
+            {
+                "nodeid": nodeid,
+                "outcome": outcome,
+                "detail": detail,
+                "duration_s": round(sum(x.get("duration", 0.0) for x in p.values()), 2),
+            }
+        )
     return tests

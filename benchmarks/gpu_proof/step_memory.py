@@ -32,8 +32,13 @@ from gpu_proof.common import (
 )
 
 # (precision, optimizer, activation checkpointing) measured at each micro-batch
-GPU_SETTINGS = [("fp32", "adamw", False), ("bf16", "adamw", False), ("fp16", "adamw", False), ("bf16", "sgd", False),
-                ("bf16", "adamw", True)]
+GPU_SETTINGS = [
+    ("fp32", "adamw", False),
+    ("bf16", "adamw", False),
+    ("fp16", "adamw", False),
+    ("bf16", "sgd", False),
+    ("bf16", "adamw", True),
+]
 FOLDERS = itertools.count()
 CPU_SETTINGS = [(p, "adamw", ck) for ck in (False, True) for p in ("fp32", "bf16")]
 
@@ -41,8 +46,11 @@ CPU_SETTINGS = [(p, "adamw", ck) for ck in (False, True) for p in ("fp32", "bf16
 def run(rec: Recorder, ctx: Ctx):
     dev = need_device(rec, ctx)
     cuda = dev.type == "cuda"
-    measure = ("torch.cuda.max_memory_allocated over a 2-step fit, less the baseline at its start" if cuda else
-               "saved tensors of forward + loss (CPU stand-in: compute.measure_saved_bytes vs step_saved_total)")
+    measure = (
+        "torch.cuda.max_memory_allocated over a 2-step fit, less the baseline at its start"
+        if cuda
+        else "saved tensors of forward + loss (CPU stand-in: compute.measure_saved_bytes vs step_saved_total)"
+    )
     rec.set(measure=measure, cases=[])
     baseline = cuda_baseline(dev) if cuda else None
     if baseline:
@@ -50,10 +58,15 @@ def run(rec: Recorder, ctx: Ctx):
     cases = []
     for spec, batches in ctx.cfg["cases"]:
         ctx.template = None  # the model, built once per spec and copied for each case
-        for setting in (GPU_SETTINGS if cuda else CPU_SETTINGS):
+        for setting in GPU_SETTINGS if cuda else CPU_SETTINGS:
             for batch in batches:
-                case = {"model": model_label(spec, ctx.cfg["size"]), "precision": setting[0], "optimizer": setting[1],
-                        "checkpointing": setting[2], "batch": batch}
+                case = {
+                    "model": model_label(spec, ctx.cfg["size"]),
+                    "precision": setting[0],
+                    "optimizer": setting[1],
+                    "checkpointing": setting[2],
+                    "batch": batch,
+                }
                 rec.running(case_label(case))
                 (gpu_case if cuda else cpu_case)(case, spec, ctx, dev)
                 cases.append(case)
@@ -66,12 +79,16 @@ def run(rec: Recorder, ctx: Ctx):
     rec.check("cases measured", len(measured) >= max(1, len(cases) // 2), f"{len(measured)} of {len(cases)}")
     rec.check("every measurement is positive", all(x["measured_mib"] > 0 for x in measured), "")
     if baseline:
-        rec.check("the CUDA context fits the planner's allowance for it",
-                  baseline["cuda_context_mib"] <= baseline["planner_reserve_mib"],
-                  f"{baseline['cuda_context_mib']:.0f} MiB measured, {baseline['planner_reserve_mib']:.0f} MiB allowed")
+        rec.check(
+            "the CUDA context fits the planner's allowance for it",
+            baseline["cuda_context_mib"] <= baseline["planner_reserve_mib"],
+            f"{baseline['cuda_context_mib']:.0f} MiB measured, {baseline['planner_reserve_mib']:.0f} MiB allowed",
+        )
     if worst:
-        rec.headline(f"{len(measured)} cases, worst error {worst['error']:+.1%} ({case_label(worst)}); "
-                     f"{len(outside)} outside {TARGETS['memory_error']:.0%}" + ("" if cuda else " (CPU stand-in)"))
+        rec.headline(
+            f"{len(measured)} cases, worst error {worst['error']:+.1%} ({case_label(worst)}); "
+            f"{len(outside)} outside {TARGETS['memory_error']:.0%}" + ("" if cuda else " (CPU stand-in)")
+        )
 
 
 def cuda_baseline(dev) -> dict:
@@ -87,9 +104,13 @@ def cuda_baseline(dev) -> dict:
     workspace = torch.cuda.memory_allocated(dev) - before
     free, total = torch.cuda.mem_get_info(dev)
     profile = profile_of(dev)
-    return {"allocated_mib": torch.cuda.memory_allocated(dev) / MIB, "cublas_workspace_mib": workspace / MIB,
-            "cuda_context_mib": (total - free - torch.cuda.memory_reserved(dev)) / MIB,
-            "planner_reserve_mib": profile.reserve_bytes / MIB, "card_mib": total / MIB}
+    return {
+        "allocated_mib": torch.cuda.memory_allocated(dev) / MIB,
+        "cublas_workspace_mib": workspace / MIB,
+        "cuda_context_mib": (total - free - torch.cuda.memory_reserved(dev)) / MIB,
+        "planner_reserve_mib": profile.reserve_bytes / MIB,
+        "card_mib": total / MIB,
+    }
 
 
 def gpu_case(case: dict, spec: dict, ctx: Ctx, dev):
@@ -111,8 +132,9 @@ def gpu_case(case: dict, spec: dict, ctx: Ctx, dev):
         ctx.template = build_model(spec, classes, size)
     model = copy.deepcopy(ctx.template)
     data = synthetic_split(max(2 * batch, 64), size, classes)
-    r = recipe_for(batch_size=batch, micro_batch=batch, steps=2, precision=prec, optimizer=opt,
-                   activation_checkpointing=ckpt)
+    r = recipe_for(
+        batch_size=batch, micro_batch=batch, steps=2, precision=prec, optimizer=opt, activation_checkpointing=ckpt
+    )
     free_memory()
     torch.cuda.synchronize(dev)
     base, base_reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
@@ -124,8 +146,11 @@ def gpu_case(case: dict, spec: dict, ctx: Ctx, dev):
         return
     torch.cuda.synchronize(dev)
     measured = torch.cuda.max_memory_allocated(dev) - base
-    case.update(measured_mib=measured / MIB, reserved_mib=(torch.cuda.max_memory_reserved(dev) - base_reserved) / MIB,
-                error=(pred - measured) / measured)
+    case.update(
+        measured_mib=measured / MIB,
+        reserved_mib=(torch.cuda.max_memory_reserved(dev) - base_reserved) / MIB,
+        error=(pred - measured) / measured,
+    )
 
 
 def cpu_case(case: dict, spec: dict, ctx: Ctx, dev):
@@ -135,8 +160,13 @@ def cpu_case(case: dict, spec: dict, ctx: Ctx, dev):
     from vitpipe.models import build_model, model_config
     from vitpipe.training.recipe import prepare_model
 
-    size, classes, batch, prec, ckpt = ctx.cfg["size"], ctx.cfg["classes"], case["batch"], case["precision"], \
-        case["checkpointing"]
+    size, classes, batch, prec, ckpt = (
+        ctx.cfg["size"],
+        ctx.cfg["classes"],
+        case["batch"],
+        case["precision"],
+        case["checkpointing"],
+    )
     torch.manual_seed(0)
     model = build_model(spec, classes, size).train()
     prepare_model(model, recipe_for(activation_checkpointing=ckpt), "train")
@@ -159,9 +189,15 @@ def split_errors(cases: list[dict]) -> list[dict]:
         db = b["batch"] - a["batch"]
         per_p, per_m = (b["predicted_mib"] - a["predicted_mib"]) / db, (b["measured_mib"] - a["measured_mib"]) / db
         fix_p, fix_m = a["predicted_mib"] - per_p * a["batch"], a["measured_mib"] - per_m * a["batch"]
-        out.append({"setting": f"{key[0]} {key[1]} {key[2]}{' ckpt' if key[3] else ''}",
-                    "per_image_predicted_mib": per_p, "per_image_measured_mib": per_m,
-                    "per_image_error": (per_p - per_m) / per_m if per_m else None,
-                    "fixed_predicted_mib": fix_p, "fixed_measured_mib": fix_m,
-                    "fixed_error": (fix_p - fix_m) / abs(fix_m) if fix_m else None})
+        out.append(
+            {
+                "setting": f"{key[0]} {key[1]} {key[2]}{' ckpt' if key[3] else ''}",
+                "per_image_predicted_mib": per_p,
+                "per_image_measured_mib": per_m,
+                "per_image_error": (per_p - per_m) / per_m if per_m else None,
+                "fixed_predicted_mib": fix_p,
+                "fixed_measured_mib": fix_m,
+                "fixed_error": (fix_p - fix_m) / abs(fix_m) if fix_m else None,
+            }
+        )
     return out

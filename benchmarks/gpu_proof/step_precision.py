@@ -31,9 +31,16 @@ def run(rec: Recorder, ctx: Ctx):
 
     def fit_runs(prec: str, steps: int, name: str) -> dict:
         torch.manual_seed(0)
-        return call_fit(build_model(spec, 10, size), synthetic_split(max(64, 2 * batch), size, 10),
-                        recipe_for(batch_size=batch, micro_batch=batch, steps=steps, precision=prec),
-                        ctx.work / name, spec, size, 10, f"gpu_proof precision {prec}")
+        return call_fit(
+            build_model(spec, 10, size),
+            synthetic_split(max(64, 2 * batch), size, 10),
+            recipe_for(batch_size=batch, micro_batch=batch, steps=steps, precision=prec),
+            ctx.work / name,
+            spec,
+            size,
+            10,
+            f"gpu_proof precision {prec}",
+        )
 
     def fit_accepts_auto() -> tuple[bool, str]:
         try:
@@ -61,7 +68,9 @@ def run(rec: Recorder, ctx: Ctx):
     native = cap >= (8, 0)
     auto = precision.resolve("auto", dev, "train.precision")
     rec.set(gpu=name, capability=f"{cap[0]}.{cap[1]}", native_bf16=native, auto=auto)
-    rec.check("auto picks bf16 where native, fp16 otherwise", auto == ("bf16" if native else "fp16"), f"{cap} -> {auto}")
+    rec.check(
+        "auto picks bf16 where native, fp16 otherwise", auto == ("bf16" if native else "fp16"), f"{cap} -> {auto}"
+    )
     try:
         precision.resolve("bf16", dev, "train.precision")
         refused = None
@@ -70,9 +79,11 @@ def run(rec: Recorder, ctx: Ctx):
     if native:
         rec.check("bf16 is accepted on this card", refused is None, refused or "accepted")
     else:
-        rec.check("bf16 is refused on this card, offering fp16 or auto",
-                  bool(refused) and name in refused and "use fp16 (with its grad scaler) or auto" in refused,
-                  refused or "accepted")
+        rec.check(
+            "bf16 is refused on this card, offering fp16 or auto",
+            bool(refused) and name in refused and "use fp16 (with its grad scaler) or auto" in refused,
+            refused or "accepted",
+        )
     # what a card without bf16 would say, on this card (a T4, compute capability 7.5)
     real = torch.cuda.get_device_capability, torch.cuda.get_device_name
     torch.cuda.get_device_capability, torch.cuda.get_device_name = (lambda d=None: (7, 5)), (lambda d=None: "Tesla T4")
@@ -86,27 +97,40 @@ def run(rec: Recorder, ctx: Ctx):
     finally:
         torch.cuda.get_device_capability, torch.cuda.get_device_name = real
     rec.set(simulated_t4={"auto": sim_auto, "bf16": sim_msg})
-    rec.check("on a T4 (simulated) auto is fp16 and bf16 is refused", sim_auto == "fp16" and bool(sim_msg), sim_msg or "")
+    rec.check(
+        "on a T4 (simulated) auto is fp16 and bf16 is refused", sim_auto == "fp16" and bool(sim_msg), sim_msg or ""
+    )
     # and the training loop itself: precision bf16 on a card without it must stop, not run emulated
     if not native:
         fit_refusal = fit_refuses_bf16()
     else:
-        torch.cuda.get_device_capability, torch.cuda.get_device_name = (lambda d=None: (7, 5)), (lambda d=None: "Tesla T4")
+        torch.cuda.get_device_capability, torch.cuda.get_device_name = (
+            (lambda d=None: (7, 5)),
+            (lambda d=None: "Tesla T4"),
+        )
         try:
             fit_refusal = fit_refuses_bf16()
         finally:
             torch.cuda.get_device_capability, torch.cuda.get_device_name = real
     rec.set(fit_bf16_refusal=fit_refusal)
-    rec.check(f"fit refuses precision bf16 on a{'' if not native else ' (simulated)'} card without native bf16",
-              bool(fit_refusal) and "use fp16" in fit_refusal, fit_refusal or "fit trained in bf16 (emulated)")
+    rec.check(
+        f"fit refuses precision bf16 on a{'' if not native else ' (simulated)'} card without native bf16",
+        bool(fit_refusal) and "use fp16" in fit_refusal,
+        fit_refusal or "fit trained in bf16 (emulated)",
+    )
     rec.running("fp16 with the grad scaler on this card")
     m = fit_runs("fp16", c["steps"], "fp16")
     rec.set(fp16_metrics={k: m.get(k) for k in ("train_loss", "skipped_steps", "img_per_s")})
-    rec.check("fp16 with its grad scaler trains on this card", math.isfinite(m.get("train_loss", float("nan"))),
-              f"loss {m.get('train_loss')}, {m.get('skipped_steps')} steps skipped by the scaler")
+    rec.check(
+        "fp16 with its grad scaler trains on this card",
+        math.isfinite(m.get("train_loss", float("nan"))),
+        f"loss {m.get('train_loss')}, {m.get('skipped_steps')} steps skipped by the scaler",
+    )
     integrated, how = fit_accepts_auto()
     rec.set(fit_accepts_auto=integrated, fit_auto_detail=how)
     rec.check("fit resolves precision: auto", integrated, how)
-    rec.headline(f"{name} ({cap[0]}.{cap[1]}): auto -> {auto}; bf16 {'accepted' if native else 'refused'}; "
-                 f"simulated T4: auto -> {sim_auto}, bf16 refused; fp16 + scaler loss {m.get('train_loss')}; "
-                 f"fit resolves auto: {'yes' if integrated else 'no'}")
+    rec.headline(
+        f"{name} ({cap[0]}.{cap[1]}): auto -> {auto}; bf16 {'accepted' if native else 'refused'}; "
+        f"simulated T4: auto -> {sim_auto}, bf16 refused; fp16 + scaler loss {m.get('train_loss')}; "
+        f"fit resolves auto: {'yes' if integrated else 'no'}"
+    )

@@ -43,10 +43,25 @@ def train(folder: Path, cfg: dict, prec: str, deterministic: bool) -> dict:
 
     spec, size, classes = cfg["spec"], cfg["size"], cfg["classes"]
     torch.manual_seed(0)
-    r = recipe_for(batch_size=cfg["batch"], micro_batch=cfg["micro"], steps=cfg["steps"], precision=prec,
-                   checkpoint_every=cfg["checkpoint_every"], resume="auto", deterministic=deterministic)
-    return call_fit(build_model(spec, classes, size), synthetic_split(cfg["n"], size, classes), r, folder, spec, size,
-                    classes, f"gpu_proof resume {prec}")
+    r = recipe_for(
+        batch_size=cfg["batch"],
+        micro_batch=cfg["micro"],
+        steps=cfg["steps"],
+        precision=prec,
+        checkpoint_every=cfg["checkpoint_every"],
+        resume="auto",
+        deterministic=deterministic,
+    )
+    return call_fit(
+        build_model(spec, classes, size),
+        synthetic_split(cfg["n"], size, classes),
+        r,
+        folder,
+        spec,
+        size,
+        classes,
+        f"gpu_proof resume {prec}",
+    )
 
 
 def final_weights(folder: Path) -> dict:
@@ -61,16 +76,29 @@ def committed(folder: Path) -> list[int]:
 
 def worker(folder: Path, cfg: dict, prec: str, deterministic: bool, log) -> subprocess.Popen:
     args = json.dumps({"folder": str(folder), "cfg": cfg, "prec": prec, "deterministic": deterministic})
-    return subprocess.Popen([sys.executable, "-m", "gpu_proof.step_resume", args], stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=die_with_parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpu_proof.step_resume", args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
+    )
 
 
 def run(rec: Recorder, ctx: Ctx):
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # as the key does, but before anything in this process uses cuBLAS
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = (
+        ":4096:8"  # as the key does, but before anything in this process uses cuBLAS
+    )
     dev = need_device(rec, ctx)
     cfg = ctx.cfg
-    rec.set(spec=cfg["spec"], image_size=cfg["size"], steps=cfg["steps"], batch=cfg["batch"], micro=cfg["micro"],
-            checkpoint_every=cfg["checkpoint_every"], bf16_tolerance_rel_l2=BF16_TOLERANCE)
+    rec.set(
+        spec=cfg["spec"],
+        image_size=cfg["size"],
+        steps=cfg["steps"],
+        batch=cfg["batch"],
+        micro=cfg["micro"],
+        checkpoint_every=cfg["checkpoint_every"],
+        bf16_tolerance_rel_l2=BF16_TOLERANCE,
+    )
     lines = {}
     for key, prec, deterministic in (("fp32", "fp32", True), ("bf16", "bf16", False)):
         if prec == "bf16" and dev.type == "cuda":
@@ -82,11 +110,17 @@ def run(rec: Recorder, ctx: Ctx):
         line = resume_line(rec, ctx, key, prec, deterministic)
         lines[key] = line
         rec.set(**{key: line})
-    ok = rec.check("fp32 deterministic: the resumed run's final weights are bit-exact",
-                   bool(lines["fp32"].get("bit_exact")), lines["fp32"].get("verdict", ""))
+    ok = rec.check(
+        "fp32 deterministic: the resumed run's final weights are bit-exact",
+        bool(lines["fp32"].get("bit_exact")),
+        lines["fp32"].get("verdict", ""),
+    )
     # bf16 is reported, not checked: its kernels are not deterministic, the fp32 line decides
-    rec.headline(f"fp32 deterministic: {lines['fp32'].get('verdict')}" + ("" if ok else " (a resume lost state)")
-                 + f"; bf16: {lines.get('bf16', {}).get('verdict', 'n/a')}")
+    rec.headline(
+        f"fp32 deterministic: {lines['fp32'].get('verdict')}"
+        + ("" if ok else " (a resume lost state)")
+        + f"; bf16: {lines.get('bf16', {}).get('verdict', 'n/a')}"
+    )
 
 
 def resume_line(rec: Recorder, ctx: Ctx, key: str, prec: str, deterministic: bool) -> dict:
@@ -117,8 +151,10 @@ def resume_line(rec: Recorder, ctx: Ctx, key: str, prec: str, deterministic: boo
         line["verdict"] = "bit-exact" if diff["bit_exact"] else f"differs (rel. L2 {diff['rel_l2_diff']:.2e})"
     else:
         line["within"] = diff["rel_l2_diff"] <= BF16_TOLERANCE
-        line["verdict"] = (f"rel. L2 {diff['rel_l2_diff']:.2e} ({'bit-exact; ' if diff['bit_exact'] else ''}"
-                           f"{'within' if line['within'] else 'beyond'} {BF16_TOLERANCE:.0e})")
+        line["verdict"] = (
+            f"rel. L2 {diff['rel_l2_diff']:.2e} ({'bit-exact; ' if diff['bit_exact'] else ''}"
+            f"{'within' if line['within'] else 'beyond'} {BF16_TOLERANCE:.0e})"
+        )
     return line
 
 

@@ -115,16 +115,28 @@ def fit_round(spec, size, classes, r, steps, warmup, folder: Path) -> dict:
 
     torch.manual_seed(0)
     data = synthetic_split(max(4 * r.batch_size, 256), size, classes)
-    metrics = call_fit(build_model(spec, classes, size), data, dataclasses.replace(r, steps=warmup + steps), folder,
-                       spec, size, classes, "gpu_proof throughput")
+    metrics = call_fit(
+        build_model(spec, classes, size),
+        data,
+        dataclasses.replace(r, steps=warmup + steps),
+        folder,
+        spec,
+        size,
+        classes,
+        "gpu_proof throughput",
+    )
     rows = read_tsv(folder / "plots" / "train.tsv")
     timed = [row for row in rows if int(row["step"]) > warmup]
     rates = [float(row["img_per_s"]) for row in timed]  # per sync window, training time only
     img_s = len(rates) / sum(1 / v for v in rates) if rates and all(v > 0 for v in rates) else 0.0
     warm_s = sum(r.batch_size / float(row["img_per_s"]) for row in rows if int(row["step"]) <= warmup)
-    return {"img_s": img_s, "warm_s": warm_s, "metrics": metrics,
-            "data_ms": stats([float(row["data_ms"]) for row in timed])["median"],
-            "data_wait_ms": stats([float(row["data_wait_ms"]) for row in timed])["median"]}
+    return {
+        "img_s": img_s,
+        "warm_s": warm_s,
+        "metrics": metrics,
+        "data_ms": stats([float(row["data_ms"]) for row in timed])["median"],
+        "data_wait_ms": stats([float(row["data_wait_ms"]) for row in timed])["median"],
+    }
 
 
 def run(rec: Recorder, ctx: Ctx):
@@ -147,14 +159,27 @@ def run(rec: Recorder, ctx: Ctx):
     peak_dtype = amp_dtype("bf16" if dev.type == "cuda" and prec == "bf16" else prec) or torch.float32
     peaks = stats(matmul_peak(dev, peak_dtype, c["matmul_n"], c["matmul_repeats"]))
     peak_measured, peak_profile = peaks["median"], profile.peak_flops.get(prec) if profile is not None else None
-    rec.set(model=model_label(spec, size), image_size=size, precision=prec, batch=batch, warmup=c["warmup"],
-            steps=c["steps"], repeats=c["repeats"], device=str(dev), train_gflops_per_image=flops / 1e9,
-            profile_label=profile.label if profile else None,
-            peak_profile_tflops=peak_profile / 1e12 if peak_profile else None,
-            peak_measured_tflops=peak_measured / 1e12 if peak_measured else None,
-            peak_measured_tflops_spread={k: (v / 1e12 if k != "n" and v else v) for k, v in peaks.items()}, runs=[])
-    rec.check("measured matmul peak is positive", bool(peak_measured and peak_measured > 0),
-              f"{fmt(peak_measured and peak_measured / 1e12, '.2f')} TFLOP/s (median of {peaks['n']})")
+    rec.set(
+        model=model_label(spec, size),
+        image_size=size,
+        precision=prec,
+        batch=batch,
+        warmup=c["warmup"],
+        steps=c["steps"],
+        repeats=c["repeats"],
+        device=str(dev),
+        train_gflops_per_image=flops / 1e9,
+        profile_label=profile.label if profile else None,
+        peak_profile_tflops=peak_profile / 1e12 if peak_profile else None,
+        peak_measured_tflops=peak_measured / 1e12 if peak_measured else None,
+        peak_measured_tflops_spread={k: (v / 1e12 if k != "n" and v else v) for k, v in peaks.items()},
+        runs=[],
+    )
+    rec.check(
+        "measured matmul peak is positive",
+        bool(peak_measured and peak_measured > 0),
+        f"{fmt(peak_measured and peak_measured / 1e12, '.2f')} TFLOP/s (median of {peaks['n']})",
+    )
 
     def mfu(img_s, peak):
         return img_s * flops / peak if img_s and peak else None
@@ -162,25 +187,39 @@ def run(rec: Recorder, ctx: Ctx):
     runs = []
     for compile_ in (False, True):
         if compile_ not in c["compile"]:
-            runs.append({"compile": compile_, "skipped": "skipped: no CUDA (compile is measured on the GPU only)",
-                         "ratio": None})
+            runs.append(
+                {
+                    "compile": compile_,
+                    "skipped": "skipped: no CUDA (compile is measured on the GPU only)",
+                    "ratio": None,
+                }
+            )
             continue
         run_ = measure(rec, ctx, spec, size, classes, dataclasses.replace(r, compile=compile_), dev)
-        run_.update(bare_mfu_profile=mfu(run_["bare_img_s"], peak_profile),
-                    bare_mfu_measured=mfu(run_["bare_img_s"], peak_measured),
-                    pipeline_mfu_profile=mfu(run_["pipeline_img_s"], peak_profile),
-                    pipeline_mfu_measured=mfu(run_["pipeline_img_s"], peak_measured))
+        run_.update(
+            bare_mfu_profile=mfu(run_["bare_img_s"], peak_profile),
+            bare_mfu_measured=mfu(run_["bare_img_s"], peak_measured),
+            pipeline_mfu_profile=mfu(run_["pipeline_img_s"], peak_profile),
+            pipeline_mfu_measured=mfu(run_["pipeline_img_s"], peak_measured),
+        )
         runs.append(run_)
         rec.set(runs=runs)
         ok = all(v and math.isfinite(v) and v > 0 for v in (run_["bare_img_s"], run_["pipeline_img_s"]))
-        rec.check(f"both loops ran {c['repeats']} times, compile {'on' if compile_ else 'off'}", ok,
-                  f"bare {run_['bare_img_s']:.1f}, fit {run_['pipeline_img_s']:.1f} img/s (medians)")
+        rec.check(
+            f"both loops ran {c['repeats']} times, compile {'on' if compile_ else 'off'}",
+            ok,
+            f"bare {run_['bare_img_s']:.1f}, fit {run_['pipeline_img_s']:.1f} img/s (medians)",
+        )
     done = [x for x in runs if not x.get("skipped")]
-    rec.headline("; ".join(
-        f"compile {'on' if x['compile'] else 'off'}: fit {x['pipeline_img_s']:.1f} img/s, MFU "
-        f"{fmt(x['pipeline_mfu_measured'], '.1%')} of measured / {fmt(x['pipeline_mfu_profile'], '.1%')} of datasheet "
-        f"peak, fit/bare {x['ratio']:.3f} ({fmt(x['ratio_rounds']['min'], '.3f')}-{fmt(x['ratio_rounds']['max'], '.3f')}),"
-        f" data {fmt(x['data_ms']['median'], '.2f')} ms/step" for x in done))
+    rec.headline(
+        "; ".join(
+            f"compile {'on' if x['compile'] else 'off'}: fit {x['pipeline_img_s']:.1f} img/s, MFU "
+            f"{fmt(x['pipeline_mfu_measured'], '.1%')} of measured / {fmt(x['pipeline_mfu_profile'], '.1%')} of datasheet "
+            f"peak, fit/bare {x['ratio']:.3f} ({fmt(x['ratio_rounds']['min'], '.3f')}-{fmt(x['ratio_rounds']['max'], '.3f')}),"
+            f" data {fmt(x['data_ms']['median'], '.2f')} ms/step"
+            for x in done
+        )
+    )
 
 
 def measure(rec: Recorder, ctx: Ctx, spec, size, classes, r, dev) -> dict:
@@ -208,10 +247,29 @@ def measure(rec: Recorder, ctx: Ctx, spec, size, classes, r, dev) -> dict:
     del bare
     free_memory()
     b, p = stats(bare_rates), stats(fit_rates)
-    return {"compile": r.compile, "bare_img_s": b["median"], "pipeline_img_s": p["median"],
-            "ratio": p["median"] / b["median"] if b["median"] else None, "ratio_rounds": stats(ratios),
-            "bare_spread": b, "pipeline_spread": p, "data_ms": stats(data_ms), "data_wait_ms": stats(wait_ms),
-            "bare_rounds": bare_rates, "pipeline_rounds": fit_rates, "bare_warmup_s": bare_warm,
-            "pipeline_warmup_s": fit_warm,
-            "fit_metrics": {k: metrics.get(k) for k in ("img_per_s", "wall_time_s", "peak_cuda_allocated_mb",
-                                                        "mean_gpu_util_pct", "attention", "precision")}}
+    return {
+        "compile": r.compile,
+        "bare_img_s": b["median"],
+        "pipeline_img_s": p["median"],
+        "ratio": p["median"] / b["median"] if b["median"] else None,
+        "ratio_rounds": stats(ratios),
+        "bare_spread": b,
+        "pipeline_spread": p,
+        "data_ms": stats(data_ms),
+        "data_wait_ms": stats(wait_ms),
+        "bare_rounds": bare_rates,
+        "pipeline_rounds": fit_rates,
+        "bare_warmup_s": bare_warm,
+        "pipeline_warmup_s": fit_warm,
+        "fit_metrics": {
+            k: metrics.get(k)
+            for k in (
+                "img_per_s",
+                "wall_time_s",
+                "peak_cuda_allocated_mb",
+                "mean_gpu_util_pct",
+                "attention",
+                "precision",
+            )
+        },
+    }

@@ -32,7 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
     p.add_argument("fingerprints", nargs="*", help="runs to remove (a unique prefix of the fingerprint)")
     p.add_argument("--older-than", help="with rm: every run of this clone older than this age (30m, 12h, 7d, 2w)")
-    p.add_argument("--all", action="store_true", help="with rm --older-than: the runs of every clone, not only this one's")
+    p.add_argument(
+        "--all", action="store_true", help="with rm --older-than: the runs of every clone, not only this one's"
+    )
     p.add_argument("--json", action="store_true", help="print the runs as JSON")
     p.set_defaults(func=cmd_checkpoints)
 
@@ -47,9 +49,12 @@ def parse_age(text: str) -> float:
 def mirror_runs(mirror: Mirror) -> list[dict]:
     """Rows for the runs in the mirror: each run's newest verified step and finished record,
     and a `damaged` row for each manifest that cannot be used."""
-    return [checkpoint_store.run_row(man, fp, size, mirror.where(fp), kind=kind) if problem is None
-            else checkpoint_store.damaged_row(fp, mirror.where(fp), problem, None)
-            for fp, kind, man, size, problem in mirror.runs()]
+    return [
+        checkpoint_store.run_row(man, fp, size, mirror.where(fp), kind=kind)
+        if problem is None
+        else checkpoint_store.damaged_row(fp, mirror.where(fp), problem, None)
+        for fp, kind, man, size, problem in mirror.runs()
+    ]
 
 
 def warn(msg: str) -> None:
@@ -100,11 +105,24 @@ def cmd_checkpoints(args) -> int:
     else:
         from tabulate import tabulate
 
-        print(tabulate([[r["stage"] or "?", r["fingerprint"], r["kind"],
-                         "?" if r["step"] is None else f"{r['step']}/{r['total_steps']}",
-                         "?" if r["age_s"] is None else _age(r["age_s"]), _human(r["size_bytes"]), r["clone"] or "?",
-                         r["where"]] for r in rows],
-                       headers=["stage", "fingerprint", "kind", "step", "age", "size", "clone", "where"]))
+        print(
+            tabulate(
+                [
+                    [
+                        r["stage"] or "?",
+                        r["fingerprint"],
+                        r["kind"],
+                        "?" if r["step"] is None else f"{r['step']}/{r['total_steps']}",
+                        "?" if r["age_s"] is None else _age(r["age_s"]),
+                        _human(r["size_bytes"]),
+                        r["clone"] or "?",
+                        r["where"],
+                    ]
+                    for r in rows
+                ],
+                headers=["stage", "fingerprint", "kind", "step", "age", "size", "clone", "where"],
+            )
+        )
     return 0
 
 
@@ -120,8 +138,10 @@ def old_runs(rows: list[dict], cutoff: float, everyone: bool) -> set[str]:
         newest[fp] = min(newest.get(fp, age), age)
     old = {fp for fp, age in newest.items() if age > cutoff}
     if old & theirs:
-        warn(f"left {len(old & theirs)} old run(s) of other clones ({', '.join(sorted(old & theirs))}); "
-             "`vitpipe checkpoints rm --older-than AGE --all` removes them too")
+        warn(
+            f"left {len(old & theirs)} old run(s) of other clones ({', '.join(sorted(old & theirs))}); "
+            "`vitpipe checkpoints rm --older-than AGE --all` removes them too"
+        )
     return old - theirs
 
 
@@ -131,8 +151,10 @@ def remove(args, rows, conf, mirror: Mirror | None, unlisted: str | None) -> int
     if args.older_than:
         cutoff = parse_age(args.older_than)
         if unlisted is not None:  # its old runs are unknown: removing only the local ones would say too little
-            raise UserError(f"checkpoint mirror {mirror.shown} cannot be listed ({unlisted}); nothing removed: "
-                            "try again when it answers, or unset VITPIPE_CHECKPOINT_MIRROR to clean the local store only")
+            raise UserError(
+                f"checkpoint mirror {mirror.shown} cannot be listed ({unlisted}); nothing removed: "
+                "try again when it answers, or unset VITPIPE_CHECKPOINT_MIRROR to clean the local store only"
+            )
         chosen = old_runs(rows, cutoff, args.all)
     else:
         known = {r["fingerprint"] for r in rows}
@@ -141,8 +163,10 @@ def remove(args, rows, conf, mirror: Mirror | None, unlisted: str | None) -> int
             match = {fp for fp in known if fp.startswith(prefix)}
             if len(match) != 1:
                 also = f"; the mirror could not be listed ({unlisted})" if unlisted else ""
-                raise UserError(f"{prefix!r} matches {len(match)} stored runs "
-                                f"({', '.join(sorted(match)) or 'none'}){also}; `vitpipe checkpoints` lists them")
+                raise UserError(
+                    f"{prefix!r} matches {len(match)} stored runs "
+                    f"({', '.join(sorted(match)) or 'none'}){also}; `vitpipe checkpoints` lists them"
+                )
             chosen |= match
     for fp in sorted(chosen):
         checkpoint_store.remove_local(conf.checkpoint_dir, fp)
@@ -150,8 +174,10 @@ def remove(args, rows, conf, mirror: Mirror | None, unlisted: str | None) -> int
             try:
                 mirror.remove(fp)
             except Exception as e:
-                raise UserError(f"cannot remove {mirror.where(fp)} ({mirror.error(e)}); try again, or remove "
-                                "it with the mirror's own tools") from None
+                raise UserError(
+                    f"cannot remove {mirror.where(fp)} ({mirror.error(e)}); try again, or remove "
+                    "it with the mirror's own tools"
+                ) from None
         print(f"removed {fp}")
     if not chosen:
         print("nothing to remove")

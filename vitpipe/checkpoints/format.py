@@ -69,8 +69,20 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
 
 
-def save(path: Path, *, model, optimizer, scaler, step: int, elapsed_s: float, config: dict,
-         rng: list[dict], log: dict, extra: dict | None = None, finished: bool = False) -> None:
+def save(
+    path: Path,
+    *,
+    model,
+    optimizer,
+    scaler,
+    step: int,
+    elapsed_s: float,
+    config: dict,
+    rng: list[dict],
+    log: dict,
+    extra: dict | None = None,
+    finished: bool = False,
+) -> None:
     """`rng`: one rng_state() per process, by rank (their number is the world that wrote it).
     `log`: the step-log rows so far, per file. `model`/`optimizer` None: a sharded checkpoint's
     rest, its states in the DCP shards beside it."""
@@ -134,9 +146,12 @@ def read(path: Path, fix: str) -> dict:
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise ValueError(f"not a vitpipe checkpoint of format {FORMAT}")
     except Exception as e:  # truncated, corrupt, foreign, older format: all the same to the user
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
-                        f"{fix}") from None
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); {fix}"
+        ) from None
     if ckpt.get("digest") != content_digest(ckpt):
-        raise UserError(f"checkpoint {path} is damaged: its content does not match the digest it carries "
-                        f"(changed after it was written); {fix}")
+        raise UserError(
+            f"checkpoint {path} is damaged: its content does not match the digest it carries "
+            f"(changed after it was written); {fix}"
+        )
     return ckpt

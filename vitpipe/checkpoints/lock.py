@@ -29,7 +29,7 @@ def this_clone() -> str:
     temp experiment copies (inside <project>/.dvc/tmp/exps/) the project that made them."""
     here = Path.cwd().resolve()
     if ".dvc" in here.parts:
-        here = Path(*here.parts[:here.parts.index(".dvc")])
+        here = Path(*here.parts[: here.parts.index(".dvc")])
     else:
         here = next((f for f in (here, *here.parents) if (f / ".dvc").is_dir() or (f / ".git").exists()), here)
     return f"{socket.gethostname()}:{here}"
@@ -61,14 +61,25 @@ class RunLock:
             holder = holder_text(self.path)
             if not wait:
                 os.close(fd)
-                raise UserError(f"run {self.fingerprint} ({self.stage}) is being trained by {holder}; wait for it "
-                                "to finish, or set VITPIPE_CHECKPOINT_WAIT=1 to wait for it here") from None
-            print(f"[{self.stage}] run {self.fingerprint} is being trained by {holder}: waiting for it to finish "
-                  "(VITPIPE_CHECKPOINT_WAIT=0 stops instead)", file=sys.stderr, flush=True)
+                raise UserError(
+                    f"run {self.fingerprint} ({self.stage}) is being trained by {holder}; wait for it "
+                    "to finish, or set VITPIPE_CHECKPOINT_WAIT=1 to wait for it here"
+                ) from None
+            print(
+                f"[{self.stage}] run {self.fingerprint} is being trained by {holder}: waiting for it to finish "
+                "(VITPIPE_CHECKPOINT_WAIT=0 stops instead)",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "clone": this_clone(),
-                                  "stage": self.stage}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "clone": this_clone(), "stage": self.stage}
+            ).encode(),
+            0,
+        )
         self.fd = _HELD[key] = fd
 
     def release(self) -> None:

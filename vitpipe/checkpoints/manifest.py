@@ -49,8 +49,15 @@ def confined(folder: Path, name, where: str) -> Path:
 def check_name(name, where: str) -> list[str]:
     """The part of `confined` that needs no folder: the name's parts, if it is relative and
     has no empty, `.` or `..` part, backslash or NUL."""
-    if (not isinstance(name, str) or not name or "\0" in name or "\\" in name or len(name) > 255
-            or PurePosixPath(name).is_absolute() or any(part in ("", ".", "..") for part in name.split("/"))):
+    if (
+        not isinstance(name, str)
+        or not name
+        or "\0" in name
+        or "\\" in name
+        or len(name) > 255
+        or PurePosixPath(name).is_absolute()
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
         raise Damaged(f"{where} names a file outside its folder: {name!r}; refused")
     return name.split("/")
 
@@ -73,14 +80,21 @@ def _get(doc: dict, key: str, where: str, kind, required: bool = True):
             raise Damaged(f"{where}: field {key!r} is missing")
         return None
     value = doc[key]
-    ok = {"str": lambda v: isinstance(v, str) and v != "",
-          "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-          "time": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
-          "sha256": lambda v: isinstance(v, str) and SHA256.match(v) is not None,
-          "dict": lambda v: isinstance(v, dict)}[kind](value)
+    ok = {
+        "str": lambda v: isinstance(v, str) and v != "",
+        "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "time": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+        "sha256": lambda v: isinstance(v, str) and SHA256.match(v) is not None,
+        "dict": lambda v: isinstance(v, dict),
+    }[kind](value)
     if not ok:
-        wanted = {"str": "a non-empty text", "count": "an integer >= 0", "time": "a time in seconds",
-                  "sha256": "a sha256 (64 hex digits)", "dict": "a mapping"}[kind]
+        wanted = {
+            "str": "a non-empty text",
+            "count": "an integer >= 0",
+            "time": "a time in seconds",
+            "sha256": "a sha256 (64 hex digits)",
+            "dict": "a mapping",
+        }[kind]
         raise Damaged(f"{where}: field {key!r} is {str(value)[:60]!r}, not {wanted}")
     return value
 
@@ -91,7 +105,9 @@ def _files(doc: dict, where: str) -> dict[str, dict]:
     for name, meta in files.items():
         check_name(name, where)
         if not isinstance(meta, dict):
-            raise Damaged(f"{where}: field 'files' holds {name!r} as {str(meta)[:40]!r}, not a mapping of size and sha256")
+            raise Damaged(
+                f"{where}: field 'files' holds {name!r} as {str(meta)[:40]!r}, not a mapping of size and sha256"
+            )
         _get(meta, "size", f"{where}: files[{name!r}]", "count")
         _get(meta, "sha256", f"{where}: files[{name!r}]", "sha256")
     return files

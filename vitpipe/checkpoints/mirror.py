@@ -38,10 +38,21 @@ FOLDER = ".dcp"  # <fp>/step-00001200.dcp/: a sharded checkpoint, one folder of 
 CHUNK = 8 << 20
 
 # fsspec protocol -> the vitpipe extra that installs its filesystem
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az",
-          "adl": "az", "ssh": "ssh", "sftp": "ssh"}
+EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gs",
+    "gcs": "gs",
+    "az": "az",
+    "abfs": "az",
+    "abfss": "az",
+    "adl": "az",
+    "ssh": "ssh",
+    "sftp": "ssh",
+}
 # DVC remote settings that are credentials (never shown), and the s3fs options they become
 DVC_S3_CREDENTIALS = {"access_key_id": "key", "secret_access_key": "secret", "session_token": "token"}
+
 
 def url_secrets(url: str) -> list[str]:
     """The credentials a URL carries: its password, user name and query values, raw and decoded."""
@@ -110,14 +121,18 @@ def _resolve_dvc() -> tuple[str, dict, list[str]]:
             conf = repo.config
             name = conf["core"].get("remote")
             if not name:
-                raise UserError(f"{ENV_MIRROR}=dvc, but this project has no default DVC remote; "
-                                "set one with `dvc remote add -d <name> <url>`, or give the mirror's URL")
+                raise UserError(
+                    f"{ENV_MIRROR}=dvc, but this project has no default DVC remote; "
+                    "set one with `dvc remote add -d <name> <url>`, or give the mirror's URL"
+                )
             remote = dict(conf["remote"][name])
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{ENV_MIRROR}=dvc: cannot read the DVC remote ({type(e).__name__}: {redact(e)}); "
-                        "give the mirror's URL instead") from None
+        raise UserError(
+            f"{ENV_MIRROR}=dvc: cannot read the DVC remote ({type(e).__name__}: {redact(e)}); "
+            "give the mirror's URL instead"
+        ) from None
     secrets = [str(remote[k]) for k in (*DVC_S3_CREDENTIALS, "password", "profile") if remote.get(k)]
     secrets += url_secrets(remote["url"]) + url_secrets(remote.get("endpointurl", ""))
     base, options, more = resolve(str(remote["url"]))
@@ -151,18 +166,23 @@ class Mirror:
         self.shown = self.scrub(url if given == "dvc" else given)  # the user's URL, without credentials
         protocol = url.split("://")[0] if "://" in url else "file"
         if protocol == "s3":  # fail fast on an unreachable endpoint instead of minutes of retries
-            options.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60,
-                                                 "retries": {"max_attempts": 2}})
+            options.setdefault(
+                "config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
+            )
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as e:
             extra = EXTRAS.get(protocol)
             hint = f"pip install 'vitpipe[{extra}]'" if extra else f"install the fsspec filesystem for {protocol}://"
-            raise UserError(f"checkpoint mirror {self.shown} needs a package that is not installed "
-                            f"({self.scrub(e)}): {hint}, or unset {ENV_MIRROR}") from None
+            raise UserError(
+                f"checkpoint mirror {self.shown} needs a package that is not installed "
+                f"({self.scrub(e)}): {hint}, or unset {ENV_MIRROR}"
+            ) from None
         except ValueError as e:
-            raise UserError(f"checkpoint mirror {self.shown} is not a URL fsspec knows ({self.scrub(e)}); set "
-                            f"{ENV_MIRROR} to a folder, s3://…, gs://…, az://… or ssh://…") from None
+            raise UserError(
+                f"checkpoint mirror {self.shown} is not a URL fsspec knows ({self.scrub(e)}); set "
+                f"{ENV_MIRROR} to a folder, s3://…, gs://…, az://… or ssh://…"
+            ) from None
         self.root = root.rstrip("/")
 
     def scrub(self, text) -> str:
@@ -187,7 +207,7 @@ class Mirror:
 
     def shown_path(self, path: str) -> str:
         """A path in the mirror as the user's URL shows it."""
-        return f"{self.shown}/{path[len(self.root) + 1:]}"
+        return f"{self.shown}/{path[len(self.root) + 1 :]}"
 
     def _read_json(self, path: str):
         """A manifest's JSON (Damaged, naming it, when it is not JSON)."""
@@ -196,10 +216,10 @@ class Mirror:
     def _put_verified(self, src: Path | object, dst: str) -> tuple[int, str]:
         """Upload a file (a path or an open binary file), read it back, compare; (size, sha256)."""
         self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-        with (open(src, "rb") if isinstance(src, (str, Path)) else src) as f, self.fs.open(dst, "wb") as out:
+        with open(src, "rb") if isinstance(src, (str, Path)) else src as f, self.fs.open(dst, "wb") as out:
             size, digest = copy_hashing(f, out)
         if self.fs.size(dst) != size:
-            raise OSError(f"{self.shown}/{dst[len(self.root) + 1:]}: uploaded {self.fs.size(dst)} bytes of {size}")
+            raise OSError(f"{self.shown}/{dst[len(self.root) + 1 :]}: uploaded {self.fs.size(dst)} bytes of {size}")
         with self.fs.open(dst, "rb") as back:
             if copy_hashing(back, None)[1] != digest:
                 raise OSError(f"{self.shown}: the uploaded bytes differ from the file (sha256)")
@@ -211,7 +231,7 @@ class Mirror:
         why = mismatch(dst, size, sha256)
         if why:
             dst.unlink(missing_ok=True)
-            raise ValueError(f"{self.shown}/{src[len(self.root) + 1:]} does not match its manifest: {why}")
+            raise ValueError(f"{self.shown}/{src[len(self.root) + 1 :]} does not match its manifest: {why}")
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -228,8 +248,10 @@ class Mirror:
                 warn(f"ignoring {shown} in the checkpoint mirror: not a vitpipe manifest ({e})")
                 continue
             if man.get("fingerprint") != fp:
-                warn(f"ignoring {shown} in the checkpoint mirror: it belongs to another run "
-                     f"(fingerprint {man.get('fingerprint')!r}, this run is {fp})")
+                warn(
+                    f"ignoring {shown} in the checkpoint mirror: it belongs to another run "
+                    f"(fingerprint {man.get('fingerprint')!r}, this run is {fp})"
+                )
                 continue
             found[step] = man
         return found
@@ -245,8 +267,9 @@ class Mirror:
         for name, meta in manifest["files"].items():
             target = confined(dst, name, where)  # a manifest never writes outside dst
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._get_verified(f"{self.root}/{fp}/{step_name(step)}{FOLDER}/{name}", target, meta["size"],
-                               meta["sha256"])
+            self._get_verified(
+                f"{self.root}/{fp}/{step_name(step)}{FOLDER}/{name}", target, meta["size"], meta["sha256"]
+            )
 
     def put_checkpoint(self, fp: str, path: Path, step: int, manifest: dict) -> None:
         """Upload a checkpoint, verified, then its manifest (with size and sha256), then drop
@@ -258,8 +281,9 @@ class Mirror:
         except FileNotFoundError:
             return  # superseded before it could start
         size, digest = self._put_verified(f, f"{self.root}/{fp}/{step_name(step)}.pt")
-        self.fs.pipe_file(f"{self.root}/{fp}/{step_name(step)}.json",
-                          json.dumps(manifest | {"size": size, "sha256": digest}).encode())
+        self.fs.pipe_file(
+            f"{self.root}/{fp}/{step_name(step)}.json", json.dumps(manifest | {"size": size, "sha256": digest}).encode()
+        )
         self._drop_older(fp, step)
 
     def _put_folder(self, fp: str, folder: Path, step: int, manifest: dict) -> None:
@@ -269,11 +293,15 @@ class Mirror:
         remote = f"{self.root}/{fp}/{step_name(step)}"
         with contextlib.ExitStack() as opened:
             try:
-                files = {name: opened.enter_context(open(confined(folder, name, f"{folder}.json"), "rb"))
-                         for name in manifest["files"]}
+                files = {
+                    name: opened.enter_context(open(confined(folder, name, f"{folder}.json"), "rb"))
+                    for name in manifest["files"]
+                }
             except FileNotFoundError:
                 return  # superseded before it could start
-            if self.fs.exists(f"{remote}.json"):  # this step again (another run of this fingerprint): old manifest out first
+            if self.fs.exists(
+                f"{remote}.json"
+            ):  # this step again (another run of this fingerprint): old manifest out first
                 self.fs.rm_file(f"{remote}.json")
             if self.fs.exists(f"{remote}{FOLDER}"):
                 self.fs.rm(f"{remote}{FOLDER}", recursive=True)

@@ -49,13 +49,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitpipe.atomic import atomic_path, write_json
 from vitpipe import settings as machine_settings
+from vitpipe.atomic import atomic_path, write_json
 from vitpipe.checkpoints import format as checkpoint_format
 from vitpipe.checkpoints.lock import RunLock, held_by_other, this_clone
 from vitpipe.checkpoints.manifest import Damaged, confined, parse_record, parse_step, read_file
 from vitpipe.checkpoints.mirror import (
-    ENV_MIRROR,
     FOLDER,
     RECORD,
     Mirror,
@@ -160,8 +159,16 @@ class CheckpointStore:
     """The checkpoints of one run (one fingerprint): latest(), commit(), finish(), and its
     finished record: finished_record(), restore()."""
 
-    def __init__(self, fingerprint: str, stage: str, total_steps: int, directory: Path | None = None,
-                 mirror: str | None = None, keep: bool | None = None, main: bool = True):
+    def __init__(
+        self,
+        fingerprint: str,
+        stage: str,
+        total_steps: int,
+        directory: Path | None = None,
+        mirror: str | None = None,
+        keep: bool | None = None,
+        main: bool = True,
+    ):
         conf = settings()
         self.fingerprint, self.stage, self.total = fingerprint, stage, total_steps
         self.root = Path(directory or conf.checkpoint_dir).expanduser()
@@ -187,16 +194,20 @@ class CheckpointStore:
 
     def _check_writable(self) -> None:
         if self.dir.is_symlink():
-            raise UserError(f"checkpoint store {self.dir} is a symbolic link (to {os.readlink(self.dir)!r}), which "
-                            f"the store never makes; remove it with `vitpipe checkpoints rm {self.fingerprint}`")
+            raise UserError(
+                f"checkpoint store {self.dir} is a symbolic link (to {os.readlink(self.dir)!r}), which "
+                f"the store never makes; remove it with `vitpipe checkpoints rm {self.fingerprint}`"
+            )
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"checkpoint store {self.root} is not writable ({e.strerror or type(e).__name__}); "
-                            f"set {ENV_DIR} to a writable folder") from None
+            raise UserError(
+                f"checkpoint store {self.root} is not writable ({e.strerror or type(e).__name__}); "
+                f"set {ENV_DIR} to a writable folder"
+            ) from None
 
     def _clean(self) -> None:
         for tmp in [*self.dir.glob(".step-*"), *self.dir.glob(".*.download")]:  # left by a kill mid-write
@@ -234,8 +245,10 @@ class CheckpointStore:
         kind = "damaged" if isinstance(e, ValueError) else "failing"
         if kind not in self._mirror_warned:
             self._mirror_warned.add(kind)
-            warn(f"checkpoint mirror {self.mirror.shown} failed ({what}: {self.mirror.error(e)}); "
-                 f"training goes on with local checkpoints in {self.dir}")
+            warn(
+                f"checkpoint mirror {self.mirror.shown} failed ({what}: {self.mirror.error(e)}); "
+                f"training goes on with local checkpoints in {self.dir}"
+            )
 
     # -- reading --------------------------------------------------------------------------
 
@@ -266,8 +279,10 @@ class CheckpointStore:
             return self._check_folder(step, man["files"], fix)
         size = self.path(step).stat().st_size if self.path(step).exists() else None
         if size != man["size"]:
-            raise UserError(f"checkpoint {self.path(step)} is damaged: "
-                            f"{'missing' if size is None else f'{size} bytes'}, written as {man['size']} bytes; {fix}")
+            raise UserError(
+                f"checkpoint {self.path(step)} is damaged: "
+                f"{'missing' if size is None else f'{size} bytes'}, written as {man['size']} bytes; {fix}"
+            )
 
     def _check_folder(self, step: int, files: dict, fix: str) -> None:
         for name, meta in files.items():
@@ -304,8 +319,10 @@ class CheckpointStore:
             path = self.folder(step) if sharded else self.path(step)
             _remove(path)  # a local one without a manifest (killed before it was written)
             os.replace(tmp, path)  # verified: into place, then its manifest
-            write_json(self.dir / f"{_name(step)}.json",
-                       self._manifest(step, size=man["size"], **({"files": man["files"]} if sharded else {})))
+            write_json(
+                self.dir / f"{_name(step)}.json",
+                self._manifest(step, size=man["size"], **({"files": man["files"]} if sharded else {})),
+            )
             return Found(path, step, f"mirror {self.mirror.shown}")
         return best
 
@@ -316,8 +333,15 @@ class CheckpointStore:
     # -- writing --------------------------------------------------------------------------
 
     def _manifest(self, step: int, **more) -> dict:
-        return {"stage": self.stage, "fingerprint": self.fingerprint, "step": step, "total_steps": self.total,
-                "written": time.time(), "clone": self.clone, **more}
+        return {
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "step": step,
+            "total_steps": self.total,
+            "written": time.time(),
+            "clone": self.clone,
+            **more,
+        }
 
     def _write_manifest(self, step: int, size: int) -> None:
         write_json(self.dir / f"{_name(step)}.json", self._manifest(step, size=size))
@@ -346,10 +370,14 @@ class CheckpointStore:
         present = {f.relative_to(tmp).as_posix(): f for f in sorted(tmp.rglob("*")) if f.is_file()}
         missing = sorted(set(shards) - set(present))
         if missing:
-            raise UserError(f"{tmp} lacks {', '.join(missing)}, written by other processes: every node must share "
-                            f"the checkpoint store (set {ENV_DIR} to a shared filesystem)")
-        files = {name: shards.get(name) or {"size": f.stat().st_size, "sha256": sha256_file(f)}
-                 for name, f in present.items()}
+            raise UserError(
+                f"{tmp} lacks {', '.join(missing)}, written by other processes: every node must share "
+                f"the checkpoint store (set {ENV_DIR} to a shared filesystem)"
+            )
+        files = {
+            name: shards.get(name) or {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            for name, f in present.items()
+        }
         if folder.exists():  # renamed into place by a run killed before its manifest: never a checkpoint
             self.drop_local(step)
         os.replace(tmp, folder)
@@ -398,9 +426,11 @@ class CheckpointStore:
         manifest = self._write_record(outputs, config)
         self.close(discard_waiting=not self.keep)
         if self.mirror is not None:
+
             def upload(mirror):
-                mirror.put_record(self.fingerprint, {name: self.dir / RECORD / name for name in manifest["files"]},
-                                  manifest)
+                mirror.put_record(
+                    self.fingerprint, {name: self.dir / RECORD / name for name in manifest["files"]}, manifest
+                )
                 if not self.keep:  # its checkpoints go only once the record is there, verified
                     mirror.drop_checkpoints(self.fingerprint)
 
@@ -418,9 +448,16 @@ class CheckpointStore:
             with open(src, "rb") as f, atomic_path(self.dir / RECORD / name) as tmp, open(tmp, "wb") as out:
                 size, digest = copy_hashing(f, out)
             files[name] = {"size": size, "sha256": digest}
-        manifest = {"kind": RECORD, "stage": self.stage, "fingerprint": self.fingerprint, "total_steps": self.total,
-                    "config": json.loads(json.dumps(config, default=str)), "written": time.time(), "clone": self.clone,
-                    "files": files}
+        manifest = {
+            "kind": RECORD,
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "total_steps": self.total,
+            "config": json.loads(json.dumps(config, default=str)),
+            "written": time.time(),
+            "clone": self.clone,
+            "files": files,
+        }
         write_json(self.dir / f"{RECORD}.json", manifest)
         return manifest
 
@@ -473,8 +510,10 @@ class CheckpointStore:
         fingerprint) and, given `folder`, every file there is confined, matches the manifest's
         size and sha256, and is what it claims to be."""
         if man["fingerprint"] != self.fingerprint or checkpoint_format.fingerprint(man["config"]) != self.fingerprint:
-            raise ValueError(f"it belongs to another run (fingerprint {checkpoint_format.fingerprint(man['config'])}, "
-                             f"this run is {self.fingerprint})")
+            raise ValueError(
+                f"it belongs to another run (fingerprint {checkpoint_format.fingerprint(man['config'])}, "
+                f"this run is {self.fingerprint})"
+            )
         if folder is None:
             return
         for name, meta in man["files"].items():
@@ -485,8 +524,10 @@ class CheckpointStore:
         check_outputs(folder, man, where, shapes)
 
     def _refuse(self, where: str, e: Exception) -> None:
-        warn(f"[{self.stage}] refusing the finished run {self.fingerprint} in {where}: {_one_line(e)}; "
-             "training it instead")
+        warn(
+            f"[{self.stage}] refusing the finished run {self.fingerprint} in {where}: {_one_line(e)}; "
+            "training it instead"
+        )
 
     def restore(self, record: Record, outputs: dict[str, Path]) -> None:
         """Put a record's files back as the run's outputs, each atomically (all verified by
@@ -510,8 +551,10 @@ def check_outputs(folder: Path, manifest: dict, where: str, shapes: dict | None)
             try:
                 payload = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # refused pickle, truncated zip: all one to the user
-                raise Damaged(f"{where}: its weights do not load with weights_only=True "
-                              f"({type(e).__name__}: {_one_line(e)[:120]})") from None
+                raise Damaged(
+                    f"{where}: its weights do not load with weights_only=True "
+                    f"({type(e).__name__}: {_one_line(e)[:120]})"
+                ) from None
             state = payload.get("state_dict") if isinstance(payload, dict) else None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise Damaged(f"{where}: its weights hold no state dict")
@@ -577,8 +620,14 @@ def list_runs(root: Path) -> list[dict]:
     root = Path(root)
     for run in sorted(p for p in root.glob("*") if not p.name.startswith(".") and (p.is_dir() or p.is_symlink())):
         if run.is_symlink():
-            rows.append(damaged_row(run.name, str(run), f"{run} is a symbolic link (to {os.readlink(run)!r}), which "
-                                    "the store never makes", run.lstat().st_mtime))
+            rows.append(
+                damaged_row(
+                    run.name,
+                    str(run),
+                    f"{run} is a symbolic link (to {os.readlink(run)!r}), which the store never makes",
+                    run.lstat().st_mtime,
+                )
+            )
             continue
         newest, problems = None, []
         for m in run.glob("step-*.json"):
@@ -616,17 +665,35 @@ def run_row(manifest: dict, fingerprint: str, size: int, where: str, kind: str =
     """One `vitpipe checkpoints` row: a run's newest manifest (or its record's), parsed, its
     size and where it is (a mirror's URL without credentials)."""
     step = manifest.get("total_steps") if kind == RECORD else manifest["step"]
-    return {"stage": manifest.get("stage"), "fingerprint": fingerprint, "kind": kind, "step": step,
-            "total_steps": manifest.get("total_steps"), "age_s": time.time() - manifest.get("written", time.time()),
-            "size_bytes": size, "clone": manifest.get("clone"), "where": where, "problem": None}
+    return {
+        "stage": manifest.get("stage"),
+        "fingerprint": fingerprint,
+        "kind": kind,
+        "step": step,
+        "total_steps": manifest.get("total_steps"),
+        "age_s": time.time() - manifest.get("written", time.time()),
+        "size_bytes": size,
+        "clone": manifest.get("clone"),
+        "where": where,
+        "problem": None,
+    }
 
 
 def damaged_row(fingerprint: str, where: str, problem: str, written: float | None) -> dict:
     """A row for a run whose manifest cannot be used: `rm` removes it; `written` (a file's
     mtime, None when unknown) dates it for `rm --older-than`."""
-    return {"stage": None, "fingerprint": fingerprint, "kind": DAMAGED, "step": None, "total_steps": None,
-            "age_s": None if written is None else time.time() - written, "size_bytes": 0, "clone": None,
-            "where": where, "problem": problem}
+    return {
+        "stage": None,
+        "fingerprint": fingerprint,
+        "kind": DAMAGED,
+        "step": None,
+        "total_steps": None,
+        "age_s": None if written is None else time.time() - written,
+        "size_bytes": 0,
+        "clone": None,
+        "where": where,
+        "problem": problem,
+    }
 
 
 def remove_local(root: Path, fingerprint: str) -> None:

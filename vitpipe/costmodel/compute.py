@@ -37,10 +37,12 @@ from vitpipe.params import divisors
 
 # bytes of an activation element: 4, or 2 under autocast (the families count with the same rule)
 PRECISIONS = {p.name: p.bytes for p in precisions.TABLE}
-OPTIMIZERS = {"sgd": 1, "adamw": 2}    # fp32 state tensors per parameter (momentum; m and v)
-ATTENTION = ("sdpa", "eager")          # timm's fused F.scaled_dot_product_attention, or not
-FRAGMENTATION = 0.05                   # caching-allocator slack on top of the peak, for `fits`
-LOSS_SCALAR = 4                        # the loss, saved once per step
+OPTIMIZERS = {"sgd": 1, "adamw": 2}  # fp32 state tensors per parameter (momentum; m and v)
+ATTENTION = ("sdpa", "eager")  # timm's fused F.scaled_dot_product_attention, or not
+FRAGMENTATION = 0.05  # caching-allocator slack on top of the peak, for `fits`
+LOSS_SCALAR = 4  # the loss, saved once per step
+
+
 def check_choice(what: str, value, allowed) -> None:
     if value not in allowed:
         raise UserError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
@@ -74,17 +76,22 @@ def flops(cfg) -> dict:
     """FLOPs per image: forward, backward, train (= forward + backward), and the extra
     forward that activation checkpointing recomputes (`recompute`)."""
     f = family_of_config(cfg).flops(cfg)
-    backward = 2 * f["forward"] - f["first"]        # no gradient for the image
-    return {"forward": f["forward"], "backward": backward, "train": f["forward"] + backward,
-            "recompute": f["recompute"]}
+    backward = 2 * f["forward"] - f["first"]  # no gradient for the image
+    return {
+        "forward": f["forward"],
+        "backward": backward,
+        "train": f["forward"] + backward,
+        "recompute": f["recompute"],
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # Activations
 
 
-def saved_tensors(cfg, precision: str = "fp32", attention: str = "sdpa",
-                  checkpointing: bool = False, device_type: str = "cuda") -> dict:
+def saved_tensors(
+    cfg, precision: str = "fp32", attention: str = "sdpa", checkpointing: bool = False, device_type: str = "cuda"
+) -> dict:
     """Bytes per image that autograd keeps for backward, by storage (each counted once).
     Keys name the storages; the values sum to `activation_bytes`."""
     check_choice("precision", precision, PRECISIONS)
@@ -92,8 +99,7 @@ def saved_tensors(cfg, precision: str = "fp32", attention: str = "sdpa",
     return _checked_family(cfg, checkpointing).saved(cfg, precision, attention, checkpointing, device_type)
 
 
-def activation_bytes(cfg, precision="fp32", attention="sdpa", checkpointing=False,
-                     device_type="cuda") -> int:
+def activation_bytes(cfg, precision="fp32", attention="sdpa", checkpointing=False, device_type="cuda") -> int:
     """Saved bytes per image (the sum of `saved_tensors`)."""
     return sum(saved_tensors(cfg, precision, attention, checkpointing, device_type).values())
 
@@ -109,16 +115,19 @@ def autocast_weight_bytes(cfg, precision="fp32", checkpointing=False) -> int:
     return 2 * matmul_weight_params(cfg, checkpointing) if PRECISIONS[precision] == 2 else 0
 
 
-def step_saved_total(cfg, batch: int, precision="fp32", attention="sdpa", checkpointing=False,
-                     device_type="cuda") -> int:
+def step_saved_total(
+    cfg, batch: int, precision="fp32", attention="sdpa", checkpointing=False, device_type="cuda"
+) -> int:
     """Every byte autograd keeps for one training step's backward: the activations of `batch`
     images, what does not grow with the batch, and autocast's half-precision weight copies."""
-    return (batch * activation_bytes(cfg, precision, attention, checkpointing, device_type=device_type)
-            + step_saved_bytes(cfg) + autocast_weight_bytes(cfg, precision, checkpointing))
+    return (
+        batch * activation_bytes(cfg, precision, attention, checkpointing, device_type=device_type)
+        + step_saved_bytes(cfg)
+        + autocast_weight_bytes(cfg, precision, checkpointing)
+    )
 
 
-def attention_split(cfg, precision: str = "fp32", attention: str = "sdpa",
-                    device_type: str = "cuda") -> dict:
+def attention_split(cfg, precision: str = "fp32", attention: str = "sdpa", device_type: str = "cuda") -> dict:
     """Per image, a ViT's attention (token mixing) against the rest: forward FLOPs and saved
     activation bytes, and attention's share of each (`models.vit.attention_split`)."""
     check_choice("precision", precision, PRECISIONS)
@@ -165,8 +174,7 @@ def transient_bytes(cfg, precision="fp32", attention="sdpa", checkpointing=False
 # Memory and the plan
 
 
-def memory(cfg, batch: int, precision="fp32", optimizer="adamw", attention="sdpa",
-           checkpointing=False) -> dict:
+def memory(cfg, batch: int, precision="fp32", optimizer="adamw", attention="sdpa", checkpointing=False) -> dict:
     """Training memory in bytes at micro-batch `batch`: the parts and the allocator peak."""
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("precision", precision, PRECISIONS)
@@ -174,12 +182,11 @@ def memory(cfg, batch: int, precision="fp32", optimizer="adamw", attention="sdpa
     n = param_counts(cfg)["total"]
     half = PRECISIONS[precision] == 2
     m = {
-        "weights": 4 * n + buffer_bytes(cfg),   # fp32 master weights (autocast never changes them)
-        "grads": 4 * n,                      # kept between micro-batches when accumulating
+        "weights": 4 * n + buffer_bytes(cfg),  # fp32 master weights (autocast never changes them)
+        "grads": 4 * n,  # kept between micro-batches when accumulating
         "optimizer": 4 * n * OPTIMIZERS[optimizer],
         "autocast_weights": autocast_weight_bytes(cfg, precision, checkpointing),
-        "activations": batch * activation_bytes(cfg, precision, attention, checkpointing)
-        + step_saved_bytes(cfg),
+        "activations": batch * activation_bytes(cfg, precision, attention, checkpointing) + step_saved_bytes(cfg),
         # per image, and, with checkpointing in half precision, the recomputed block's
         # weight copies (made again in backward, freed with the block)
         "transient": batch * transient_bytes(cfg, precision, attention, checkpointing)
@@ -197,9 +204,11 @@ def required_bytes(peak: int, device: Device) -> int:
     return int(peak * (1 + FRAGMENTATION)) + device.reserve_bytes
 
 
-def plan(cfg, batch: int, device: Device, precision="fp32", optimizer="adamw",
-         attention="sdpa", checkpointing=False) -> dict:
+def plan(
+    cfg, batch: int, device: Device, precision="fp32", optimizer="adamw", attention="sdpa", checkpointing=False
+) -> dict:
     """Largest micro-batch that divides `batch` and fits, and the accumulation steps."""
+
     def need(mb):
         return required_bytes(memory(cfg, mb, precision, optimizer, attention, checkpointing)["peak"], device)
 
@@ -214,41 +223,65 @@ def plan(cfg, batch: int, device: Device, precision="fp32", optimizer="adamw",
             micro, lo = divs[mid], mid + 1
         else:
             hi = mid - 1
-    return {"fits": fits_full, "micro_batch": micro,
-            "accum_steps": batch // micro if micro else 0,
-            "micro_required_bytes": need(micro) if micro else None,
-            "headroom_bytes": device.memory_bytes - need(micro) if micro else device.memory_bytes - need(1)}
+    return {
+        "fits": fits_full,
+        "micro_batch": micro,
+        "accum_steps": batch // micro if micro else 0,
+        "micro_required_bytes": need(micro) if micro else None,
+        "headroom_bytes": device.memory_bytes - need(micro) if micro else device.memory_bytes - need(1),
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # Time
 
 
-def timing(cfg, batch: int, micro_batch: int, device: Device, precision="fp32", optimizer="adamw",
-           attention="sdpa", checkpointing=False) -> dict:
+def timing(
+    cfg,
+    batch: int,
+    micro_batch: int,
+    device: Device,
+    precision="fp32",
+    optimizer="adamw",
+    attention="sdpa",
+    checkpointing=False,
+) -> dict:
     """Training and inference img/s from the time model (`costmodel.steptime`): one optimizer
     step of `batch` images is batch / micro_batch micro-steps (forward + backward) and one
     update; inference runs forward passes of `micro_batch`. The split says where a training
     step's time goes (compute-bound, memory-bound, kernel launches)."""
-    micro = micro_batch or batch            # does not fit anywhere: timed as if it did
+    micro = micro_batch or batch  # does not fit anywhere: timed as if it did
     accum = max(1, batch // micro)
-    step = steptime.step_time(cfg, micro, device, precision, attention, optimizer, train=True,
-                              checkpointing=checkpointing)
+    step = steptime.step_time(
+        cfg, micro, device, precision, attention, optimizer, train=True, checkpointing=checkpointing
+    )
     update = steptime.update_time(cfg, device, precision, optimizer)
     seconds = accum * (step["seconds"] - update["seconds"]) + update["seconds"]
     infer = steptime.step_time(cfg, micro, device, precision, attention, optimizer, train=False)
     split = {k: accum * (step[k] - update[k]) + update[k] for k in ("compute_s", "memory_s", "overhead_s")}
-    return {"train_img_per_s": batch / seconds, "infer_img_per_s": infer["img_per_s"], "step_s": seconds,
-            "time_split": {k: v / seconds for k, v in split.items()}, "time_split_s": split}
+    return {
+        "train_img_per_s": batch / seconds,
+        "infer_img_per_s": infer["img_per_s"],
+        "step_s": seconds,
+        "time_split": {k: v / seconds for k, v in split.items()},
+        "time_split_s": split,
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # Everything for one model at one setting
 
 
-def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp32",
-             optimizer: str = "adamw", attention: str = "sdpa", checkpointing: bool = False,
-             steps: int | None = None) -> dict:
+def estimate(
+    cfg,
+    batch: int,
+    device: str | Device = "t4",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    attention: str = "sdpa",
+    checkpointing: bool = False,
+    steps: int | None = None,
+) -> dict:
     """One flat dict: params (per component), FLOPs, memory, fits/plan, training and
     inference img/s (the time model, at the planned micro-batch), the time split and ETA."""
     check_choice("precision", precision, PRECISIONS)
@@ -268,24 +301,49 @@ def estimate(cfg, batch: int, device: str | Device = "t4", precision: str = "fp3
     img_s = t["train_img_per_s"]
     achieved = img_s * f["train"] / device.peak(precision)
     basis = "measured peak and bandwidth" if device.measured else "datasheet"
-    note = (f"time model (costmodel.steptime) on {device.label}'s {basis}: "
-            f"{t['time_split']['compute_s']:.0%} compute-bound, {t['time_split']['memory_s']:.0%} memory-bound, "
-            f"{t['time_split']['overhead_s']:.0%} kernel launches; MFU {achieved:.3f} of the {precision} peak "
-            f"({device.peak(precision) / 1e12:,.1f} TFLOP/s) follows from it")
-    out = {"params": p["total"], **{f"params_{k}": v for k, v in p.items() if k != "total"},
-           "forward_flops": f["forward"], "train_flops": f["train"], "executed_flops": executed,
-           "activation_bytes": activation_bytes(cfg, precision, attention, checkpointing),
-           "batch": batch, "weights_bytes": mem["weights"], "grads_bytes": mem["grads"],
-           "optimizer_bytes": mem["optimizer"], "autocast_weights_bytes": mem["autocast_weights"],
-           "activations_bytes": mem["activations"], "transient_bytes": mem["transient"],
-           "peak_bytes": mem["peak"], "required_bytes": required_bytes(mem["peak"], device),
-           "capacity_bytes": device.memory_bytes, **pl,
-           "img_per_s": img_s, "train_img_per_s": img_s, "infer_img_per_s": t["infer_img_per_s"],
-           "time_split": t["time_split"], "step_s": t["step_s"],
-           "mfu": achieved, "mfu_source": "time model", "mfu_basis": "predicted", "mfu_note": note,
-           "peak_flops": device.peak(precision), "device": device.name, "device_label": device.label,
-           "precision": precision, "optimizer": optimizer, "attention": attention,
-           "checkpointing": checkpointing, "family": family.name, "attention_applies": family.attention}
+    note = (
+        f"time model (costmodel.steptime) on {device.label}'s {basis}: "
+        f"{t['time_split']['compute_s']:.0%} compute-bound, {t['time_split']['memory_s']:.0%} memory-bound, "
+        f"{t['time_split']['overhead_s']:.0%} kernel launches; MFU {achieved:.3f} of the {precision} peak "
+        f"({device.peak(precision) / 1e12:,.1f} TFLOP/s) follows from it"
+    )
+    out = {
+        "params": p["total"],
+        **{f"params_{k}": v for k, v in p.items() if k != "total"},
+        "forward_flops": f["forward"],
+        "train_flops": f["train"],
+        "executed_flops": executed,
+        "activation_bytes": activation_bytes(cfg, precision, attention, checkpointing),
+        "batch": batch,
+        "weights_bytes": mem["weights"],
+        "grads_bytes": mem["grads"],
+        "optimizer_bytes": mem["optimizer"],
+        "autocast_weights_bytes": mem["autocast_weights"],
+        "activations_bytes": mem["activations"],
+        "transient_bytes": mem["transient"],
+        "peak_bytes": mem["peak"],
+        "required_bytes": required_bytes(mem["peak"], device),
+        "capacity_bytes": device.memory_bytes,
+        **pl,
+        "img_per_s": img_s,
+        "train_img_per_s": img_s,
+        "infer_img_per_s": t["infer_img_per_s"],
+        "time_split": t["time_split"],
+        "step_s": t["step_s"],
+        "mfu": achieved,
+        "mfu_source": "time model",
+        "mfu_basis": "predicted",
+        "mfu_note": note,
+        "peak_flops": device.peak(precision),
+        "device": device.name,
+        "device_label": device.label,
+        "precision": precision,
+        "optimizer": optimizer,
+        "attention": attention,
+        "checkpointing": checkpointing,
+        "family": family.name,
+        "attention_applies": family.attention,
+    }
     if steps is not None:
         out["steps"] = steps
         out["eta_s"] = steps * batch / img_s

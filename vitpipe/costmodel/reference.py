@@ -4,7 +4,6 @@ the report can set them beside the exact counts."""
 
 from __future__ import annotations
 
-
 # Table 1 of the reference: "calculated params" and "total params", in millions
 TABLE1 = {
     "resnet18": {"calculated_m": 33.3, "pretrained_m": 0.4, "total_m": 31.7},
@@ -28,12 +27,26 @@ MEMORY = {
 }
 # ViT-B/32 from scratch, batch 512, 10000 steps: ~38-39 img/s (per core; one T4),
 # 0.074 steps/s, ETA printed between 32.9 h and 1d13h39m (37.65 h, the log's highest); "36 GPU hours" in the text.
-TIME = {"model": "vit_b32", "batch": 512, "steps": 10000, "img_per_s": 38.5,
-        "steps_per_s": 0.074, "eta_h_low": 32.9, "eta_h_high": 37.65, "eta_h_text": 36.0}
+TIME = {
+    "model": "vit_b32",
+    "batch": 512,
+    "steps": 10000,
+    "img_per_s": 38.5,
+    "steps_per_s": 0.074,
+    "eta_h_low": 32.9,
+    "eta_h_high": 37.65,
+    "eta_h_text": 36.0,
+}
 # Fine-tuning (Algorithm 2): batch 512, 64 accumulation steps, SGD momentum 0.9, cosine,
 # grad clip 1; ViT-B/16 reached 91.94% on CIFAR-100 test in 4.35 h.
-FINETUNE = {"batch": 512, "accum_steps": 64, "momentum": 0.9, "grad_clip": 1.0,
-            "cifar100_top1": 0.9194079, "hours": 4.35}
+FINETUNE = {
+    "batch": 512,
+    "accum_steps": 64,
+    "momentum": 0.9,
+    "grad_clip": 1.0,
+    "cifar100_top1": 0.9194079,
+    "hours": 4.35,
+}
 # Its other fine-tuning times (Fig. 6b, Pets and CIFAR): ViT-B about 5 h, ViT-L about 11 h.
 FINETUNE_VARIANTS = {"vit_b16": 5.0, "vit_l16": 11.0}
 
@@ -56,14 +69,25 @@ FINETUNE_VARIANTS = {"vit_b16": 5.0, "vit_l16": 11.0}
 # - steps/s 0.074 x 512 = 38 img/s, the same as img/sec/core 38.5: one device, so the
 #   logged rate is the whole run's.
 REFERENCE_SETTING = {
-    "device": "t4", "framework": "vit_jax (JAX/XLA), fp32", "dataset": "cifar100", "num_classes": 100,
-    "image_size": 384, "batch": 512, "steps": 10000, "precision": "fp32", "attention": "eager",
-    "optimizer": "sgd", "momentum": 0.9, "grad_clip": 1.0,
+    "device": "t4",
+    "framework": "vit_jax (JAX/XLA), fp32",
+    "dataset": "cifar100",
+    "num_classes": 100,
+    "image_size": 384,
+    "batch": 512,
+    "steps": 10000,
+    "precision": "fp32",
+    "attention": "eager",
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "grad_clip": 1.0,
     "scratch": {"model": "vit_b32", "accum_steps": 8, "micro_batch": 64},
     "finetune": {"accum_steps": 64, "micro_batch": 8},
-    "evidence": ("vit_jax CIFAR preset (configs/common.py: 10,000 steps, crop 384, batch 512, accum_steps 8); "
-                 "the log's loss 4.605 = ln 100 (CIFAR-100); Algorithm 2: accumulation 64, SGD momentum 0.9, "
-                 "clip 1; vit_jax has no mixed precision (fp32)"),
+    "evidence": (
+        "vit_jax CIFAR preset (configs/common.py: 10,000 steps, crop 384, batch 512, accum_steps 8); "
+        "the log's loss 4.605 = ln 100 (CIFAR-100); Algorithm 2: accumulation 64, SGD momentum 0.9, "
+        "clip 1; vit_jax has no mixed precision (fp32)"
+    ),
 }
 
 
@@ -122,25 +146,27 @@ def reference_table(image_size: int = 224, num_classes: int = 1000) -> list[dict
         exact = param_counts(cfg)
         seed = seed_params(cfg)
         exact_body = exact["total"] - exact.get("params_head", exact["head"])
-        rows.append({
-            "model": name,
-            "ref_calculated_m": ref.get("calculated_m"),
-            "ref_total_m": ref["total_m"],
-            "seed_formula": seed["total"],
-            "seed_formula_no_head": seed["total"] - seed["head"],
-            "exact": exact["total"],
-            "exact_no_head": exact_body,
-            "ref_total_error": ref["total_m"] * 1e6 / exact["total"] - 1,
-            "seed_formula_error": seed["total"] / exact["total"] - 1,
-            "seed_formula_no_head_error": (seed["total"] - seed["head"]) / exact_body - 1,
-        })
+        rows.append(
+            {
+                "model": name,
+                "ref_calculated_m": ref.get("calculated_m"),
+                "ref_total_m": ref["total_m"],
+                "seed_formula": seed["total"],
+                "seed_formula_no_head": seed["total"] - seed["head"],
+                "exact": exact["total"],
+                "exact_no_head": exact_body,
+                "ref_total_error": ref["total_m"] * 1e6 / exact["total"] - 1,
+                "seed_formula_error": seed["total"] / exact["total"] - 1,
+                "seed_formula_no_head_error": (seed["total"] - seed["head"]) / exact_body - 1,
+            }
+        )
     return rows
 
 
 # ---------------------------------------------------------------------------------------
 # The reference's times, predicted by the time model at REFERENCE_SETTING
 
-TOLERANCE = 0.15            # a prediction within 15% of the reported figure matches it
+TOLERANCE = 0.15  # a prediction within 15% of the reported figure matches it
 # Fine-tuning steps are not in the reference; vit_jax's README gives 500 steps (warmup 50) as
 # its short fine-tuning schedule for CIFAR and Pets: the runs below assume it.
 FINETUNE_STEPS = 500
@@ -159,21 +185,38 @@ def reference_rows() -> list[dict]:
 
     def img_per_s(model, micro):
         cfg = model_config({"arch": model}, s["num_classes"], s["image_size"])
-        return compute.timing(cfg, s["batch"], micro, dev, s["precision"], s["optimizer"],
-                              s["attention"])["train_img_per_s"]
+        return compute.timing(cfg, s["batch"], micro, dev, s["precision"], s["optimizer"], s["attention"])[
+            "train_img_per_s"
+        ]
 
     scratch = img_per_s(s["scratch"]["model"], s["scratch"]["micro_batch"])
-    rows = [{"run": f"scratch {s['scratch']['model']}: img/s", "reported": TIME["img_per_s"], "predicted": scratch,
-             "unit": "img/s", "setting": f"{s['image_size']} px, micro-batch {s['scratch']['micro_batch']} x "
-                                         f"{s['scratch']['accum_steps']}, {s['precision']}, {s['optimizer']}"}]
+    rows = [
+        {
+            "run": f"scratch {s['scratch']['model']}: img/s",
+            "reported": TIME["img_per_s"],
+            "predicted": scratch,
+            "unit": "img/s",
+            "setting": f"{s['image_size']} px, micro-batch {s['scratch']['micro_batch']} x "
+            f"{s['scratch']['accum_steps']}, {s['precision']}, {s['optimizer']}",
+        }
+    ]
     images = FINETUNE_STEPS * s["batch"]
-    for model, hours, what in (("vit_b16", FINETUNE["hours"], "fine-tune vit_b16, CIFAR-100: hours"),
-                               ("vit_b16", FINETUNE_VARIANTS["vit_b16"], "fine-tune ViT-B (Fig. 6b): hours"),
-                               ("vit_l16", FINETUNE_VARIANTS["vit_l16"], "fine-tune ViT-L (Fig. 6b): hours")):
+    for model, hours, what in (
+        ("vit_b16", FINETUNE["hours"], "fine-tune vit_b16, CIFAR-100: hours"),
+        ("vit_b16", FINETUNE_VARIANTS["vit_b16"], "fine-tune ViT-B (Fig. 6b): hours"),
+        ("vit_l16", FINETUNE_VARIANTS["vit_l16"], "fine-tune ViT-L (Fig. 6b): hours"),
+    ):
         predicted = images / img_per_s(model, s["finetune"]["micro_batch"]) / 3600
-        rows.append({"run": what, "reported": hours, "predicted": predicted, "unit": "h",
-                     "setting": f"{FINETUNE_STEPS} steps x {s['batch']}, {s['image_size']} px, micro-batch "
-                                f"{s['finetune']['micro_batch']}, {s['precision']}"})
+        rows.append(
+            {
+                "run": what,
+                "reported": hours,
+                "predicted": predicted,
+                "unit": "h",
+                "setting": f"{FINETUNE_STEPS} steps x {s['batch']}, {s['image_size']} px, micro-batch "
+                f"{s['finetune']['micro_batch']}, {s['precision']}",
+            }
+        )
     for r in rows:
         r["ratio"] = r["predicted"] / r["reported"]
         r["verdict"] = "matches" if abs(r["ratio"] - 1) <= TOLERANCE else "does not match"

@@ -35,8 +35,9 @@ def unit_params(cfg) -> tuple[int, int]:
     return max(units, default=0), total - sum(units)
 
 
-def sharded_memory(cfg, batch: int, world: int, precision="fp32", optimizer="adamw", attention="sdpa",
-                   checkpointing=False) -> dict:
+def sharded_memory(
+    cfg, batch: int, world: int, precision="fp32", optimizer="adamw", attention="sdpa", checkpointing=False
+) -> dict:
     """`compute.memory` per device with the state sharded over `world` devices (bytes)."""
     m = compute.memory(cfg, batch, precision, optimizer, attention, checkpointing)
     n = compute.param_counts(cfg)["total"]
@@ -68,10 +69,19 @@ def state_bytes(cfg, world: int, optimizer="adamw") -> int:
     return -(-4 * n * (2 + compute.OPTIMIZERS[optimizer]) // world)
 
 
-def largest_micro_batch(cfg, batch: int, device: Device, world: int, precision="fp32", optimizer="adamw",
-                        attention="sdpa", checkpointing=False) -> int:
+def largest_micro_batch(
+    cfg,
+    batch: int,
+    device: Device,
+    world: int,
+    precision="fp32",
+    optimizer="adamw",
+    attention="sdpa",
+    checkpointing=False,
+) -> int:
     """The largest micro-batch (a divisor of batch/world, each device takes whole micro-batches)
     that fits one device with the state sharded over `world`; 0 if none does."""
+
     def fits(mb):
         peak = sharded_memory(cfg, mb, world, precision, optimizer, attention, checkpointing)["peak"]
         return compute.required_bytes(peak, device) <= device.memory_bytes
@@ -89,8 +99,9 @@ def largest_micro_batch(cfg, batch: int, device: Device, world: int, precision="
     return best
 
 
-def fits_replicated(cfg, micro_batch: int, device: Device, precision="fp32", optimizer="adamw",
-                    attention="sdpa", checkpointing=False) -> bool:
+def fits_replicated(
+    cfg, micro_batch: int, device: Device, precision="fp32", optimizer="adamw", attention="sdpa", checkpointing=False
+) -> bool:
     """Does the whole state plus one micro-batch fit one device (DDP)?"""
     peak = compute.memory(cfg, micro_batch, precision, optimizer, attention, checkpointing)["peak"]
     return compute.required_bytes(peak, device) <= device.memory_bytes
@@ -101,22 +112,41 @@ def fewest_devices(cfg, batch: int, device: Device, most: int = 64, **kw) -> int
     return next((w for w in range(2, most + 1) if largest_micro_batch(cfg, batch, device, w, **kw)), None)
 
 
-def decide(cfg, batch: int, device: Device, devices: int, precision="fp32", optimizer="adamw",
-           attention="sdpa", checkpointing=False) -> dict:
+def decide(
+    cfg,
+    batch: int,
+    device: Device,
+    devices: int,
+    precision="fp32",
+    optimizer="adamw",
+    attention="sdpa",
+    checkpointing=False,
+) -> dict:
     """Replicate or shard over the `devices` available: DDP where the whole state fits one device
     at micro-batch 1, else FSDP over all of them at the largest micro-batch that fits.
     {parallel (ddp | fsdp | None: neither fits), nproc, micro_batch, accum_steps,
     per_device_required_bytes, state_bytes_per_device, fewest_devices}."""
     kw = {"precision": precision, "optimizer": optimizer, "attention": attention, "checkpointing": checkpointing}
-    out = {"parallel": None, "nproc": devices, "micro_batch": None, "accum_steps": None,
-           "per_device_required_bytes": None, "state_bytes_per_device": None, "fewest_devices": None}
+    out = {
+        "parallel": None,
+        "nproc": devices,
+        "micro_batch": None,
+        "accum_steps": None,
+        "per_device_required_bytes": None,
+        "state_bytes_per_device": None,
+        "fewest_devices": None,
+    }
     if fits_replicated(cfg, 1, device, **kw):
         return out | {"parallel": "ddp", "state_bytes_per_device": state_bytes(cfg, 1, optimizer)}
     out["fewest_devices"] = fewest_devices(cfg, batch, device, **kw)
     mb = largest_micro_batch(cfg, batch, device, devices, **kw) if devices > 1 else 0
     if mb:
         peak = sharded_memory(cfg, mb, devices, **kw)["peak"]
-        out |= {"parallel": "fsdp", "micro_batch": mb, "accum_steps": batch // mb,
-                "per_device_required_bytes": compute.required_bytes(peak, device),
-                "state_bytes_per_device": state_bytes(cfg, devices, optimizer)}
+        out |= {
+            "parallel": "fsdp",
+            "micro_batch": mb,
+            "accum_steps": batch // mb,
+            "per_device_required_bytes": compute.required_bytes(peak, device),
+            "state_bytes_per_device": state_bytes(cfg, devices, optimizer),
+        }
     return out

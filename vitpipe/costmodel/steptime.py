@@ -58,14 +58,21 @@ DEPTHWISE_EFFICIENCY = 0.10
 # layout transposes: this many read+write passes over a convolution's input and output, per
 # forward (twice in backward: data and weight gradients)
 NCHW_PASSES = 1
-OPTIMIZER_BYTES = {"sgd": 20, "adamw": 28}   # fp32 bytes read + written per parameter per step
-OPTIMIZER_KERNELS = 3                        # per parameter tensor (the update, moments)
+OPTIMIZER_BYTES = {"sgd": 20, "adamw": 28}  # fp32 bytes read + written per parameter per step
+OPTIMIZER_KERNELS = 3  # per parameter tensor (the update, moments)
 
 CALIBRATION = Path(__file__).parent / "calibration" / "rtx3090_train_amp.csv"
 
-CONSTANTS = {"GEMM_EFFICIENCY": GEMM_EFFICIENCY, "TILE": TILE, "K_OVERHEAD": K_OVERHEAD,
-             "MEMORY_EFFICIENCY": MEMORY_EFFICIENCY, "LAUNCH_S": LAUNCH_S, "SDPA_BACKWARD": SDPA_BACKWARD,
-             "DEPTHWISE_EFFICIENCY": DEPTHWISE_EFFICIENCY, "NCHW_PASSES": NCHW_PASSES}
+CONSTANTS = {
+    "GEMM_EFFICIENCY": GEMM_EFFICIENCY,
+    "TILE": TILE,
+    "K_OVERHEAD": K_OVERHEAD,
+    "MEMORY_EFFICIENCY": MEMORY_EFFICIENCY,
+    "LAUNCH_S": LAUNCH_S,
+    "SDPA_BACKWARD": SDPA_BACKWARD,
+    "DEPTHWISE_EFFICIENCY": DEPTHWISE_EFFICIENCY,
+    "NCHW_PASSES": NCHW_PASSES,
+}
 
 
 def gemm_efficiency(m: int, n: int, k: int, sms: int, batch: int = 1, tile: int = TILE) -> float:
@@ -118,42 +125,55 @@ def _attention(clock: _Clock, op, batch, attention, backward):
     a, rows = clock.a, batch * h
     if attention == "sdpa":
         flops = 4 * t * t * hd * rows
-        eff = (gemm_efficiency(t, t, hd, clock.device.sm_count, rows)
-               if clock.device.kind == "cuda" else GEMM_EFFICIENCY)
+        eff = gemm_efficiency(t, t, hd, clock.device.sm_count, rows) if clock.device.kind == "cuda" else GEMM_EFFICIENCY
         passes = 1 + (SDPA_BACKWARD if backward else 0)
         clock.split["compute"] += n * passes * flops / (clock.peak * max(eff, 1e-3))
         clock.memory(n * passes * 4 * a * batch * t * h * hd, kernels=0)
         clock.kernels += n * (1 + (2 if backward else 0))
         return
     cast = a + 4 if a < 4 else 0
-    s = rows * t * t                     # score elements
-    clock.gemm(t, t, hd, count=n, batch=rows)          # q k^T
-    clock.gemm(t, hd, t, count=n, batch=rows)          # p v
+    s = rows * t * t  # score elements
+    clock.gemm(t, t, hd, count=n, batch=rows)  # q k^T
+    clock.gemm(t, hd, t, count=n, batch=rows)  # p v
     clock.memory(n * (2 * a + 2 * cast + 8) * s, kernels=n * (3 + (2 if cast else 0)))
     if backward:
-        for m_, n_, k_ in ((t, t, hd), (t, hd, t)):       # two gradients for each product
+        for m_, n_, k_ in ((t, t, hd), (t, hd, t)):  # two gradients for each product
             clock.gemm(m_, k_, n_, count=n, batch=rows)
             clock.gemm(k_, n_, m_, count=n, batch=rows)
         clock.memory(n * (2 * a + 2 * cast + 12) * s, kernels=n * (3 + (2 if cast else 0)))
 
 
-def step_time(cfg, batch: int, device, precision: str = "fp16", attention: str = "eager",
-              optimizer: str = "sgd", train: bool = True, checkpointing: bool = False) -> dict:
+def step_time(
+    cfg,
+    batch: int,
+    device,
+    precision: str = "fp16",
+    attention: str = "eager",
+    optimizer: str = "sgd",
+    train: bool = True,
+    checkpointing: bool = False,
+) -> dict:
     """Seconds for one training step (or inference pass, `train=False`) of `batch` images:
     {seconds, img_per_s, compute_s, memory_s, overhead_s, kernels}."""
     clock = _Clock(device, precision)
     plan = step_ops(cfg, clock.a)
     for op in plan["ops"]:
-        for backward in ((False, True) if train else (False,)):
+        for backward in (False, True) if train else (False,):
             if backward and checkpointing and op.get("what") not in ("patch embed", "head"):
-                _forward(clock, op, batch, attention)           # the recompute
+                _forward(clock, op, batch, attention)  # the recompute
             (_backward if backward else _forward)(clock, op, batch, attention)
     if train:
         _update(clock, cfg, plan, optimizer)
     clock.split["overhead"] = clock.kernels * LAUNCH_S
     seconds = sum(clock.split.values())
-    return {"seconds": seconds, "img_per_s": batch / seconds, "compute_s": clock.split["compute"],
-            "memory_s": clock.split["memory"], "overhead_s": clock.split["overhead"], "kernels": clock.kernels}
+    return {
+        "seconds": seconds,
+        "img_per_s": batch / seconds,
+        "compute_s": clock.split["compute"],
+        "memory_s": clock.split["memory"],
+        "overhead_s": clock.split["overhead"],
+        "kernels": clock.kernels,
+    }
 
 
 def _update(clock, cfg, plan, optimizer):
@@ -162,8 +182,9 @@ def _update(clock, cfg, plan, optimizer):
     n = registry_params(cfg)
     half = clock.a < 4
     cast = (6 + 6) * plan["cast_params"] if half else 0
-    clock.memory(OPTIMIZER_BYTES[optimizer] * n + cast + (8 * n if half else 0),
-                 kernels=OPTIMIZER_KERNELS * plan["tensors"])
+    clock.memory(
+        OPTIMIZER_BYTES[optimizer] * n + cast + (8 * n if half else 0), kernels=OPTIMIZER_KERNELS * plan["tensors"]
+    )
 
 
 def update_time(cfg, device, precision: str = "fp16", optimizer: str = "sgd") -> dict:
@@ -171,8 +192,12 @@ def update_time(cfg, device, precision: str = "fp16", optimizer: str = "sgd") ->
     clock = _Clock(device, precision)
     _update(clock, cfg, step_ops(cfg, clock.a), optimizer)
     clock.split["overhead"] = clock.kernels * LAUNCH_S
-    return {"seconds": sum(clock.split.values()), "compute_s": 0.0, "memory_s": clock.split["memory"],
-            "overhead_s": clock.split["overhead"]}
+    return {
+        "seconds": sum(clock.split.values()),
+        "compute_s": 0.0,
+        "memory_s": clock.split["memory"],
+        "overhead_s": clock.split["overhead"],
+    }
 
 
 def registry_params(cfg) -> int:
@@ -183,7 +208,7 @@ def _forward(clock, op, batch, attention):
     kind = op["op"]
     if kind == "gemm":
         clock.gemm(batch * op["m"], op["n"], op["k"], op["count"])
-        if op.get("nchw") and clock.device.kind == "cuda":      # NCHW <-> NHWC around the kernel
+        if op.get("nchw") and clock.device.kind == "cuda":  # NCHW <-> NHWC around the kernel
             clock.memory(NCHW_PASSES * 2 * clock.a * batch * op["nchw"] * op["count"], 0)
     elif kind == "mem":
         clock.memory(batch * op["fwd"] * op["count"], op["kf"] * op["count"])
@@ -199,8 +224,8 @@ def _backward(clock, op, batch, attention):
     if kind == "gemm":
         m = batch * op["m"]
         if not op["first"]:
-            clock.gemm(m, op["k"], op["n"], op["count"])        # input gradient
-        clock.gemm(op["n"], op["k"], m, op["count"])            # weight gradient: reduces over m
+            clock.gemm(m, op["k"], op["n"], op["count"])  # input gradient
+        clock.gemm(op["n"], op["k"], m, op["count"])  # weight gradient: reduces over m
         if op.get("nchw") and clock.device.kind == "cuda":
             clock.memory(2 * NCHW_PASSES * 2 * clock.a * batch * op["nchw"] * op["count"], 0)
     elif kind == "mem":
@@ -223,6 +248,14 @@ def calibration_errors() -> list[dict]:
         cfg = model_config({"arch": r["vitpipe_arch"]}, 1000, int(r["train_img_size"]))
         p = step_time(cfg, int(r["train_batch_size"]), dev, "fp16", "eager", "sgd")
         measured = float(r["train_samples_per_sec"])
-        out.append({"model": r["model"], "batch": int(r["train_batch_size"]), "image_size": int(r["train_img_size"]),
-                    "measured": measured, "predicted": p["img_per_s"], "error": p["img_per_s"] / measured - 1})
+        out.append(
+            {
+                "model": r["model"],
+                "batch": int(r["train_batch_size"]),
+                "image_size": int(r["train_img_size"]),
+                "measured": measured,
+                "predicted": p["img_per_s"],
+                "error": p["img_per_s"] / measured - 1,
+            }
+        )
     return out

@@ -34,12 +34,13 @@ try:
 except ImportError:  # a Python built without lzma cannot open .xz at all
     LZMAError = zlib.error
 
-CHUNK = 1 << 20          # 1 MiB reads: streamed, never a whole archive in RAM
-TIMEOUT_S = 30           # per socket operation; a stalled server fails instead of hanging
+CHUNK = 1 << 20  # 1 MiB reads: streamed, never a whole archive in RAM
+TIMEOUT_S = 30  # per socket operation; a stalled server fails instead of hanging
 EMBEDDED_HINT = "or set `data.dataset: digits`, the embedded default that needs no network"
 
 
 # ---------------------------------------------------------------- checksums
+
 
 def md5_file(path: str | os.PathLike) -> str:
     h = hashlib.md5(usedforsecurity=False)
@@ -59,12 +60,15 @@ def check_md5(path: str | os.PathLike, expected: str | None, what: str | None = 
 
 
 def md5_mismatch(what: str, actual: str, expected: str) -> str:
-    return (f"{what}: md5 is {actual}, expected {expected.lower()}. The file is corrupt, truncated or "
-            f"not the official one: download it again, or, for a re-packed archive in the same "
-            f"format, set `data.md5: null` to accept it (or `data.md5: <its md5>` to pin it)")
+    return (
+        f"{what}: md5 is {actual}, expected {expected.lower()}. The file is corrupt, truncated or "
+        f"not the official one: download it again, or, for a re-packed archive in the same "
+        f"format, set `data.md5: null` to accept it (or `data.md5: <its md5>` to pin it)"
+    )
 
 
 # ---------------------------------------------------------------- import and download
+
 
 def _stream_into(dest: Path, chunks: Iterable[bytes], md5: str | None, what: str) -> None:
     """Write chunks to a temp file beside dest, hashing as they pass; rename only if the md5 fits."""
@@ -96,14 +100,23 @@ def import_file(src: str | os.PathLike, dest: str | os.PathLike, md5: str | None
 def offline_message(files: dict[str, str], archive_hint: str, reason: str) -> str:
     """One message for every failed download: what to fetch, where to put it, which param."""
     listing = " and ".join(f"{url}" for url in files.values())
-    return (f"could not download {', '.join(files)} ({reason}). To work offline, download {listing} "
-            f"on a machine with network access, put {'them in one folder' if len(files) > 1 else 'it'} on "
-            f"this machine (e.g. data/downloads/) and set {archive_hint} in params.yaml "
-            f"(or `dvc exp run -S data.archive=<path>`); {EMBEDDED_HINT}")
+    return (
+        f"could not download {', '.join(files)} ({reason}). To work offline, download {listing} "
+        f"on a machine with network access, put {'them in one folder' if len(files) > 1 else 'it'} on "
+        f"this machine (e.g. data/downloads/) and set {archive_hint} in params.yaml "
+        f"(or `dvc exp run -S data.archive=<path>`); {EMBEDDED_HINT}"
+    )
 
 
-def download(url: str, dest: str | os.PathLike, md5: str | None, *, official_url: str | None = None,
-             archive_hint: str | None = None, companions: dict[str, str] | None = None) -> Path:
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    md5: str | None,
+    *,
+    official_url: str | None = None,
+    archive_hint: str | None = None,
+    companions: dict[str, str] | None = None,
+) -> Path:
     """Stream `url` to dest (temp file, md5 verified, renamed). Network failures -> UserError
     naming the official file (and `companions`, name -> URL, needed with it), where to put
     it and `data.archive`."""
@@ -125,8 +138,13 @@ def download(url: str, dest: str | os.PathLike, md5: str | None, *, official_url
 
 # ---------------------------------------------------------------- damaged archives
 
-MAGIC = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"),
-         (b"\xfd7zXZ\x00", "xz"))
+MAGIC = (
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
 
 
 def archive_kind(path: str | os.PathLike) -> str | None:
@@ -141,8 +159,10 @@ def archive_kind(path: str | os.PathLike) -> str | None:
 
 
 def damaged(archive, detail) -> UserError:
-    return UserError(f"{archive} is damaged (truncated or corrupt: {detail}); nothing was extracted from it. "
-                     f"Download or copy it again (or re-pack it), then run the stage again")
+    return UserError(
+        f"{archive} is damaged (truncated or corrupt: {detail}); nothing was extracted from it. "
+        f"Download or copy it again (or re-pack it), then run the stage again"
+    )
 
 
 @contextlib.contextmanager
@@ -202,9 +222,12 @@ def check_tar_end(archive: Path, tar: tarfile.TarFile) -> None:
 
 # ---------------------------------------------------------------- safe extraction
 
+
 def _refuse(archive: Path, member: str, why: str) -> UserError:
-    return UserError(f"refusing to extract {archive}: member {member!r} {why}. "
-                     f"Nothing was extracted; use an archive you trust, in the official layout")
+    return UserError(
+        f"refusing to extract {archive}: member {member!r} {why}. "
+        f"Nothing was extracted; use an archive you trust, in the official layout"
+    )
 
 
 def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
@@ -287,8 +310,11 @@ class _Writer:
         target_parts = _member_parts(self.archive, target)
         source = self.root.joinpath(*target_parts)
         if not _inside(self.root, source) or not source.is_file():
-            raise _refuse(self.archive, member, f"is a hard link to {target!r}, which is outside the folder "
-                                                "or not a file extracted before it")
+            raise _refuse(
+                self.archive,
+                member,
+                f"is a hard link to {target!r}, which is outside the folder or not a file extracted before it",
+            )
         with open(source, "rb") as f:
             self.file(member, parts, f, source.stat().st_mode)
 
@@ -345,8 +371,10 @@ def _extract_zip(archive: Path, writer: _Writer, keep: Callable[[str], bool] | N
             except RuntimeError as e:  # NotImplementedError (a subclass): deflate64 and the like; else encrypted
                 unsupported = isinstance(e, NotImplementedError)
                 why = "its compression method is not supported" if unsupported else "it is encrypted"
-                raise UserError(f"{archive}: member {info.filename!r} cannot be read ({why}); nothing was "
-                                f"extracted. Re-pack it as a plain (unencrypted, deflate) zip or a tar.gz") from None
+                raise UserError(
+                    f"{archive}: member {info.filename!r} cannot be read ({why}); nothing was "
+                    f"extracted. Re-pack it as a plain (unencrypted, deflate) zip or a tar.gz"
+                ) from None
 
 
 def is_archive(path: str | os.PathLike) -> bool:
@@ -354,8 +382,12 @@ def is_archive(path: str | os.PathLike) -> bool:
     return Path(path).is_file() and archive_kind(path) is not None
 
 
-def safe_extract(archives: str | os.PathLike | Iterable[str | os.PathLike], dest: str | os.PathLike,
-                 keep: Callable[[str], bool] | None = None, check: Callable[[Path], None] | None = None) -> Path:
+def safe_extract(
+    archives: str | os.PathLike | Iterable[str | os.PathLike],
+    dest: str | os.PathLike,
+    keep: Callable[[str], bool] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
     """Extract one archive (or several, merged) so that `dest` holds their contents.
 
     Tar (any compression) or zip. Every member is checked before it is written; `keep`
@@ -431,8 +463,15 @@ def download_cache(raw_dir: str | os.PathLike) -> Path:
     return Path(raw_dir).parent.parent / "downloads"
 
 
-def obtain(local: str | os.PathLike | None, url: str, official_url: str, md5: str | None,
-           dest: str | os.PathLike, archive_hint: str, companions: dict[str, str] | None = None) -> Path:
+def obtain(
+    local: str | os.PathLike | None,
+    url: str,
+    official_url: str,
+    md5: str | None,
+    dest: str | os.PathLike,
+    archive_hint: str,
+    companions: dict[str, str] | None = None,
+) -> Path:
     """The verified archive at dest: the user's local copy when given (`data.archive`),
     else a download. A copy already at dest with the expected md5 is reused."""
     dest = Path(dest)

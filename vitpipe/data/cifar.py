@@ -44,8 +44,10 @@ class RefusedGlobal(pickle.UnpicklingError):
 def _latin1(text, encoding="utf-8", errors="strict") -> bytes:
     """`_codecs.encode` as Python 3 pickles bytes, and nothing else: text, "latin1", strict."""
     if not isinstance(text, str) or encoding != "latin1" or errors != "strict":
-        raise RefusedGlobal(f"call `_codecs.encode` with {type(text).__name__}, {encoding!r}, {errors!r} "
-                            f"(a Python 3 pickle of bytes only ever uses a str, 'latin1')")
+        raise RefusedGlobal(
+            f"call `_codecs.encode` with {type(text).__name__}, {encoding!r}, {errors!r} "
+            f"(a Python 3 pickle of bytes only ever uses a str, 'latin1')"
+        )
     return text.encode("latin1")
 
 
@@ -86,13 +88,27 @@ def load_batch(f, archive: Path, member: str) -> dict:
     try:
         batch = BatchUnpickler(f, encoding="bytes").load()
     except RefusedGlobal as e:
-        raise UserError(f"{archive}: member {member} tries to {e}, which a CIFAR batch never does; refusing to "
-                        f"unpickle it: the archive was tampered with or is not CIFAR. Use the official "
-                        f"archive (`data.md5: default` checks it)") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, RecursionError, UnicodeError) as e:
-        raise UserError(f"{archive}: member {member} is not a readable CIFAR batch "
-                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise UserError(
+            f"{archive}: member {member} tries to {e}, which a CIFAR batch never does; refusing to "
+            f"unpickle it: the archive was tampered with or is not CIFAR. Use the official "
+            f"archive (`data.md5: default` checks it)"
+        ) from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        RecursionError,
+        UnicodeError,
+    ) as e:
+        raise UserError(
+            f"{archive}: member {member} is not a readable CIFAR batch "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     if not isinstance(batch, dict):
         raise UserError(f"{archive}: member {member} is not a CIFAR batch (a {type(batch).__name__}, not a dict)")
     # A re-pack of batches loaded with encoding="latin1" has str keys: the same batch.
@@ -127,9 +143,14 @@ class CifarSource:
                 raise UserError(f"data.archive: {cfg.archive} is a folder without {self.filename} in it")
         if local:
             self.check_layout(Path(local))  # before the copy replaces anything in raw_dir
-        dest = obtain(local, cfg.url or self.url, self.url, resolve_md5(cfg.md5, self.md5),
-                      Path(raw_dir) / self.filename,
-                      archive_hint=f"`data.archive: <path to {self.filename}>`")
+        dest = obtain(
+            local,
+            cfg.url or self.url,
+            self.url,
+            resolve_md5(cfg.md5, self.md5),
+            Path(raw_dir) / self.filename,
+            archive_hint=f"`data.archive: <path to {self.filename}>`",
+        )
         if not local:
             try:
                 self.check_layout(dest)
@@ -145,8 +166,10 @@ class CifarSource:
             check_tar_end(archive, tar)
         missing = [m for m in wanted if m not in names]
         if missing:
-            raise UserError(f"{archive} is not the {self.name} python archive: it lacks {', '.join(missing)} "
-                            f"(expected {self.folder}/ with {', '.join((*self.train, *self.test, self.meta))})")
+            raise UserError(
+                f"{archive} is not the {self.name} python archive: it lacks {', '.join(missing)} "
+                f"(expected {self.folder}/ with {', '.join((*self.train, *self.test, self.meta))})"
+            )
 
     def _read_members(self, archive: Path, names: tuple[str, ...]) -> list[dict]:
         """Unpickle the named members, in the order given, in one pass over the whole tar."""
@@ -173,8 +196,12 @@ class CifarSource:
         for name, batch in zip(names, batches):
             data, y = batch.get(b"data"), batch.get(self.label_key)
             where = f"{archive}: {self.member(name)}"
-            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-                    and data.shape[1] == 3 * 32 * 32):
+            if not (
+                isinstance(data, np.ndarray)
+                and data.dtype == np.uint8
+                and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32
+            ):
                 raise UserError(f"{where}: b'data' is not a uint8 N x 3072 array")
             y = np.asarray(y if isinstance(y, (list, np.ndarray)) else [], dtype=np.int64)
             if y.ndim != 1 or len(y) != len(data):
@@ -200,8 +227,8 @@ class CifarSource:
         classes = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
         splits = {}
         for split, members in (("train", self.train), ("test", self.test)):
-            data, labels = self.stack(archive, members, batches[:len(members)])
-            batches = batches[len(members):]
+            data, labels = self.stack(archive, members, batches[: len(members)])
+            batches = batches[len(members) :]
             if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
                 raise UserError(f"{archive}: {split} labels outside 0..{len(classes) - 1}")
             _PIXELS[_cache_key(str(archive), members)] = data

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-POINTS = 3000       # chaos-game iterations per image; enough to outline a 32-64 px attractor
-BURN_IN = 20        # the first iterations are not yet on the attractor
-MIN_FILL = 0.08     # fraction of pixels an attractor must cover to count as a shape...
-MAX_FILL = 0.45     # ...and may cover at most, or it is a noisy square, not a shape
+POINTS = 3000  # chaos-game iterations per image; enough to outline a 32-64 px attractor
+BURN_IN = 20  # the first iterations are not yet on the attractor
+MIN_FILL = 0.08  # fraction of pixels an attractor must cover to count as a shape...
+MAX_FILL = 0.45  # ...and may cover at most, or it is a noisy square, not a shape
 
 
 def sample_system(rng: np.random.Generator) -> np.ndarray:
@@ -37,8 +37,10 @@ def render(systems: np.ndarray, size: int, rng: np.random.Generator, points: int
     for t in range(points + BURN_IN):
         k = (rng.random(b)[:, None] > cum).sum(1)
         m = systems[rows, k]
-        xy = np.stack([m[:, 0] * xy[:, 0] + m[:, 1] * xy[:, 1] + m[:, 4],
-                       m[:, 2] * xy[:, 0] + m[:, 3] * xy[:, 1] + m[:, 5]], axis=1)
+        xy = np.stack(
+            [m[:, 0] * xy[:, 0] + m[:, 1] * xy[:, 1] + m[:, 4], m[:, 2] * xy[:, 0] + m[:, 3] * xy[:, 1] + m[:, 5]],
+            axis=1,
+        )
         xy = np.clip(xy, -1e6, 1e6)  # a non-contractive map must not overflow into NaN
         if t >= BURN_IN:
             trace[t - BURN_IN] = xy
@@ -83,7 +85,7 @@ def make_dataset(n_classes: int, per_class: int, size: int, seed: int) -> tuple[
             i, j = rng.integers(len(v)), rng.integers(6)
             v[i, j] *= rng.uniform(0.8, 1.2)  # one coefficient jittered: same family, new instance
             batch.append(v)
-    imgs = np.concatenate([render(_pad(batch[i:i + 512]), size, rng) for i in range(0, len(batch), 512)])
+    imgs = np.concatenate([render(_pad(batch[i : i + 512]), size, rng) for i in range(0, len(batch), 512)])
     flip = rng.random(len(imgs)) < 0.5
     imgs[flip] = imgs[flip][:, :, ::-1]
     bright = rng.uniform(0.5, 1.0, len(imgs))

@@ -91,9 +91,11 @@ class ImageFolderSource:
     def fetch(self, cfg, raw_dir: Path) -> None:
         raw_dir = Path(raw_dir)
         if not cfg.archive:
-            raise UserError("data.dataset: imagefolder needs `data.archive`: a folder of class sub-folders "
-                            "(cats/…, dogs/…) or a .tar/.zip of one; or set `data.dataset: digits`, "
-                            "the embedded default that needs no network")
+            raise UserError(
+                "data.dataset: imagefolder needs `data.archive`: a folder of class sub-folders "
+                "(cats/…, dogs/…) or a .tar/.zip of one; or set `data.dataset: digits`, "
+                "the embedded default that needs no network"
+            )
         src = Path(cfg.archive)
         left_out: list[str] = []  # files that are not images, relative to the class root or archive
 
@@ -134,8 +136,11 @@ def _scan(folder: Path, where: str) -> RawDataset:
     root = class_root(folder)
     classes, paths, labels, warnings, imageless = [], [], [], [], []
     for sub in sorted((p for p in root.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name):
-        files = sorted(p for p in sub.rglob("*") if is_image_file(p)
-                       and all(_visible(q) for q in p.relative_to(sub).parents if q.name))
+        files = sorted(
+            p
+            for p in sub.rglob("*")
+            if is_image_file(p) and all(_visible(q) for q in p.relative_to(sub).parents if q.name)
+        )
         if files:
             labels += [len(classes)] * len(files)
             classes.append(sub.name)
@@ -143,12 +148,16 @@ def _scan(folder: Path, where: str) -> RawDataset:
         else:
             imageless.append(sub.name)
             held = (sub / NO_IMAGES).read_text() if (sub / NO_IMAGES).is_file() else "it is empty"
-            warnings.append(f"{where}: sub-folder {sub.name!r} holds no image files ({held}), so it is not a class "
-                            f"and is left out: convert its images to JPEG or PNG, or move it out of the folder")
+            warnings.append(
+                f"{where}: sub-folder {sub.name!r} holds no image files ({held}), so it is not a class "
+                f"and is left out: convert its images to JPEG or PNG, or move it out of the folder"
+            )
     if len(classes) < 2:
         without = f" (sub-folders without image files: {', '.join(imageless)})" if imageless else ""
-        raise UserError(f"{where}: found {len(classes)} class folder(s) with images{without}; an image folder needs "
-                        f"at least two sub-folders of images (JPEG, PNG, …), one per class")
+        raise UserError(
+            f"{where}: found {len(classes)} class folder(s) with images{without}; an image folder needs "
+            f"at least two sub-folders of images (JPEG, PNG, …), one per class"
+        )
     return RawDataset(classes=classes, splits={"train": FileImages(paths, labels)}, warnings=warnings)
 
 
@@ -161,8 +170,13 @@ def _mark_imageless(folder: Path, left_out: list[str]) -> None:
     for name in left_out:
         parts = PurePosixPath(name).parts
         suffix = PurePosixPath(name).suffix.lower()
-        if (len(parts) > len(base) + 1 and parts[:len(base)] == base and suffix
-                and all(_visible(Path(p)) for p in parts) and not (root / parts[len(base)]).is_dir()):
+        if (
+            len(parts) > len(base) + 1
+            and parts[: len(base)] == base
+            and suffix
+            and all(_visible(Path(p)) for p in parts)
+            and not (root / parts[len(base)]).is_dir()
+        ):
             held.setdefault(parts[len(base)], Counter())[suffix] += 1
     for name, suffixes in held.items():
         (root / name).mkdir()

@@ -44,8 +44,9 @@ def read_list(path: Path, name: str | None = None) -> list[tuple[str, int]]:
         if not fields or fields[0].startswith("#"):
             continue
         if len(fields) < 2 or not fields[1].isdigit():
-            raise UserError(f"{name or path}:{n}: expected `<image name> <class id> <species> <breed id>`, "
-                            f"got {line[:100]!r}")
+            raise UserError(
+                f"{name or path}:{n}: expected `<image name> <class id> <species> <breed id>`, got {line[:100]!r}"
+            )
         rows.append((fields[0], int(fields[1])))
     return rows
 
@@ -58,12 +59,17 @@ def breed(name: str) -> str:
 class PetsSource:
     def fetch(self, cfg, raw_dir: Path) -> None:
         if cfg.md5 not in ("default", None):
-            raise ParamError("data.md5", cfg.md5, "default or null for pets: its two archives are each "
-                                                  "checked against their own published md5")
+            raise ParamError(
+                "data.md5",
+                cfg.md5,
+                "default or null for pets: its two archives are each checked against their own published md5",
+            )
         local = Path(cfg.archive) if cfg.archive else None
         if local is not None and not local.is_dir():
-            raise UserError(f"data.archive: {local} must be a folder holding both images.tar.gz and "
-                            f"annotations.tar.gz (the two official Oxford-IIIT Pet archives)")
+            raise UserError(
+                f"data.archive: {local} must be a folder holding both images.tar.gz and "
+                f"annotations.tar.gz (the two official Oxford-IIIT Pet archives)"
+            )
         base = (cfg.url or BASE_URL).rstrip("/") + "/"
         paths = []
         for name, official_md5 in ARCHIVES.items():
@@ -75,8 +81,15 @@ class PetsSource:
                 check_md5(path, md5, str(path))  # extracted from where it is: no copy of 800 MB
             else:
                 others = {n: BASE_URL + n for n in ARCHIVES if n != name}
-                path = obtain(None, base + name, BASE_URL + name, md5, download_cache(raw_dir) / name,
-                              ARCHIVE_HINT, companions=others)
+                path = obtain(
+                    None,
+                    base + name,
+                    BASE_URL + name,
+                    md5,
+                    download_cache(raw_dir) / name,
+                    ARCHIVE_HINT,
+                    companions=others,
+                )
             paths.append(path)
         safe_extract(paths, raw_dir, keep=_needed, check=lambda folder: self._check(folder, paths))
 
@@ -101,8 +114,9 @@ class PetsSource:
         names: dict[int, str] = {}
         for image, class_id in rows["train"] + rows["test"]:
             if names.setdefault(class_id, breed(image)) != breed(image):
-                raise UserError(f"{where}: {LISTS['train']}: class id {class_id} names both "
-                                f"{names[class_id]} and {breed(image)}")
+                raise UserError(
+                    f"{where}: {LISTS['train']}: class id {class_id} names both {names[class_id]} and {breed(image)}"
+                )
         ids = sorted(names)
         index = {class_id: i for i, class_id in enumerate(ids)}
         splits = {

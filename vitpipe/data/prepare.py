@@ -62,14 +62,15 @@ def _decode_chunk(images: ImageList, indices: np.ndarray, size: int, out_path: s
     return offset, ok, errors
 
 
-def write_split(images: ImageList, indices: np.ndarray, size: int, path: Path,
-                workers: int) -> tuple[np.ndarray, int, dict[int, str]]:
+def write_split(
+    images: ImageList, indices: np.ndarray, size: int, path: Path, workers: int
+) -> tuple[np.ndarray, int, dict[int, str]]:
     """Decode `indices` of `images` into `<path>` (uint8 NHWC .npy). Returns kept indices,
     skipped count, and one decode error per class that lost images."""
     tmp = path.with_name(f".{path.name}.tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(indices), size, size, 3))
     del out
-    chunks = [(images, indices[s:s + CHUNK], size, str(tmp), s) for s in range(0, len(indices), CHUNK)]
+    chunks = [(images, indices[s : s + CHUNK], size, str(tmp), s) for s in range(0, len(indices), CHUNK)]
     ok = np.ones(len(indices), dtype=bool)
     errors: dict[int, str] = {}
     if workers > 1 and len(chunks) > 1:
@@ -78,13 +79,14 @@ def write_split(images: ImageList, indices: np.ndarray, size: int, path: Path,
     else:
         results = [_decode_chunk(*args) for args in chunks]
     for offset, part, part_errors in results:
-        ok[offset:offset + len(part)] = part
+        ok[offset : offset + len(part)] = part
         for c, message in part_errors.items():
             errors.setdefault(c, message)
     if not ok.all():  # compact: drop the rows of skipped images
         arr = np.load(tmp, mmap_mode="r")
-        kept = np.lib.format.open_memmap(path.with_name(f".{path.name}.kept.npy"), mode="w+",
-                                         dtype=np.uint8, shape=(int(ok.sum()), size, size, 3))
+        kept = np.lib.format.open_memmap(
+            path.with_name(f".{path.name}.kept.npy"), mode="w+", dtype=np.uint8, shape=(int(ok.sum()), size, size, 3)
+        )
         kept[:] = arr[ok]
         kept.flush()
         del arr, kept
@@ -99,12 +101,12 @@ def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[list[float], list[f
     s2 = np.zeros(3)
     n = 0
     for i in range(0, len(x), chunk):
-        b = np.asarray(x[i:i + chunk], dtype=np.float64) / 255.0
+        b = np.asarray(x[i : i + chunk], dtype=np.float64) / 255.0
         s += b.sum(axis=(0, 1, 2))
-        s2 += (b ** 2).sum(axis=(0, 1, 2))
+        s2 += (b**2).sum(axis=(0, 1, 2))
         n += b.shape[0] * b.shape[1] * b.shape[2]
     mean = s / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-12))
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
@@ -202,5 +204,8 @@ def _swap_in(tmp_dir: Path, out_dir: Path) -> None:
 
 def sanity_metrics(meta: dict) -> dict:
     """The data-sanity keys of metrics/preprocess.json, flat (DVC metrics skip lists)."""
-    return {"thin_classes": len(meta["thin_classes"]), "thin_class_names": ", ".join(meta["thin_classes"]),
-            "data_warnings": len(meta["warnings"])}
+    return {
+        "thin_classes": len(meta["thin_classes"]),
+        "thin_class_names": ", ".join(meta["thin_classes"]),
+        "data_warnings": len(meta["warnings"]),
+    }

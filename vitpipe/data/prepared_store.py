@@ -61,8 +61,10 @@ class Split:
             return self
         y = self.y.numpy()
         rng = np.random.default_rng(seed)
-        keep = [rng.permutation(np.flatnonzero(y == c))[:max(1, round(fraction * int((y == c).sum())))]
-                for c in np.unique(y)]
+        keep = [
+            rng.permutation(np.flatnonzero(y == c))[: max(1, round(fraction * int((y == c).sum())))]
+            for c in np.unique(y)
+        ]
         idx = np.sort(np.concatenate(keep))
         out = Split(np.asarray(self.x[idx]), y[idx], [0.0] * 3, [1.0] * 3, self.hflip)
         out.mean, out.std = self.mean, self.std  # the store's normalisation, not the subset's
@@ -73,8 +75,15 @@ class Split:
         x, y = self.images(idx, augment, generator)
         return self.normalise(x), y
 
-    def images(self, idx: np.ndarray, augment: bool = False, generator: torch.Generator | None = None,
-               out: torch.Tensor | None = None, draws: tuple[np.ndarray, int] | None = None, threads: int = 1):
+    def images(
+        self,
+        idx: np.ndarray,
+        augment: bool = False,
+        generator: torch.Generator | None = None,
+        out: torch.Tensor | None = None,
+        draws: tuple[np.ndarray, int] | None = None,
+        threads: int = 1,
+    ):
         """(images uint8 NCHW, labels int64) for sample indices `idx`, augmented in uint8 (a
         quarter of float32's bytes to move); into `out` (a pinned buffer, say) when given.
         `draws`: (which of its batch's random draws each image of `idx` takes, the batch's size),
@@ -82,13 +91,21 @@ class Split:
         how many threads shift and flip large images (the same bytes for any number)."""
         order = np.argsort(np.asarray(idx), kind="stable")
         idx = np.asarray(idx)[order]  # sorted: sequential reads from a memmap; order within a batch is irrelevant
-        x = torch.from_numpy(np.ascontiguousarray(self.x[idx])).permute(0, 3, 1, 2)  # one thread: np.take in chunks was 8x slower
+        x = torch.from_numpy(np.ascontiguousarray(self.x[idx])).permute(
+            0, 3, 1, 2
+        )  # one thread: np.take in chunks was 8x slower
         y = self.y[torch.from_numpy(idx)]
         if augment:
-            x = shift_and_flip(x, generator, self.hflip, out=out, draws=None if draws is None else (draws[0][order], draws[1]),
-                               threads=threads)
+            x = shift_and_flip(
+                x,
+                generator,
+                self.hflip,
+                out=out,
+                draws=None if draws is None else (draws[0][order], draws[1]),
+                threads=threads,
+            )
         elif out is not None:
-            x = out[:len(idx)].copy_(x)
+            x = out[: len(idx)].copy_(x)
         return x, y
 
     def normalise(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
@@ -98,9 +115,14 @@ class Split:
         return out.sub_(self.mean if mean is None else mean).div_(self.std if std is None else std)
 
 
-def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bool,
-                   out: torch.Tensor | None = None, draws: tuple[np.ndarray, int] | None = None,
-                   threads: int = 1) -> torch.Tensor:
+def shift_and_flip(
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    hflip: bool,
+    out: torch.Tensor | None = None,
+    draws: tuple[np.ndarray, int] | None = None,
+    threads: int = 1,
+) -> torch.Tensor:
     """Random translation by up to 1/8 of the side (zero-padded crop), and a random
     horizontal flip where the dataset allows it; into `out` when given. Small images: one
     numpy gather from a strided view of all windows of a padded copy; large ones: one window
@@ -119,10 +141,11 @@ def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bo
         # kernel goes element by element, and a flip is a negative stride, not a torch.where
         # (a 32-image 32 px batch: 60 µs against 181)
         padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=np.uint8)
-        padded[:, :, pad:pad + h, pad:pad + w] = x.numpy()
+        padded[:, :, pad : pad + h, pad : pad + w] = x.numpy()
         sn, sc, sh, sw = padded.strides
-        windows = np.lib.stride_tricks.as_strided(padded, (n, 2 * pad + 1, 2 * pad + 1, c, h, w),
-                                                  (sn, sh, sw, sc, sh, sw), writeable=False)
+        windows = np.lib.stride_tricks.as_strided(
+            padded, (n, 2 * pad + 1, 2 * pad + 1, c, h, w), (sn, sh, sw, sc, sh, sw), writeable=False
+        )
         shifted = windows[np.arange(n), dy.numpy(), dx.numpy()]
         flipped = flip.numpy()
         shifted[flipped] = shifted[flipped][..., ::-1]
@@ -136,11 +159,11 @@ def shift_and_flip(x: torch.Tensor, generator: torch.Generator | None, hflip: bo
         out[first:end].zero_()  # the zero padding
         for i in range(first, end):
             sy, sx, f = shifts[i]
-            window = x[i, :, max(0, sy):h + min(0, sy), max(0, sx):w + min(0, sx)]
+            window = x[i, :, max(0, sy) : h + min(0, sy), max(0, sx) : w + min(0, sx)]
             if f:  # flipped after the shift: the window lands mirrored, at the mirrored columns
-                out[i, :, max(0, -sy):h - max(0, sy), max(0, sx):w - max(0, -sx)] = window.flip(-1)
+                out[i, :, max(0, -sy) : h - max(0, sy), max(0, sx) : w - max(0, -sx)] = window.flip(-1)
             else:
-                out[i, :, max(0, -sy):h - max(0, sy), max(0, -sx):w - max(0, sx)] = window
+                out[i, :, max(0, -sy) : h - max(0, sy), max(0, -sx) : w - max(0, sx)] = window
 
     in_chunks(copy_windows, n, threads)
     return out
@@ -190,14 +213,15 @@ class SampleStream:
         while filled < count:
             pos = start + filled
             epoch, offset = divmod(pos, self.n)
-            chunk = self._permutation(epoch)[offset:offset + count - filled]
-            out[filled:filled + len(chunk)] = chunk
+            chunk = self._permutation(epoch)[offset : offset + count - filled]
+            out[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
         return out
 
 
-def write_sample_grid(x: np.ndarray, y: np.ndarray, classes: list[str], path: Path, per_class: int = 4,
-                      max_classes: int = 10) -> None:
+def write_sample_grid(
+    x: np.ndarray, y: np.ndarray, classes: list[str], path: Path, per_class: int = 4, max_classes: int = 10
+) -> None:
     """A PNG of `per_class` training images for up to `max_classes` classes, labelled."""
     import matplotlib
 
@@ -207,8 +231,7 @@ def write_sample_grid(x: np.ndarray, y: np.ndarray, classes: list[str], path: Pa
     from vitpipe.atomic import atomic_path
 
     shown = sorted(set(int(c) for c in np.unique(y)))[:max_classes]
-    fig, axes = plt.subplots(per_class, len(shown), figsize=(1.2 * len(shown), 1.2 * per_class + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(per_class, len(shown), figsize=(1.2 * len(shown), 1.2 * per_class + 0.4), squeeze=False)
     for col, c in enumerate(shown):
         idx = np.flatnonzero(y == c)[:per_class]
         for row in range(per_class):
@@ -222,4 +245,3 @@ def write_sample_grid(x: np.ndarray, y: np.ndarray, classes: list[str], path: Pa
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-

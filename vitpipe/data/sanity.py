@@ -34,8 +34,10 @@ def warn(message: str) -> None:
 
 
 def nothing_decodes(where: str, tried: int, example: str, fix: str) -> UserError:
-    return UserError(f"{where}: none of the {tried} image files could be decoded (e.g. {example}); "
-                     f"they are damaged or not images: {fix}")
+    return UserError(
+        f"{where}: none of the {tried} image files could be decoded (e.g. {example}); "
+        f"they are damaged or not images: {fix}"
+    )
 
 
 def require_some_decodable(images: ImageList, where: str, root: Path, fix: str) -> None:
@@ -81,9 +83,11 @@ def require_every_class(where: str, classes: list[str], splits: dict[str, SplitC
             why = f"{classes[c]!r} has {total[c]} image(s) in all, none of them in the {split} split"
         else:
             why = f"{classes[c]!r} has {s.assigned[c]} image(s) there and none decodes, e.g. {s.example.get(c, '?')}"
-        raise UserError(f"{where}: {subject} no readable image in the {split} split ({why}); every class needs "
-                        f"readable images in both train and test: add some to it or remove the class, then run "
-                        f"`dvc repro` again")
+        raise UserError(
+            f"{where}: {subject} no readable image in the {split} split ({why}); every class needs "
+            f"readable images in both train and test: add some to it or remove the class, then run "
+            f"`dvc repro` again"
+        )
 
 
 def thin_classes(where: str, classes: list[str], splits: dict[str, SplitCounts]) -> tuple[list[str], list[str]]:
@@ -98,8 +102,10 @@ def thin_classes(where: str, classes: list[str], splits: dict[str, SplitCounts])
         if thin:
             listing = ", ".join(f"{classes[c]!r} ({s.kept[c]})" for c in thin[:LISTED])
             more = f" and {len(thin) - LISTED} more" if len(thin) > LISTED else ""
-            warnings.append(f"{where}: {len(thin)} class(es) with under {THIN_FRACTION:.0%} of the median "
-                            f"{median:g} {split} images per class: {listing}{more}; the model barely learns them "
-                            f"and their accuracy is noise: add images to them or remove them")
+            warnings.append(
+                f"{where}: {len(thin)} class(es) with under {THIN_FRACTION:.0%} of the median "
+                f"{median:g} {split} images per class: {listing}{more}; the model barely learns them "
+                f"and their accuracy is noise: add images to them or remove them"
+            )
             thin_names += [classes[c] for c in thin if classes[c] not in thin_names]
     return warnings, thin_names

@@ -88,6 +88,7 @@ class SourceFacts:
     imported on demand so the embedded default never imports the rest), its class count
     (None: read from the data, an image folder) and whether it ships its own test split
     (kept whatever `data.split.test` says)."""
+
     loader: str
     classes: int | None
     official_test: bool

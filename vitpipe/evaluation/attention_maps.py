@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from vitpipe.errors import UserError
 
-MIN_GRID = 4          # Grad-CAM's default layer: the deepest stage with at least 4 x 4 cells
+MIN_GRID = 4  # Grad-CAM's default layer: the deepest stage with at least 4 x 4 cells
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,8 +63,10 @@ def attention_weights(model, images: torch.Tensor) -> list[torch.Tensor]:
         if not (hasattr(block.attn, "fused_attn") and hasattr(block.attn, "attn_drop")):
             raise UserError(f"block {i} of {type(model).__name__} has no timm Attention to read")
     weights = []
-    hooks = [block.attn.attn_drop.register_forward_hook(lambda m, args, out: weights.append(out.float()))
-             for block in model.blocks]
+    hooks = [
+        block.attn.attn_drop.register_forward_hook(lambda m, args, out: weights.append(out.float()))
+        for block in model.blocks
+    ]
     training = model.training
     model.eval()
     try:
@@ -103,7 +105,7 @@ def patch_map(matrix: torch.Tensor, prefix_tokens: int, pool: str, grid: tuple[i
         row = patches[:, prefix_tokens:].mean(1)
     else:
         raise UserError(f"rollout does not know global_pool={pool!r} (attention pooling)")
-    row = row / row.sum(-1, keepdim=True).clamp_min(1e-12)   # zero only if the class token ignores every patch
+    row = row / row.sum(-1, keepdim=True).clamp_min(1e-12)  # zero only if the class token ignores every patch
     return row.reshape(-1, *grid)
 
 
@@ -131,8 +133,10 @@ def cam_layer_name(model, images: torch.Tensor, min_grid: int = MIN_GRID) -> str
     if not stages:
         raise UserError(f"{type(model).__name__} has no known CNN stages: pass the layer to grad_cam")
     sizes = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: sizes.__setitem__(n, out.shape[-2:]))
-             for n in stages]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: sizes.__setitem__(n, out.shape[-2:]))
+        for n in stages
+    ]
     training = model.training
     model.eval()
     try:
@@ -161,14 +165,14 @@ def grad_cam(model, images: torch.Tensor, target=None, layer=None) -> torch.Tens
     model.eval()
     try:
         with torch.enable_grad():
-            x = images.detach().requires_grad_(True)    # a graph even if the weights are frozen
+            x = images.detach().requires_grad_(True)  # a graph even if the weights are frozen
             logits = model(x)
             if target is None:
                 target = logits.argmax(1)
             target = torch.as_tensor(target, device=logits.device).expand(len(logits))
             score = logits.gather(1, target[:, None]).sum()
             activations = captured["a"]
-            grads, = torch.autograd.grad(score, activations)
+            (grads,) = torch.autograd.grad(score, activations)
     finally:
         hook.remove()
         model.train(training)
@@ -199,12 +203,17 @@ def explain_split(model, split, indices, device="cpu") -> dict:
     at `indices`, in that order: {indices, labels, images (uint8 N x H x W x 3), maps
     (float32 N x h x w), method}. What the evaluate stage saves with `write_maps`."""
     idx = np.asarray(indices, dtype=np.int64)
-    x, y = split.batch(idx)                              # rows come back in sorted index order
+    x, y = split.batch(idx)  # rows come back in sorted index order
     rank = torch.as_tensor(np.argsort(np.argsort(idx)))
     x, y = x[rank], y[rank]
     maps, method = explain(model, x.to(device))
-    return {"indices": idx, "labels": y.numpy(), "images": np.asarray(split.x[np.sort(idx)])[rank.numpy()],
-            "maps": maps.detach().float().cpu().numpy(), "method": method}
+    return {
+        "indices": idx,
+        "labels": y.numpy(),
+        "images": np.asarray(split.x[np.sort(idx)])[rank.numpy()],
+        "maps": maps.detach().float().cpu().numpy(),
+        "method": method,
+    }
 
 
 def write_maps(path, result: dict) -> None:
@@ -227,8 +236,9 @@ def read_maps(path) -> dict:
 # The figure
 
 
-def attention_figure(path, images_uint8, rows: dict[str, torch.Tensor], class_names,
-                     title: str = "What each model looks at") -> str:
+def attention_figure(
+    path, images_uint8, rows: dict[str, torch.Tensor], class_names, title: str = "What each model looks at"
+) -> str:
     """Test images in columns (titled with their class), one row per model with its map over
     the image. Each map is shown relative to its own maximum, so bright = where that model
     puts the most weight. Writes a PNG at `path`; returns its path."""
@@ -241,8 +251,7 @@ def attention_figure(path, images_uint8, rows: dict[str, torch.Tensor], class_na
 
     images = np.asarray(images_uint8)
     n = len(images)
-    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.25 * n + 1.6, 1.3 * (1 + len(rows)) + 0.9),
-                             squeeze=False)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.25 * n + 1.6, 1.3 * (1 + len(rows)) + 0.9), squeeze=False)
     height, width = images.shape[1:3]
     shown = None
     for j in range(n):
@@ -254,8 +263,15 @@ def attention_figure(path, images_uint8, rows: dict[str, torch.Tensor], class_na
             # the image in grey at its true contrast (not stretched), the map over it
             axes[i, j].imshow(images[j].mean(-1), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             # nearest: one square per patch / feature-map cell, the map's true resolution
-            shown = axes[i, j].imshow(heat, cmap="inferno", alpha=0.7, vmin=0, vmax=1, interpolation="nearest",
-                                      extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+            shown = axes[i, j].imshow(
+                heat,
+                cmap="inferno",
+                alpha=0.7,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+                extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+            )
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -30,8 +30,7 @@ def predict(model: torch.nn.Module, split: Split, device: torch.device, batch_si
 
 def accuracy(model, split: Split, device, amp_dtype=None) -> dict:
     logits, labels = predict(model, split, device, amp_dtype=amp_dtype)
-    return {"top1": (logits.argmax(1) == labels).float().mean().item(),
-            "loss": F.cross_entropy(logits, labels).item()}
+    return {"top1": (logits.argmax(1) == labels).float().mean().item(), "loss": F.cross_entropy(logits, labels).item()}
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:

@@ -37,9 +37,14 @@ class CoreShare:
         """`folder`: where the leases of this machine's trainings live (the trainer puts it
         beside its checkpoint store, which every training on the machine shares)."""
         self.cores = cpu_count()
-        self.active = (device.type == "cpu" and world == 1 and "OMP_NUM_THREADS" not in os.environ
-                       and settings.load().core_share
-                       and torch.get_num_threads() == self.cores and self.cores > 1)
+        self.active = (
+            device.type == "cpu"
+            and world == 1
+            and "OMP_NUM_THREADS" not in os.environ
+            and settings.load().core_share
+            and torch.get_num_threads() == self.cores
+            and self.cores > 1
+        )
         self.folder, self.lease, self.threads = folder, None, torch.get_num_threads()
 
     def __enter__(self):

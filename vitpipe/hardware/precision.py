@@ -85,7 +85,11 @@ def resolve(requested: str, device, key: str) -> str:
         return native(device)
     cap = capability(device)
     if requested == "bf16" and cap is not None and cap < NATIVE_BF16:
-        raise ParamError(key, "bf16", f"bf16 needs compute capability {NATIVE_BF16[0]}.{NATIVE_BF16[1]} or newer and "
-                                      f"this GPU ({_name(device)}, compute capability {cap[0]}.{cap[1]}) has no native "
-                                      f"bf16; use fp16 (with its grad scaler) or auto")
+        raise ParamError(
+            key,
+            "bf16",
+            f"bf16 needs compute capability {NATIVE_BF16[0]}.{NATIVE_BF16[1]} or newer and "
+            f"this GPU ({_name(device)}, compute capability {cap[0]}.{cap[1]}) has no native "
+            f"bf16; use fp16 (with its grad scaler) or auto",
+        )
     return requested

@@ -52,8 +52,13 @@ def current_device(index: int = 0) -> Device:
     known = known_profile(props.name, props.total_memory)
     if known is None:
         return replace(local_device(), capability=capability)
-    return replace(known, label=f"{props.name} (this GPU)", memory_bytes=props.total_memory,
-                   capability=capability, notes=f"profile {known.name}; {known.notes}".rstrip("; "))
+    return replace(
+        known,
+        label=f"{props.name} (this GPU)",
+        memory_bytes=props.total_memory,
+        capability=capability,
+        notes=f"profile {known.name}; {known.notes}".rstrip("; "),
+    )
 
 
 def local_device() -> Device:
@@ -68,22 +73,33 @@ def local_device() -> Device:
         fp32 = measure_matmul_flops("cuda", torch.float32)
         half = measure_matmul_flops("cuda", torch.bfloat16)
         bandwidth = measure_bandwidth("cuda")
-        dev = Device("local", f"{props.name} (this machine)", props.total_memory,
-                     {p.peak: half if p.autocast else fp32 for p in precisions.TABLE}, bandwidth=bandwidth,
-                     sm_count=props.multi_processor_count, reserve_bytes=600 * MiB,
-                     measured={"matmul_fp32": fp32, "matmul_bf16": half, "bandwidth": bandwidth},
-                     capability=tuple(torch.cuda.get_device_capability(0)))
+        dev = Device(
+            "local",
+            f"{props.name} (this machine)",
+            props.total_memory,
+            {p.peak: half if p.autocast else fp32 for p in precisions.TABLE},
+            bandwidth=bandwidth,
+            sm_count=props.multi_processor_count,
+            reserve_bytes=600 * MiB,
+            measured={"matmul_fp32": fp32, "matmul_bf16": half, "bandwidth": bandwidth},
+            capability=tuple(torch.cuda.get_device_capability(0)),
+        )
     else:
         import psutil
 
         fp32 = measure_matmul_flops("cpu", torch.float32)
         bandwidth = measure_bandwidth("cpu")
         # no autocast speed-up is assumed on a CPU without bf16 matrix units; its cores are the SMs
-        dev = Device("local", f"CPU x{torch.get_num_threads()} threads (this machine)",
-                     psutil.virtual_memory().available,
-                     {p.peak: fp32 for p in precisions.TABLE}, bandwidth=bandwidth,
-                     sm_count=torch.get_num_threads(), reserve_bytes=512 * MiB,
-                     measured={"matmul_fp32": fp32, "bandwidth": bandwidth})
+        dev = Device(
+            "local",
+            f"CPU x{torch.get_num_threads()} threads (this machine)",
+            psutil.virtual_memory().available,
+            {p.peak: fp32 for p in precisions.TABLE},
+            bandwidth=bandwidth,
+            sm_count=torch.get_num_threads(),
+            reserve_bytes=512 * MiB,
+            measured={"matmul_fp32": fp32, "bandwidth": bandwidth},
+        )
     _LOCAL_CACHE["dev"] = dev
     return dev
 
@@ -97,7 +113,7 @@ def measure_matmul_flops(device: str = "cpu", dtype=None, n: int = 1024, seconds
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     warm = time.perf_counter()
-    while time.perf_counter() - warm < seconds / 3:   # threads and clocks spin up first
+    while time.perf_counter() - warm < seconds / 3:  # threads and clocks spin up first
         a @ b
     sync()
     best, start = float("inf"), time.perf_counter()
@@ -133,9 +149,16 @@ def measure_bandwidth(device: str = "cpu", mib: int = 64, seconds: float = 0.3) 
 CALIBRATION_SPEC = {"arch": "vit", "patch": 4, "dim": 192, "depth": 4, "heads": 3, "mlp_ratio": 4.0}
 
 
-def calibrate_mfu(spec: dict | None = None, image_size: int = 32, batch: int = 32,
-                  steps: int = 3, num_classes: int = 10, device: str | None = None,
-                  peak_flops: float | None = None, budget_s: float = 2.0) -> dict:
+def calibrate_mfu(
+    spec: dict | None = None,
+    image_size: int = 32,
+    batch: int = 32,
+    steps: int = 3,
+    num_classes: int = 10,
+    device: str | None = None,
+    peak_flops: float | None = None,
+    budget_s: float = 2.0,
+) -> dict:
     """Train `spec` for a few steps here and compare the FLOP/s it achieved (analytic train
     FLOPs x img/s) with the measured matmul peak: the MFU this machine reaches on a ViT.
     Times up to `steps` steps, fewer if they take over `budget_s` (a busy machine).
@@ -158,7 +181,7 @@ def calibrate_mfu(spec: dict | None = None, image_size: int = 32, batch: int = 3
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    step()                       # first step allocates optimizer state and warms kernels
+    step()  # first step allocates optimizer state and warms kernels
     sync()
     t, done = time.perf_counter(), 0
     while done < steps and (done == 0 or time.perf_counter() - t < budget_s):
@@ -171,11 +194,21 @@ def calibrate_mfu(spec: dict | None = None, image_size: int = 32, batch: int = 3
     train_flops = flops(cfg)["train"]
     achieved = img_per_s * train_flops
     peak = peak_flops or measure_matmul_flops(device, torch.float32)
-    return {"mfu": achieved / peak, "img_per_s": img_per_s, "achieved_flops": achieved,
-            "peak_flops": peak, "train_flops_per_image": train_flops, "batch": batch,
-            "steps": done, "seconds": seconds, "device": device,
-            "threads": torch.get_num_threads() if device == "cpu" else None,
-            "spec": dict(spec), "image_size": image_size, "num_classes": num_classes}
+    return {
+        "mfu": achieved / peak,
+        "img_per_s": img_per_s,
+        "achieved_flops": achieved,
+        "peak_flops": peak,
+        "train_flops_per_image": train_flops,
+        "batch": batch,
+        "steps": done,
+        "seconds": seconds,
+        "device": device,
+        "threads": torch.get_num_threads() if device == "cpu" else None,
+        "spec": dict(spec),
+        "image_size": image_size,
+        "num_classes": num_classes,
+    }
 
 
 def cpu_count() -> int:

@@ -71,10 +71,12 @@ class Sampler:
         if self.handle is not None:
             nv, h = self.nvml, self.handle
             # one query at a time: a GPU without power readout still reports the rest
-            for key, read in (("gpu_util_pct", lambda: float(nv.nvmlDeviceGetUtilizationRates(h).gpu)),
-                              ("gpu_mem_used_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).used / 2**20),
-                              ("gpu_mem_total_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).total / 2**20),
-                              ("gpu_power_w", lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0)):
+            for key, read in (
+                ("gpu_util_pct", lambda: float(nv.nvmlDeviceGetUtilizationRates(h).gpu)),
+                ("gpu_mem_used_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).used / 2**20),
+                ("gpu_mem_total_mb", lambda: nv.nvmlDeviceGetMemoryInfo(h).total / 2**20),
+                ("gpu_power_w", lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
+            ):
                 try:
                     s[key] = read()
                 except Exception:

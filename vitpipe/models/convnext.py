@@ -21,26 +21,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vitpipe.errors import ParamError
+from vitpipe.models.registry import Family, element_bytes, layer_weights, not_plain, register_family, timm_module
 from vitpipe.models.step_ops import RESIDUAL, cast_bytes, gemm, mem
-from vitpipe.models.registry import (Family, element_bytes, layer_weights, not_plain, register_family,
-                                     timm_module)
 
 TIMM_MODULE = "timm.models.convnext"
-MIN_IMAGE = 32           # stem /4, then three /2 downsamplings: at least one cell at the end
+MIN_IMAGE = 32  # stem /4, then three /2 downsamplings: at least one cell at the end
 
 
 @dataclass(frozen=True)
 class ConvNeXtConfig:
     """Everything about a plain timm ConvNeXt that sets its size and cost."""
+
     image_size: int
-    dims: tuple                  # channels of the 4 stages
-    depths: tuple                # blocks per stage
+    dims: tuple  # channels of the 4 stages
+    depths: tuple  # blocks per stage
     num_classes: int
-    mlp_hidden: tuple = ()       # hidden width of each stage's MLP (4 x dims)
+    mlp_hidden: tuple = ()  # hidden width of each stage's MLP (4 x dims)
     in_chans: int = 3
-    patch: int = 4               # patchify stem: a patch x patch conv, stride patch
-    kernel: int = 7              # depthwise conv
-    conv_mlp: bool = False       # 1 x 1 convs on NCHW (atto..nano) or linear layers on NHWC
+    patch: int = 4  # patchify stem: a patch x patch conv, stride patch
+    kernel: int = 7  # depthwise conv
+    conv_mlp: bool = False  # 1 x 1 convs on NCHW (atto..nano) or linear layers on NHWC
     layer_scale: bool = True
 
     def grids(self) -> list[int]:
@@ -64,10 +64,16 @@ def _stages(c: ConvNeXtConfig):
 
 def _block_params(c: ConvNeXtConfig, d: int, hidden: int) -> int:
     """One block at `d` channels."""
-    return (c.kernel**2 * d + d                 # depthwise conv
-            + 2 * d                             # LayerNorm
-            + d * hidden + hidden + hidden * d + d   # MLP
-            + (d if c.layer_scale else 0))      # gamma
+    return (
+        c.kernel**2 * d
+        + d  # depthwise conv
+        + 2 * d  # LayerNorm
+        + d * hidden
+        + hidden
+        + hidden * d
+        + d  # MLP
+        + (d if c.layer_scale else 0)
+    )  # gamma
 
 
 @register_family
@@ -90,8 +96,9 @@ class ConvNeXt(Family):
 
     def validate(self, spec, image_size, key_prefix, image_size_key):
         if image_size < MIN_IMAGE:
-            raise ParamError(image_size_key, image_size,
-                             f"at least {MIN_IMAGE} for {spec['arch']} (a ConvNeXt downsamples by 32)")
+            raise ParamError(
+                image_size_key, image_size, f"at least {MIN_IMAGE} for {spec['arch']} (a ConvNeXt downsamples by 32)"
+            )
 
     def build(self, spec, num_classes, image_size):
         import timm
@@ -107,7 +114,7 @@ class ConvNeXt(Family):
 
     def describe(self, spec, image_size):
         arch = spec["arch"]
-        size = arch[len("convnext_"):]
+        size = arch[len("convnext_") :]
         if arch.startswith("convnext_") and size.isalpha():
             return f"ConvNeXt-{size.capitalize()} @{image_size}px"
         return f"{arch} @{image_size}px"
@@ -130,17 +137,22 @@ class ConvNeXt(Family):
             if prev:
                 layers.append(dict(part="blocks", kind="conv", k=2, cin=prev[0], cout=dim))
             mlp = "conv" if c.conv_mlp else "linear"
-            layers += depth * [dict(part="blocks", kind="conv", k=c.kernel, cin=1, cout=dim),
-                               dict(part="blocks", kind=mlp, k=1, cin=dim, cout=hidden),
-                               dict(part="blocks", kind=mlp, k=1, cin=hidden, cout=dim)]
+            layers += depth * [
+                dict(part="blocks", kind="conv", k=c.kernel, cin=1, cout=dim),
+                dict(part="blocks", kind=mlp, k=1, cin=dim, cout=hidden),
+                dict(part="blocks", kind=mlp, k=1, cin=hidden, cout=dim),
+            ]
         return layers + [dict(part="head", kind="linear", k=1, cin=c.dims[-1], cout=c.num_classes)]
 
     def param_counts(self, c):
-        p = {"stem": c.patch**2 * c.in_chans * c.dims[0] + c.dims[0] + 2 * c.dims[0],   # conv + LayerNorm
-             "downsample": 0, "blocks": 0}
+        p = {
+            "stem": c.patch**2 * c.in_chans * c.dims[0] + c.dims[0] + 2 * c.dims[0],  # conv + LayerNorm
+            "downsample": 0,
+            "blocks": 0,
+        }
         for _, d, hidden, depth, _, prev in _stages(c):
             if prev:
-                p["downsample"] += 2 * prev[0] + 4 * prev[0] * d + d     # LayerNorm + 2 x 2 conv
+                p["downsample"] += 2 * prev[0] + 4 * prev[0] * d + d  # LayerNorm + 2 x 2 conv
             p["blocks"] += depth * _block_params(c, d, hidden)
         p["head"] = 2 * c.dims[-1] + ((c.dims[-1] + 1) * c.num_classes if c.num_classes else 0)
         return p
@@ -162,22 +174,27 @@ class ConvNeXt(Family):
         # LayerNorm's saved input: autocast on CUDA runs it in fp32, on CPU in the input's dtype
         ln = 4 if device_type == "cuda" else a
         h0 = c.grids()[0]
-        s = {"image": a * c.in_chans * c.image_size**2,
-             "stem_norm": ln * c.dims[0] * h0**2 + 8 * h0**2,
-             "downsample": 0, "blocks": 0}
+        s = {
+            "image": a * c.in_chans * c.image_size**2,
+            "stem_norm": ln * c.dims[0] * h0**2 + 8 * h0**2,
+            "downsample": 0,
+            "blocks": 0,
+        }
         for _, d, hidden, depth, h, prev in _stages(c):
-            if prev:          # LayerNorm of the fp32 residual stream, then the conv's half input
+            if prev:  # LayerNorm of the fp32 residual stream, then the conv's half input
                 d0, h_prev = prev
                 s["downsample"] += (4 + a) * d0 * h_prev**2 + 8 * h_prev**2
-            per_block = (a * d          # depthwise conv input
-                         + ln * d       # LayerNorm input
-                         + a * d        # first MLP layer input
-                         + 2 * a * hidden   # its output (GELU's input) and GELU's output
-                         + (a * d if c.layer_scale else 0)) * h * h + 8 * h * h   # + LN stats
+            per_block = (
+                a * d  # depthwise conv input
+                + ln * d  # LayerNorm input
+                + a * d  # first MLP layer input
+                + 2 * a * hidden  # its output (GELU's input) and GELU's output
+                + (a * d if c.layer_scale else 0)
+            ) * h * h + 8 * h * h  # + LN stats
             s["blocks"] += depth * per_block
         d = c.dims[-1]
-        s["head"] = 4 * d + 8 + a * d             # pooled (the norm's input), its stats, the linear's input
-        s["loss"] = 4 * c.num_classes + 8         # log-softmax output (fp32) and the target
+        s["head"] = 4 * d + 8 + a * d  # pooled (the norm's input), its stats, the linear's input
+        s["loss"] = 4 * c.num_classes + 8  # log-softmax output (fp32) and the target
         return s
 
     def autocast_weight_params(self, c, checkpointing):
@@ -194,15 +211,19 @@ class ConvNeXt(Family):
         r, cast = RESIDUAL, cast_bytes(a)
         ncast = 1 if cast else 0
         g0 = c.grids()[0]
-        ops = [gemm(g0 * g0, c.dims[0], c.in_chans * c.patch**2, first=True, what="stem conv"),
-               mem((a + r) * c.dims[0] * g0 * g0, 3 * r * c.dims[0] * g0 * g0, 1, 2, what="stem norm")]
+        ops = [
+            gemm(g0 * g0, c.dims[0], c.in_chans * c.patch**2, first=True, what="stem conv"),
+            mem((a + r) * c.dims[0] * g0 * g0, 3 * r * c.dims[0] * g0 * g0, 1, 2, what="stem norm"),
+        ]
         tensors, cast_params = 4 + 4, c.in_chans * c.patch**2 * c.dims[0] + c.dims[-1] * c.num_classes
         for _, d, hidden, depth, h, prev in _stages(c):
             p = h * h
             if prev:
                 pp = prev[1] ** 2
-                ops += [mem(2 * r * prev[0] * pp, 4 * r * prev[0] * pp, 2, 3, what="downsample norm"),
-                        gemm(p, d, 4 * prev[0], what="downsample conv 2x2")]
+                ops += [
+                    mem(2 * r * prev[0] * pp, 4 * r * prev[0] * pp, 2, 3, what="downsample norm"),
+                    gemm(p, d, 4 * prev[0], what="downsample conv 2x2"),
+                ]
                 tensors += 4
                 cast_params += 4 * prev[0] * d
             ops += [
@@ -234,20 +255,29 @@ def _read_timm_convnext(m, name, num_classes, image_size) -> ConvNeXtConfig:
     b0 = blocks[0]
     stem = m.stem
     checks = {
-        "a patchify stem": len(stem) == 2 and isinstance(stem[0], nn.Conv2d) and isinstance(stem[1], LayerNorm2d)
+        "a patchify stem": len(stem) == 2
+        and isinstance(stem[0], nn.Conv2d)
+        and isinstance(stem[1], LayerNorm2d)
         and stem[0].kernel_size[0] == stem[0].stride[0],
         "standard blocks": all(type(b) is ConvNeXtBlock for b in blocks),
         "LayerNorm": all(type(b.norm) in (LayerNorm, LayerNorm2d) for b in blocks),
-        "GELU MLP without response norm": all(type(b.mlp) is Mlp and type(b.mlp.act).__name__ == "GELU"
-                                              and isinstance(b.mlp.norm, nn.Identity) for b in blocks),
+        "GELU MLP without response norm": all(
+            type(b.mlp) is Mlp and type(b.mlp.act).__name__ == "GELU" and isinstance(b.mlp.norm, nn.Identity)
+            for b in blocks
+        ),
         "biased convolutions": all(b.conv_dw.bias is not None for b in blocks),
         "the same layer scale everywhere": len({b.gamma is None for b in blocks}) == 1,
         "plain shortcuts": all(isinstance(b.shortcut, nn.Identity) for b in blocks),
-        "2 x 2 downsampling": all(isinstance(s.downsample, nn.Identity) if i == 0 else
-                                  (isinstance(s.downsample[0], LayerNorm2d) and s.downsample[1].kernel_size == (2, 2))
-                                  for i, s in enumerate(m.stages)),
-        "a norm -> linear head": type(m.head) is NormMlpClassifierHead and isinstance(m.head.pre_logits, nn.Identity)
-        and isinstance(m.head.norm, LayerNorm2d) and isinstance(m.norm_pre, nn.Identity)
+        "2 x 2 downsampling": all(
+            isinstance(s.downsample, nn.Identity)
+            if i == 0
+            else (isinstance(s.downsample[0], LayerNorm2d) and s.downsample[1].kernel_size == (2, 2))
+            for i, s in enumerate(m.stages)
+        ),
+        "a norm -> linear head": type(m.head) is NormMlpClassifierHead
+        and isinstance(m.head.pre_logits, nn.Identity)
+        and isinstance(m.head.norm, LayerNorm2d)
+        and isinstance(m.norm_pre, nn.Identity)
         and m.head.global_pool.pool_type == "avg",
         "one depthwise kernel": len({b.conv_dw.kernel_size for b in blocks}) == 1,
     }
@@ -256,8 +286,14 @@ def _read_timm_convnext(m, name, num_classes, image_size) -> ConvNeXtConfig:
         raise not_plain(name, "ConvNeXt", "needs " + ", ".join(bad))
     fc1 = [s.blocks[0].mlp.fc1 for s in m.stages]
     return ConvNeXtConfig(
-        image_size=image_size, dims=tuple(s.blocks[0].conv_dw.out_channels for s in m.stages),
-        depths=tuple(len(s.blocks) for s in m.stages), num_classes=num_classes,
+        image_size=image_size,
+        dims=tuple(s.blocks[0].conv_dw.out_channels for s in m.stages),
+        depths=tuple(len(s.blocks) for s in m.stages),
+        num_classes=num_classes,
         mlp_hidden=tuple(getattr(f, "out_features", None) or f.out_channels for f in fc1),
-        in_chans=stem[0].in_channels, patch=stem[0].kernel_size[0], kernel=b0.conv_dw.kernel_size[0],
-        conv_mlp=b0.use_conv_mlp, layer_scale=b0.gamma is not None)
+        in_chans=stem[0].in_channels,
+        patch=stem[0].kernel_size[0],
+        kernel=b0.conv_dw.kernel_size[0],
+        conv_mlp=b0.use_conv_mlp,
+        layer_scale=b0.gamma is not None,
+    )

@@ -20,7 +20,7 @@ import functools
 from vitpipe import precisions
 from vitpipe.errors import ParamError, UserError
 
-HALF_PRECISIONS = precisions.HALF   # autocast runs matmuls in these; their elements are 2 bytes
+HALF_PRECISIONS = precisions.HALF  # autocast runs matmuls in these; their elements are 2 bytes
 element_bytes = precisions.element_bytes
 
 
@@ -30,15 +30,15 @@ class Family:
 
     name = ""
     config_type: type = object
-    label = ""                        # the family in prose: ViT, ResNet, ConvNeXt
-    allowed = ""                      # how its own arch names read in an error message
-    spec_keys: frozenset = frozenset()   # network keys besides `arch` a spec may set
+    label = ""  # the family in prose: ViT, ResNet, ConvNeXt
+    allowed = ""  # how its own arch names read in an error message
+    spec_keys: frozenset = frozenset()  # network keys besides `arch` a spec may set
     # those keys as params.py checks and documents them: {key: {kind, help, lo, hi, choices, ...}}
     # (the fields of params.Key; plain dicts, as models sit below params)
     spec_schema: dict = {}
-    attention = False                 # token attention: the `attention` setting (sdpa/eager) matters
-    checkpointing = False             # activation checkpointing is modelled (and supported)
-    channels_last = False             # trains faster channels-last on CUDA (convolutions)
+    attention = False  # token attention: the `attention` setting (sdpa/eager) matters
+    checkpointing = False  # activation checkpointing is modelled (and supported)
+    channels_last = False  # trains faster channels-last on CUDA (convolutions)
 
     # --- names, specs, networks -----------------------------------------------------------
     def matches(self, arch: str) -> bool:
@@ -126,8 +126,10 @@ class Family:
         raise NotImplementedError
 
     def refuse_checkpointing(self) -> UserError:
-        return UserError(f"activation checkpointing is not modelled for {self.name} models "
-                         f"(only for: {', '.join(f.name for f in FAMILIES if f.checkpointing)})")
+        return UserError(
+            f"activation checkpointing is not modelled for {self.name} models "
+            f"(only for: {', '.join(f.name for f in FAMILIES if f.checkpointing)})"
+        )
 
 
 FAMILIES: list[Family] = []
@@ -141,8 +143,9 @@ def register_family(cls):
 
 
 def allowed_arch() -> str:
-    return ("one of: " + ", ".join(f.allowed for f in FAMILIES)
-            + f", or a timm {'/'.join(f.label for f in FAMILIES)} name")
+    return (
+        "one of: " + ", ".join(f.allowed for f in FAMILIES) + f", or a timm {'/'.join(f.label for f in FAMILIES)} name"
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,8 +215,7 @@ def _family(spec: dict, key: str = "arch") -> Family:
     return f
 
 
-def validate_spec(spec: dict, image_size: int, key_prefix: str,
-                  image_size_key: str = "data.image_size") -> None:
+def validate_spec(spec: dict, image_size: int, key_prefix: str, image_size_key: str = "data.image_size") -> None:
     """Raise ParamError naming the key if `spec` can not be built at `image_size`. Cheap:
     looks names up, builds nothing (a timm name outside the known modules once, on meta)."""
     if not isinstance(spec, dict):
@@ -269,12 +271,11 @@ def reset_head(model, num_classes: int) -> None:
     """Give `model` a fresh classifier for `num_classes` (fine-tuning on a new label set)."""
     import torch.nn as nn
 
-    if hasattr(model, "reset_classifier"):        # timm
+    if hasattr(model, "reset_classifier"):  # timm
         model.reset_classifier(num_classes)
-    elif isinstance(getattr(model, "fc", None), nn.Linear):   # torchvision ResNet
+    elif isinstance(getattr(model, "fc", None), nn.Linear):  # torchvision ResNet
         fc = model.fc
-        model.fc = nn.Linear(fc.in_features, num_classes, device=fc.weight.device,
-                             dtype=fc.weight.dtype)
+        model.fc = nn.Linear(fc.in_features, num_classes, device=fc.weight.device, dtype=fc.weight.dtype)
     else:
         raise UserError(f"do not know the classifier of {type(model).__name__}")
 
@@ -294,8 +295,7 @@ def layer_weights(x: dict) -> int:
 
 
 def not_plain(name: str, family: str, why: str) -> UserError:
-    return UserError(f"{name} is not a plain {family} the compute model knows ({why}); "
-                     "use another spec or timm name")
+    return UserError(f"{name} is not a plain {family} the compute model knows ({why}); use another spec or timm name")
 
 
 def short_list(xs, n=12) -> str:

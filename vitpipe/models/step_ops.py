@@ -19,7 +19,7 @@ Op kinds (all per image; `count` repeats it):
 
 from __future__ import annotations
 
-RESIDUAL = 4      # the residual stream and LayerNorm outputs stay fp32 under autocast
+RESIDUAL = 4  # the residual stream and LayerNorm outputs stay fp32 under autocast
 
 
 def gemm(m, n, k, count=1, first=False, what=""):

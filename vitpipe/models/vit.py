@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 
 from vitpipe.errors import ParamError
+from vitpipe.models.registry import Family, element_bytes, not_plain, register_family, short_list, timm_module
 from vitpipe.models.step_ops import RESIDUAL, cast_bytes, gemm, mem
-from vitpipe.models.registry import (Family, element_bytes, not_plain, register_family, short_list,
-                                     timm_module)
 
 # name -> (dim, depth, heads); mlp_ratio 4 for all (ViT paper table 1; DeiT for Ti/S; timm for M)
 VIT_SIZES = {
@@ -35,6 +34,7 @@ TIMM_MODULE = "timm.models.vision_transformer"
 @dataclass(frozen=True)
 class ViTConfig:
     """Everything about a timm VisionTransformer that sets its size and cost."""
+
     image_size: int
     patch: int
     dim: int
@@ -45,13 +45,13 @@ class ViTConfig:
     in_chans: int = 3
     class_token: bool = True
     reg_tokens: int = 0
-    pool: str = "token"          # token | avg
-    final_norm: bool = True      # LayerNorm over all tokens after the blocks
-    fc_norm: bool = False        # LayerNorm after pooling instead
-    pre_norm: bool = False       # LayerNorm before the blocks (CLIP style)
+    pool: str = "token"  # token | avg
+    final_norm: bool = True  # LayerNorm over all tokens after the blocks
+    fc_norm: bool = False  # LayerNorm after pooling instead
+    pre_norm: bool = False  # LayerNorm before the blocks (CLIP style)
     no_embed_class: bool = False  # position embedding skips the prefix tokens
     qkv_bias: bool = True
-    patch_bias: bool = True      # CLIP's patch embedding has none
+    patch_bias: bool = True  # CLIP's patch embedding has none
     layer_scale: bool = False
 
     @property
@@ -81,8 +81,10 @@ def vit_sizes(spec: dict) -> dict:
 
 def patch_message(image_size, image_size_key, patch) -> str:
     divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
-    return (f"{image_size_key}={image_size} must be divisible by the patch ({patch}); "
-            f"allowed patches: {short_list(divisors)}")
+    return (
+        f"{image_size_key}={image_size} must be divisible by the patch ({patch}); "
+        f"allowed patches: {short_list(divisors)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def vit_flops_parts(c: ViTConfig) -> dict:
     tokens²; `projections` are the qkv and output projections of the blocks."""
     t, d, hm = c.tokens, c.dim, c.mlp_hidden
     return {
-        "patch_embed": 2 * c.num_patches * d * c.in_chans * c.patch**2,   # a p x p conv, stride p
+        "patch_embed": 2 * c.num_patches * d * c.in_chans * c.patch**2,  # a p x p conv, stride p
         "projections": c.depth * 2 * t * (3 * d * d + d * d),
         "attention": c.depth * 4 * t * t * d,
         "mlp": c.depth * 2 * t * 2 * d * hm,
@@ -111,7 +113,7 @@ ATTENTION_STORAGES = tuple(f"blocks.{k}" for k in ("qkv", "q", "k", "v", "attn_p
 def _block_saved(c: ViTConfig, a: int, attention: str, device_type: str) -> dict:
     """What one block keeps for backward when it is not checkpointed."""
     t, d, hm, h = c.tokens, c.dim, c.mlp_hidden, c.heads
-    r, stats = 4, 2 * 4 * t          # residual stream fp32; LayerNorm mean and rstd
+    r, stats = 4, 2 * 4 * t  # residual stream fp32; LayerNorm mean and rstd
     block = {"block_input": r * t * d + stats, "norm1_out": a * t * d}
     if attention == "sdpa":
         # fused attention keeps q, k, v (views of the qkv output), its output (which the
@@ -121,25 +123,23 @@ def _block_saved(c: ViTConfig, a: int, attention: str, device_type: str) -> dict
         # eager: q*scale, k^T and v are copied into batched matmuls; the softmax
         # probabilities are kept (on CUDA in fp32, plus the half copy for attn @ v)
         probs = 4 if a == 4 else (6 if device_type == "cuda" else 2)
-        block.update(q=a * t * d, k=a * t * d, v=a * t * d, attn_probs=probs * h * t * t,
-                     attn_out=a * t * d)
-    block.update(residual=r * t * d + stats, norm2_out=a * t * d,
-                 fc1_out=a * t * hm, gelu_out=a * t * hm)
+        block.update(q=a * t * d, k=a * t * d, v=a * t * d, attn_probs=probs * h * t * t, attn_out=a * t * d)
+    block.update(residual=r * t * d + stats, norm2_out=a * t * d, fc1_out=a * t * hm, gelu_out=a * t * hm)
     if c.layer_scale:
         block["layer_scale_inputs"] = 2 * a * t * d
     return block
 
 
 def _vit_saved(c: ViTConfig, precision, attention, checkpointing, device_type) -> dict:
-    a = element_bytes(precision)     # matmul inputs/outputs: half under autocast
+    a = element_bytes(precision)  # matmul inputs/outputs: half under autocast
     t, d = c.tokens, c.dim
-    r = 4                            # residual stream: fp32 (LayerNorm runs in fp32 under autocast)
-    stats = 2 * 4 * t                # LayerNorm mean and rstd
-    s = {"image": a * c.in_chans * c.image_size**2}   # the input, or its half copy
+    r = 4  # residual stream: fp32 (LayerNorm runs in fp32 under autocast)
+    stats = 2 * 4 * t  # LayerNorm mean and rstd
+    s = {"image": a * c.in_chans * c.image_size**2}  # the input, or its half copy
     if c.pre_norm:
         s["norm_pre"] = r * t * d + stats
     if checkpointing:
-        block = {"block_input": r * t * d}            # recomputed in backward, one block at a time
+        block = {"block_input": r * t * d}  # recomputed in backward, one block at a time
     else:
         block = _block_saved(c, a, attention, device_type)
     for k, v in block.items():
@@ -150,7 +150,7 @@ def _vit_saved(c: ViTConfig, precision, attention, checkpointing, device_type) -
         s["final_norm_in"] = r * t * d + stats
         tokens_storage = "final_norm_out"
     if c.pool == "token":
-        pooled_storage, pooled_bytes = tokens_storage or "blocks_out", r * t * d   # a view of it
+        pooled_storage, pooled_bytes = tokens_storage or "blocks_out", r * t * d  # a view of it
     else:
         pooled_storage, pooled_bytes = "pooled", r * d
     if c.fc_norm:
@@ -160,22 +160,27 @@ def _vit_saved(c: ViTConfig, precision, attention, checkpointing, device_type) -
     else:
         head_in, head_bytes = pooled_storage, pooled_bytes
     if a == 2:
-        head_in, head_bytes = "head_in", a * d   # the half copy the linear layer keeps
+        head_in, head_bytes = "head_in", a * d  # the half copy the linear layer keeps
     s[head_in] = head_bytes
-    s["loss"] = 4 * c.num_classes + 8            # log-softmax output (fp32) and the target
+    s["loss"] = 4 * c.num_classes + 8  # log-softmax output (fp32) and the target
     return s
 
 
-def attention_split(cfg: ViTConfig, precision: str = "fp32", attention: str = "sdpa",
-                    device_type: str = "cuda") -> dict:
+def attention_split(
+    cfg: ViTConfig, precision: str = "fp32", attention: str = "sdpa", device_type: str = "cuda"
+) -> dict:
     """Per image, attention's token mixing against the rest of a ViT: forward FLOPs
     (`vit_flops_parts`) and saved activation bytes, and attention's share of each. The
     parts sum to `compute.flops(cfg)["forward"]` and `compute.activation_bytes(cfg, ...)`."""
     f = vit_flops_parts(cfg)
     saved = _vit_saved(cfg, precision, attention, False, device_type)
     attn_bytes = sum(v for k, v in saved.items() if k in ATTENTION_STORAGES)
-    out = {"attention_flops": f["attention"], "rest_flops": sum(f.values()) - f["attention"],
-           "attention_bytes": attn_bytes, "rest_bytes": sum(saved.values()) - attn_bytes}
+    out = {
+        "attention_flops": f["attention"],
+        "rest_flops": sum(f.values()) - f["attention"],
+        "attention_bytes": attn_bytes,
+        "rest_bytes": sum(saved.values()) - attn_bytes,
+    }
     out["flops_share"] = out["attention_flops"] / (out["attention_flops"] + out["rest_flops"])
     out["bytes_share"] = out["attention_bytes"] / (out["attention_bytes"] + out["rest_bytes"])
     return out
@@ -249,11 +254,13 @@ class ViT(Family):
             raise ParamError(f"{key_prefix}.pool", sizes["pool"], "token (class token) or avg")
         if sizes["dim"] % sizes["heads"]:
             divisors = [h for h in range(1, sizes["dim"] + 1) if sizes["dim"] % h == 0]
-            raise ParamError(f"{key_prefix}.heads", sizes["heads"],
-                             f"a divisor of dim={sizes['dim']}: {short_list(divisors)}")
+            raise ParamError(
+                f"{key_prefix}.heads", sizes["heads"], f"a divisor of dim={sizes['dim']}: {short_list(divisors)}"
+            )
         if image_size % sizes["patch"]:
-            raise ParamError(f"{key_prefix}.patch", sizes["patch"],
-                             patch_message(image_size, image_size_key, sizes["patch"]))
+            raise ParamError(
+                f"{key_prefix}.patch", sizes["patch"], patch_message(image_size, image_size_key, sizes["patch"])
+            )
 
     def build(self, spec, num_classes, image_size):
         if self._timm(spec["arch"]):
@@ -265,10 +272,17 @@ class ViT(Family):
         s = vit_sizes(spec)
         avg = s["pool"] == "avg"
         return VisionTransformer(
-            img_size=image_size, patch_size=s["patch"], embed_dim=s["dim"], depth=s["depth"],
-            num_heads=s["heads"], mlp_ratio=s["mlp_ratio"], num_classes=num_classes,
+            img_size=image_size,
+            patch_size=s["patch"],
+            embed_dim=s["dim"],
+            depth=s["depth"],
+            num_heads=s["heads"],
+            mlp_ratio=s["mlp_ratio"],
+            num_classes=num_classes,
             # avg pooling drops the then-unused class token; timm adds an fc_norm for it
-            global_pool="avg" if avg else "token", class_token=not avg)
+            global_pool="avg" if avg else "token",
+            class_token=not avg,
+        )
 
     def config(self, spec, num_classes, image_size):
         if self._timm(spec["arch"]):
@@ -279,10 +293,19 @@ class ViT(Family):
             return _read_timm_vit(model, spec["arch"], num_classes, image_size)
         s = vit_sizes(spec)
         avg = s["pool"] == "avg"
-        return ViTConfig(image_size=image_size, patch=s["patch"], dim=s["dim"], depth=s["depth"],
-                         heads=s["heads"], mlp_hidden=int(s["dim"] * s["mlp_ratio"]),
-                         num_classes=num_classes, class_token=not avg, pool=s["pool"],
-                         final_norm=not avg, fc_norm=avg)
+        return ViTConfig(
+            image_size=image_size,
+            patch=s["patch"],
+            dim=s["dim"],
+            depth=s["depth"],
+            heads=s["heads"],
+            mlp_hidden=int(s["dim"] * s["mlp_ratio"]),
+            num_classes=num_classes,
+            class_token=not avg,
+            pool=s["pool"],
+            final_norm=not avg,
+            fc_norm=avg,
+        )
 
     def describe(self, spec, image_size):
         arch = spec["arch"]
@@ -298,12 +321,19 @@ class ViT(Family):
     # --- cost -----------------------------------------------------------------------------
     def param_counts(self, c):
         d, hm = c.dim, c.mlp_hidden
-        block = (2 * d                                  # norm1
-                 + 3 * d * d + (3 * d if c.qkv_bias else 0)  # qkv
-                 + d * d + d                            # proj
-                 + 2 * d                                # norm2
-                 + d * hm + hm + hm * d + d             # fc1, fc2
-                 + (2 * d if c.layer_scale else 0))     # ls1, ls2
+        block = (
+            2 * d  # norm1
+            + 3 * d * d
+            + (3 * d if c.qkv_bias else 0)  # qkv
+            + d * d
+            + d  # proj
+            + 2 * d  # norm2
+            + d * hm
+            + hm
+            + hm * d
+            + d  # fc1, fc2
+            + (2 * d if c.layer_scale else 0)
+        )  # ls1, ls2
         pos_tokens = c.num_patches + (0 if c.no_embed_class else c.prefix_tokens)
         return {
             "patch_embed": c.in_chans * c.patch**2 * d + (d if c.patch_bias else 0),
@@ -317,8 +347,11 @@ class ViT(Family):
     def flops(self, c):
         parts = vit_flops_parts(c)
         forward = sum(parts.values())
-        return {"forward": forward, "first": parts["patch_embed"],
-                "recompute": forward - parts["patch_embed"] - parts["head"]}   # the blocks
+        return {
+            "forward": forward,
+            "first": parts["patch_embed"],
+            "recompute": forward - parts["patch_embed"] - parts["head"],
+        }  # the blocks
 
     def saved(self, c, precision, attention, checkpointing, device_type):
         return _vit_saved(c, precision, attention, checkpointing, device_type)
@@ -326,16 +359,21 @@ class ViT(Family):
     def weight_layers(self, c):
         d, hm = c.dim, c.mlp_hidden
         block = [dict(part="blocks", kind="linear", k=1, cin=d, cout=n) for n in (3 * d, d)]
-        block += [dict(part="blocks", kind="linear", k=1, cin=d, cout=hm),
-                  dict(part="blocks", kind="linear", k=1, cin=hm, cout=d)]
-        return ([dict(part="embed", kind="patch", k=c.patch, cin=c.in_chans, cout=d)] + c.depth * block
-                + [dict(part="head", kind="linear", k=1, cin=d, cout=c.num_classes)])
+        block += [
+            dict(part="blocks", kind="linear", k=1, cin=d, cout=hm),
+            dict(part="blocks", kind="linear", k=1, cin=hm, cout=d),
+        ]
+        return (
+            [dict(part="embed", kind="patch", k=c.patch, cin=c.in_chans, cout=d)]
+            + c.depth * block
+            + [dict(part="head", kind="linear", k=1, cin=d, cout=c.num_classes)]
+        )
 
     def _block_weights(self, c):
-        return 4 * c.dim * c.dim + 2 * c.dim * c.mlp_hidden   # qkv, proj, fc1, fc2
+        return 4 * c.dim * c.dim + 2 * c.dim * c.mlp_hidden  # qkv, proj, fc1, fc2
 
     def autocast_weight_params(self, c, checkpointing):
-        outside = c.in_chans * c.patch**2 * c.dim + c.dim * c.num_classes   # patch embed, head
+        outside = c.in_chans * c.patch**2 * c.dim + c.dim * c.num_classes  # patch embed, head
         return outside + (0 if checkpointing else c.depth * self._block_weights(c))
 
     def recompute_weight_params(self, c):
@@ -346,7 +384,7 @@ class ViT(Family):
         t, d = c.tokens, c.dim
         biggest = max(a * t * c.mlp_hidden, (2 * a * c.heads * t * t) if attention == "eager" else 0)
         extra = 4 * t * d + biggest
-        if checkpointing:      # the one block being recomputed holds what it saves
+        if checkpointing:  # the one block being recomputed holds what it saves
             extra += sum(_block_saved(c, a, attention, "cuda").values())
         return extra
 
@@ -389,8 +427,7 @@ def _read_timm_vit(m, name, num_classes, image_size) -> ViTConfig:
         "the plain VisionTransformer class": type(m) is VisionTransformer,
         "attention pooling": m.global_pool in ("token", "avg"),
         "standard blocks": all(type(blk) is Block for blk in m.blocks),
-        "GELU MLP": type(b.mlp) is Mlp and isinstance(b.mlp.act, nn.GELU)
-        and isinstance(b.mlp.norm, nn.Identity),
+        "GELU MLP": type(b.mlp) is Mlp and isinstance(b.mlp.act, nn.GELU) and isinstance(b.mlp.norm, nn.Identity),
         "no qk-norm": isinstance(b.attn.q_norm, nn.Identity) and isinstance(b.attn.norm, nn.Identity),
         "LayerNorm": isinstance(b.norm1, nn.LayerNorm),
         "patch embedding": type(m.patch_embed) is PatchEmbed and isinstance(m.patch_embed.norm, nn.Identity),
@@ -401,11 +438,22 @@ def _read_timm_vit(m, name, num_classes, image_size) -> ViTConfig:
     if bad:
         raise not_plain(name, "ViT", "needs " + ", ".join(bad))
     return ViTConfig(
-        image_size=image_size, patch=m.patch_embed.patch_size[0], dim=m.embed_dim,
-        depth=len(m.blocks), heads=b.attn.num_heads, mlp_hidden=b.mlp.fc1.out_features,
-        num_classes=num_classes, in_chans=m.patch_embed.proj.in_channels,
-        class_token=m.cls_token is not None, reg_tokens=m.num_reg_tokens, pool=m.global_pool,
-        final_norm=not isinstance(m.norm, nn.Identity), fc_norm=not isinstance(m.fc_norm, nn.Identity),
-        pre_norm=not isinstance(m.norm_pre, nn.Identity), no_embed_class=m.no_embed_class,
-        qkv_bias=b.attn.qkv.bias is not None, patch_bias=m.patch_embed.proj.bias is not None,
-        layer_scale=isinstance(b.ls1, LayerScale))
+        image_size=image_size,
+        patch=m.patch_embed.patch_size[0],
+        dim=m.embed_dim,
+        depth=len(m.blocks),
+        heads=b.attn.num_heads,
+        mlp_hidden=b.mlp.fc1.out_features,
+        num_classes=num_classes,
+        in_chans=m.patch_embed.proj.in_channels,
+        class_token=m.cls_token is not None,
+        reg_tokens=m.num_reg_tokens,
+        pool=m.global_pool,
+        final_norm=not isinstance(m.norm, nn.Identity),
+        fc_norm=not isinstance(m.fc_norm, nn.Identity),
+        pre_norm=not isinstance(m.norm_pre, nn.Identity),
+        no_embed_class=m.no_embed_class,
+        qkv_bias=b.attn.qkv.bias is not None,
+        patch_bias=m.patch_embed.proj.bias is not None,
+        layer_scale=isinstance(b.ls1, LayerScale),
+    )

@@ -23,8 +23,9 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")  # {"state_
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
-def import_weights(spec: dict, source: str, weights: str, image_size: int,
-                   key: str = "variants.<variant>") -> dict[str, torch.Tensor]:
+def import_weights(
+    spec: dict, source: str, weights: str, image_size: int, key: str = "variants.<variant>"
+) -> dict[str, torch.Tensor]:
     """The backbone of a pretrained checkpoint, checked against (and resized for) the network
     `spec` builds at `image_size`. The classifier is left out: fine-tuning makes a new one."""
     if source not in SOURCES:
@@ -33,8 +34,10 @@ def import_weights(spec: dict, source: str, weights: str, image_size: int,
         state = {"timm": from_timm, "npz": from_npz, "file": from_file}[source](weights, key)
     except (OSError, EOFError, zipfile.BadZipFile) as e:  # read lazily (a zip's members, an mmap): a cut-off file
         why = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(f"{key}.weights: {weights} cannot be read ({type(e).__name__}: {why}); a download cut "
-                        "short leaves such a file: download it again (or copy it whole), then run the stage again") from None
+        raise UserError(
+            f"{key}.weights: {weights} cannot be read ({type(e).__name__}: {why}); a download cut "
+            "short leaves such a file: download it again (or copy it whole), then run the stage again"
+        ) from None
     from vitpipe.models import build_model
 
     with torch.device("meta"):  # shapes only: no memory, no random init
@@ -52,8 +55,10 @@ def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
 
 # ---------------------------------------------------------------- matching a checkpoint to a model
 
-def adapt_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor],
-                     what: str = "the pretrained weights") -> tuple[dict[str, torch.Tensor], dict]:
+
+def adapt_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "the pretrained weights"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """(checkpoint without the head and with pos_embed resized for `model`, report), or a
     UserError listing every missing, unexpected or mis-shaped tensor."""
     from vitpipe.models import head_param_names
@@ -90,8 +95,7 @@ def resize_pos_embed(model, pos_embed: torch.Tensor) -> tuple[torch.Tensor, list
     side = math.isqrt(max(old, 0))
     if side * side != old:
         return pos_embed, None
-    resized = resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=[side, side],
-                                     num_prefix_tokens=prefix)
+    resized = resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=[side, side], num_prefix_tokens=prefix)
     return resized, [[side, side], list(grid)]
 
 
@@ -100,11 +104,17 @@ def _mismatch_message(what, own, state, missing, unexpected, mismatched, limit=1
 
     def listing(title, names, fmt):
         if names:
-            lines.append(f"  {title} ({len(names)}): " + "; ".join(fmt(n) for n in names[:limit])
-                         + (f"; … {len(names) - limit} more" if len(names) > limit else ""))
+            lines.append(
+                f"  {title} ({len(names)}): "
+                + "; ".join(fmt(n) for n in names[:limit])
+                + (f"; … {len(names) - limit} more" if len(names) > limit else "")
+            )
 
-    listing("shape differs, checkpoint vs model", mismatched,
-            lambda n: f"{n} {tuple(state[n].shape)} vs {tuple(own[n].shape)}")
+    listing(
+        "shape differs, checkpoint vs model",
+        mismatched,
+        lambda n: f"{n} {tuple(state[n].shape)} vs {tuple(own[n].shape)}",
+    )
     listing("missing from the checkpoint", missing, lambda n: f"{n} {tuple(own[n].shape)}")
     listing("not in the model", unexpected, lambda n: f"{n} {tuple(state[n].shape)}")
     hint = "the checkpoint is another architecture"
@@ -117,12 +127,15 @@ def _mismatch_message(what, own, state, missing, unexpected, mismatched, limit=1
             hint += f"{':' if p1 == p2 else ','} width (dim) {d1} in the checkpoint, {d2} in the model"
     else:
         hint += " (other patch size, width, depth or heads?)"
-    lines.append(f"  hint: {hint}; make the variant's arch match the checkpoint "
-                 "(e.g. arch: vit_b16 for ViT-B_16.npz or vit_base_patch16_224.augreg_in21k)")
+    lines.append(
+        f"  hint: {hint}; make the variant's arch match the checkpoint "
+        "(e.g. arch: vit_b16 for ViT-B_16.npz or vit_base_patch16_224.augreg_in21k)"
+    )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- source: timm hub
+
 
 def from_timm(name: str, key: str = "variants.<variant>") -> dict[str, torch.Tensor]:
     """timm.create_model(name, pretrained=True), from the local Hugging Face cache when the file
@@ -132,12 +145,16 @@ def from_timm(name: str, key: str = "variants.<variant>") -> dict[str, torch.Ten
 
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
-        raise ParamError(f"{key}.weights", name, "a timm model name with a pretrained tag, "
-                                                 "e.g. vit_base_patch16_224.augreg_in21k")
+        raise ParamError(
+            f"{key}.weights", name, "a timm model name with a pretrained tag, e.g. vit_base_patch16_224.augreg_in21k"
+        )
     cfg = get_pretrained_cfg(name) if timm.list_pretrained(name if tag else f"{arch}*") else None
     if cfg is None:
-        raise ParamError(f"{key}.weights", name, f"a pretrained tag timm knows for {arch}: "
-                                                 + ", ".join(timm.list_pretrained(f"{arch}.*")[:8]))
+        raise ParamError(
+            f"{key}.weights",
+            name,
+            f"a pretrained tag timm knows for {arch}: " + ", ".join(timm.list_pretrained(f"{arch}.*")[:8]),
+        )
     cached = _hub_cached_file(cfg)
     why_not = None if cached else _hub_unreachable()
     if why_not is None:
@@ -152,7 +169,8 @@ def from_timm(name: str, key: str = "variants.<variant>") -> dict[str, torch.Ten
         f"could not get the timm weights {name} ({why_not}). They need the network (Hugging Face hub) "
         f"or a copy in the local hub cache (HF_HOME). Offline: download the original vit_jax checkpoint"
         f"{original} and set `{key}.source: npz` with `{key}.weights: <path>`, or a .pt/.safetensors "
-        f"state dict with `source: file`; or pretrain here without any download with `{key}.source: fractal`")
+        f"state dict with `source: file`; or pretrain here without any download with `{key}.source: fractal`"
+    )
 
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -211,8 +229,9 @@ def _existing(path: str | None, key: str, kinds: str) -> Path:
         raise ParamError(f"{key}.weights", path, f"the path of a {kinds} file")
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{key}.weights: {p} not found (give the path of the {kinds} file, "
-                        f"relative to the repository root)")
+        raise UserError(
+            f"{key}.weights: {p} not found (give the path of the {kinds} file, relative to the repository root)"
+        )
     return p
 
 
@@ -233,8 +252,9 @@ def from_npz(path: str, key: str = "variants.<variant>") -> dict[str, torch.Tens
         if prefix is None:
             raise UserError(f"{key}.weights: {p} is not an original vit_jax checkpoint (no embedding/kernel)")
         if f"{prefix}conv_root/kernel" in w.files:
-            raise UserError(f"{key}.weights: {p} is a ResNet+ViT hybrid (R50+ViT); only plain ViT checkpoints "
-                            "are supported")
+            raise UserError(
+                f"{key}.weights: {p} is a ResNet+ViT hybrid (R50+ViT); only plain ViT checkpoints are supported"
+            )
         try:
             shape = _npz_architecture(w, prefix)
         except KeyError as e:
@@ -265,12 +285,23 @@ def _npz_architecture(w, prefix: str) -> dict:
     if grid * grid != tokens - int(has_cls):
         raise KeyError(f"{prefix}Transformer/posembed_input/pos_embedding of a square patch grid")
     num_classes = w[f"{prefix}head/bias"].shape[0] if f"{prefix}head/bias" in w.files else 0
-    return dict(img_size=grid * patch_h, patch_size=patch_h, in_chans=in_chans, embed_dim=dim, depth=depth,
-                num_heads=heads, mlp_ratio=mlp / dim, num_classes=num_classes, class_token=has_cls,
-                global_pool="token" if has_cls else "avg", fc_norm=False)
+    return dict(
+        img_size=grid * patch_h,
+        patch_size=patch_h,
+        in_chans=in_chans,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp / dim,
+        num_classes=num_classes,
+        class_token=has_cls,
+        global_pool="token" if has_cls else "avg",
+        fc_norm=False,
+    )
 
 
 # ---------------------------------------------------------------- source: local file
+
 
 def from_file(path: str, key: str = "variants.<variant>") -> dict[str, torch.Tensor]:
     """A local state dict: `.safetensors`, or a torch `.pt`/`.pth` loaded with weights_only=True
@@ -288,16 +319,20 @@ def from_file(path: str, key: str = "variants.<variant>") -> dict[str, torch.Ten
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — UnpicklingError for refused objects, RuntimeError for bad zips
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{key}.weights: {p} is not a plain state dict that loads with weights_only=True "
-                        f"(refused, so no code in it ran): {first}") from None
+        raise UserError(
+            f"{key}.weights: {p} is not a plain state dict that loads with weights_only=True "
+            f"(refused, so no code in it ran): {first}"
+        ) from None
     while isinstance(obj, dict) and not _is_state_dict(obj):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
             break
         obj = inner
     if not (isinstance(obj, dict) and _is_state_dict(obj)):
-        raise UserError(f"{key}.weights: {p} holds no state dict (a mapping of names to tensors, possibly "
-                        f"under one of {', '.join(WRAPPER_KEYS)})")
+        raise UserError(
+            f"{key}.weights: {p} holds no state dict (a mapping of names to tensors, possibly "
+            f"under one of {', '.join(WRAPPER_KEYS)})"
+        )
     return _strip_prefixes(obj)
 
 
@@ -308,5 +343,5 @@ def _is_state_dict(obj: dict) -> bool:
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in STRIP_PREFIXES:
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state

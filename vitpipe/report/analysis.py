@@ -29,8 +29,8 @@ EVIDENCE = (MEASURED, COMPUTED, NOT_TESTED)
 COUNT_TOLERANCE = 0.05
 # Table 1 is about ImageNet models: counted at 224 px with a 1000-class head
 TABLE1_IMAGE_SIZE, TABLE1_CLASSES = 224, 1000
-MEMORY_MODELS = ("vit_b8", "vit_b16", "vit_b32")     # the reference's Fig. 3
-ACCURACY_TARGETS = (0.5, 0.8, 0.9)                   # validation top-1 for time-to-accuracy
+MEMORY_MODELS = ("vit_b8", "vit_b16", "vit_b32")  # the reference's Fig. 3
+ACCURACY_TARGETS = (0.5, 0.8, 0.9)  # validation top-1 for time-to-accuracy
 GIB = 2**30
 
 
@@ -38,6 +38,7 @@ GIB = 2**30
 class Claim:
     """One statement of the reference, re-derived with this run's data, and what the verdict
     rests on (`evidence`, one of EVIDENCE; `why`: for *not tested*, the reason)."""
+
     section: str
     claim: str
     reference: str
@@ -45,9 +46,9 @@ class Claim:
     verdict: str
     evidence: str = COMPUTED
     why: str = ""
-    test: str = ""           # the threshold or tolerance the verdict applies, printed beside it
+    test: str = ""  # the threshold or tolerance the verdict applies, printed beside it
     kind: str = "reference"  # "reference": a claim the reference makes; "question": one vitpipe asks
-    key: str = ""            # what the row compares; no two rows of the report share one
+    key: str = ""  # what the row compares; no two rows of the report share one
 
     def __post_init__(self):
         if self.verdict == UNTESTED:
@@ -65,17 +66,26 @@ def verdict(ok: bool | None) -> str:
 def count_sentence(claims: list[Claim]) -> str:
     """'Of the 11 claims, 4 hold, 3 do not hold, 1 is inconclusive and 3 are not tested; the
     verdicts rest on ...': every verdict kind and every evidence kind counted, so they add up."""
+
     def n_of(k: int, one: str, many: str) -> str:
         return f"{k} {one if k == 1 else many}"
 
     v = {w: sum(c.verdict == w for c in claims) for w in VERDICTS}
     e = {k: sum(c.evidence == k for c in claims) for k in EVIDENCE}
-    kinds = [n_of(v[HOLDS], "holds", "hold"), n_of(v[FAILS], "does not hold", "do not hold"),
-             n_of(v[INCONCLUSIVE], "is inconclusive", "are inconclusive"),
-             n_of(v[UNTESTED], "is not tested", "are not tested")]
-    rest = [f"{e[MEASURED]} on what this run measured", f"{e[COMPUTED]} on the compute model alone (they read the same on any machine)"]
-    return (f"Of the {len(claims)} claims, {', '.join(kinds[:-1])} and {kinds[-1]}; of the "
-            f"{len(claims) - e[NOT_TESTED]} tested, {', '.join(rest[:-1])} and {rest[-1]}.")
+    kinds = [
+        n_of(v[HOLDS], "holds", "hold"),
+        n_of(v[FAILS], "does not hold", "do not hold"),
+        n_of(v[INCONCLUSIVE], "is inconclusive", "are inconclusive"),
+        n_of(v[UNTESTED], "is not tested", "are not tested"),
+    ]
+    rest = [
+        f"{e[MEASURED]} on what this run measured",
+        f"{e[COMPUTED]} on the compute model alone (they read the same on any machine)",
+    ]
+    return (
+        f"Of the {len(claims)} claims, {', '.join(kinds[:-1])} and {kinds[-1]}; of the "
+        f"{len(claims) - e[NOT_TESTED]} tested, {', '.join(rest[:-1])} and {rest[-1]}."
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,19 +97,21 @@ def parameter_table() -> pd.DataFrame:
     rows = []
     for r in reference.reference_table(TABLE1_IMAGE_SIZE, TABLE1_CLASSES):
         ref = reference.TABLE1[r["model"]]
-        rows.append({
-            "model": r["model"],
-            "network": describe({"arch": r["model"]}, TABLE1_IMAGE_SIZE),
-            "exact": r["exact"],
-            "formula": r["seed_formula"],
-            "formula_no_head": r["seed_formula_no_head"],
-            "exact_no_head": r["exact_no_head"],
-            "formula_no_head_error": r["seed_formula_no_head_error"],
-            "ref_calculated_m": ref.get("calculated_m"),
-            "ref_printed_m": ref["total_m"],
-            "printed_error": r["ref_total_error"],
-            "holds": abs(r["ref_total_error"]) <= COUNT_TOLERANCE,
-        })
+        rows.append(
+            {
+                "model": r["model"],
+                "network": describe({"arch": r["model"]}, TABLE1_IMAGE_SIZE),
+                "exact": r["exact"],
+                "formula": r["seed_formula"],
+                "formula_no_head": r["seed_formula_no_head"],
+                "exact_no_head": r["exact_no_head"],
+                "formula_no_head_error": r["seed_formula_no_head_error"],
+                "ref_calculated_m": ref.get("calculated_m"),
+                "ref_printed_m": ref["total_m"],
+                "printed_error": r["ref_total_error"],
+                "holds": abs(r["ref_total_error"]) <= COUNT_TOLERANCE,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -108,16 +120,29 @@ def parameter_claims(t: pd.DataFrame) -> list[Claim]:
     out = []
     for group, rows in (("ViT-B/L/H", vit), ("ResNet-18/34/50/101", cnn)):
         worst = rows.loc[rows.printed_error.abs().idxmax()]
-        out.append(Claim(
-            "1", f"{group} parameter counts (Table 1)",
-            ", ".join(f"{m:g}M" for m in rows.ref_printed_m),
-            ", ".join(f"{e / 1e6:.1f}M" for e in rows.exact) + f" (worst {worst.printed_error:+.1%}, {worst.network})",
-            verdict(bool(rows.holds.all())), COMPUTED))
+        out.append(
+            Claim(
+                "1",
+                f"{group} parameter counts (Table 1)",
+                ", ".join(f"{m:g}M" for m in rows.ref_printed_m),
+                ", ".join(f"{e / 1e6:.1f}M" for e in rows.exact)
+                + f" (worst {worst.printed_error:+.1%}, {worst.network})",
+                verdict(bool(rows.holds.all())),
+                COMPUTED,
+            )
+        )
     r101, b16 = (t.set_index("model").loc[m] for m in ("resnet101", "vit_b16"))
     ref_ratio, ratio = r101.ref_printed_m / b16.ref_printed_m, r101.exact / b16.exact
-    out.append(Claim("1", "the deepest ResNet (101) is comparable in size to ViT-Base",
-                     f"{ref_ratio:.2f}x ViT-B", f"{ratio:.2f}x ViT-B",
-                     verdict(abs(ratio - 1) <= 0.2), COMPUTED))
+    out.append(
+        Claim(
+            "1",
+            "the deepest ResNet (101) is comparable in size to ViT-Base",
+            f"{ref_ratio:.2f}x ViT-B",
+            f"{ratio:.2f}x ViT-B",
+            verdict(abs(ratio - 1) <= 0.2),
+            COMPUTED,
+        )
+    )
     return out
 
 
@@ -127,10 +152,16 @@ def parameter_claims(t: pd.DataFrame) -> list[Claim]:
 
 def profile_setting(inputs: Inputs) -> dict:
     p = inputs.doc.get("profile") or {}
-    return {"image_size": p.get("image_size"), "batch": p.get("batch_size"), "device": p.get("device"),
-            "precision": p.get("precision", "fp32"), "optimizer": p.get("optimizer", "adamw"),
-            "attention": p.get("attention", "sdpa"), "num_classes": p.get("num_classes"),
-            "steps": p.get("schedule_steps")}
+    return {
+        "image_size": p.get("image_size"),
+        "batch": p.get("batch_size"),
+        "device": p.get("device"),
+        "precision": p.get("precision", "fp32"),
+        "optimizer": p.get("optimizer", "adamw"),
+        "attention": p.get("attention", "sdpa"),
+        "num_classes": p.get("num_classes"),
+        "steps": p.get("schedule_steps"),
+    }
 
 
 def at_reference_setting(inputs: Inputs) -> bool:
@@ -153,22 +184,31 @@ def memory_table(inputs: Inputs) -> pd.DataFrame:
             continue
         r = hit.iloc[0]
         ckpt = {"required_bytes": float("nan"), "fits": None}
-        if s["device"] not in LOCAL:   # "local" would benchmark this machine: the profile stage's job
+        if s["device"] not in LOCAL:  # "local" would benchmark this machine: the profile stage's job
             cfg = model_config({"arch": model}, s["num_classes"], s["image_size"])
-            ckpt = compute.estimate(cfg, s["batch"], s["device"], s["precision"], s["optimizer"],
-                                    s["attention"], checkpointing=True)
+            ckpt = compute.estimate(
+                cfg, s["batch"], s["device"], s["precision"], s["optimizer"], s["attention"], checkpointing=True
+            )
         ref = reference.MEMORY.get(model, {})
-        rows.append({
-            # profile/compute.csv is in GiB, as the report
-            "model": model, "network": r["name"], "peak_gib": r.peak_gib,
-            "required_gib": r.required_gib, "capacity_gib": r.capacity_gib,
-            "need_ratio": r.required_gib / r.capacity_gib, "fits": _bool(r.fits),
-            "micro_batch": int(r.micro_batch) if r.micro_batch == r.micro_batch and r.micro_batch else None,
-            "accum_steps": int(r.accum_steps) if r.accum_steps == r.accum_steps and r.accum_steps else None,
-            "checkpointing_required_gib": ckpt["required_bytes"] / GIB, "checkpointing_fits": ckpt["fits"],
-            "ref_fits": ref.get("fits"), "ref_gb": ref.get("used_gb") or ref.get("needed_gb"),
-            "ref_ratio": ref.get("fraction_of_gpu"),
-        })
+        rows.append(
+            {
+                # profile/compute.csv is in GiB, as the report
+                "model": model,
+                "network": r["name"],
+                "peak_gib": r.peak_gib,
+                "required_gib": r.required_gib,
+                "capacity_gib": r.capacity_gib,
+                "need_ratio": r.required_gib / r.capacity_gib,
+                "fits": _bool(r.fits),
+                "micro_batch": int(r.micro_batch) if r.micro_batch == r.micro_batch and r.micro_batch else None,
+                "accum_steps": int(r.accum_steps) if r.accum_steps == r.accum_steps and r.accum_steps else None,
+                "checkpointing_required_gib": ckpt["required_bytes"] / GIB,
+                "checkpointing_fits": ckpt["fits"],
+                "ref_fits": ref.get("fits"),
+                "ref_gb": ref.get("used_gb") or ref.get("needed_gb"),
+                "ref_ratio": ref.get("fraction_of_gpu"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -182,14 +222,23 @@ def memory_claims(inputs: Inputs, m: pd.DataFrame) -> list[Claim]:
     for r in m.itertuples():
         if r.ref_fits is None:
             continue
-        ref = (f"fits ({r.ref_ratio:.0%} of the T4)" if r.ref_fits
-               else f"does not fit (needs {r.ref_ratio:.2f}x the T4)")
-        ours = (f"{'fits' if r.fits else 'does not fit'} (needs {r.required_gib:.1f} GiB, "
-                f"{r.need_ratio:.2f}x of {r.capacity_gib:.1f} GiB)")
+        ref = f"fits ({r.ref_ratio:.0%} of the T4)" if r.ref_fits else f"does not fit (needs {r.ref_ratio:.2f}x the T4)"
+        ours = (
+            f"{'fits' if r.fits else 'does not fit'} (needs {r.required_gib:.1f} GiB, "
+            f"{r.need_ratio:.2f}x of {r.capacity_gib:.1f} GiB)"
+        )
         claim = f"{r.network} {'fits' if r.ref_fits else 'does not fit'} a 16 GB T4 at batch 512, from scratch"
-        out.append(Claim("2", claim, ref, ours,
-                         verdict(bool(r.fits) == bool(r.ref_fits) if same else None), COMPUTED,
-                         "" if same else "this run's `profile:` is not the reference's setting"))
+        out.append(
+            Claim(
+                "2",
+                claim,
+                ref,
+                ours,
+                verdict(bool(r.fits) == bool(r.ref_fits) if same else None),
+                COMPUTED,
+                "" if same else "this run's `profile:` is not the reference's setting",
+            )
+        )
     return out
 
 
@@ -203,11 +252,23 @@ def run_memory_table(inputs: Inputs) -> pd.DataFrame:
         cfg = model_config(run.spec, inputs.num_classes, inputs.image_size)
         attention = run.train.get("attention", "sdpa")
         attention = attention if attention in compute.ATTENTION else "sdpa"
-        mem = compute.memory(cfg, run.recipe.micro_batch, run.recipe.precision, run.recipe.optimizer,
-                             attention, run.recipe.activation_checkpointing)
-        rows.append({"run": run.name, "micro_batch": run.recipe.micro_batch,
-                     "predicted_mib": mem["peak"] / 2**20,
-                     "cuda_mb": run.train.get("peak_cuda_allocated_mb"), "rss_mb": run.train.get("peak_rss_mb")})
+        mem = compute.memory(
+            cfg,
+            run.recipe.micro_batch,
+            run.recipe.precision,
+            run.recipe.optimizer,
+            attention,
+            run.recipe.activation_checkpointing,
+        )
+        rows.append(
+            {
+                "run": run.name,
+                "micro_batch": run.recipe.micro_batch,
+                "predicted_mib": mem["peak"] / 2**20,
+                "cuda_mb": run.train.get("peak_cuda_allocated_mb"),
+                "rss_mb": run.train.get("peak_rss_mb"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -218,7 +279,7 @@ def run_memory_table(inputs: Inputs) -> pd.DataFrame:
 # a step built from its operations, timed on a device's datasheet numbers (or this machine's
 # measured matmul peak and bandwidth), its constants fitted once to timm's RTX 3090 table.
 
-SPLIT = ("compute_s", "memory_s", "overhead_s")      # where a step's time goes, as shares of it
+SPLIT = ("compute_s", "memory_s", "overhead_s")  # where a step's time goes, as shares of it
 
 
 def train_gflops(inputs: Inputs, run: Run) -> float | None:
@@ -247,12 +308,13 @@ def run_timing(inputs: Inputs, run: Run, device: Device) -> dict | None:
     if r is None or not inputs.num_classes:
         return None
     precision = run.train.get("precision") or r.precision
-    precision = precision if precision in compute.PRECISIONS else "fp32"      # `auto` on a CPU is fp32
+    precision = precision if precision in compute.PRECISIONS else "fp32"  # `auto` on a CPU is fp32
     attention = run.train.get("attention")
-    attention = attention if attention in compute.ATTENTION else "sdpa"       # training turns fused attention on
+    attention = attention if attention in compute.ATTENTION else "sdpa"  # training turns fused attention on
     cfg = model_config(run.spec, inputs.num_classes, inputs.image_size)
-    t = compute.timing(cfg, r.batch_size, r.micro_batch, device, precision, r.optimizer, attention,
-                       r.activation_checkpointing)
+    t = compute.timing(
+        cfg, r.batch_size, r.micro_batch, device, precision, r.optimizer, attention, r.activation_checkpointing
+    )
     return {**t, "setting": f"{r.micro_batch} x {r.accum_steps}, {precision}, {r.optimizer}"}
 
 
@@ -271,16 +333,30 @@ def throughput_table(inputs: Inputs) -> pd.DataFrame:
         on_cpu = run.train.get("device", "cpu") == "cpu"
         t = run_timing(inputs, run, device) if device is not None and on_cpu else None
         predicted = t["train_img_per_s"] if t else None
-        rows.append({"run": run.name, "kind": "training", "setting": t["setting"] if t else "",
-                     "img_per_s": measured, "predicted_img_per_s": predicted,
-                     "measured_over_predicted": measured / predicted if predicted else None,
-                     **{k: t["time_split"][k] if t else None for k in SPLIT}})
+        rows.append(
+            {
+                "run": run.name,
+                "kind": "training",
+                "setting": t["setting"] if t else "",
+                "img_per_s": measured,
+                "predicted_img_per_s": predicted,
+                "measured_over_predicted": measured / predicted if predicted else None,
+                **{k: t["time_split"][k] if t else None for k in SPLIT},
+            }
+        )
     p = inputs.profile
     if p.get("local_img_per_s") and p.get("local_predicted_img_per_s"):
-        rows.append({"run": "calibration", "kind": "profile", "setting": "the profile stage's small ViT, fp32, adamw",
-                     "img_per_s": p["local_img_per_s"], "predicted_img_per_s": p["local_predicted_img_per_s"],
-                     "measured_over_predicted": p["local_img_per_s"] / p["local_predicted_img_per_s"],
-                     **{k: None for k in SPLIT}})
+        rows.append(
+            {
+                "run": "calibration",
+                "kind": "profile",
+                "setting": "the profile stage's small ViT, fp32, adamw",
+                "img_per_s": p["local_img_per_s"],
+                "predicted_img_per_s": p["local_predicted_img_per_s"],
+                "measured_over_predicted": p["local_img_per_s"] / p["local_predicted_img_per_s"],
+                **{k: None for k in SPLIT},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -289,8 +365,9 @@ def reference_schedule(device: Device) -> dict:
     steps, precision, optimizer, attention) on `device`: img/s, ETA in hours and the split."""
     s = reference.REFERENCE_SETTING
     cfg = model_config({"arch": s["scratch"]["model"]}, s["num_classes"], s["image_size"])
-    t = compute.timing(cfg, s["batch"], s["scratch"]["micro_batch"], device, s["precision"], s["optimizer"],
-                       s["attention"])
+    t = compute.timing(
+        cfg, s["batch"], s["scratch"]["micro_batch"], device, s["precision"], s["optimizer"], s["attention"]
+    )
     img_s = t["train_img_per_s"]
     return {"img_per_s": img_s, "eta_h": s["steps"] * s["batch"] / img_s / 3600, **t["time_split"]}
 
@@ -319,11 +396,22 @@ def time_claims() -> list[Claim]:
     claim = "ViT-B/32 from scratch, 10,000 steps at batch 512 on a T4 takes ~36 h"
     ref = f"{t['img_per_s']:g} img/s, ETA {t['eta_h_low']:g}-{t['eta_h_high']:g} h ({t['eta_h_text']:g} h)"
     eta_h = t["steps"] * t["batch"] / row["predicted"] / 3600
-    this = (f"{row['predicted']:.1f} img/s predicted ({row['ratio']:.2f}x the reported), ETA {eta_h:.1f} h, at "
-            f"{row['setting']}: the T4's datasheet peak and bandwidth through the time model calibrated on the "
-            "RTX 3090 training table only")
-    return [Claim("3", claim, ref, this, verdict(row["verdict"] == "matches"), COMPUTED,
-                  test=f"predicted img/s within ±{reference.TOLERANCE:.0%} of its {t['img_per_s']:g}")]
+    this = (
+        f"{row['predicted']:.1f} img/s predicted ({row['ratio']:.2f}x the reported), ETA {eta_h:.1f} h, at "
+        f"{row['setting']}: the T4's datasheet peak and bandwidth through the time model calibrated on the "
+        "RTX 3090 training table only"
+    )
+    return [
+        Claim(
+            "3",
+            claim,
+            ref,
+            this,
+            verdict(row["verdict"] == "matches"),
+            COMPUTED,
+            test=f"predicted img/s within ±{reference.TOLERANCE:.0%} of its {t['img_per_s']:g}",
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,11 +473,18 @@ def accuracy_table(inputs: Inputs) -> pd.DataFrame:
     for run in inputs.runs:
         finals = [float(e.val_acc.iloc[-1]) for e in run.evals_by_seed if not e.empty and "val_acc" in e]
         bests = _per_seed(run, "val_acc", "max")
-        row = {"run": run.name, "label": run.label, "steps": run.train.get("steps"), "train_s": run.train_s,
-               "pretrain_s": run.pretrain_s, "pretrain_steps": run.pretrain.get("steps"),
-               "final_val": stats.over_seeds(finals).mean if finals else None,
-               "best_val": stats.over_seeds(bests).mean if bests else None,
-               "test_top1": run.top1, "test_top1_ci": stats.over_seeds(run.top1s)}
+        row = {
+            "run": run.name,
+            "label": run.label,
+            "steps": run.train.get("steps"),
+            "train_s": run.train_s,
+            "pretrain_s": run.pretrain_s,
+            "pretrain_steps": run.pretrain.get("steps"),
+            "final_val": stats.over_seeds(finals).mean if finals else None,
+            "best_val": stats.over_seeds(bests).mean if bests else None,
+            "test_top1": run.top1,
+            "test_top1_ci": stats.over_seeds(run.top1s),
+        }
         for target in ACCURACY_TARGETS:
             hit = time_to_accuracy(run, target)
             row[f"steps_to_{target:.0%}"] = hit[0] if hit else None
@@ -408,27 +503,31 @@ class Comparison:
     a test on one seed's images leaves out. With one seed there is no spread to judge by, so
     it comes from McNemar's exact test on that seed's test images (`images`), conditional on
     that one training run of each. `images` is reported in both cases where predictions exist."""
+
     a: Run
     b: Run
     seeds: stats.Interval
     images: stats.PairedImages | None
     images_seed: int | None
-    method: str                 # SEEDS_TEST | IMAGES_TEST
+    method: str  # SEEDS_TEST | IMAGES_TEST
     verdict: stats.Verdict
 
     @property
     def method_short(self) -> str:
-        return ("seed-paired t-interval" if self.method == SEEDS_TEST
-                else f"{stats.MCNEMAR}, seed {self.images_seed}")
+        return "seed-paired t-interval" if self.method == SEEDS_TEST else f"{stats.MCNEMAR}, seed {self.images_seed}"
 
     @property
     def method_text(self) -> str:
         if self.method == SEEDS_TEST:
-            return (f"the 95% t-interval of the seed-paired difference over {self.seeds.n} seeds, which holds the "
-                    "seed-to-seed training noise that a test on one seed's test images would leave out")
-        return (f"{stats.MCNEMAR} on seed {self.images_seed}'s {self.images.n} test images: one seed gives no "
-                "spread over seeds, so the test holds the test set's noise and is conditional on that one training "
-                "run of each")
+            return (
+                f"the 95% t-interval of the seed-paired difference over {self.seeds.n} seeds, which holds the "
+                "seed-to-seed training noise that a test on one seed's test images would leave out"
+            )
+        return (
+            f"{stats.MCNEMAR} on seed {self.images_seed}'s {self.images.n} test images: one seed gives no "
+            "spread over seeds, so the test holds the test set's noise and is conditional on that one training "
+            "run of each"
+        )
 
 
 def compare(a: Run, b: Run) -> Comparison:
@@ -468,8 +567,16 @@ def baseline_differences(inputs: Inputs) -> pd.DataFrame:
         if cnn is None or r is cnn or r.is_cnn:
             continue
         c = compare(r, cnn)
-        rows.append({"run": r.name, "label": r.label, "baseline": cnn.name, "diff": c.seeds, "comparison": c,
-                     "verdict": c.verdict})
+        rows.append(
+            {
+                "run": r.name,
+                "label": r.label,
+                "baseline": cnn.name,
+                "diff": c.seeds,
+                "comparison": c,
+                "verdict": c.verdict,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -493,8 +600,14 @@ def summary_metrics(inputs: Inputs) -> dict:
 
     def put_images(prefix, t: stats.PairedImages):
         # p to 3 significant digits: it can be 1e-36, which a fixed number of decimals rounds to 0
-        out.update({f"{prefix}.mcnemar_p": float(f"{t.p:.3g}"), f"{prefix}.only_first_right": t.a_only,
-                    f"{prefix}.only_second_right": t.b_only, f"{prefix}.image_diff": round(t.diff, 5)})
+        out.update(
+            {
+                f"{prefix}.mcnemar_p": float(f"{t.p:.3g}"),
+                f"{prefix}.only_first_right": t.a_only,
+                f"{prefix}.only_second_right": t.b_only,
+                f"{prefix}.image_diff": round(t.diff, 5),
+            }
+        )
 
     for r in inputs.runs:
         ci = stats.over_seeds(r.top1s)
@@ -521,20 +634,31 @@ def finetune_claims(inputs: Inputs) -> tuple[list[Claim], dict]:
     report's sentences). Equal total compute is the studies pipeline's (claims.question_claims)."""
     f = reference.FINETUNE
     ref_acc = f"{f['cifar100_top1']:.2%} CIFAR-100 top-1 after {f['hours']:g} h of fine-tuning"
-    ref_time = (f"{f['hours']:g} h fine-tuning against ~{reference.TIME['eta_h_text']:g} h from scratch "
-                f"({reference.TIME['eta_h_text'] / f['hours']:.1f}x less), pretraining not counted")
+    ref_time = (
+        f"{f['hours']:g} h fine-tuning against ~{reference.TIME['eta_h_text']:g} h from scratch "
+        f"({reference.TIME['eta_h_text'] / f['hours']:.1f}x less), pretraining not counted"
+    )
     scratch, t = inputs.scratch, twin(inputs)
     facts: dict = {"twin": t}
     if t is None or scratch.top1 is None or t.top1 is None:
         why = "no variant has the scratch network" if t is None else "a run has no test metrics"
-        return [Claim("4", FINETUNE_CLAIM, ref_acc, why, UNTESTED, why=why),
-                Claim("4", TIME_CLAIM, ref_time, why, UNTESTED, why=why)], facts
+        return [
+            Claim("4", FINETUNE_CLAIM, ref_acc, why, UNTESTED, why=why),
+            Claim("4", TIME_CLAIM, ref_time, why, UNTESTED, why=why),
+        ], facts
     c = finetune_comparison(inputs)
     facts.update(comparison=c, gain=c.seeds.mean, diff=c.seeds, diff_verdict=c.verdict)
-    means = (f"{t.top1:.1%} fine-tuned vs {scratch.top1:.1%} from scratch"
-             + (f" (means of {c.seeds.n} seeds)" if c.seeds.n > 1 else ""))
-    acc = Claim("4", FINETUNE_CLAIM, ref_acc, f"{means}, {t.train.get('steps')} vs {scratch.train.get('steps')} "
-                f"steps: {_diff_text(c)}", c.verdict.word, MEASURED)
+    means = f"{t.top1:.1%} fine-tuned vs {scratch.top1:.1%} from scratch" + (
+        f" (means of {c.seeds.n} seeds)" if c.seeds.n > 1 else ""
+    )
+    acc = Claim(
+        "4",
+        FINETUNE_CLAIM,
+        ref_acc,
+        f"{means}, {t.train.get('steps')} vs {scratch.train.get('steps')} steps: {_diff_text(c)}",
+        c.verdict.word,
+        MEASURED,
+    )
     return [acc, *time_claims_finetune(inputs, t, ref_time, facts)], facts
 
 
@@ -564,15 +688,18 @@ def time_claims_finetune(inputs: Inputs, t: Run, ref_time: str, facts: dict) -> 
         facts[f"time_{'with' if pretraining else 'without'}_pretraining"] = (tm, tlo, thi, sm, slo, shi)
         ok = True if thi < slo else False if tlo >= shi else None
         word = INCONCLUSIVE if ok is None else verdict(ok)
-        this = (f"time to {target:.1%} validation top-1, fine-tuning: {_secs(tm)}{_range(tlo, thi)}"
-                + (f" ({t.pretrain_s:.0f} s of pretraining included)" if pretraining else "")
-                + f"; from scratch: {_secs(sm)}{_range(slo, shi)} (median [range] over {len(ts)} "
-                  f"seed{'s' if len(ts) > 1 else ''}; evaluated every {spacing or '?'} steps)")
+        this = (
+            f"time to {target:.1%} validation top-1, fine-tuning: {_secs(tm)}{_range(tlo, thi)}"
+            + (f" ({t.pretrain_s:.0f} s of pretraining included)" if pretraining else "")
+            + f"; from scratch: {_secs(sm)}{_range(slo, shi)} (median [range] over {len(ts)} "
+            f"seed{'s' if len(ts) > 1 else ''}; evaluated every {spacing or '?'} steps)"
+        )
         if ok is None:
             this += ": the seeds' ranges overlap"
         claim = TIME_CLAIM + (", pretraining counted" if pretraining else ", pretraining not counted")
-        out.append(Claim("4", claim, ref_time if not pretraining else "not counted by the reference", this, word,
-                         MEASURED))
+        out.append(
+            Claim("4", claim, ref_time if not pretraining else "not counted by the reference", this, word, MEASURED)
+        )
     return out
 
 
@@ -592,16 +719,27 @@ def variant_table(inputs: Inputs) -> pd.DataFrame:
     rows = []
     for run in inputs.runs:
         top1 = stats.over_seeds(run.top1s)
-        rows.append({"run": run.name, "label": run.label, "network": describe(run.spec, inputs.image_size),
-                     "kind": "CNN" if run.is_cnn else "ViT", "fine_tuned": not run.is_scratch,
-                     "params": run.params, "train_gflops": train_gflops(inputs, run), "test_top1": run.top1,
-                     "test_top1_lo": top1.lo, "test_top1_hi": top1.hi,
-                     "train_s": run.train_s, "train_s_sd": stats.over_seeds([t.get("wall_time_s") for t in run.trains]).sd,
-                     "steps": run.train.get("steps"),
-                     "img_per_s": run.train.get("img_per_s"),
-                     "ms_per_image": 1000 / run.train["img_per_s"] if run.train.get("img_per_s") else None,
-                     "cuda_memory_mib": run.train.get("peak_cuda_allocated_mb"),
-                     "infer_img_per_s": run.test.get("infer_img_per_s")})
+        rows.append(
+            {
+                "run": run.name,
+                "label": run.label,
+                "network": describe(run.spec, inputs.image_size),
+                "kind": "CNN" if run.is_cnn else "ViT",
+                "fine_tuned": not run.is_scratch,
+                "params": run.params,
+                "train_gflops": train_gflops(inputs, run),
+                "test_top1": run.top1,
+                "test_top1_lo": top1.lo,
+                "test_top1_hi": top1.hi,
+                "train_s": run.train_s,
+                "train_s_sd": stats.over_seeds([t.get("wall_time_s") for t in run.trains]).sd,
+                "steps": run.train.get("steps"),
+                "img_per_s": run.train.get("img_per_s"),
+                "ms_per_image": 1000 / run.train["img_per_s"] if run.train.get("img_per_s") else None,
+                "cuda_memory_mib": run.train.get("peak_cuda_allocated_mb"),
+                "infer_img_per_s": run.test.get("infer_img_per_s"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -624,16 +762,30 @@ def variant_claims(v: pd.DataFrame) -> list[Claim]:
     ref = "ViT-L ~11 h vs ViT-B ~5 h; smaller patches need more memory"
     if len(by) < 2:
         trained = ", ".join(f"{r.run} ({r.kind})" for r in v.drop_duplicates("params").itertuples())
-        return [Claim("5", claim, ref, f"one network per family trained ({trained})", UNTESTED,
-                      why="this run trains no two sizes of one family; a ViT against a ResNet mixes family with size")]
+        return [
+            Claim(
+                "5",
+                claim,
+                ref,
+                f"one network per family trained ({trained})",
+                UNTESTED,
+                why="this run trains no two sizes of one family; a ViT against a ResNet mixes family with size",
+            )
+        ]
     time_up = by.ms_per_image.is_monotonic_increasing
     has_mem = by.cuda_memory_mib.notna().all()
     mem_up = by.cuda_memory_mib.is_monotonic_increasing if has_mem else None
-    order = " < ".join(f"{r.run} {r.params / 1e6:.2f}M ({r.ms_per_image:.2f} ms/image"
-                       + (f", {r.cuda_memory_mib:,.0f} MiB" if has_mem else "") + ")" for r in by.itertuples())
-    this = (f"{order}: time per image {'rises' if time_up else 'does not rise'} with parameters"
-            + (f", peak CUDA memory {'rises' if mem_up else 'does not rise'}" if has_mem
-               else "; memory not measured (no CUDA allocator on this machine), so only time is tested"))
+    order = " < ".join(
+        f"{r.run} {r.params / 1e6:.2f}M ({r.ms_per_image:.2f} ms/image"
+        + (f", {r.cuda_memory_mib:,.0f} MiB" if has_mem else "")
+        + ")"
+        for r in by.itertuples()
+    )
+    this = f"{order}: time per image {'rises' if time_up else 'does not rise'} with parameters" + (
+        f", peak CUDA memory {'rises' if mem_up else 'does not rise'}"
+        if has_mem
+        else "; memory not measured (no CUDA allocator on this machine), so only time is tested"
+    )
     return [Claim("5", claim, ref, this, verdict(time_up and (mem_up is not False)), MEASURED)]
 
 
@@ -659,12 +811,19 @@ def sharding_table(inputs: Inputs) -> pd.DataFrame:
         ddp_micro = compute.plan(cfg, s["batch"], device, **kw)["micro_batch"]
         for devices in SHARDING_DEVICES:
             d = sharding.decide(cfg, s["batch"], device, devices, **kw)
-            rows.append({"network": describe(spec, s["image_size"]), "devices": devices,
-                         "params": compute.param_counts(cfg)["total"], "ddp_micro_batch": ddp_micro,
-                         "parallel": d["parallel"],
-                         "micro_batch": ddp_micro if d["parallel"] == "ddp" else d["micro_batch"],
-                         "state_gib": sharding.state_bytes(cfg, devices if d["parallel"] == "fsdp" else 1,
-                                                           s["optimizer"]) / 2**30,
-                         "fewest_devices": d["fewest_devices"], "capacity_gib": device.memory_bytes / 2**30,
-                         "device_label": device.label})
+            rows.append(
+                {
+                    "network": describe(spec, s["image_size"]),
+                    "devices": devices,
+                    "params": compute.param_counts(cfg)["total"],
+                    "ddp_micro_batch": ddp_micro,
+                    "parallel": d["parallel"],
+                    "micro_batch": ddp_micro if d["parallel"] == "ddp" else d["micro_batch"],
+                    "state_gib": sharding.state_bytes(cfg, devices if d["parallel"] == "fsdp" else 1, s["optimizer"])
+                    / 2**30,
+                    "fewest_devices": d["fewest_devices"],
+                    "capacity_gib": device.memory_bytes / 2**30,
+                    "device_label": device.label,
+                }
+            )
     return pd.DataFrame(rows)

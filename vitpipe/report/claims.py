@@ -23,9 +23,9 @@ STUDY = "measured by the studies pipeline"
 class Findings:
     reference: list[an.Claim]
     questions: list[an.Claim]
-    comparisons: list[vd.Comparison]              # from the studies, Holm-adjusted
-    default_ps: dict[str, float] = field(default_factory=dict)   # the default run's comparisons: raw p
-    holm: dict[str, float] = field(default_factory=dict)         # every comparison's adjusted p
+    comparisons: list[vd.Comparison]  # from the studies, Holm-adjusted
+    default_ps: dict[str, float] = field(default_factory=dict)  # the default run's comparisons: raw p
+    holm: dict[str, float] = field(default_factory=dict)  # every comparison's adjusted p
     settings: list[vd.Setting] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
     flops: dict = field(default_factory=dict)
@@ -53,8 +53,10 @@ def p_text(p: float) -> str:
 
 
 def comparison_text(c: vd.Comparison) -> str:
-    return (f"{100 * c.mean_a:.1f}% vs {100 * c.mean_b:.1f}%: {_pts(c.diff)} points [{_pts(c.lo)}, {_pts(c.hi)}], "
-            f"Holm p {p_text(c.p_holm)}, {c.conditioning} ({c.cite})")
+    return (
+        f"{100 * c.mean_a:.1f}% vs {100 * c.mean_b:.1f}%: {_pts(c.diff)} points [{_pts(c.lo)}, {_pts(c.hi)}], "
+        f"Holm p {p_text(c.p_holm)}, {c.conditioning} ({c.cite})"
+    )
 
 
 def budget_comparisons(f: Findings) -> list[vd.Comparison]:
@@ -94,25 +96,40 @@ def reference_claims(inputs: Inputs, st: Studies, f: Findings, crossed) -> list[
     out = params
     f.flops = vd.flops_comparison()
     r = f.flops["ratios"]
-    out.append(an.Claim("1", "the deepest ResNet (101) needs computation comparable to ViT-Base",
-                        "84.8M vs 86M parameters (its Table 1)",
-                        f"forward FLOPs: {r['vit_b16']:.2f}x ViT-B/16, {r['vit_b32']:.2f}x ViT-B/32",
-                        f.flops["verdict"], an.COMPUTED, why="" if f.flops["verdict"] != vd.DEPENDS else
-                        "the setting here is the patch size: comparable to ViT-B/32, not to ViT-B/16",
-                        test=f"forward FLOPs at 224 px within {1 / vd.COMPARABLE:g}x-{vd.COMPARABLE:g}x",
-                        key="compute.resnet101_vs_vit_base"))
+    out.append(
+        an.Claim(
+            "1",
+            "the deepest ResNet (101) needs computation comparable to ViT-Base",
+            "84.8M vs 86M parameters (its Table 1)",
+            f"forward FLOPs: {r['vit_b16']:.2f}x ViT-B/16, {r['vit_b32']:.2f}x ViT-B/32",
+            f.flops["verdict"],
+            an.COMPUTED,
+            why=""
+            if f.flops["verdict"] != vd.DEPENDS
+            else "the setting here is the patch size: comparable to ViT-B/32, not to ViT-B/16",
+            test=f"forward FLOPs at 224 px within {1 / vd.COMPARABLE:g}x-{vd.COMPARABLE:g}x",
+            key="compute.resnet101_vs_vit_base",
+        )
+    )
     f.memory = vd.memory_verdicts(f.settings)
     cap = f.memory[0]["at"][0]["capacity_bytes"]
     for m in f.memory:
         net = m["model"].replace("vit_b", "ViT-B/")
         says = "fits" if m["ref_fits"] else "does not fit"
         ours = "; ".join(f"({tag}) {a['ratio']:.2f}x, {w}" for tag, a, w in zip("AR", m["at"], m["words"]))
-        out.append(an.Claim("2", f"{net} {says} a 16 GB T4, from scratch",
-                            (f"{m['ref_ratio']:.0%} of the GPU" if m["ref_fits"] else f"needs {m['ref_ratio']:.2f}x"),
-                            f"needs {ours} (settings A and R of §2)", m["verdict"], an.COMPUTED,
-                            test=f"needed ≤ the T4's {cap / vd.GIB:.1f} GiB ({cap / vd.GB:.1f} GB), at each setting",
-                            key=f"memory.{m['model']}"))
-    time = an.time_claims()[0]      # the time model at the reference's setting, against its img/s
+        out.append(
+            an.Claim(
+                "2",
+                f"{net} {says} a 16 GB T4, from scratch",
+                (f"{m['ref_ratio']:.0%} of the GPU" if m["ref_fits"] else f"needs {m['ref_ratio']:.2f}x"),
+                f"needs {ours} (settings A and R of §2)",
+                m["verdict"],
+                an.COMPUTED,
+                test=f"needed ≤ the T4's {cap / vd.GIB:.1f} GiB ({cap / vd.GB:.1f} GB), at each setting",
+                key=f"memory.{m['model']}",
+            )
+        )
+    time = an.time_claims()[0]  # the time model at the reference's setting, against its img/s
     time.key = "time.vit_b32_t4_eta"
     out.append(time)
     out.append(finetune_claim(inputs, st, f, crossed))
@@ -138,18 +155,43 @@ def finetune_claim(inputs: Inputs, st: Studies, f: Findings, crossed) -> an.Clai
         this = "; ".join(f"{c.key.split('.')[0].split('_')[1]} steps {_pts(c.diff)} pts" for c in budget)
         if crossed:
             this += f"; over {crossed.pretraining_runs} pretraining runs {_pts(crossed.diff)} pts"
-        return an.Claim("4", claim, ref, this, verdict, STUDY, test=test, key="finetune.beats_scratch",
-                        why="" if verdict != vd.DEPENDS else "depends on the budget")
+        return an.Claim(
+            "4",
+            claim,
+            ref,
+            this,
+            verdict,
+            STUDY,
+            test=test,
+            key="finetune.beats_scratch",
+            why="" if verdict != vd.DEPENDS else "depends on the budget",
+        )
     c = an.finetune_comparison(inputs)
     if c is None:
-        return an.Claim("4", claim, ref, "no variant has the scratch network", vd.UNTESTED, test=test,
-                        key="finetune.beats_scratch", why="no like-for-like variant")
+        return an.Claim(
+            "4",
+            claim,
+            ref,
+            "no variant has the scratch network",
+            vd.UNTESTED,
+            test=test,
+            key="finetune.beats_scratch",
+            why="no like-for-like variant",
+        )
     p = f.holm.get("finetune_minus_scratch", math.nan)
-    return an.Claim("4", claim, ref, f"{c.seeds.mean * 100:+.1f} pts at {inputs.scratch.train.get('steps')} steps",
-                    word_by_p(c.seeds.mean, p), an.MEASURED, test=test, key="finetune.beats_scratch")
+    return an.Claim(
+        "4",
+        claim,
+        ref,
+        f"{c.seeds.mean * 100:+.1f} pts at {inputs.scratch.train.get('steps')} steps",
+        word_by_p(c.seeds.mean, p),
+        an.MEASURED,
+        test=test,
+        key="finetune.beats_scratch",
+    )
 
 
-MATCHED = 2.0    # a CNN "matched in size": its parameters within 2x of the ViT's
+MATCHED = 2.0  # a CNN "matched in size": its parameters within 2x of the ViT's
 
 
 def data_claim(inputs: Inputs, f: Findings) -> an.Claim:
@@ -159,21 +201,39 @@ def data_claim(inputs: Inputs, f: Findings) -> an.Claim:
     ref = "argued from the literature; not measured"
     test = f"with a CNN within {MATCHED:g}x the ViT's parameters: its lead shrinks with more data, Holm p < 0.05"
     if f.data is None:
-        return an.Claim("6", claim, ref, "no data sweep", vd.UNTESTED, test=test, key="data.efficiency",
-                        why="run `dvc repro studies/dvc.yaml` (its data_sweep stages)")
+        return an.Claim(
+            "6",
+            claim,
+            ref,
+            "no data sweep",
+            vd.UNTESTED,
+            test=test,
+            key="data.efficiency",
+            why="run `dvc repro studies/dvc.yaml` (its data_sweep stages)",
+        )
     d = f.data
     p = f.holm.get("data_efficiency.interaction", math.nan)
     leads = ", ".join(f"{k:g}: {_pts(v)}" for k, v in d["leads"].items())
-    this = (f"the CNN's lead by share of the training split {leads} points; it shrinks by {_pts(d['interaction'])} "
-            f"[{_pts(d['lo'])}, {_pts(d['hi'])}], Holm p {p_text(p)} "
-            f"({', '.join(s.cite.strip('()') for s in d['studies'])})")
+    this = (
+        f"the CNN's lead by share of the training split {leads} points; it shrinks by {_pts(d['interaction'])} "
+        f"[{_pts(d['lo'])}, {_pts(d['hi'])}], Holm p {p_text(p)} "
+        f"({', '.join(s.cite.strip('()') for s in d['studies'])})"
+    )
     ratio = vd.params_ratio(d["cnn"], inputs.doc.get("model") or {}, inputs.num_classes or 10, inputs.image_size)
     if ratio is None or not 1 / MATCHED <= ratio <= MATCHED:
         size = f"{ratio:.0f}x the ViT's parameters" if ratio else "of unknown size"
-        return an.Claim("6", claim, ref, this, vd.UNTESTED, test=test, key="data.efficiency",
-                        why=f"the sweep's CNN ({d['cnn']}) is {size} and every share trains "
-                            f"{d['small']['steps']} steps; a test needs a CNN of about the ViT's size (not in the "
-                            "model registry) and a budget per share long enough for both to converge")
+        return an.Claim(
+            "6",
+            claim,
+            ref,
+            this,
+            vd.UNTESTED,
+            test=test,
+            key="data.efficiency",
+            why=f"the sweep's CNN ({d['cnn']}) is {size} and every share trains "
+            f"{d['small']['steps']} steps; a test needs a CNN of about the ViT's size (not in the "
+            "model registry) and a budget per share long enough for both to converge",
+        )
     return an.Claim("6", claim, ref, this, word_by_p(d["interaction"], p), STUDY, test=test, key="data.efficiency")
 
 
@@ -181,15 +241,38 @@ def question_claims(inputs: Inputs, st: Studies, f: Findings, equal) -> list[an.
     out = []
     test = "fine-tuned minus scratch > 0, Holm-adjusted p < 0.05"
     if equal is not None:
-        out.append(an.Claim("4", "fine-tuning beats scratch at equal total training FLOPs, pretraining counted",
-                            "not measured (its weights were downloaded)", comparison_text(equal), equal.verdict,
-                            STUDY, test=test, kind=QUESTION, key="finetune.equal_compute"))
+        out.append(
+            an.Claim(
+                "4",
+                "fine-tuning beats scratch at equal total training FLOPs, pretraining counted",
+                "not measured (its weights were downloaded)",
+                comparison_text(equal),
+                equal.verdict,
+                STUDY,
+                test=test,
+                kind=QUESTION,
+                key="finetune.equal_compute",
+            )
+        )
     else:
-        out.append(an.Claim("4", "fine-tuning beats scratch at equal total training FLOPs, pretraining counted",
-                            "not measured", "no equal-compute study", vd.UNTESTED, test=test, kind=QUESTION,
-                            key="finetune.equal_compute", why="run `dvc repro studies/dvc.yaml:equal_compute`"))
-    timed = [c for c in an.finetune_claims(inputs)[0]
-             if c.claim.startswith(an.TIME_CLAIM) and not c.claim.endswith("not counted")]
+        out.append(
+            an.Claim(
+                "4",
+                "fine-tuning beats scratch at equal total training FLOPs, pretraining counted",
+                "not measured",
+                "no equal-compute study",
+                vd.UNTESTED,
+                test=test,
+                kind=QUESTION,
+                key="finetune.equal_compute",
+                why="run `dvc repro studies/dvc.yaml:equal_compute`",
+            )
+        )
+    timed = [
+        c
+        for c in an.finetune_claims(inputs)[0]
+        if c.claim.startswith(an.TIME_CLAIM) and not c.claim.endswith("not counted")
+    ]
     for c in timed:
         c.kind, c.key = QUESTION, "finetune.time_with_pretraining"
         c.claim = "fine-tuning reaches scratch's final accuracy sooner, pretraining counted"
@@ -198,20 +281,37 @@ def question_claims(inputs: Inputs, st: Studies, f: Findings, equal) -> list[an.
         out.append(c)
     for c in f.comparisons:
         if c.key.endswith("adamw_minus_sgd"):
-            out.append(an.Claim("4", "the fine-tuning optimiser matters: AdamW (scratch's recipe) beats SGD",
-                                "SGD momentum 0.9 (its Algorithm 2)", comparison_text(c), c.verdict, STUDY,
-                                test="AdamW minus SGD > 0, Holm-adjusted p < 0.05", kind=QUESTION,
-                                key="finetune.optimizer"))
+            out.append(
+                an.Claim(
+                    "4",
+                    "the fine-tuning optimiser matters: AdamW (scratch's recipe) beats SGD",
+                    "SGD momentum 0.9 (its Algorithm 2)",
+                    comparison_text(c),
+                    c.verdict,
+                    STUDY,
+                    test="AdamW minus SGD > 0, Holm-adjusted p < 0.05",
+                    kind=QUESTION,
+                    key="finetune.optimizer",
+                )
+            )
     rows = list(an.baseline_differences(inputs).itertuples())
     if rows:
         ps = {r.run: f.holm.get(f"{r.run}_minus_{r.baseline}", math.nan) for r in rows}
         words = [word_by_p(r.diff.mean, ps[r.run]) for r in rows]
-        out.append(an.Claim("5", f"the ViT beats the CNN baseline ({rows[0].baseline}) on this data, at "
-                            f"{inputs.scratch.train.get('steps')} steps",
-                            "not compared", "; ".join(f"{r.run} {_pts(r.diff.mean)} pts" for r in rows),
-                            words[0] if len(set(words)) == 1 else vd.DEPENDS, an.MEASURED,
-                            test="ViT minus CNN > 0 per ViT run, Holm-adjusted p < 0.05", kind=QUESTION,
-                            key="baseline.vit_vs_cnn"))
+        out.append(
+            an.Claim(
+                "5",
+                f"the ViT beats the CNN baseline ({rows[0].baseline}) on this data, at "
+                f"{inputs.scratch.train.get('steps')} steps",
+                "not compared",
+                "; ".join(f"{r.run} {_pts(r.diff.mean)} pts" for r in rows),
+                words[0] if len(set(words)) == 1 else vd.DEPENDS,
+                an.MEASURED,
+                test="ViT minus CNN > 0 per ViT run, Holm-adjusted p < 0.05",
+                kind=QUESTION,
+                key="baseline.vit_vs_cnn",
+            )
+        )
     return out
 
 

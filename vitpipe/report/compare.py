@@ -21,18 +21,19 @@ from pathlib import Path
 
 from vitpipe.errors import UserError
 
-SUMMARY = "metrics/summary.json"   # the report stage's accuracies over seeds (report.document.SUMMARY)
+SUMMARY = "metrics/summary.json"  # the report stage's accuracies over seeds (report.document.SUMMARY)
 # keys that measure the machine, not the method
 MACHINE = re.compile(r"img_per_s|latency|wall_time|_mb$|memory|rss|cuda|gpu|power|mfu|local_|_s$")
-RESULT = re.compile(r"top1|top5|acc|loss|verdict|mcnemar")   # a verdict that flips is a result too
-KINDS = ("result", "other", "machine")                        # the table's order
+RESULT = re.compile(r"top1|top5|acc|loss|verdict|mcnemar")  # a verdict that flips is a result too
+KINDS = ("result", "other", "machine")  # the table's order
 WITHIN, BEYOND = "within noise", "beyond noise"
 
 
 def dvc(args: list[str], cwd: Path | str = ".") -> tuple[str, str | None]:
     """(stdout, error) of `python -m dvc ARGS` in `cwd`; error is its message when it fails."""
-    p = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                       check=False)
+    p = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
     if p.returncode != 0:
         return "", (p.stderr or p.stdout).strip() or f"dvc {args[0]} exited {p.returncode}"
     return p.stdout, None
@@ -50,8 +51,9 @@ def summary_at(rev: str | None, cwd: Path | str = ".") -> dict:
     try:
         if rev is None:
             return json.loads((Path(cwd) / SUMMARY).read_text())
-        p = subprocess.run(["git", "show", f"{rev}:{SUMMARY}"], cwd=cwd, capture_output=True, text=True, timeout=60,
-                           check=False)
+        p = subprocess.run(
+            ["git", "show", f"{rev}:{SUMMARY}"], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        )
         return json.loads(p.stdout) if p.returncode == 0 else {}
     except (OSError, ValueError):
         return {}
@@ -116,8 +118,9 @@ def split_diff(diff: dict, summary: dict) -> tuple[list[list[str]], list[list[st
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A markdown table."""
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    )
 
 
 def compare(old: str, new: str | None = None, cwd: Path | str = ".", markdown: bool = False) -> str:
@@ -127,8 +130,10 @@ def compare(old: str, new: str | None = None, cwd: Path | str = ".", markdown: b
     new_name = new or "workspace"
     if error:
         said = error.strip().splitlines()[-1] if error.strip() else error
-        raise UserError(f"cannot compare {old} with {new_name}: dvc metrics diff says: {said} (give a git "
-                        f"revision that holds committed results: a commit, branch, tag or dvc experiment)")
+        raise UserError(
+            f"cannot compare {old} with {new_name}: dvc metrics diff says: {said} (give a git "
+            f"revision that holds committed results: a commit, branch, tag or dvc experiment)"
+        )
     summary = summary_at(new, cwd) or summary_at(old, cwd)
     rows = changed_rows(diff, summary, bold=markdown)
     if not rows:
@@ -143,9 +148,13 @@ def compare(old: str, new: str | None = None, cwd: Path | str = ".", markdown: b
         text = tabulate(body, headers=header, disable_numparse=True)
     notes = []
     if any(r[-1] for r in body):
-        notes.append(f"{WITHIN}: the change is inside half the 95% interval that the run's seeds give on their own "
-                     f"({SUMMARY}); only a change {BEYOND} says the method changed.")
+        notes.append(
+            f"{WITHIN}: the change is inside half the 95% interval that the run's seeds give on their own "
+            f"({SUMMARY}); only a change {BEYOND} says the method changed."
+        )
     if any(k == "machine" for k, _ in rows):
-        notes.append("machine: throughput, latency, wall time and memory measure the machine that ran each revision; "
-                     "compare them only between runs on the same machine.")
+        notes.append(
+            "machine: throughput, latency, wall time and memory measure the machine that ran each revision; "
+            "compare them only between runs on the same machine."
+        )
     return "\n".join([text, "", *notes]).rstrip()

@@ -10,8 +10,7 @@ import html
 import re
 from pathlib import Path
 
-MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
-        ".svg": "image/svg+xml"}
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".svg": "image/svg+xml"}
 
 STYLE = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
@@ -39,10 +38,12 @@ def render_html(md: str, base_dir: Path | str, title: str = "report") -> str:
     """The page for markdown `md`; image paths are read relative to `base_dir`."""
     body = "\n".join(_blocks(md.splitlines(), Path(base_dir)))
     h1 = re.search(r"^#\s+(.*)$", md, re.MULTILINE)
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(h1.group(1) if h1 else title)}</title>\n<style>{STYLE}</style>\n</head>\n"
-            f"<body>\n{body}\n</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(h1.group(1) if h1 else title)}</title>\n<style>{STYLE}</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def _blocks(lines: list[str], base: Path):
@@ -53,12 +54,12 @@ def _blocks(lines: list[str], base: Path):
             i += 1
         elif line.startswith("```"):
             end = next((j for j in range(i + 1, n) if lines[j].startswith("```")), n)
-            yield "<pre><code>" + html.escape("\n".join(lines[i + 1:end])) + "</code></pre>"
+            yield "<pre><code>" + html.escape("\n".join(lines[i + 1 : end])) + "</code></pre>"
             i = end + 1
         elif m := _HEADING.match(line):
             level = len(m.group(1))
             text = m.group(2)
-            yield f"<h{level} id=\"{_slug(text)}\">{inline(text)}</h{level}>"
+            yield f'<h{level} id="{_slug(text)}">{inline(text)}</h{level}>'
             i += 1
         elif m := _IMAGE_LINE.match(line.strip()):
             yield _figure(m.group(1), m.group(2), base)
@@ -67,14 +68,14 @@ def _blocks(lines: list[str], base: Path):
             end = i + 2
             while end < n and lines[end].lstrip().startswith("|"):
                 end += 1
-            yield _table(lines[i], lines[i + 1], lines[i + 2:end])
+            yield _table(lines[i], lines[i + 1], lines[i + 2 : end])
             i = end
         elif _LIST_ITEM.match(line):
             items = []
             while i < n and (m := _LIST_ITEM.match(lines[i].rstrip())):
                 item = [m.group(1)]
                 i += 1
-                while i < n and lines[i].startswith("  ") and lines[i].strip():   # continuation lines
+                while i < n and lines[i].startswith("  ") and lines[i].strip():  # continuation lines
                     item.append(lines[i].strip())
                     i += 1
                 items.append("<li>" + inline(" ".join(item)) + "</li>")
@@ -89,8 +90,13 @@ def _blocks(lines: list[str], base: Path):
 
 def _starts_block(lines: list[str], i: int) -> bool:
     s = lines[i].strip()
-    return bool(_HEADING.match(s) or _LIST_ITEM.match(s) or _IMAGE_LINE.match(s) or s.startswith("```")
-                or (s.startswith("|") and i + 1 < len(lines) and _TABLE_RULE.match(lines[i + 1].strip())))
+    return bool(
+        _HEADING.match(s)
+        or _LIST_ITEM.match(s)
+        or _IMAGE_LINE.match(s)
+        or s.startswith("```")
+        or (s.startswith("|") and i + 1 < len(lines) and _TABLE_RULE.match(lines[i + 1].strip()))
+    )
 
 
 def _slug(text: str) -> str:
@@ -111,12 +117,20 @@ def _table(header: str, rule: str, rows: list[str]) -> str:
         align.append("center" if left and right else "right" if right else "left")
 
     def row_html(cells, tag):
-        cells = (cells + [""] * len(align))[:len(align)]
-        return "<tr>" + "".join(f"<{tag} style=\"text-align:{a}\">{inline(c)}</{tag}>"
-                                for c, a in zip(cells, align)) + "</tr>"
+        cells = (cells + [""] * len(align))[: len(align)]
+        return (
+            "<tr>"
+            + "".join(f'<{tag} style="text-align:{a}">{inline(c)}</{tag}>' for c, a in zip(cells, align))
+            + "</tr>"
+        )
 
-    return ("<table>\n<thead>" + row_html(_cells(header), "th") + "</thead>\n<tbody>\n"
-            + "\n".join(row_html(_cells(r), "td") for r in rows) + "\n</tbody>\n</table>")
+    return (
+        "<table>\n<thead>"
+        + row_html(_cells(header), "th")
+        + "</thead>\n<tbody>\n"
+        + "\n".join(row_html(_cells(r), "td") for r in rows)
+        + "\n</tbody>\n</table>"
+    )
 
 
 def _figure(alt: str, src: str, base: Path) -> str:
@@ -125,8 +139,10 @@ def _figure(alt: str, src: str, base: Path) -> str:
     if re.match(r"^[a-z]+:", src) or mime is None or not path.is_file():
         return f"<p><em>[figure not available: {html.escape(alt)} ({html.escape(src)})]</em></p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<figure><img src=\"data:{mime};base64,{data}\" alt=\"{html.escape(alt, quote=True)}\">"
-            f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(alt, quote=True)}">'
+        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+    )
 
 
 _CODE = re.compile(r"`([^`]+)`")
@@ -143,8 +159,14 @@ def inline(text: str) -> str:
             out.append(f"<code>{html.escape(part)}</code>")
             continue
         s = html.escape(part, quote=False)
-        s = _LINK.sub(lambda m: f"<a href=\"{html.escape(m.group(2), quote=True)}\">{m.group(1)}</a>"
-                      if re.match(r"^(https?:|#|[\w./-]+$)", m.group(2)) else m.group(0), s)
+        s = _LINK.sub(
+            lambda m: (
+                f'<a href="{html.escape(m.group(2), quote=True)}">{m.group(1)}</a>'
+                if re.match(r"^(https?:|#|[\w./-]+$)", m.group(2))
+                else m.group(0)
+            ),
+            s,
+        )
         s = _BOLD.sub(r"<strong>\1</strong>", s)
         s = _EM.sub(r"<em>\1</em>", s)
         out.append(s)

@@ -25,16 +25,17 @@ class Run:
     """One trained network over its seeds: the scratch run (Algorithm 1) or a fine-tuned
     variant (Algorithm 2). `train`, `test`, `curve` and `evals` are the means over seeds (what
     one-number sections read); the per-seed lists are what the intervals are made of."""
+
     name: str
-    spec: dict               # the network: params.yaml `model:` or `variants.<name>`
-    recipe: params.TrainParams | None   # the recipe that trained it (variant overrides applied)
+    spec: dict  # the network: params.yaml `model:` or `variants.<name>`
+    recipe: params.TrainParams | None  # the recipe that trained it (variant overrides applied)
     seeds: list[int]
-    trains: list[dict]       # metrics/train_scratch/seed-<s>.json | metrics/finetune/<name>/seed-<s>.json
-    tests: list[dict]        # metrics/evaluate/<name>/seed-<s>.json
-    pretrain: dict           # metrics/pretrain/<name>.json ({} for scratch)
-    curves: list[pd.DataFrame]   # plots/.../seed-<s>/train.tsv (per optimizer step)
-    evals_by_seed: list[pd.DataFrame]   # plots/.../seed-<s>/eval.tsv (per evaluation)
-    corrects: list[list[bool] | None] = field(default_factory=list)   # eval/<name>/seed-<s>/predictions.csv:
+    trains: list[dict]  # metrics/train_scratch/seed-<s>.json | metrics/finetune/<name>/seed-<s>.json
+    tests: list[dict]  # metrics/evaluate/<name>/seed-<s>.json
+    pretrain: dict  # metrics/pretrain/<name>.json ({} for scratch)
+    curves: list[pd.DataFrame]  # plots/.../seed-<s>/train.tsv (per optimizer step)
+    evals_by_seed: list[pd.DataFrame]  # plots/.../seed-<s>/eval.tsv (per evaluation)
+    corrects: list[list[bool] | None] = field(default_factory=list)  # eval/<name>/seed-<s>/predictions.csv:
     #                                     per test image (store order), whether the model got it right
 
     @property
@@ -125,15 +126,15 @@ def mean_frame(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 @dataclass
 class Inputs:
-    doc: dict                       # params.yaml
-    meta: dict                      # data/prepared/<dataset>/meta.json
-    prepared: Path                  # data/prepared/<dataset>
+    doc: dict  # params.yaml
+    meta: dict  # data/prepared/<dataset>/meta.json
+    prepared: Path  # data/prepared/<dataset>
     runs: list[Run]
-    profile: dict                   # metrics/profile.json
-    compute: pd.DataFrame           # profile/compute.csv: one row per model on profile.device
-    devices: pd.DataFrame           # profile/devices.csv: one row per model x device profile
-    missing: list[str] = field(default_factory=list)   # expected files that were not there
-    studies: Studies = field(default_factory=Studies)   # studies/results/ (studies/dvc.yaml), with staleness
+    profile: dict  # metrics/profile.json
+    compute: pd.DataFrame  # profile/compute.csv: one row per model on profile.device
+    devices: pd.DataFrame  # profile/devices.csv: one row per model x device profile
+    missing: list[str] = field(default_factory=list)  # expected files that were not there
+    studies: Studies = field(default_factory=Studies)  # studies/results/ (studies/dvc.yaml), with staleness
 
     @property
     def image_size(self) -> int:
@@ -185,7 +186,7 @@ class _Reader:
 def _recipe(doc: dict, section: str, variant: str | None) -> params.TrainParams | None:
     try:
         return params.train_params(doc, section, variant)
-    except Exception:   # a recipe the training stage would refuse: the report still renders
+    except Exception:  # a recipe the training stage would refuse: the report still renders
         return None
 
 
@@ -198,17 +199,30 @@ def load(root: Path | str = ".", check_stale: bool = True) -> Inputs:
     seeds = list(doc.get("seeds") or [0])
 
     def run(name, spec, recipe, pretrain):
-        return Run(name, dict(spec), recipe, seeds,
-                   [read.json(pipeline.train_metrics(name, s)) for s in seeds],
-                   [read.json(pipeline.eval_metrics(name, s)) for s in seeds], pretrain,
-                   [read.table(pipeline.steplog(name, s) / pipeline.TRAIN_LOG, "\t") for s in seeds],
-                   [read.table(pipeline.steplog(name, s) / pipeline.EVAL_LOG, "\t") for s in seeds],
-                   [read.correct(pipeline.eval_dir(name, s) / pipeline.PREDICTIONS) for s in seeds])
+        return Run(
+            name,
+            dict(spec),
+            recipe,
+            seeds,
+            [read.json(pipeline.train_metrics(name, s)) for s in seeds],
+            [read.json(pipeline.eval_metrics(name, s)) for s in seeds],
+            pretrain,
+            [read.table(pipeline.steplog(name, s) / pipeline.TRAIN_LOG, "\t") for s in seeds],
+            [read.table(pipeline.steplog(name, s) / pipeline.EVAL_LOG, "\t") for s in seeds],
+            [read.correct(pipeline.eval_dir(name, s) / pipeline.PREDICTIONS) for s in seeds],
+        )
 
     runs = [run(SCRATCH, doc["model"], _recipe(doc, "train", None), {})]
     for name, spec in (doc.get("variants") or {}).items():
         runs.append(run(name, spec, _recipe(doc, "finetune", name), read.json(pipeline.pretrain_metrics(name))))
-    return Inputs(doc=doc, meta=meta, prepared=root / prepared, runs=runs,
-                  profile=read.json(pipeline.PROFILE_METRICS), compute=read.table(pipeline.PROFILE_COMPUTE),
-                  devices=read.table(pipeline.PROFILE_DEVICES), missing=read.missing,
-                  studies=studies_results.load(root, check_stale))
+    return Inputs(
+        doc=doc,
+        meta=meta,
+        prepared=root / prepared,
+        runs=runs,
+        profile=read.json(pipeline.PROFILE_METRICS),
+        compute=read.table(pipeline.PROFILE_COMPUTE),
+        devices=read.table(pipeline.PROFILE_DEVICES),
+        missing=read.missing,
+        studies=studies_results.load(root, check_stale),
+    )

@@ -27,8 +27,8 @@ HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 @dataclass(frozen=True)
 class Interval:
     mean: float
-    sd: float        # sample standard deviation over seeds (nan for one seed)
-    lo: float        # 95% t-interval of the mean (nan for one seed)
+    sd: float  # sample standard deviation over seeds (nan for one seed)
+    lo: float  # 95% t-interval of the mean (nan for one seed)
     hi: float
     n: int
 
@@ -41,8 +41,10 @@ class Interval:
         m = f"{self.mean * scale:.{digits}f}{unit}"
         if self.n < 2:
             return f"{m} (1 seed: no interval)"
-        return (f"{m} ± {self.sd * scale:.{digits}f} (95% CI {self.lo * scale:.{digits}f}–"
-                f"{self.hi * scale:.{digits}f}, {self.n} seeds)")
+        return (
+            f"{m} ± {self.sd * scale:.{digits}f} (95% CI {self.lo * scale:.{digits}f}–"
+            f"{self.hi * scale:.{digits}f}, {self.n} seeds)"
+        )
 
 
 def t_quantile(n: int, confidence: float = CONFIDENCE) -> float:
@@ -93,8 +95,8 @@ def seeds_to_resolve(diff: Interval, confidence: float = CONFIDENCE, cap: int = 
 
 @dataclass(frozen=True)
 class Verdict:
-    word: str        # holds | does not hold | inconclusive
-    why: str         # one clause: the interval, and for inconclusive what would resolve it
+    word: str  # holds | does not hold | inconclusive
+    why: str  # one clause: the interval, and for inconclusive what would resolve it
 
 
 def verdict(diff: Interval, scale: float = 100, unit: str = " points") -> Verdict:
@@ -102,16 +104,21 @@ def verdict(diff: Interval, scale: float = 100, unit: str = " points") -> Verdic
     if diff.n == 0:
         return Verdict(INCONCLUSIVE, "no runs to compare")
     if diff.n == 1:
-        return Verdict(INCONCLUSIVE, f"one seed ({diff.mean * scale:+.1f}{unit}) has no spread to judge it by; "
-                                     f"run at least 2 seeds")
+        return Verdict(
+            INCONCLUSIVE,
+            f"one seed ({diff.mean * scale:+.1f}{unit}) has no spread to judge it by; run at least 2 seeds",
+        )
     span = f"95% CI of the difference {diff.lo * scale:+.1f} to {diff.hi * scale:+.1f}{unit}"
     if diff.lo > 0:
         return Verdict(HOLDS, f"{span}, above zero")
     if diff.hi <= 0:
         return Verdict(DOES_NOT_HOLD, f"{span}, at or below zero")
     need = seeds_to_resolve(diff)
-    more = (f"about {need} seeds would resolve it at this spread" if need
-            else "no number of seeds would resolve it at a mean difference of zero")
+    more = (
+        f"about {need} seeds would resolve it at this spread"
+        if need
+        else "no number of seeds would resolve it at a mean difference of zero"
+    )
     return Verdict(INCONCLUSIVE, f"{span} straddles zero; {more}")
 
 
@@ -131,6 +138,7 @@ class PairedImages:
     about which is better. `p` is McNemar's exact two-sided p-value (a binomial test of the
     discordant images at 1/2); `lo`..`hi` the 95% Wald interval of the paired accuracy
     difference (a - b), for its size."""
+
     n: int
     a_only: int
     b_only: int
@@ -173,15 +181,18 @@ def mcnemar(a_correct, b_correct) -> PairedImages:
     return PairedImages(len(a), a_only, b_only, p)
 
 
-def image_verdict(t: PairedImages, first: str = "the first", second: str = "the second",
-                  alpha: float = 1 - CONFIDENCE) -> Verdict:
+def image_verdict(
+    t: PairedImages, first: str = "the first", second: str = "the second", alpha: float = 1 - CONFIDENCE
+) -> Verdict:
     """The claim is that model a (`first`) is more accurate than model b (`second`) on these
     test images' population."""
     if t.n == 0:
         return Verdict(INCONCLUSIVE, "no test images to compare")
-    span = (f"{MCNEMAR} on {t.n} test images: {t.a_only} right only by {first}, {t.b_only} only by "
-            f"{second}, p = {t.p:.2g}; difference {100 * t.diff:+.1f} points, 95% CI {100 * t.lo:+.1f} to "
-            f"{100 * t.hi:+.1f}")
+    span = (
+        f"{MCNEMAR} on {t.n} test images: {t.a_only} right only by {first}, {t.b_only} only by "
+        f"{second}, p = {t.p:.2g}; difference {100 * t.diff:+.1f} points, 95% CI {100 * t.lo:+.1f} to "
+        f"{100 * t.hi:+.1f}"
+    )
     if t.p < alpha:
         return Verdict(HOLDS if t.a_only > t.b_only else DOES_NOT_HOLD, span)
     return Verdict(INCONCLUSIVE, f"{span}: not below {alpha:g}")
@@ -196,15 +207,16 @@ def spread(xs) -> tuple[float, float, float]:
     return ((xs[int(mid)] + xs[int(mid + 0.5)]) / 2, xs[0], xs[-1])
 
 
-def bootstrap_sum(vectors, signs, resamples: int = 2000, seed: int = 0,
-                  confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+def bootstrap_sum(
+    vectors, signs, resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
     """A signed sum of accuracies of models scored on the same test images, with its paired
     percentile-bootstrap interval: the images are resampled together for every model."""
     import numpy as np
 
-    m = np.asarray(vectors, dtype=np.float64)               # models x images
+    m = np.asarray(vectors, dtype=np.float64)  # models x images
     w = np.asarray(signs, dtype=np.float64)
-    per_image = w @ m                                        # each image's contribution to the sum
+    per_image = w @ m  # each image's contribution to the sum
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, m.shape[1], size=(resamples, m.shape[1]))
     sums = per_image[idx].mean(axis=1)
@@ -216,8 +228,9 @@ def bootstrap_sum(vectors, signs, resamples: int = 2000, seed: int = 0,
 # Several sources of noise at once, and many comparisons
 
 
-def hierarchical_bootstrap(a, b, resamples: int = 4000, seed: int = 0,
-                           confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+def hierarchical_bootstrap(
+    a, b, resamples: int = 4000, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[float, float, float, float]:
     """Accuracy of arm a minus arm b, with an interval that holds every level of noise the runs
     have: `a` and `b` are nested lists [pretraining run][training seed][test image] of 0/1
     (an arm without pretraining is one group). Each resample draws the test images once, with
@@ -227,7 +240,7 @@ def hierarchical_bootstrap(a, b, resamples: int = 4000, seed: int = 0,
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    arms = [[np.asarray(g, dtype=np.float64) for g in arm] for arm in (a, b)]   # per group: seeds x images
+    arms = [[np.asarray(g, dtype=np.float64) for g in arm] for arm in (a, b)]  # per group: seeds x images
     n_images = arms[0][0].shape[1]
     images = rng.integers(0, n_images, size=(resamples, n_images))
     # per group and resample, each seed's accuracy on the drawn images: seeds x resamples
@@ -238,7 +251,7 @@ def hierarchical_bootstrap(a, b, resamples: int = 4000, seed: int = 0,
         total = np.zeros(resamples)
         for j in range(len(arm)):
             acc = np.zeros(resamples)
-            for k, g in enumerate(arm):          # the drawn group's seeds, drawn with replacement
+            for k, g in enumerate(arm):  # the drawn group's seeds, drawn with replacement
                 rows = rng.integers(0, g.shape[0], size=(resamples, g.shape[0]))
                 pick = np.take_along_axis(g.T, rows, axis=1).mean(axis=1)
                 acc = np.where(groups[:, j] == k, pick, acc)

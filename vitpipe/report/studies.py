@@ -21,9 +21,9 @@ DVC_YAML = STUDIES / "dvc.yaml"
 
 @dataclass
 class Study:
-    stage: str                 # its DVC stage in studies/dvc.yaml ("finetune@150")
+    stage: str  # its DVC stage in studies/dvc.yaml ("finetune@150")
     record: dict
-    stale: bool | None         # None: DVC could not say (no DVC repository here)
+    stale: bool | None  # None: DVC could not say (no DVC repository here)
 
     @property
     def cite(self) -> str:
@@ -34,18 +34,22 @@ class Study:
 
 @dataclass
 class Studies:
-    budgets: dict[tuple[str, int], Study] = field(default_factory=dict)    # (arm, steps) -> its study
+    budgets: dict[tuple[str, int], Study] = field(default_factory=dict)  # (arm, steps) -> its study
     equal_compute: Study | None = None
     crossed: Study | None = None
-    data_sweep: list[Study] = field(default_factory=list)   # one per share of the training split
+    data_sweep: list[Study] = field(default_factory=list)  # one per share of the training split
     pretraining: list[Study] = field(default_factory=list)
-    stale_check: str = ""      # how staleness was decided, or why it could not be
-    data_cnn: str = "CNN"      # the data sweep's CNN (studies/params.yaml `data_sweep.cnn`)
+    stale_check: str = ""  # how staleness was decided, or why it could not be
+    data_cnn: str = "CNN"  # the data sweep's CNN (studies/params.yaml `data_sweep.cnn`)
 
     @property
     def all(self) -> list[Study]:
-        return [*self.budgets.values(), *(s for s in (self.equal_compute, self.crossed) if s),
-                *self.data_sweep, *self.pretraining]
+        return [
+            *self.budgets.values(),
+            *(s for s in (self.equal_compute, self.crossed) if s),
+            *self.data_sweep,
+            *self.pretraining,
+        ]
 
     @property
     def any_stale(self) -> bool:
@@ -76,7 +80,7 @@ def stale_stages(root: Path) -> tuple[set[str] | None, str]:
             return changed[stage]
 
         out = set()
-        with repo.lock:        # DVC reads stage status under its repository lock (released while a stage runs)
+        with repo.lock:  # DVC reads stage status under its repository lock (released while a stage runs)
             for stage in graph.nodes:
                 if Path(stage.path).resolve() != (root / DVC_YAML).resolve():
                     continue

@@ -62,19 +62,25 @@ def is_lost_peer(e: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(e)
-    return (isinstance(e, dist.DistError) or "Connection closed by peer" in text or "Connection reset by peer" in text
-            or ("Timed out" in text and "gloo" in text.lower()))
+    return (
+        isinstance(e, dist.DistError)
+        or "Connection closed by peer" in text
+        or "Connection reset by peer" in text
+        or ("Timed out" in text and "gloo" in text.lower())
+    )
 
 
 def lost_peer_message(rank: int, section: str, timeout_s: float, e: BaseException) -> str:
     first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    return (f"training process {rank}: another process of the run stopped answering during training (dead, "
-            f"stuck, or its node lost: {first}); every process stops. Run the stage again on every node to resume "
-            f"from the last checkpoint (a collective waits at most {section}.collective_timeout_s={timeout_s:g} s)")
+    return (
+        f"training process {rank}: another process of the run stopped answering during training (dead, "
+        f"stuck, or its node lost: {first}); every process stops. Run the stage again on every node to resume "
+        f"from the last checkpoint (a collective waits at most {section}.collective_timeout_s={timeout_s:g} s)"
+    )
 
 
-ENV_RDZV = "VITPIPE_RDZV_ENDPOINT"   # host:port of the c10d rendezvous: a property of the cluster, not of the run
-ENV_RDZV_ID = "VITPIPE_RDZV_ID"     # the job's name at that endpoint (default: the launcher's job id, or the stage)
+ENV_RDZV = "VITPIPE_RDZV_ENDPOINT"  # host:port of the c10d rendezvous: a property of the cluster, not of the run
+ENV_RDZV_ID = "VITPIPE_RDZV_ID"  # the job's name at that endpoint (default: the launcher's job id, or the stage)
 RDZV_PORT = 29500
 
 
@@ -116,8 +122,10 @@ def checked_endpoint(endpoint: str) -> str:
     """host:port, or one line naming what is wrong with it (before any process starts)."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"rendezvous endpoint {endpoint!r} (from {ENV_RDZV} or the launcher's variables) is not "
-                        f"host:port with a port in 1..65535; set {ENV_RDZV}=host:port, e.g. 10.0.0.1:{RDZV_PORT}")
+        raise UserError(
+            f"rendezvous endpoint {endpoint!r} (from {ENV_RDZV} or the launcher's variables) is not "
+            f"host:port with a port in 1..65535; set {ENV_RDZV}=host:port, e.g. 10.0.0.1:{RDZV_PORT}"
+        )
     return endpoint
 
 
@@ -203,12 +211,20 @@ def torchrun_args(nproc: int, nnodes: int, rdzv_timeout_s: float = 600) -> list[
         return ["--standalone", f"--nproc_per_node={nproc}"]
     endpoint = rendezvous_endpoint()
     if not endpoint:
-        raise UserError(f"nnodes={nnodes}: the nodes need a place to meet; set {ENV_RDZV}=host:port (the first "
-                        f"node's address and a free port) on every node, or launch under SLURM, SkyPilot or a "
-                        f"Kubernetes PyTorchJob")
-    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--rdzv-backend={RDZV_BACKEND}",
-            f"--rdzv-endpoint={checked_endpoint(endpoint)}", f"--rdzv-id={rendezvous_id()}",
-            f"--rdzv-conf=join_timeout={int(rdzv_timeout_s)}", "--max-restarts=0"]
+        raise UserError(
+            f"nnodes={nnodes}: the nodes need a place to meet; set {ENV_RDZV}=host:port (the first "
+            f"node's address and a free port) on every node, or launch under SLURM, SkyPilot or a "
+            f"Kubernetes PyTorchJob"
+        )
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc_per_node={nproc}",
+        f"--rdzv-backend={RDZV_BACKEND}",
+        f"--rdzv-endpoint={checked_endpoint(endpoint)}",
+        f"--rdzv-id={rendezvous_id()}",
+        f"--rdzv-conf=join_timeout={int(rdzv_timeout_s)}",
+        "--max-restarts=0",
+    ]
 
 
 def relaunch(nproc: int, nnodes: int = 1, rdzv_timeout_s: float = 600) -> None:
@@ -225,14 +241,20 @@ def relaunch(nproc: int, nnodes: int = 1, rdzv_timeout_s: float = 600) -> None:
     if nproc * nnodes <= 1 or "LOCAL_RANK" in os.environ:
         return
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise UserError(f"nproc={nproc} processes, but this machine has {torch.cuda.device_count()} GPU(s); "
-                        f"lower the section's nproc")
+        raise UserError(
+            f"nproc={nproc} processes, but this machine has {torch.cuda.device_count()} GPU(s); "
+            f"lower the section's nproc"
+        )
     args = torchrun_args(nproc, nnodes, rdzv_timeout_s)  # a bad endpoint: one line before anything starts
     # torchrun would set 1 thread per process, with a warning; on CPU share the cores instead
     os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // nproc))
     if nnodes > 1:
-        print(f"vitpipe: waiting at {rendezvous_endpoint()} (rendezvous {rendezvous_id()}) for all {nnodes} nodes "
-              f"to join, at most {rdzv_timeout_s:g} s", file=sys.stderr, flush=True)
+        print(
+            f"vitpipe: waiting at {rendezvous_endpoint()} (rendezvous {rendezvous_id()}) for all {nnodes} nodes "
+            f"to join, at most {rdzv_timeout_s:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
     sys.exit(torchrun([*args, sys.argv[0], *sys.argv[1:]], rdzv_timeout_s))
 
 
@@ -266,13 +288,19 @@ def torchrun(args: list[str], rdzv_timeout_s: float = 600) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     except RendezvousTimeoutError:
-        print(f"vitpipe: error: not every node joined within {rdzv_timeout_s:g} s (the section's rdzv_timeout_s): "
-              f"start the same stage on every node, with the same {ENV_RDZV}, or raise the timeout", file=sys.stderr)
+        print(
+            f"vitpipe: error: not every node joined within {rdzv_timeout_s:g} s (the section's rdzv_timeout_s): "
+            f"start the same stage on every node, with the same {ENV_RDZV}, or raise the timeout",
+            file=sys.stderr,
+        )
         return 2
     except RendezvousError as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        print(f"vitpipe: error: the nodes could not meet ({why}); check {ENV_RDZV} (the first node's address and "
-              f"a free port) on every node", file=sys.stderr)
+        print(
+            f"vitpipe: error: the nodes could not meet ({why}); check {ENV_RDZV} (the first node's address and "
+            f"a free port) on every node",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -62,10 +62,10 @@ def augmentation_generator(seed: int, step: int) -> torch.Generator:
 class MicroBatch(NamedTuple):
     step: int
     m: int
-    x: torch.Tensor             # uint8 NCHW on the device (CUDA), or float32 normalised (CPU)
+    x: torch.Tensor  # uint8 NCHW on the device (CUDA), or float32 normalised (CPU)
     y: torch.Tensor
-    host_s: float               # host seconds spent making it: gather, augment, pin, launch the copy
-    ready: object = None        # CUDA: the event its copy recorded on the side stream
+    host_s: float  # host seconds spent making it: gather, augment, pin, launch the copy
+    ready: object = None  # CUDA: the event its copy recorded on the side stream
 
 
 class InputPipeline:
@@ -73,9 +73,21 @@ class InputPipeline:
     returns the next one as (x float32 normalised on the device, y), made `prefetch`
     micro-batches ahead by a background thread (0: made on demand)."""
 
-    def __init__(self, data: Split, seed: int, batch_size: int, micro_batch: int, mine: list[int], augment: bool,
-                 device: torch.device, start: int, steps: int, channels_last: bool = False, prefetch: int | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        data: Split,
+        seed: int,
+        batch_size: int,
+        micro_batch: int,
+        mine: list[int],
+        augment: bool,
+        device: torch.device,
+        start: int,
+        steps: int,
+        channels_last: bool = False,
+        prefetch: int | None = None,
+        threads: int | None = None,
+    ):
         self.data, self.seed, self.batch_size, self.micro_batch = data, seed, batch_size, micro_batch
         self.mine, self.augment, self.device, self.channels_last = list(mine), augment, device, channels_last
         self.stream = SampleStream(len(data), seed)
@@ -92,8 +104,10 @@ class InputPipeline:
         self.host_s = self.wait_s = 0.0  # since the last take_times(): what the step log reports
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
-            self.pinned = [torch.empty((micro_batch, 3, *data.x.shape[1:3]), dtype=torch.uint8, pin_memory=True)
-                           for _ in range(max(1, prefetch) + 2)]  # a ring: more than the queue can hold
+            self.pinned = [
+                torch.empty((micro_batch, 3, *data.x.shape[1:3]), dtype=torch.uint8, pin_memory=True)
+                for _ in range(max(1, prefetch) + 2)
+            ]  # a ring: more than the queue can hold
             self.pinned_free = [None] * len(self.pinned)  # the event after which each may be overwritten
             self.slot = 0
 
@@ -162,8 +176,10 @@ class InputPipeline:
             if isinstance(item, BaseException):
                 raise item
         if (item.step, item.m) != (step, m):  # the loop and the pipeline disagree on the order: a bug, not data
-            raise RuntimeError(f"input pipeline out of order: made step {item.step} micro-batch {item.m}, "
-                               f"the loop wants step {step} micro-batch {m}")
+            raise RuntimeError(
+                f"input pipeline out of order: made step {item.step} micro-batch {item.m}, "
+                f"the loop wants step {step} micro-batch {m}"
+            )
         x, y = item.x, item.y
         if self.cuda:
             current = torch.cuda.current_stream(self.device)

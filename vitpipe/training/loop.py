@@ -40,19 +40,38 @@ from vitpipe.hardware.core_share import CoreShare
 from vitpipe.hardware.telemetry import Sampler, now
 from vitpipe.params import TrainParams
 from vitpipe.training import sharding
-from vitpipe.training.distributed import (Dist, is_lost_peer, lost_peer_message, pick_device, seed_everything,
-                                         setup_distributed)
+from vitpipe.training.distributed import (
+    Dist,
+    is_lost_peer,
+    lost_peer_message,
+    pick_device,
+    seed_everything,
+    setup_distributed,
+)
 from vitpipe.training.input_pipeline import InputPipeline
 from vitpipe.training.oom import oom_message
-from vitpipe.training.recipe import (autocast_dtype, lr_at, make_optimizer, nondeterministic_op, prepare_model,
-                                    use_deterministic_kernels)
+from vitpipe.training.recipe import (
+    autocast_dtype,
+    lr_at,
+    make_optimizer,
+    nondeterministic_op,
+    prepare_model,
+    use_deterministic_kernels,
+)
 from vitpipe.training.steplog import EVAL_COLUMNS, TRAIN_COLUMNS, StepLog
 
 # Keys of a recipe that do not change the numbers a run produces: a checkpoint written
 # under other values of these is still the same run. The number of processes is in it, but
 # for a sharded run (see Run.__init__).
-NOT_IN_FINGERPRINT = ("checkpoint_every", "eval_every", "resume", "compile", "nnodes", "rdzv_timeout_s",
-                      "collective_timeout_s")
+NOT_IN_FINGERPRINT = (
+    "checkpoint_every",
+    "eval_every",
+    "resume",
+    "compile",
+    "nnodes",
+    "rdzv_timeout_s",
+    "collective_timeout_s",
+)
 
 # How the batch is split (micro_batch x accumulation) is not in it either where the split
 # changes only float rounding (see split_changes_result): a run resumes or is restored on a
@@ -68,37 +87,39 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class RunPaths:
-    weights: Path     # the trained model (state_dict + what evaluate needs to rebuild it)
-    metrics: Path     # flat JSON summary
-    plots: Path       # folder of train.tsv / eval.tsv
+    weights: Path  # the trained model (state_dict + what evaluate needs to rebuild it)
+    metrics: Path  # flat JSON summary
+    plots: Path  # folder of train.tsv / eval.tsv
 
 
 @dataclass
 class TrainingJob:
     """One training run as a stage asks for it: the network, its data and recipe, where it
     writes, and what else makes it this run."""
+
     model: torch.nn.Module
     data: Split
     recipe: TrainParams
     paths: RunPaths
-    val: Split | None           # None or empty: no validation
-    run_config: dict            # the rest of the run's identity (spec, dataset, sizes): part of its fingerprint
-    fresh_key: str              # the param that starts it over ("train.resume"); its section names the errors
-    weights_meta: dict          # saved beside the final weights (what evaluate needs to rebuild the network)
-    desc: str                   # the stage's name as DVC shows it ("train_scratch@0")
-    quiet: bool = False         # no progress bar
-    store_dir: Path | None = None   # the checkpoint store's folder; None: the machine's (VITPIPE_CHECKPOINT_DIR, ...)
+    val: Split | None  # None or empty: no validation
+    run_config: dict  # the rest of the run's identity (spec, dataset, sizes): part of its fingerprint
+    fresh_key: str  # the param that starts it over ("train.resume"); its section names the errors
+    weights_meta: dict  # saved beside the final weights (what evaluate needs to rebuild the network)
+    desc: str  # the stage's name as DVC shows it ("train_scratch@0")
+    quiet: bool = False  # no progress bar
+    store_dir: Path | None = None  # the checkpoint store's folder; None: the machine's (VITPIPE_CHECKPOINT_DIR, ...)
 
 
 class Pending(NamedTuple):
     """A step's results still on the device: read back at the next host sync."""
+
     step: int
     lr: float
     loss: torch.Tensor
     grad_norm: torch.Tensor
     host_time: float
-    data_s: float = 0.0    # host seconds making its batches (in the background when prefetching)
-    wait_s: float = 0.0    # seconds the step waited for them
+    data_s: float = 0.0  # host seconds making its batches (in the background when prefetching)
+    wait_s: float = 0.0  # seconds the step waited for them
 
 
 class StopRequested:
@@ -130,9 +151,14 @@ class StopRequested:
 
 # Out of device memory inside a library: cuBLAS, cuDNN and the CUDA runtime report a failed
 # allocation as a plain RuntimeError, not torch.OutOfMemoryError; the remedy is the same plan.
-ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED",  # cublasCreate without memory
-                       "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA error: out of memory",
-                       "CUDA out of memory")
+ALLOCATION_FAILURES = (
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_NOT_INITIALIZED",  # cublasCreate without memory
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "CUDA error: out of memory",
+    "CUDA out of memory",
+)
 
 
 def channels_last_for(model: torch.nn.Module, device: torch.device) -> bool:
@@ -170,7 +196,11 @@ def fit(job: TrainingJob) -> dict:
         run = Run(d, job)
         if run.restored is not None:  # finished on some machine sharing the store or its mirror
             return run.restored
-        with Sampler(run.device) as run.sampler, StopRequested() as run.stop, CoreShare(run.device, run.store.root / ".running", d.world) as run.cores:
+        with (
+            Sampler(run.device) as run.sampler,
+            StopRequested() as run.stop,
+            CoreShare(run.device, run.store.root / ".running", d.world) as run.cores,
+        ):
             try:
                 while run.step < run.recipe.steps:
                     run.train_step()
@@ -179,14 +209,27 @@ def fit(job: TrainingJob) -> dict:
                 return run.finish()
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 if d.world > 1 and is_lost_peer(e):
-                    raise UserError(lost_peer_message(d.rank, run.section, run.recipe.collective_timeout_s, e)) from None
+                    raise UserError(
+                        lost_peer_message(d.rank, run.section, run.recipe.collective_timeout_s, e)
+                    ) from None
                 if op := nondeterministic_op(e):
-                    raise ParamError(f"{run.section}.deterministic", True, f"false: {op} has no deterministic "
-                                     f"kernel on {run.device.type} in this torch") from None
+                    raise ParamError(
+                        f"{run.section}.deterministic",
+                        True,
+                        f"false: {op} has no deterministic kernel on {run.device.type} in this torch",
+                    ) from None
                 if not is_allocation_failure(e):
                     raise
-                raise UserError(oom_message(run.recipe, run.section, job.run_config, job.weights_meta.get("num_classes"),
-                                            run.device, d.world)) from None
+                raise UserError(
+                    oom_message(
+                        run.recipe,
+                        run.section,
+                        job.run_config,
+                        job.weights_meta.get("num_classes"),
+                        run.device,
+                        d.world,
+                    )
+                ) from None
             finally:
                 run.input.close()
                 if run.bar is not None:
@@ -208,14 +251,23 @@ class Run:
         self.device = pick_device(d)
         use_deterministic_kernels(recipe.deterministic, self.device)
         # auto -> the precision this device runs natively; bf16 on a card without it is a param error
-        recipe = self.recipe = replace(recipe, precision=precision.resolve(recipe.precision, self.device,
-                                                                           f"{self.section}.precision"))
+        recipe = self.recipe = replace(
+            recipe, precision=precision.resolve(recipe.precision, self.device, f"{self.section}.precision")
+        )
         # ddp | fsdp (auto: what the cost model says fits); "none" for one process
-        recipe = self.recipe = replace(recipe, parallel=sharding.resolve(
-            recipe.parallel, d.world, self.section, lambda: sharding.replicated_fits(job, recipe, self.device)))
+        recipe = self.recipe = replace(
+            recipe,
+            parallel=sharding.resolve(
+                recipe.parallel, d.world, self.section, lambda: sharding.replicated_fits(job, recipe, self.device)
+            ),
+        )
         if recipe.accum_steps % d.world:
-            raise ParamError(f"{self.section}.micro_batch", recipe.micro_batch, f"a size that splits batch_size="
-                             f"{recipe.batch_size} into a multiple of {d.world} micro-batches (one share per process)")
+            raise ParamError(
+                f"{self.section}.micro_batch",
+                recipe.micro_batch,
+                f"a size that splits batch_size="
+                f"{recipe.batch_size} into a multiple of {d.world} micro-batches (one share per process)",
+            )
         # What makes this run this run: the params that change its numbers, the weights it starts
         # from (fine-tuning from other pretrained weights is another run) and the data it reads.
         # The number of processes too under DDP: per-process RNG streams and the order of the
@@ -224,17 +276,29 @@ class Run:
         # on it, and DCP reshards its checkpoint for another count (see build).
         self.sharded = recipe.parallel == "fsdp"
         # deterministic: false is every run before the key existed (their checkpoints still resume)
-        skip = NOT_IN_FINGERPRINT + (("nproc",) if self.sharded else ()) + (() if recipe.deterministic else ("deterministic",))
+        skip = (
+            NOT_IN_FINGERPRINT
+            + (("nproc",) if self.sharded else ())
+            + (() if recipe.deterministic else ("deterministic",))
+        )
         skip += () if split_changes_result(model) else ("micro_batch",)
         spec = job.run_config.get("spec")
-        identity = job.run_config | ({"spec": {k: v for k, v in spec.items() if k not in RECIPE_IN_SPEC}}
-                                     if isinstance(spec, dict) else {})
-        self.config = ({k: v for k, v in asdict(recipe).items() if k not in skip} | identity
-                       | ({} if self.sharded else {"world": d.world})
-                       | {"init_weights": checkpoint.tensors_digest(model.state_dict().values()),
-                          "train_labels": checkpoint.tensors_digest([data.y]), "train_images": list(data.x.shape)})
-        self.store = CheckpointStore(checkpoint.fingerprint(self.config), desc, recipe.steps, directory=job.store_dir,
-                                     main=d.main)
+        identity = job.run_config | (
+            {"spec": {k: v for k, v in spec.items() if k not in RECIPE_IN_SPEC}} if isinstance(spec, dict) else {}
+        )
+        self.config = (
+            {k: v for k, v in asdict(recipe).items() if k not in skip}
+            | identity
+            | ({} if self.sharded else {"world": d.world})
+            | {
+                "init_weights": checkpoint.tensors_digest(model.state_dict().values()),
+                "train_labels": checkpoint.tensors_digest([data.y]),
+                "train_images": list(data.x.shape),
+            }
+        )
+        self.store = CheckpointStore(
+            checkpoint.fingerprint(self.config), desc, recipe.steps, directory=job.store_dir, main=d.main
+        )
         self.restored = self.find_finished()
         if self.restored is not None:
             return
@@ -246,25 +310,46 @@ class Run:
         self.start = self.step = ckpt["step"] if ckpt else 0
         self.last_good = self.start if ckpt else None
         extra = ckpt["extra"] if ckpt else {}
-        self.skipped, self.best_val, self.last_val = extra.get("skipped_steps", 0), extra.get("best_val"), extra.get("last_val")
+        self.skipped, self.best_val, self.last_val = (
+            extra.get("skipped_steps", 0),
+            extra.get("best_val"),
+            extra.get("last_val"),
+        )
         self.elapsed0, rows = (ckpt["elapsed_s"], ckpt["log"]) if ckpt else (0.0, {"train": [], "eval": []})
         self.open_logs(rows)
         if ckpt and d.main and not job.quiet:
             print(f"[{desc}] resuming from {where} at step {self.start}/{recipe.steps}", file=sys.stderr)
             if ckpt["world"] != d.world:  # a sharded run only: the others have the world in their fingerprint
-                print(f"[{desc}] the checkpoint was written by {ckpt['world']} processes, resumed by {d.world}: "
-                      f"resharded by torch.distributed.checkpoint; from here the numbers are this run's up to the "
-                      f"order of reductions (not bit-exact)", file=sys.stderr)
+                print(
+                    f"[{desc}] the checkpoint was written by {ckpt['world']} processes, resumed by {d.world}: "
+                    f"resharded by torch.distributed.checkpoint; from here the numbers are this run's up to the "
+                    f"order of reductions (not bit-exact)",
+                    file=sys.stderr,
+                )
         self.mine = list(range(d.rank, recipe.accum_steps, d.world))  # this process's micro-batches of each step
         self.loss_scale = recipe.micro_batch / recipe.batch_size * d.world  # DDP averages over processes
-        self.input = InputPipeline(data, recipe.seed, recipe.batch_size, recipe.micro_batch, self.mine, recipe.augment,
-                                   self.device, self.start, recipe.steps, channels_last=self.channels_last)
+        self.input = InputPipeline(
+            data,
+            recipe.seed,
+            recipe.batch_size,
+            recipe.micro_batch,
+            self.mine,
+            recipe.augment,
+            self.device,
+            self.start,
+            recipe.steps,
+            channels_last=self.channels_last,
+        )
         self.loss_value, self.pending = extra.get("train_loss", float("nan")), []  # Pending steps, not read back yet
         self.t_run = self.t_window = now()
 
     def outputs(self) -> dict[str, Path]:
         """The run's outputs by name, as its finished record holds them."""
-        outs = {"weights": self.paths.weights, "metrics": self.paths.metrics, "train.tsv": self.paths.plots / "train.tsv"}
+        outs = {
+            "weights": self.paths.weights,
+            "metrics": self.paths.metrics,
+            "train.tsv": self.paths.plots / "train.tsv",
+        }
         return outs | ({"eval.tsv": self.paths.plots / "eval.tsv"} if self.val is not None else {})
 
     def find_finished(self) -> dict | None:
@@ -281,8 +366,11 @@ class Run:
                 self.store.restore(record, self.outputs())
                 self.store.release()
                 metrics = json.loads(self.paths.metrics.read_text())
-                print(f"[{self.desc}] restored the finished run {self.store.fingerprint} from {record.where}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{self.desc}] restored the finished run {self.store.fingerprint} from {record.where}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if d.world > 1:
             done = torch.tensor([float(metrics is not None)], device=self.device)
             torch.distributed.broadcast(done, 0)
@@ -297,8 +385,13 @@ class Run:
     def find_checkpoint(self) -> tuple[dict | None, str]:
         """The newest checkpoint of this fingerprint (rank 0 looks, locally and in the mirror, and
         verifies it; every process then loads the same step from the shared local store)."""
-        d, fix = self.d, (f"remove it with `vitpipe checkpoints rm {self.store.fingerprint}` "
-                          f"or set {self.fresh_key}: fresh to start this stage over")
+        d, fix = (
+            self.d,
+            (
+                f"remove it with `vitpipe checkpoints rm {self.store.fingerprint}` "
+                f"or set {self.fresh_key}: fresh to start this stage over"
+            ),
+        )
         found = failed = None
         if d.main:
             try:
@@ -316,15 +409,19 @@ class Run:
             raise SystemExit(2)  # rank 0 stops with the one line that says why
         path = self.checkpoint_path(step)
         if step and not path.exists():
-            raise UserError(f"rank {d.rank} cannot see {path}: every node must share the checkpoint store "
-                            f"(set {checkpoint_store.ENV_DIR} to a shared filesystem)")
+            raise UserError(
+                f"rank {d.rank} cannot see {path}: every node must share the checkpoint store "
+                f"(set {checkpoint_store.ENV_DIR} to a shared filesystem)"
+            )
         if not step:
             return None, ""
         # kept finished (VITPIPE_CHECKPOINT_KEEP): resumes at its end
         ckpt = checkpoint.read(path / checkpoint_store.REST if self.sharded else path, fix)
         if ckpt["fingerprint"] != self.store.fingerprint:
-            raise UserError(f"checkpoint {path} belongs to another run (fingerprint "
-                            f"{ckpt['fingerprint']}, expected {self.store.fingerprint}); {fix}")
+            raise UserError(
+                f"checkpoint {path} belongs to another run (fingerprint "
+                f"{ckpt['fingerprint']}, expected {self.store.fingerprint}); {fix}"
+            )
         ckpt.setdefault("world", len(ckpt["rng"]))
         return ckpt, (found.where if found else str(self.store.dir))
 
@@ -340,7 +437,9 @@ class Run:
         self.state_bytes = None
         compiled = False
         if self.sharded:  # before the optimizer (it holds the shards); moves the model to the device unit by unit
-            compiled = sharding.shard(model, device, self.d.world, param_dtype=self.amp_dtype, compile_units=recipe.compile)
+            compiled = sharding.shard(
+                model, device, self.d.world, param_dtype=self.amp_dtype, compile_units=recipe.compile
+            )
         else:
             model.to(device)
             if self.channels_last:
@@ -359,12 +458,15 @@ class Run:
                 self.scaler.load_state_dict(ckpt["scaler"] or {})
                 self.restore_rng(ckpt)
             except Exception as e:
-                raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
-                                f"{str(e)[:160]}); set {self.fresh_key}: fresh") from None
+                raise UserError(
+                    f"checkpoint {path} does not fit this run ({type(e).__name__}: "
+                    f"{str(e)[:160]}); set {self.fresh_key}: fresh"
+                ) from None
         self.net = model
         if self.d.world > 1 and not self.sharded:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+                model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+            )
         if recipe.compile and not compiled:
             self.net = torch.compile(self.net)
 
@@ -388,8 +490,14 @@ class Run:
         if not self.quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.recipe.steps, initial=self.start, desc=self.desc, unit="step",
-                            dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(
+                total=self.recipe.steps,
+                initial=self.start,
+                desc=self.desc,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
 
     def train_step(self):
         """One optimizer step: accumulate this process's micro-batches, clip, update."""
@@ -445,21 +553,36 @@ class Run:
             self.skipped += not math.isfinite(norm_s)  # fp16 overflow: the scaler skipped this update
             self.loss_value = loss_s
             if d.main:
-                self.log.write(step=s, loss=loss_s, lr=lr_s, img_per_s=rate, img_per_s_per_device=rate / d.world,
-                               elapsed_s=self.elapsed0 + t - self.t_run, eta_s=(r.steps - s) * seconds_per_step,
-                               memory_mb=memory_mb, data_ms=1e3 * data_s, data_wait_ms=1e3 * wait_s)
+                self.log.write(
+                    step=s,
+                    loss=loss_s,
+                    lr=lr_s,
+                    img_per_s=rate,
+                    img_per_s_per_device=rate / d.world,
+                    elapsed_s=self.elapsed0 + t - self.t_run,
+                    eta_s=(r.steps - s) * seconds_per_step,
+                    memory_mb=memory_mb,
+                    data_ms=1e3 * data_s,
+                    data_wait_ms=1e3 * wait_s,
+                )
         self.pending.clear()
         if self.bar:
             self.bar.update(self.step - self.bar.n)
-            self.bar.set_postfix(loss=f"{self.loss_value:.3f}", img_s=f"{rate:.0f}", **self.sampler.live(), refresh=False)
+            self.bar.set_postfix(
+                loss=f"{self.loss_value:.3f}", img_s=f"{rate:.0f}", **self.sampler.live(), refresh=False
+            )
         if self.log:
             self.log.flush()
         if self.evaluating() and (d.main or self.sharded):  # a sharded forward needs every process
             self.last_val = accuracy(self.model, self.val, self.device, amp_dtype=self.amp_dtype)
             self.best_val = max(self.best_val or 0.0, self.last_val["top1"])
         if self.evaluating() and d.main:
-            self.eval_log.write(step=self.step, val_acc=self.last_val["top1"], val_loss=self.last_val["loss"],
-                                elapsed_s=self.elapsed0 + now() - self.t_run)
+            self.eval_log.write(
+                step=self.step,
+                val_acc=self.last_val["top1"],
+                val_loss=self.last_val["loss"],
+                elapsed_s=self.elapsed0 + now() - self.t_run,
+            )
             self.eval_log.flush()
         stopping = shared[-1] > 0 and self.step < r.steps
         if self.checkpointing() or stopping:
@@ -472,12 +595,17 @@ class Run:
     def check_finite(self, s: int, loss_s: float, norm_s: float):
         if math.isfinite(loss_s) and (math.isfinite(norm_s) or self.scaler.is_enabled()):
             return
-        where = (f"the last good checkpoint is step {self.last_good} in {self.store.dir}" if self.last_good
-                 else "no checkpoint was written yet")
+        where = (
+            f"the last good checkpoint is step {self.last_good} in {self.store.dir}"
+            if self.last_good
+            else "no checkpoint was written yet"
+        )
         what = f"loss is {loss_s}" if not math.isfinite(loss_s) else f"gradient norm is {norm_s}"
-        raise TrainingDiverged(f"[{self.desc}] {what} at step {s} ({where}); resuming it with the same params "
-                               f"diverges the same way: lower {self.section}.lr or use precision fp32/bf16, with "
-                               f"{self.section}.resume: fresh")
+        raise TrainingDiverged(
+            f"[{self.desc}] {what} at step {s} ({where}); resuming it with the same params "
+            f"diverges the same way: lower {self.section}.lr or use precision fp32/bf16, with "
+            f"{self.section}.resume: fresh"
+        )
 
     def save_checkpoint(self, finished: bool = False):
         d = self.d
@@ -493,12 +621,24 @@ class Run:
             path, model, optimizer = self.store.path(self.step), self.model, self.optimizer
         if d.main:
             self.log.flush()
-            checkpoint.save(path, model=model, optimizer=optimizer, scaler=self.scaler,
-                            step=self.step, elapsed_s=self.elapsed0 + now() - self.t_run, config=self.config, rng=rng,
-                            finished=finished, log={"train": self.log.rows,
-                                                    "eval": self.eval_log.rows if self.eval_log else []},
-                            extra={"best_val": self.best_val, "skipped_steps": self.skipped,
-                                   "train_loss": self.loss_value, "last_val": self.last_val})
+            checkpoint.save(
+                path,
+                model=model,
+                optimizer=optimizer,
+                scaler=self.scaler,
+                step=self.step,
+                elapsed_s=self.elapsed0 + now() - self.t_run,
+                config=self.config,
+                rng=rng,
+                finished=finished,
+                log={"train": self.log.rows, "eval": self.eval_log.rows if self.eval_log else []},
+                extra={
+                    "best_val": self.best_val,
+                    "skipped_steps": self.skipped,
+                    "train_loss": self.loss_value,
+                    "last_val": self.last_val,
+                },
+            )
             if self.sharded:
                 self.store.commit_folder(self.step, shards)  # renamed into place, then its manifest
             else:
@@ -517,8 +657,11 @@ class Run:
             torch.distributed.barrier()  # nobody exits before rank 0 has saved
         if self.d.main:
             self.store.wait_for_upload()
-            print(f"\n[{self.desc}] stopped by signal at step {self.step}; checkpoint saved to "
-                  f"{self.store.path(self.step)}; run the stage again to resume", file=sys.stderr)
+            print(
+                f"\n[{self.desc}] stopped by signal at step {self.step}; checkpoint saved to "
+                f"{self.store.path(self.step)}; run the stage again to resume",
+                file=sys.stderr,
+            )
         sys.exit(128 + (self.stop.signal or 15))
 
     def finish(self) -> dict:
@@ -565,4 +708,3 @@ class Run:
         if d.world > 1:
             torch.distributed.barrier()
         return metrics
-

@@ -14,12 +14,21 @@ from vitpipe.models import family_of_config, model_config
 from vitpipe.params import TrainParams
 
 
-def oom_message(recipe: TrainParams, section: str, run_config: dict, num_classes: int, device: torch.device,
-                world: int = 1, profile=None) -> str:
+def oom_message(
+    recipe: TrainParams,
+    section: str,
+    run_config: dict,
+    num_classes: int,
+    device: torch.device,
+    world: int = 1,
+    profile=None,
+) -> str:
     """CUDA ran out of memory: what the compute model plans for this device instead."""
     msg = f"CUDA out of memory at micro_batch={recipe.micro_batch} (batch_size={recipe.batch_size})"
-    generic = (f"lower {section}.micro_batch (batch_size is kept by gradient accumulation), or set {section}.precision: bf16 "
-               f"or {section}.activation_checkpointing: true")
+    generic = (
+        f"lower {section}.micro_batch (batch_size is kept by gradient accumulation), or set {section}.precision: bf16 "
+        f"or {section}.activation_checkpointing: true"
+    )
     try:
         profile = profile or probe.profile_of(device)
         cfg = model_config(run_config["spec"], num_classes, run_config["image_size"])
@@ -32,8 +41,7 @@ def oom_message(recipe: TrainParams, section: str, run_config: dict, num_classes
         if not recipe.activation_checkpointing and family_of_config(cfg).checkpointing:
             options.append((options[-1][0], True))
         for prec, ckpt in options:
-            p = compute.plan(cfg, per_device, profile, precision=prec, optimizer=recipe.optimizer,
-                             checkpointing=ckpt)
+            p = compute.plan(cfg, per_device, profile, precision=prec, optimizer=recipe.optimizer, checkpointing=ckpt)
             micro = p["micro_batch"]
             if (prec, ckpt) == options[0] and micro >= recipe.micro_batch:
                 # the model's estimate is optimistic here: suggest the next smaller micro-batch
@@ -49,8 +57,7 @@ def oom_message(recipe: TrainParams, section: str, run_config: dict, num_classes
         shard = sharded_advice(cfg, recipe, section, profile, world, fits_whole)
         if shard:
             advice.append(shard)
-        return (f"{msg}; the compute model's plan for batch {per_device} per device on {where}: "
-                + "; or ".join(advice))
+        return f"{msg}; the compute model's plan for batch {per_device} per device on {where}: " + "; or ".join(advice)
     except Exception:
         return f"{msg}; {generic}"
 
@@ -60,17 +67,25 @@ def sharded_advice(cfg, recipe: TrainParams, section: str, profile, world: int, 
     processes when it has several and sharding fits them; when nothing fits one device whole
     (`fits_whole` False), over the fewest processes that do fit (more than the run has, if it
     is sharded already). None: nothing to say."""
-    kw = {"precision": recipe.precision, "optimizer": recipe.optimizer, "checkpointing": recipe.activation_checkpointing}
+    kw = {
+        "precision": recipe.precision,
+        "optimizer": recipe.optimizer,
+        "checkpointing": recipe.activation_checkpointing,
+    }
     if world > 1 and recipe.parallel != "fsdp":
         micro = cost_sharding.largest_micro_batch(cfg, recipe.batch_size, profile, world, **kw)
         if micro:
-            return (f"{section}.parallel: fsdp, {section}.micro_batch: {micro} (the training state sharded over "
-                    f"the run's {world} processes)")
+            return (
+                f"{section}.parallel: fsdp, {section}.micro_batch: {micro} (the training state sharded over "
+                f"the run's {world} processes)"
+            )
     if fits_whole:
         return None
     for n in range(world + 1 if recipe.parallel == "fsdp" else 2, 65):
         micro = cost_sharding.largest_micro_batch(cfg, recipe.batch_size, profile, n, **kw)
         if micro:
-            return (f"{section}.parallel: fsdp over {n} processes ({section}.nproc x nnodes = {n}), "
-                    f"{section}.micro_batch: {micro}")
+            return (
+                f"{section}.parallel: fsdp over {n} processes ({section}.nproc x nnodes = {n}), "
+                f"{section}.micro_batch: {micro}"
+            )
     return None

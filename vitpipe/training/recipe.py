@@ -47,8 +47,11 @@ def prepare_model(model: torch.nn.Module, recipe: TrainParams, section: str) -> 
         m.fused_attn = True  # F.scaled_dot_product_attention: flash / memory-efficient kernels
     if recipe.activation_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
-            raise ParamError(f"{section}.activation_checkpointing", True,
-                             f"false for this model ({type(model).__name__} has no activation checkpointing)")
+            raise ParamError(
+                f"{section}.activation_checkpointing",
+                True,
+                f"false for this model ({type(model).__name__} has no activation checkpointing)",
+            )
         model.set_grad_checkpointing(True)
     return "sdpa" if attention else "none"
 

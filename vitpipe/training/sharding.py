@@ -30,8 +30,13 @@ from vitpipe import precisions
 from vitpipe.errors import ParamError
 
 
-def shard(model: torch.nn.Module, device: torch.device, world: int, param_dtype: torch.dtype | None = None,
-          compile_units: bool = False) -> bool:
+def shard(
+    model: torch.nn.Module,
+    device: torch.device,
+    world: int,
+    param_dtype: torch.dtype | None = None,
+    compile_units: bool = False,
+) -> bool:
     """fully_shard `model` in place over all `world` processes (one flat device mesh: CPU+gloo
     or CUDA+NCCL), as torchtitan does. Call before the optimizer is built: its parameters
     become DTensor shards. Returns whether the units were compiled (else compile the whole).
@@ -163,9 +168,19 @@ def replicated_fits(job, recipe, device: torch.device) -> bool:
     from vitpipe.hardware.probe import profile_of
     from vitpipe.models import model_config
 
-    spec, size, classes = job.run_config.get("spec"), job.run_config.get("image_size"), job.weights_meta.get("num_classes")
+    spec, size, classes = (
+        job.run_config.get("spec"),
+        job.run_config.get("image_size"),
+        job.weights_meta.get("num_classes"),
+    )
     if not (spec and size and classes):
         return True
     precision = recipe.precision if precisions.get(recipe.precision).autocast else "fp32"
-    return cost.fits_replicated(model_config(spec, classes, size), recipe.micro_batch, profile_of(device), precision,
-                                recipe.optimizer, checkpointing=recipe.activation_checkpointing)
+    return cost.fits_replicated(
+        model_config(spec, classes, size),
+        recipe.micro_batch,
+        profile_of(device),
+        precision,
+        recipe.optimizer,
+        checkpointing=recipe.activation_checkpointing,
+    )

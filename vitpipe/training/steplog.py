@@ -9,8 +9,18 @@ from vitpipe.atomic import write_text
 # data_ms: host milliseconds spent making the step's batches (gather, augment, pin, copy launch;
 # in the background when the input pipeline prefetches); data_wait_ms: how long the step
 # waited for them. A wait near data_ms means the input path, not the model, sets the pace.
-TRAIN_COLUMNS = ("step", "loss", "lr", "img_per_s", "img_per_s_per_device", "elapsed_s", "eta_s", "memory_mb",
-                 "data_ms", "data_wait_ms")
+TRAIN_COLUMNS = (
+    "step",
+    "loss",
+    "lr",
+    "img_per_s",
+    "img_per_s_per_device",
+    "elapsed_s",
+    "eta_s",
+    "memory_mb",
+    "data_ms",
+    "data_wait_ms",
+)
 EVAL_COLUMNS = ("step", "val_acc", "val_loss", "elapsed_s")
 
 
