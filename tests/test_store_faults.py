@@ -400,6 +400,7 @@ BAD_SETTINGS = [
 ]
 
 
+@pytest.mark.slow  # runs vitpipe in a process per case
 @pytest.mark.parametrize("case", BAD_SETTINGS, ids=[c[0] for c in BAD_SETTINGS])
 def test_a_bad_setting_is_one_line_with_its_credentials_redacted(case, tmp_path):
     _, env, local_yaml, words = case
@@ -460,6 +461,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow  # runs vitpipe in a process per case
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_run_is_listed_as_damaged_and_rm_removes_it(damage, tmp_path):
     name, text, words = DAMAGE[damage]
@@ -515,6 +517,7 @@ def test_rm_older_than_removes_this_clones_runs_unless_all(tmp_path):
     assert [r.name for r in store.iterdir() if not r.name.startswith(".")] == ["cccc000011112222"]
 
 
+@pytest.mark.slow  # runs vitpipe in a process per case
 def test_an_unreachable_mirror_stops_rm_in_one_line_and_the_listing_warns(tmp_path):
     store = tmp_path / "store"
     write_run(store, "aaaa000011112222", age_s=9 * 86400)
