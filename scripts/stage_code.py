@@ -235,6 +235,8 @@ def _with_code_deps(lines: list[str], start: int, end: int, indent: int, code: l
     of the first one; its data deps (and their comments) stay where they are."""
     at = _key_line(lines, start, end, indent, "deps")
     if at is None:
+        if any(lines[i].strip().startswith("deps: *") for i in range(start, end)):
+            return lines  # `deps: *name`: the stage that defines the anchor writes them
         raise SystemExit(f"dvc.yaml: a stage at line {start} has no deps: list")
     stop = _block_end(lines, at, indent)
     items = lines[at + 1 : stop]
@@ -268,13 +270,14 @@ def _with_plots(lines: list[str], start: int, end: int, indent: int, plots) -> l
     return lines[:at] + new + lines[_block_end(lines, at, indent) :]
 
 
-def render(text: str, code: dict[str, list[str]], plots: dict[str, tuple]) -> str:
-    """dvc.yaml's text with each stage's code deps and plots replaced (stages from the last
-    one up, so the line numbers of those above stay put)."""
+def render(text: str, code: dict[str, list[str]], plots: dict[str, tuple] | None) -> str:
+    """A pipeline file's text with each stage's code deps and plots replaced (stages from the
+    last one up, so the line numbers of those above stay put); plots None: kept as written."""
     lines = text.split("\n")
     for name, (start, end, indent) in sorted(_stage_spans(lines).items(), key=lambda kv: -kv[1][0]):
-        lines = _with_plots(lines, start, end, indent, plots.get(name, ()))
-        start, end, indent = _stage_spans(lines)[name]
+        if plots is not None:
+            lines = _with_plots(lines, start, end, indent, plots.get(name, ()))
+            start, end, indent = _stage_spans(lines)[name]
         lines = _with_code_deps(lines, start, end, indent, code[name])
     return "\n".join(lines)
 
@@ -285,11 +288,7 @@ def written(root: Path = ROOT, pipeline_file: str = "dvc.yaml") -> str:
     code = {sc.stage: suggested_deps(sc, root) for sc in check(root, pipeline=pipeline_file)}
     text = (root / pipeline_file).read_text()
     if pipeline_file != "dvc.yaml":
-        lines = text.split("\n")
-        for name, (start, end, indent) in sorted(_stage_spans(lines).items(), key=lambda kv: -kv[1][0]):
-            if not any(lines[i].strip().startswith("deps: *") for i in range(start, end)):  # an alias: written once
-                lines = _with_code_deps(lines, start, end, indent, code[name])
-        return "\n".join(lines)
+        return render(text, code, None)
     spec = importlib.util.spec_from_file_location("vitpipe_manifest", root / PACKAGE / "pipeline.py")
     pipeline = sys.modules["vitpipe_manifest"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(pipeline)
