@@ -72,6 +72,7 @@ def pipeline_seconds_per_step(spec, size, r: TrainParams, steps: int, warmup: in
                 size,
                 CLASSES,
                 "benchmark",
+                weights=False,
                 quiet=False,
             )
         rows = read_tsv(Path(tmp) / "plots" / "train.tsv")

@@ -19,7 +19,7 @@ import gpu_proof  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each test runs the harness's processes
 
-STEP_NAMES = ["gpu_tests", "throughput", "memory", "oom", "telemetry", "resume", "precision"]
+STEP_NAMES = ["gpu_tests", "throughput", "memory", "oom", "telemetry", "resume", "sharded", "precision"]
 OUTPUTS = {"gpu_proof.json", "gpu_proof.md", "console.log", "logs.tar.gz"}
 
 
@@ -71,7 +71,11 @@ def test_dry_run_leaves_four_files_and_its_json_after_every_step(dry_run):
     assert seen[-1] == (len(STEP_NAMES), None)
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {f"logs/{n}.log" for n in STEP_NAMES} | {"logs/probe.log", "logs/resume.fp32.log"} <= names
+    assert {f"logs/{n}.log" for n in STEP_NAMES} | {
+        "logs/probe.log",
+        "logs/resume.fp32.log",
+        "logs/resume.fsdp-fp32.log",
+    } <= names
     assert "gpu_proof: CPU dry run" in (out / "console.log").read_text()
 
 
@@ -132,6 +136,12 @@ def test_dry_run_values_are_real(dry_run):
         assert line["killed"] and res["checkpoint_every"] <= line["resumed_at"] < res["steps"]
     assert res["fp32"]["bit_exact"] and res["fp32"]["verdict"] == "bit-exact"
     assert res["bf16"]["within"] and res["bf16"]["rel_l2_diff"] <= res["bf16_tolerance_rel_l2"]
+
+    sh = by["sharded"]  # fsdp forced onto a gloo group of one: DCP checkpoint, SIGKILL, resume
+    assert sh["vit"]["killed"] and sh["vit"]["checkpoint"] == "DCP folder" and sh["vit"]["bit_exact"]
+    assert res["fp32"]["checkpoint"] == "one file"  # the same line unsharded: not a DCP folder
+    assert sh["resnet"]["parallel"] == "fsdp" and sh["resnet"]["sharded_params"] and sh["resnet"]["train_loss"] > 0
+    assert sh["compile"]["verdict"].startswith("skipped: measured on the GPU only")
 
     assert by["precision"]["cpu_auto"] == "fp32"
 
@@ -216,10 +226,22 @@ def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path):
     )
 
 
-def test_the_gpu_limits_fit_a_nine_minute_lease():
+def test_a_step_the_budget_cannot_hold_is_skipped_with_what_it_would_have_taken(tmp_path):
+    out = tmp_path / "out"
+    p = start(out, "--cpu-dry-run", "--only", "resume,sharded", "--budget", "6")  # the probe spends it
+    p.wait(timeout=120)
+    by = {s["name"]: s for s in read_report(out)["steps"]}
+    for name in ("resume", "sharded"):
+        limit = next(s.dry_limit_s for s in gpu_proof.STEPS if s.name == name)
+        assert by[name]["status"] == "skipped" and by[name]["would_take_s"] == limit
+        assert by[name]["reason"] == f"the budget of 6 s was spent; it would have taken up to {limit} s"
+    assert by["memory"]["reason"] == "not selected (--only)" and "would_take_s" not in by["memory"]
+
+
+def test_the_gpu_limits_fit_eight_minutes():
     from gpu_proof.common import GPU_BUDGET_S, PROBE
 
-    assert PROBE.gpu_limit_s + sum(s.gpu_limit_s for s in gpu_proof.STEPS) == GPU_BUDGET_S <= 9 * 60
+    assert PROBE.gpu_limit_s + sum(s.gpu_limit_s for s in gpu_proof.STEPS) == GPU_BUDGET_S <= 8 * 60
 
 
 def gpu_report(mfu: float, ratios=(0.985, 0.972), worst=-0.062) -> dict:
@@ -294,7 +316,7 @@ def gpu_report(mfu: float, ratios=(0.985, 0.972), worst=-0.062) -> dict:
         "schema": 2,
         "mode": "gpu",
         "started": "2026-01-01T00:00:00+00:00",
-        "budget_s": 520,
+        "budget_s": 480,
         "wall_s": 300.0,
         "targets": gpu_proof.TARGETS,
         "steps": steps,

@@ -234,3 +234,18 @@ def test_large_images_shifted_over_threads_are_the_reference_bytes(threads):
         buffer = torch.full((48, 3, 64, 64), 99, dtype=torch.uint8)
         shift_and_flip(x, torch.Generator().manual_seed(seed), True, out=buffer, threads=threads)
         assert torch.equal(buffer[:40], ref) and (buffer[40:] == 99).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_images_are_read_by_the_threads_that_shift_them(tmp_path, threads):
+    """Split.images reads each large image from the store (a memmap here) in the thread that
+    shifts it: the bytes of the reference applied to the gathered batch, in sorted order."""
+    rng = np.random.default_rng(2)
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, (30, 64, 64, 3), dtype=np.uint8))
+    store = np.load(tmp_path / "x.npy", mmap_mode="r")
+    data = Split(store, rng.integers(0, 4, 30), [0.5] * 3, [0.25] * 3, hflip=True)
+    idx = np.array([17, 3, 29, 3, 8, 0, 21, 12, 5, 26])
+    x, y = data.images(idx, True, torch.Generator().manual_seed(4), threads=threads)
+    gathered = torch.from_numpy(np.ascontiguousarray(store[np.sort(idx)])).permute(0, 3, 1, 2)
+    assert torch.equal(x, reference_shift_and_flip(gathered, torch.Generator().manual_seed(4), True))
+    assert torch.equal(y, data.y[torch.from_numpy(np.sort(idx))])

@@ -438,3 +438,41 @@ def test_an_empty_val_split_means_no_validation(tmp_path):
         )
     )
     assert m["steps"] == 4 and "val_acc" not in m and not (tmp_path / "plots/eval.tsv").exists()
+
+
+def test_a_measuring_fit_writes_no_weights_and_its_record_restores_no_stage(tmp_path):
+    """RunPaths(weights=None) (the GPU proof's measuring fits): metrics and step log, no
+    weights anywhere; a run of the same fingerprint that wants weights trains, not restores."""
+    torch.manual_seed(0)
+    measuring = RunPaths(weights=None, metrics=tmp_path / "m" / "metrics.json", plots=tmp_path / "m" / "plots")
+    job = dict(
+        val=None,
+        run_config={"spec": SPEC, "image_size": 16},
+        fresh_key="train.resume",
+        weights_meta={"spec": SPEC, "num_classes": 4, "image_size": 16},
+        desc="test",
+        quiet=True,
+        store_dir=tmp_path / "store",
+    )
+    metrics = fit(TrainingJob(build_model(SPEC, 4, 16), synthetic(), recipe(steps=4), measuring, **job))
+    assert metrics["steps"] == 4 and (tmp_path / "m" / "plots" / "train.tsv").exists()
+    assert not list(tmp_path.rglob("*.pt")) and not list((tmp_path / "store").rglob("weights"))
+    _, again = train(tmp_path / "t", recipe(steps=4), val=False)
+    assert (tmp_path / "t" / "model.pt").exists() and again["train_loss"] == metrics["train_loss"]
+
+
+def test_fsdp_on_one_process_only_onto_a_group_its_caller_started(monkeypatch):
+    """A stage never starts a group for one process: fsdp resolves to none. The GPU proof starts
+    one (gloo here, NCCL there) to run the sharded path on its one device."""
+    import torch.distributed as dist
+
+    from vitpipe.training.sharding import resolve
+
+    assert resolve("fsdp", 1, "train") == "none"
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29600 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        assert resolve("fsdp", 1, "train") == "fsdp" and resolve("ddp", 1, "train") == "none"
+    finally:
+        dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """One command that proves every GPU path of vitpipe on the first GPU that comes along, inside
-a short lease: about 9 minutes on an H100-class card, at most 8 files brought back.
+a short lease: at most 8 minutes on an H100-class card, by its own budget, at most 8 files brought back.
 
-    python3 benchmarks/gpu_proof --out gpu_proof               # on an NVIDIA GPU: <= 520 s
+    python3 benchmarks/gpu_proof --out gpu_proof               # on an NVIDIA GPU: <= 480 s
     python3 benchmarks/gpu_proof --out gpu_proof --cpu-dry-run # the same harness on CPU, tiny models
 
 On a lent GPU machine (its own python3, torch and timm; no DVC, no install), from the
@@ -28,7 +28,8 @@ when it is SIGKILLed.
   step_oom        4 an overflowing micro-batch gets the plan message; then the plan runs
   step_telemetry  5 NVML utilisation, memory and power in the metrics
   step_resume     6 SIGKILL mid-run, resume, compare: fp32 deterministic bit-exact; bf16 within a tolerance
-  step_precision  7 bf16 only where native, auto, fp16 + grad scaler
+  step_sharded    7 FSDP on a process group of one: DCP checkpoint, SIGKILL, bit-exact resume; ResNet; compile per unit
+  step_precision  8 bf16 only where native, auto, fp16 + grad scaler
   summary         the targets, the markdown
 """
 

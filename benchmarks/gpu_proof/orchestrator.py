@@ -164,7 +164,9 @@ def run_steps(args, report: dict, out: Path, work: Path, budget: float, t0: floa
         if args.only is not None and step.name not in args.only:
             result = skipped_result("not selected (--only)")
         elif remaining < 5:
-            result = skipped_result(f"the budget of {budget:.0f} s was spent")
+            own = step.dry_limit_s if dry else step.gpu_limit_s
+            result = skipped_result(f"the budget of {budget:.0f} s was spent; it would have taken up to {own} s")
+            result["would_take_s"] = own
         else:
             report["running"] = f"step {n} ({step.name}), limit {limit:.0f} s"
             write_outputs(out, report, work, t0)  # a run cut short here still says what it had measured

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import shutil
 
 from gpu_proof.common import (
     MIB,
@@ -135,15 +136,18 @@ def gpu_case(case: dict, spec: dict, ctx: Ctx, dev):
     r = recipe_for(
         batch_size=batch, micro_batch=batch, steps=2, precision=prec, optimizer=opt, activation_checkpointing=ckpt
     )
+    folder = ctx.work / f"fit-{next(FOLDERS)}"
     free_memory()
     torch.cuda.synchronize(dev)
     base, base_reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
     torch.cuda.reset_peak_memory_stats(dev)  # this case's peak only
     try:
-        call_fit(model, data, r, ctx.work / f"fit-{next(FOLDERS)}", spec, size, classes, "gpu_proof memory")
+        call_fit(model, data, r, folder, spec, size, classes, "gpu_proof memory", weights=False)
     except Exception as e:  # noqa: BLE001 — an out-of-memory (the plan message) is this case's result
         case["note"] = f"{type(e).__name__}: {str(e)[:160]}"
         return
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # tmpfs: 30 fits' step logs and stores would add up
     torch.cuda.synchronize(dev)
     measured = torch.cuda.max_memory_allocated(dev) - base
     case.update(

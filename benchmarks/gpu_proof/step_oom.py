@@ -86,6 +86,7 @@ def run(rec: Recorder, ctx: Ctx):
             size,
             classes,
             "gpu_proof oom",
+            weights=False,
         )
     except UserError as e:
         msg = str(e)
@@ -115,6 +116,7 @@ def run(rec: Recorder, ctx: Ctx):
         size,
         classes,
         "gpu_proof oom plan",
+        weights=False,
     )
     peak = torch.cuda.max_memory_allocated(dev)
     rec.set(

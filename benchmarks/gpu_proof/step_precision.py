@@ -40,6 +40,7 @@ def run(rec: Recorder, ctx: Ctx):
             size,
             10,
             f"gpu_proof precision {prec}",
+            weights=False,
         )
 
     def fit_accepts_auto() -> tuple[bool, str]:

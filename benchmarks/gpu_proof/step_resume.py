@@ -13,6 +13,7 @@ uninterrupted one runs in the step's own process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,8 +26,10 @@ from gpu_proof.common import (
     Ctx,
     Recorder,
     call_fit,
+    device_of,
     die_with_parent,
     need_device,
+    one_process_group,
     recipe_for,
     synthetic_split,
     weights_diff,
@@ -35,8 +38,9 @@ from gpu_proof.common import (
 BF16_TOLERANCE = 1e-3  # relative L2 of all weights; losing AdamW's state at the resume moves them by ~lr x steps
 
 
-def train(folder: Path, cfg: dict, prec: str, deterministic: bool) -> dict:
-    """One fit of this step's run: the same data, init and recipe every time."""
+def train(folder: Path, cfg: dict, prec: str, deterministic: bool, parallel: str = "ddp") -> dict:
+    """One fit of this step's run: the same data, init and recipe every time. `parallel: fsdp`
+    shards it onto a process group of one (step_sharded)."""
     import torch
 
     from vitpipe.models import build_model
@@ -51,17 +55,20 @@ def train(folder: Path, cfg: dict, prec: str, deterministic: bool) -> dict:
         checkpoint_every=cfg["checkpoint_every"],
         resume="auto",
         deterministic=deterministic,
+        parallel=parallel,
     )
-    return call_fit(
-        build_model(spec, classes, size),
-        synthetic_split(cfg["n"], size, classes),
-        r,
-        folder,
-        spec,
-        size,
-        classes,
-        f"gpu_proof resume {prec}",
-    )
+    group = one_process_group(device_of(None)) if parallel == "fsdp" else contextlib.nullcontext()
+    with group:
+        return call_fit(
+            build_model(spec, classes, size),
+            synthetic_split(cfg["n"], size, classes),
+            r,
+            folder,
+            spec,
+            size,
+            classes,
+            f"gpu_proof resume {prec} {parallel}",
+        )
 
 
 def final_weights(folder: Path) -> dict:
@@ -74,8 +81,10 @@ def committed(folder: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in (folder / "checkpoint-store").glob("*/step-*.json"))
 
 
-def worker(folder: Path, cfg: dict, prec: str, deterministic: bool, log) -> subprocess.Popen:
-    args = json.dumps({"folder": str(folder), "cfg": cfg, "prec": prec, "deterministic": deterministic})
+def worker(folder: Path, cfg: dict, prec: str, deterministic: bool, parallel: str, log) -> subprocess.Popen:
+    args = json.dumps(
+        {"folder": str(folder), "cfg": cfg, "prec": prec, "deterministic": deterministic, "parallel": parallel}
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "gpu_proof.step_resume", args],
         stdout=log,
@@ -123,31 +132,40 @@ def run(rec: Recorder, ctx: Ctx):
     )
 
 
-def resume_line(rec: Recorder, ctx: Ctx, key: str, prec: str, deterministic: bool) -> dict:
+def resume_line(rec: Recorder, ctx: Ctx, key: str, prec: str, deterministic: bool, parallel: str = "ddp") -> dict:
+    """Uninterrupted, then SIGKILLed after its first committed checkpoint and re-run: the two
+    runs' final weights compared (`key`: the line's name, its folders and log)."""
     cfg = ctx.cfg
     rec.running(f"{key}: uninterrupted run")
-    train(ctx.work / f"{key}-uninterrupted", cfg, prec, deterministic)
+    train(ctx.work / f"{key}-uninterrupted", cfg, prec, deterministic, parallel)
     folder = ctx.work / f"{key}-killed"
     rec.running(f"{key}: the run to be SIGKILLed")
     with open(ctx.logs / f"resume.{key}.log", "w") as log:
-        p = worker(folder, cfg, prec, deterministic, log)
+        p = worker(folder, cfg, prec, deterministic, parallel, log)
         while p.poll() is None and not committed(folder):
             time.sleep(0.002)
         killed = p.poll() is None
         if killed:
             p.send_signal(signal.SIGKILL)
         p.wait()
-        line = {"killed": killed, "killed_at": max(committed(folder), default=None)}
+        line = {
+            "killed": killed,
+            "killed_at": max(committed(folder), default=None),
+            # what the re-run resumes from: a sharded run's DCP folder, else one file
+            "checkpoint": "DCP folder"
+            if any(p.is_dir() for p in (folder / "checkpoint-store").glob("*/step-*"))
+            else "one file",
+        }
         if not killed:
             return {**line, "verdict": "not tested: the run finished before it could be killed"}
         line["resumed_at"] = line["killed_at"]  # fit resumes from the newest committed checkpoint
         rec.running(f"{key}: the re-run, resuming at step {line['resumed_at']}")
-        q = worker(folder, cfg, prec, deterministic, log)
+        q = worker(folder, cfg, prec, deterministic, parallel, log)
         if q.wait() != 0:
             return {**line, "verdict": f"the re-run exited {q.returncode} (see logs/resume.{key}.log)"}
     diff = weights_diff(final_weights(ctx.work / f"{key}-uninterrupted"), final_weights(folder))
     line.update(diff)
-    if key == "fp32":
+    if deterministic:
         line["verdict"] = "bit-exact" if diff["bit_exact"] else f"differs (rel. L2 {diff['rel_l2_diff']:.2e})"
     else:
         line["within"] = diff["rel_l2_diff"] <= BF16_TOLERANCE
@@ -160,4 +178,4 @@ def resume_line(rec: Recorder, ctx: Ctx, key: str, prec: str, deterministic: boo
 
 if __name__ == "__main__":  # a worker: one fit, resumed from its store when a checkpoint is there
     a = json.loads(sys.argv[1])
-    train(Path(a["folder"]), a["cfg"], a["prec"], a["deterministic"])
+    train(Path(a["folder"]), a["cfg"], a["prec"], a["deterministic"], a["parallel"])

@@ -53,6 +53,7 @@ def run(rec: Recorder, ctx: Ctx):
         size,
         classes,
         "gpu_proof telemetry",
+        weights=False,
     )
     metrics = json.loads((folder / "metrics.json").read_text())  # what the stage wrote, not what fit returned
     rec.set(steps=steps, precision=prec, metrics=metrics)

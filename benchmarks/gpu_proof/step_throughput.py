@@ -124,6 +124,7 @@ def fit_round(spec, size, classes, r, steps, warmup, folder: Path) -> dict:
         size,
         classes,
         "gpu_proof throughput",
+        weights=False,
     )
     rows = read_tsv(folder / "plots" / "train.tsv")
     timed = [row for row in rows if int(row["step"]) > warmup]

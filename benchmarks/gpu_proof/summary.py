@@ -144,7 +144,7 @@ def markdown(report: dict) -> str:
     )
     lines += environment_lines(m)
     by = {st["name"]: st for st in steps}
-    lines += throughput_lines(by) + memory_lines(by) + resume_lines(by) + tests_lines(by)
+    lines += throughput_lines(by) + memory_lines(by) + resume_lines(by) + sharded_lines(by) + tests_lines(by)
     failed = [c for st in steps for c in st.get("checks", []) if not c["ok"]]
     if failed:
         lines += ["", "## Failed checks", ""] + [f"- {c['name']}: {c['detail']}" for c in failed]
@@ -304,6 +304,21 @@ def resume_lines(by: dict) -> list[str]:
                 f"{r.get('verdict')}"
             )
     return (["", "## 6. Resume", ""] + lines) if lines else []
+
+
+def sharded_lines(by: dict) -> list[str]:
+    res = (by.get("sharded") or {}).get("results") or {}
+    lines = []
+    vit = res.get("vit")
+    if vit:
+        lines.append(
+            f"- ViT, fp32 deterministic, FSDP on a group of one: killed after step {vit.get('killed_at')}, "
+            f"resumed from {'a DCP folder' if vit.get('dcp_checkpoint') else 'no DCP folder'}; {vit.get('verdict')}"
+        )
+    for key, what in (("resnet", "ResNet under FSDP"), ("compile", "ViT compiled per unit, then sharded")):
+        if res.get(key):
+            lines.append(f"- {what}: {res[key].get('verdict')}")
+    return (["", "## 7. Sharded path", ""] + lines) if lines else []
 
 
 def tests_lines(by: dict) -> list[str]:

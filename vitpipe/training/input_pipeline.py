@@ -29,7 +29,7 @@ from vitpipe.data.prepared_store import SampleStream, Split
 from vitpipe.hardware.probe import cpu_count
 
 PREFETCH = 4  # micro-batches made ahead: enough to hide a slow one, little device memory (uint8)
-AUGMENT_THREADS = 4  # at most, per process on a GPU (2 threads: 1.35x one at 224 px; docs/training.md)
+AUGMENT_THREADS = 4  # at most, per process on a GPU (2 threads: 1.5x one at 224 px here; docs/training.md)
 
 
 def augment_threads(device: torch.device) -> int:

@@ -87,7 +87,8 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class RunPaths:
-    weights: Path  # the trained model (state_dict + what evaluate needs to rebuild it)
+    weights: Path | None  # the trained model (state_dict + what evaluate needs to rebuild it); None: a
+    # measuring fit whose weights nobody reads (the GPU proof's): not gathered, written or recorded
     metrics: Path  # flat JSON summary
     plots: Path  # folder of train.tsv / eval.tsv
 
@@ -350,6 +351,7 @@ class Run:
             "metrics": self.paths.metrics,
             "train.tsv": self.paths.plots / "train.tsv",
         }
+        outs = {name: path for name, path in outs.items() if path is not None}
         return outs | ({"eval.tsv": self.paths.plots / "eval.tsv"} if self.val is not None else {})
 
     def find_finished(self) -> dict | None:
@@ -362,6 +364,8 @@ class Run:
                 self.store.discard()
             # verified before any output is replaced: its weights must load into this model's shapes
             record = self.store.finished_record({k: v.shape for k, v in self.model.state_dict().items()})
+            if record is not None and not self.outputs().keys() <= record.manifest["files"].keys():
+                record = None  # a measuring fit's record (no weights) makes no stage's outputs: train
             if record is not None:
                 self.store.restore(record, self.outputs())
                 self.store.release()
@@ -672,7 +676,9 @@ class Run:
         wall = self.elapsed0 + now() - self.t_run
         metrics = {}
         state_bytes = self.max_state_bytes()
-        final = sharding.full_model_state(self.model) if self.sharded else self.model.state_dict()  # a collective
+        final = None
+        if self.paths.weights is not None:
+            final = sharding.full_model_state(self.model) if self.sharded else self.model.state_dict()  # a collective
         if d.main:
             if self.bar:
                 self.bar.close()
@@ -696,7 +702,8 @@ class Run:
             if self.last_val is not None:
                 metrics |= {"val_acc": round(self.last_val["top1"], 5), "best_val_acc": round(self.best_val, 5)}
             metrics |= self.sampler.summary()
-            torch_save(self.paths.weights, {"state_dict": final, **self.weights_meta})
+            if final is not None:
+                torch_save(self.paths.weights, {"state_dict": final, **self.weights_meta})
             write_json(self.paths.metrics, metrics)
         if self.store.keep and self.step > self.start:  # resumed at its end: its final checkpoint is there already
             self.save_checkpoint(finished=True)

@@ -151,11 +151,13 @@ def full_model_state(model) -> dict:
 
 def resolve(parallel: str, world: int, section: str, fits_replicated=None) -> str:
     """ddp | fsdp for this run, "none" for one process (nothing to replicate or shard). `auto`
-    shards only where the replicated state does not fit (`fits_replicated()`, asked only then)."""
+    shards only where the replicated state does not fit (`fits_replicated()`, asked only then).
+    One process with `fsdp` shards only onto a process group its caller started itself: the GPU
+    proof runs the sharded path (FSDP2, DCP, NCCL) so on its one GPU; a stage never starts one."""
     if parallel not in ("ddp", "fsdp", "auto"):
         raise ParamError(f"{section}.parallel", parallel, "one of: ddp, fsdp, auto")
     if world == 1:
-        return "none"
+        return "fsdp" if parallel == "fsdp" and torch.distributed.is_initialized() else "none"
     if parallel == "auto":
         return "ddp" if fits_replicated is None or fits_replicated() else "fsdp"
     return parallel
