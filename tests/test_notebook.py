@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import MICRO, ROOT, make_project, write_params
 
 NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
@@ -303,25 +302,6 @@ def test_a_new_runtime_continues_the_study_from_the_mirror(tmp_path, monkeypatch
         check=True,
     ).stdout.split()
     assert len(exps) == 1
-
-    # A third runtime on another GPU class: the same study, its ViT runs split into other
-    # micro-batches (what the planner gives a card with other memory). The fingerprint holds
-    # what changes a run's numbers, not the split: every run is restored, none trained again.
-    # (The ResNet keeps its micro-batches: BatchNorm makes the split part of its numbers.)
-    every = sorted(m.parent.name for m in mirror.glob("*/finished.json"))
-    assert len(every) == 5
-    doc = yaml.safe_load((origin / "params.yaml").read_text())
-    doc["train"]["micro_batch"] = 4
-    doc["variants"]["vit_micro"] |= {"pretrain": {"micro_batch": 4}, "finetune": {"micro_batch": 16}}
-    write_params(origin / "params.yaml", doc)
-    subprocess.run(["git", "commit", "-qam", "micro-batches of another GPU"], cwd=origin, check=True)
-    third = tmp_path / "machine-3"
-    third.mkdir()
-    monkeypatch.setenv("VITPIPE_CHECKPOINT_DIR", str(third / "store"))
-    code, _ = execute(third, monkeypatch)
-    run = text(code[4])
-    restored = dict(re.findall(r"\[(\S+)\] restored the finished run (\w+) from ", run))
-    assert sorted(restored.values()) == every, run[-3000:]
-    assert not re.search(r"(?:^|[\r\n])(\S+@\S+|train_scratch@\d+): +\d+%\|", run)  # no training bar at all
-    assert "micro_batch: 4" in (third / "vitpipe" / "params.yaml").read_text()
-    assert sorted(m.parent.name for m in mirror.glob("*/finished.json")) == every
+    # Another GPU class's micro-batches restore the same runs: the fingerprint holds what
+    # changes a run's numbers, not the split (tests/test_fingerprint.py, at the loop).
+    assert len(list(mirror.glob("*/finished.json"))) == 5  # every run of the study, for the next runtime

@@ -102,3 +102,22 @@ def test_plots_draw_columns_the_training_loop_writes():
     for p in curves:
         cols = columns[Path(p.path).name]
         assert p.props["x"] in cols and p.props["y"] in cols and p.props["title"] and p.props["y_label"], p
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pygtrie's, inside DVC's graph
+def test_no_study_is_upstream_of_a_default_stage():
+    """DVC's own graph of both pipelines: the studies read the default pipeline's preprocess and
+    pretraining, and no default stage depends, directly or through another, on a study (the
+    report follows studies/dvc.lock, which no stage writes), so `dvc repro` never runs one."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        graph = repo.index.graph  # an edge a -> b: a depends on b
+        where = {s: s.dvcfile.relpath for s in graph.nodes}
+    default = [s for s, f in where.items() if f == "dvc.yaml"]
+    study = {s for s, f in where.items() if f == "studies/dvc.yaml"}
+    assert default and study
+    assert not [(s.addressing, u.addressing) for s in default for u in nx.descendants(graph, s) if u in study]
+    read = {u.addressing for s in study for u in nx.descendants(graph, s) if u not in study}
+    assert {"preprocess", "pretrain@vit_tiny"} <= read, read
