@@ -250,3 +250,25 @@ def test_timm_unknown_name_is_a_param_error():
         import_weights({"arch": "vit_b16"}, "timm", "vit_nonexistent_patch16_224.in21k", 224)
     with pytest.raises(UserError, match="pretrained tag"):
         import_weights({"arch": "vit_b16"}, "timm", "vit_base_patch16_224.no_such_tag", 224)
+
+
+@pytest.mark.parametrize("name", ["cut.pt", "cut.npz", "cut.safetensors"])
+def test_a_weights_file_cut_short_is_one_line_that_says_download_it_again(tmp_path, name):
+    """A download cut short (the first 60 % of a whole file's bytes): one UserError naming the
+    key and the file, for each format, never a traceback from zipfile or safetensors."""
+    sd = random_vit(seed=2).state_dict()
+    whole = tmp_path / f"whole{Path(name).suffix}"
+    if name.endswith(".pt"):
+        torch.save(sd, whole)
+    elif name.endswith(".npz"):
+        write_vit_jax_npz(random_vit(seed=2), whole)
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(whole))
+    data = whole.read_bytes()
+    (tmp_path / name).write_bytes(data[: int(len(data) * 0.6)])
+    source = "npz" if name.endswith(".npz") else "file"
+    with pytest.raises(UserError) as e:
+        import_weights(SPEC, source, str(tmp_path / name), 16, key="variants.v1")
+    msg = str(e.value)
+    assert msg.startswith(f"variants.v1.weights: {tmp_path / name} cannot be read (") and "\n" not in msg, msg
+    assert "download it again" in msg

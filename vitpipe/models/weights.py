@@ -9,6 +9,7 @@ refuse, naming every tensor, a checkpoint of another shape (other patch size, wi
 
 from __future__ import annotations
 
+import json
 import math
 import zipfile
 from pathlib import Path
@@ -33,17 +34,40 @@ def import_weights(
     try:
         state = {"timm": from_timm, "npz": from_npz, "file": from_file}[source](weights, key)
     except (OSError, EOFError, zipfile.BadZipFile) as e:  # read lazily (a zip's members, an mmap): a cut-off file
-        why = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(
-            f"{key}.weights: {weights} cannot be read ({type(e).__name__}: {why}); a download cut "
-            "short leaves such a file: download it again (or copy it whole), then run the stage again"
-        ) from None
+        raise cut_short(key, weights, e) from None
     from vitpipe.models import build_model
 
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = build_model(spec, 1, image_size)
     backbone, _ = adapt_state_dict(model, state, what=f"{key}.weights = {weights}")
     return backbone
+
+
+def cut_short(key: str, path, e: BaseException) -> UserError:
+    why = " ".join(str(e).split())[:160] or type(e).__name__
+    return UserError(
+        f"{key}.weights: {path} cannot be read ({type(e).__name__}: {why}); a download cut "
+        "short leaves such a file: download it again (or copy it whole), then run the stage again"
+    )
+
+
+def is_cut_short(p: Path) -> bool:
+    """Whether a weights file ends before its own format says it does: a zip (torch's format,
+    numpy's .npz) without its closing directory, or a safetensors file shorter than its header's
+    tensors. Told apart from a file that is whole but not weights (or refused by weights_only)."""
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if head[:4] == b"PK\x03\x04":
+            return not zipfile.is_zipfile(p)
+        if p.suffix == ".safetensors" and len(head) == 8:
+            size = int.from_bytes(head, "little")
+            try:
+                header = json.loads(f.read(size))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):  # a header cut short is unreadable JSON
+                return p.stat().st_size < 8 + size
+            return p.stat().st_size < 8 + size + end
+    return False
 
 
 def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
@@ -314,10 +338,14 @@ def from_file(path: str, key: str = "variants.<variant>") -> dict[str, torch.Ten
         try:
             return load_file(str(p), device="cpu")
         except (SafetensorError, OSError) as e:
+            if is_cut_short(p):
+                raise cut_short(key, p, e) from None
             raise UserError(f"{key}.weights: {p} is not a readable safetensors file: {e}") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — UnpicklingError for refused objects, RuntimeError for bad zips
+        if isinstance(e, EOFError) or is_cut_short(p):  # not refused: it ends early
+            raise cut_short(key, p, e) from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
             f"{key}.weights: {p} is not a plain state dict that loads with weights_only=True "
