@@ -110,11 +110,11 @@ def recipe(**kw) -> TrainParams:
     return TrainParams(**(base | kw))
 
 
-def train(tmp: Path, r: TrainParams, model=None, val=True, spec=SPEC, **kw):
-    """fit() with its checkpoint store in tmp/store."""
+def train(tmp: Path, r: TrainParams, model=None, val=True, spec=SPEC, weights=True, store=None, **kw):
+    """fit() with its checkpoint store in tmp/store (or `store`); weights=False: a measuring fit."""
     torch.manual_seed(0)
     model = model if model is not None else build_model(spec, 4, 16)
-    paths = RunPaths(weights=tmp / "model.pt", metrics=tmp / "metrics.json", plots=tmp / "plots")
+    paths = RunPaths(weights=tmp / "model.pt" if weights else None, metrics=tmp / "metrics.json", plots=tmp / "plots")
     metrics = fit(
         TrainingJob(
             model,
@@ -127,7 +127,7 @@ def train(tmp: Path, r: TrainParams, model=None, val=True, spec=SPEC, **kw):
             weights_meta={"spec": spec, "num_classes": 4, "image_size": 16},
             desc="test",
             quiet=True,
-            store_dir=tmp / "store",
+            store_dir=store or tmp / "store",
             **kw,
         )
     )
@@ -443,21 +443,10 @@ def test_an_empty_val_split_means_no_validation(tmp_path):
 def test_a_measuring_fit_writes_no_weights_and_its_record_restores_no_stage(tmp_path):
     """RunPaths(weights=None) (the GPU proof's measuring fits): metrics and step log, no
     weights anywhere; a run of the same fingerprint that wants weights trains, not restores."""
-    torch.manual_seed(0)
-    measuring = RunPaths(weights=None, metrics=tmp_path / "m" / "metrics.json", plots=tmp_path / "m" / "plots")
-    job = dict(
-        val=None,
-        run_config={"spec": SPEC, "image_size": 16},
-        fresh_key="train.resume",
-        weights_meta={"spec": SPEC, "num_classes": 4, "image_size": 16},
-        desc="test",
-        quiet=True,
-        store_dir=tmp_path / "store",
-    )
-    metrics = fit(TrainingJob(build_model(SPEC, 4, 16), synthetic(), recipe(steps=4), measuring, **job))
+    _, metrics = train(tmp_path / "m", recipe(steps=4), val=False, weights=False, store=tmp_path / "store")
     assert metrics["steps"] == 4 and (tmp_path / "m" / "plots" / "train.tsv").exists()
     assert not list(tmp_path.rglob("*.pt")) and not list((tmp_path / "store").rglob("weights"))
-    _, again = train(tmp_path / "t", recipe(steps=4), val=False)
+    _, again = train(tmp_path / "t", recipe(steps=4), val=False, store=tmp_path / "store")
     assert (tmp_path / "t" / "model.pt").exists() and again["train_loss"] == metrics["train_loss"]
 
 
