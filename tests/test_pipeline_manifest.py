@@ -121,3 +121,15 @@ def test_no_study_is_upstream_of_a_default_stage():
     assert not [(s.addressing, u.addressing) for s in default for u in nx.descendants(graph, s) if u in study]
     read = {u.addressing for s in study for u in nx.descendants(graph, s) if u not in study}
     assert {"preprocess", "pretrain@vit_tiny"} <= read, read
+
+
+def test_code_deps_hash_their_sources_only():
+    """A stage's code deps are folders (vitpipe/models, ...): DVC must not hash the bytecode
+    Python leaves beside the sources, or a lock written in one checkout is stale in a clone."""
+    from dvc.repo import Repo
+
+    models = ROOT / "vitpipe" / "models"
+    with Repo(str(ROOT)) as repo:
+        assert repo.dvcignore.is_ignored_dir(str(models / "__pycache__"))
+        assert repo.dvcignore.is_ignored_file(str(models / "__pycache__" / "vit.cpython-311.pyc"))
+        assert not repo.dvcignore.is_ignored_file(str(models / "vit.py"))
