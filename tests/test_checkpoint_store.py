@@ -597,3 +597,20 @@ def test_no_secret_in_a_listing_a_failing_upload_or_an_error(tmp_path, monkeypat
     out, err = capsys.readouterr()
     assert "checkpoint mirror s3://nowhere/dvc/vitpipe-checkpoints failed (upload" in err
     _assert_no_secret(out, err)
+
+
+def test_the_same_weights_saved_twice_are_the_same_bytes(tmp_path):
+    """torch_save writes through a temp file: the archive must not carry its random name, or
+    DVC sees every rerun's weights (and every stage that reads them) as changed."""
+    import torch
+
+    from vitpipe.atomic import torch_save
+
+    state = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "spec": {"arch": "vit"}}
+    for name in ("a", "b"):
+        torch_save(tmp_path / name / "model.pt", state)
+    first, second = ((tmp_path / n / "model.pt").read_bytes() for n in ("a", "b"))
+    assert first == second
+    assert torch.equal(
+        torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]["w"], state["state_dict"]["w"]
+    )

@@ -47,7 +47,11 @@ def torch_save(path, obj) -> None:
 
     with atomic_path(path, suffix=".pt") as tmp:
         try:
-            torch.save(obj, tmp)
+            # through a file object: torch names the archive's root folder after a path it is
+            # given (here the random temp name), which made every save of the same weights other
+            # bytes, so DVC saw a rerun's outputs, and every study reading them, as changed
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
         except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
             if "write" not in str(e).lower() and "pos" not in str(e).lower():
                 raise
