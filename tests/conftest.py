@@ -102,6 +102,18 @@ PROJECT_FILES = (
 )
 
 
+def copy_project_files(dest: Path, names=PROJECT_FILES) -> Path:
+    """This checkout's `names` (files and folders, bytecode left out) copied into `dest`."""
+    for name in names:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / name)
+    return dest
+
+
 def write_params(path: Path, doc: dict) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -155,13 +167,7 @@ def store_steps(store: Path) -> list[int]:
 def make_project(repo: Path, params: dict = MICRO, env: dict | None = None) -> Path:
     """A fresh git + DVC repo at `repo` holding the project's code and `params`, committed."""
     repo.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, repo / name)
+    copy_project_files(repo)
     write_params(repo / "params.yaml", params)
     for cmd in (
         ["git", "init", "-q"],

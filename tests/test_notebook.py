@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, ROOT, make_project, write_params
+from conftest import MICRO, PROJECT_FILES, ROOT, copy_project_files, make_project, write_params
 
 NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
 
@@ -192,24 +192,7 @@ def checkout_copy(start: Path) -> Path:
     """The checkout the notebook is opened in: a copy of this one, so a test can see that
     nothing in it changes (other work may go on in the real one)."""
     start.mkdir()
-    for name in (
-        "dvc.yaml",
-        "stages",
-        "vitpipe",
-        "weights",
-        "pyproject.toml",
-        ".dvcignore",
-        "params.yaml",
-        "studies/params.yaml",
-        "studies/dvc.lock",
-    ):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, start / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (start / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, start / name)
-    return start
+    return copy_project_files(start, (*PROJECT_FILES, "params.yaml"))
 
 
 def files(root: Path) -> dict:

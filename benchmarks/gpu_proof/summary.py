@@ -313,7 +313,8 @@ def sharded_lines(by: dict) -> list[str]:
     if vit:
         lines.append(
             f"- ViT, fp32 deterministic, FSDP on a group of one: killed after step {vit.get('killed_at')}, "
-            f"resumed from {'a DCP folder' if vit.get('dcp_checkpoint') else 'no DCP folder'}; {vit.get('verdict')}"
+            f"resumed from {'a DCP folder' if vit.get('checkpoint') == 'DCP folder' else 'no DCP folder'}; "
+            f"{vit.get('verdict')}"
         )
     for key, what in (("resnet", "ResNet under FSDP"), ("compile", "ViT compiled per unit, then sharded")):
         if res.get(key):
